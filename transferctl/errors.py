@@ -52,3 +52,7 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     shown = ", ".join(sorted(choices)[:8])
     more = ", ..." if len(choices) > 8 else ""
     return f"choose one of: {shown}{more}"
+
+
+class TrainingError(TransferctlError):
+    """Training cannot go on for a reason the user can act on (diverging loss, interruption)."""

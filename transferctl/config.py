@@ -1,0 +1,315 @@
+"""The experiment file: YAML in, frozen typed objects out, every problem reported with its dotted path.
+
+This module must not import torch: `check`-free commands such as `recommend` build configs too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from transferctl.errors import ConfigError, Problem, did_you_mean
+
+Strategy = Literal["feature_extract", "fine_tune", "scratch", "pretrained_init"]
+STRATEGIES: tuple[str, ...] = ("feature_extract", "fine_tune", "scratch", "pretrained_init")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_TRAIN_PATTERN = re.compile(r"^(head|all|last:\d+)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneConfig(_Section):
+    name: str = "resnet18"
+    weights: str = Field(
+        "DEFAULT",
+        description="DEFAULT | a torchvision weights name | path to a state-dict file | run:<run dir> | none",
+    )
+    cut: str | None = Field(None, description="keep the backbone up to and including this layer group")
+
+
+class DataConfig(_Section):
+    root: Path
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: int | None = Field(None, ge=8, le=4096)
+    augment: Literal["none", "standard"] = "standard"
+    batch_size: int = Field(32, ge=1)
+    num_workers: Union[int, Literal["auto"]] = "auto"
+    on_bad_image: Literal["skip", "error"] = "skip"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 'auto' or a number >= 0")
+        return value
+
+
+class PhaseConfig(_Section):
+    name: str
+    epochs: int = Field(ge=1)
+    train: Union[str, list[str]] = "all"
+    lr: float = Field(gt=0.0)
+    backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
+    bn: Literal["train", "frozen"] = "train"
+
+    @field_validator("train")
+    @classmethod
+    def _train_spec(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and not _TRAIN_PATTERN.match(value):
+            raise ValueError("must be head, all, last:N or a list of layer-group names")
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list trains nothing; name at least one layer group")
+        return value
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = Field(1.0e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class SchedulerConfig(_Section):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+
+
+class EarlyStoppingConfig(_Section):
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    patience: int | None = Field(None, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("runs")
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    backbone: BackboneConfig = BackboneConfig()
+    data: DataConfig
+    strategy: Strategy = "fine_tune"
+    schedule: list[PhaseConfig] | None = None
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device_spec(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_not_empty(cls, value: list[PhaseConfig] | None) -> list[PhaseConfig] | None:
+        if value is not None and not value:
+            raise ValueError("an empty schedule trains nothing; remove it to use the strategy's default")
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_fits_strategy(self) -> ExperimentConfig:
+        if self.strategy == "feature_extract" and self.schedule:
+            for phase in self.schedule:
+                if phase.train != "head":
+                    raise ValueError(
+                        f"feature_extract trains only the new head, but phase '{phase.name}' has "
+                        f"train: {phase.train}; use strategy fine_tune to train backbone layers"
+                    )
+        return self
+
+    @property
+    def loads_pretrained_weights(self) -> bool:
+        """scratch ignores the weights entry: the network starts from random values."""
+        return self.strategy != "scratch" and self.backbone.weights.lower() != "none"
+
+
+def default_schedule(strategy: str) -> list[PhaseConfig]:
+    """The phases each strategy prescribes when the experiment file gives no schedule."""
+    if strategy == "feature_extract":
+        return [PhaseConfig(name="head", epochs=10, train="head", lr=1.0e-3)]
+    if strategy == "fine_tune":
+        return [
+            PhaseConfig(name="head", epochs=3, train="head", lr=1.0e-3),
+            PhaseConfig(name="body", epochs=5, train="all", lr=1.0e-3, backbone_lr_mult=0.1),
+        ]
+    return [PhaseConfig(name="all", epochs=10, train="all", lr=1.0e-3)]
+
+
+def schedule_of(config: ExperimentConfig) -> list[PhaseConfig]:
+    return list(config.schedule) if config.schedule else default_schedule(config.strategy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment file; raise ConfigError naming every problem."""
+    raw = read_yaml(path)
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw, source=str(path), base_dir=path.parent)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(Problem(str(path), "no such file", "check the path to the experiment file"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_problem(path, exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(Problem(str(path), "is not a UTF-8 text file", "save it as UTF-8 YAML")) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(str(path), "must be a YAML mapping of fields", "see configs/ for examples"))
+    return data
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> Problem:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "could not determine a constructor" in str(exc):
+        return Problem(where, "YAML tags that build Python objects are not allowed", "use plain values")
+    return Problem(where, f"invalid YAML: {reason}", "fix the syntax at that line")
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.path=value` override in place; the value is parsed as YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(Problem("--set", f"'{override}' is not key.path=value", "e.g. --set data.batch_size=16"))
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = _child_for_override(node, part, key)
+    _set_child(node, parts[-1], value, key)
+
+
+def _child_for_override(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(Problem(f"--set {key}", f"'{part}' is inside a value that is not a mapping"))
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _set_child(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, part, key)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(Problem(f"--set {key}", f"'{part}' is inside a value that is not a mapping"))
+
+
+def _list_index(node: list[Any], part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(Problem(f"--set {key}", f"'{part}' is not an index of a list of {len(node)} items"))
+    return int(part)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(*[_pydantic_problem(source, error) for error in exc.errors()]) from None
+    return _resolve_paths(config, base_dir) if base_dir is not None else config
+
+
+def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
+    """Relative paths in the file mean 'relative to the file', not to wherever the shell happens to be."""
+
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else (base_dir / path).resolve()
+
+    weights = config.backbone.weights
+    if _looks_like_path(weights):
+        weights = str(resolve(Path(weights)))
+    elif weights.startswith("run:"):
+        weights = "run:" + str(resolve(Path(weights[4:])))
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"root": resolve(config.data.root)}),
+            "output": config.output.model_copy(update={"dir": resolve(config.output.dir)}),
+            "backbone": config.backbone.model_copy(update={"weights": weights}),
+        }
+    )
+
+
+def _looks_like_path(weights: str) -> bool:
+    return weights.endswith((".pt", ".pth", ".safetensors", ".bin")) or "/" in weights
+
+
+def _pydantic_problem(source: str, error: dict[str, Any]) -> Problem:
+    location = [str(part) for part in error["loc"]]
+    # pydantic reports the branch of a Union it tried ("train.str"); users never wrote that part.
+    location = [part for part in location if part not in {"str", "int", "list[str]", "literal['auto']"}]
+    dotted = _dotted(location)
+    where = f"{source}: {dotted}" if dotted else source
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return Problem(where, "unknown field", _field_hint(location))
+    if kind == "missing":
+        return Problem(where, "is required", "add it to the experiment file")
+    message = error["msg"].removeprefix("Value error, ")
+    return Problem(where, f"{message} (got {error.get('input')!r})")
+
+
+def _dotted(location: list[str]) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text
+
+
+def _field_hint(location: list[str]) -> str:
+    model: type[BaseModel] = ExperimentConfig
+    for part in location[:-1]:
+        if part.isdigit():
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        nested = _model_in(annotation)
+        if nested is None:
+            return "remove it"
+        model = nested
+    return did_you_mean(location[-1], list(model.model_fields))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Plain data for writing back to YAML (paths as strings, the resolved schedule spelled out)."""
+    data = config.model_dump(mode="json")
+    data["schedule"] = [phase.model_dump(mode="json") for phase in schedule_of(config)]
+    return data
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

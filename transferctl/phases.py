@@ -1,0 +1,172 @@
+"""Strategy -> phases; freezing and unfreezing; one optimizer and schedule per phase over named layer groups.
+
+Each phase gets a fresh optimizer over exactly the parameters it trains: nothing frozen holds optimizer
+state, no parameter group appears mid-run, and resuming needs only (phase, epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferctl.config import ExperimentConfig, OptimizerConfig, SchedulerConfig, schedule_of
+from transferctl.errors import ConfigError, Problem, did_you_mean
+from transferctl.families import LayerGroups
+
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    index: int
+    name: str
+    epochs: int
+    lr: float
+    backbone_lr_mult: float
+    bn: str
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.trainable == (HEAD,)
+
+
+def plan_phases(config: ExperimentConfig, group_names: list[str]) -> list[PhasePlan]:
+    plans = []
+    for index, phase in enumerate(schedule_of(config)):
+        trainable = trainable_groups(phase.train, group_names, f"schedule[{index}].train")
+        frozen = tuple(name for name in group_names if name not in trainable)
+        plans.append(PhasePlan(index, phase.name, phase.epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen))
+    return plans
+
+
+def trainable_groups(spec: str | list[str], group_names: list[str], where: str) -> tuple[str, ...]:
+    """head | all | last:N (the last N backbone groups, plus the head) | [group, ...] (plus the head).
+
+    The new head starts from random weights, so every phase trains it.
+    """
+    body = [name for name in group_names if name != HEAD]
+    if spec == "all":
+        return tuple(group_names)
+    if spec == HEAD:
+        return (HEAD,)
+    if isinstance(spec, str):
+        count = int(spec.split(":", 1)[1])
+        if not 1 <= count <= len(body):
+            raise ConfigError(Problem(where, f"last:{count} asks for {count} of {len(body)} backbone layer groups", f"use last:1 .. last:{len(body)}"))
+        return tuple(body[-count:]) + (HEAD,)
+    unknown = [name for name in spec if name not in group_names]
+    if unknown:
+        raise ConfigError(Problem(where, f"unknown layer group '{unknown[0]}'", did_you_mean(unknown[0], group_names)))
+    return tuple(name for name in group_names if name in spec or name == HEAD)
+
+
+def matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def parameters_by_group(model: nn.Module, groups: LayerGroups) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter in exactly one group, or a loud failure: a silent leftover would never train."""
+    by_group: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name, _ in groups}
+    for param_name, param in model.named_parameters():
+        owners = [group for group, prefixes in groups if any(matches(param_name, p) for p in prefixes)]
+        if len(owners) != 1:
+            raise RuntimeError(f"parameter {param_name} belongs to {len(owners)} layer groups: {owners}")
+        by_group[owners[0]].append((param_name, param))
+    return by_group
+
+
+def apply_freezing(model: nn.Module, groups: LayerGroups, plan: PhasePlan) -> None:
+    for group, params in parameters_by_group(model, groups).items():
+        for _, param in params:
+            param.requires_grad_(group in plan.trainable)
+
+
+def set_train_mode(model: nn.Module, groups: LayerGroups, plan: PhasePlan) -> None:
+    """Train mode, except frozen groups (BatchNorm statistics and dropout stay as pretrained)."""
+    model.train()
+    for group, prefixes in groups:
+        if group in plan.frozen:
+            for module in _modules_at(model, prefixes):
+                module.eval()
+    if plan.bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _modules_at(model: nn.Module, prefixes: list[str]) -> list[nn.Module]:
+    found = []
+    for prefix in prefixes:
+        try:
+            found.append(model.get_submodule(prefix))
+        except AttributeError:  # a bare parameter such as ViT's class_token
+            continue
+    return found
+
+
+def optimizer_param_groups(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weight_decay: float) -> list[dict[str, Any]]:
+    """One optimizer group per trained layer group (and decay kind): the head at lr, the body at lr x mult.
+
+    Biases and normalisation weights get no weight decay: shrinking them towards zero only hurts.
+    """
+    result = []
+    for group, params in parameters_by_group(model, groups).items():
+        if group not in plan.trainable:
+            continue
+        lr = plan.lr if group == HEAD else plan.lr * plan.backbone_lr_mult
+        decay = [p for _, p in params if p.ndim > 1]
+        no_decay = [p for _, p in params if p.ndim <= 1]
+        for suffix, members, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
+            if members:
+                result.append({"name": group + suffix, "params": members, "lr": lr, "weight_decay": wd})
+    return result
+
+
+def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.name == "adam":
+        return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"])
+    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"])
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of each group's base lr at an optimizer step: linear warm-up, then constant or cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, epochs: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = epochs * steps_per_epoch
+    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, config.name))
+
+
+def describe_phase(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weight_decay: float) -> dict[str, Any]:
+    """What `check` shows for a phase: groups, trainable parameter count, learning rates, BN mode."""
+    by_group = parameters_by_group(model, groups)
+    trainable = sum(p.numel() for g in plan.trainable for _, p in by_group[g])
+    total = sum(p.numel() for params in by_group.values() for _, p in params)
+    lrs = {g["name"]: g["lr"] for g in optimizer_param_groups(model, groups, plan, weight_decay) if not g["name"].endswith("/no_decay")}
+    bn_trainable = "frozen (eval)" if plan.bn == "frozen" else "train"
+    return {
+        "phase": plan.name,
+        "epochs": plan.epochs,
+        "train": list(plan.trainable),
+        "frozen": list(plan.frozen),
+        "trainable_params": trainable,
+        "total_params": total,
+        "lr": lrs,
+        "batchnorm": {"trained groups": bn_trainable, "frozen groups": "frozen (eval)"},
+    }

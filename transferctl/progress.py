@@ -1,0 +1,109 @@
+"""How training looks on a terminal (Rich bars), in a pipe or log (one plain line per epoch), or --quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator
+
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from transferctl.phases import PhasePlan
+from transferctl.train import SilentObserver as QuietObserver
+
+
+def epoch_line(row: dict[str, Any], epochs_in_phase: int | None = None) -> str:
+    of = f"/{epochs_in_phase}" if epochs_in_phase else ""
+    return (
+        f"[{row['phase']}] epoch {row['epoch']}{of}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
+        f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} ({row['images_per_second']:.0f} img/s, {row['seconds']:.1f}s)"
+    )
+
+
+class LineObserver(QuietObserver):
+    """For pipes and log files: no control characters, one line per phase and per epoch."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.epochs = 0
+
+    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
+        self.epochs = plan.epochs
+        self.console.print(f"phase {plan.index + 1} '{plan.name}': training {', '.join(plan.trainable)} for {plan.epochs} epochs", highlight=False, markup=False)
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.console.print(epoch_line(row, self.epochs), highlight=False, markup=False)
+
+
+class RichObserver(QuietObserver):
+    """An epoch bar and a batch bar with the running loss and images/s."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.console = progress.console
+        self.epoch_task: Any = None
+        self.batch_task: Any = None
+        self.batch_started = time.perf_counter()
+        self.epochs = 0
+
+    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
+        for task in (self.epoch_task, self.batch_task):
+            if task is not None:
+                self.progress.remove_task(task)
+        self.epochs = plan.epochs
+        self.epoch_task = self.progress.add_task(f"{plan.name}: epochs", total=plan.epochs, info="")
+        self.batch_task = self.progress.add_task("batches", total=batches_per_epoch, info="")
+        self.batch_started = time.perf_counter()
+
+    def batch_done(self, index: int, count: int, running_loss: float) -> None:
+        if index == 0:
+            self.batch_started = time.perf_counter()
+            self.progress.reset(self.batch_task, total=count or None)
+        self.progress.update(self.batch_task, completed=index + 1, info=f"loss {running_loss:.4f}")
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.progress.advance(self.epoch_task)
+        info = f"val_acc {row['val_acc']:.4f}  {row['images_per_second']:.0f} img/s"
+        self.progress.update(self.epoch_task, info=info)
+        self.console.print(epoch_line(row, self.epochs), highlight=False, markup=False)
+
+
+@contextlib.contextmanager
+def make_observer(console: Console, quiet: bool = False) -> Iterator[QuietObserver]:
+    if quiet:
+        yield QuietObserver()
+        return
+    if not console.is_terminal:
+        yield LineObserver(console)
+        return
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=console, transient=False) as progress:
+        yield RichObserver(progress)
+
+
+def render_plan(plan: dict[str, Any]) -> Group:
+    """`transferctl check`: the data, the model, and a table per phase of what trains at which lr."""
+    data = plan["data"]
+    pre = plan["preprocessing"]
+    header = Table.grid(padding=(0, 2))
+    header.add_row("experiment", f"{plan['name']} ({plan['strategy']})")
+    header.add_row("backbone", f"{plan['backbone']}, weights: {plan['weights']}")
+    header.add_row("layer groups", ", ".join(plan["layer_groups"]))
+    header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {pre['mean']}, std {pre['std']}")
+    header.add_row("data", f"{data['root']} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
+    phases = Table(title="phases", show_lines=False)
+    for column in ("phase", "epochs", "trains", "trainable params", "learning rates", "BatchNorm"):
+        phases.add_column(column)
+    for phase in plan["phases"]:
+        lrs = ", ".join(f"{name} {lr:.2g}" for name, lr in phase["lr"].items())
+        trains = "head only" if phase["train"] == ["head"] else ", ".join(phase["train"])
+        share = phase["trainable_params"] / max(phase["total_params"], 1)
+        params = f"{phase['trainable_params']:,} of {phase['total_params']:,} ({share:.1%})"
+        bn = f"trained: {phase['batchnorm']['trained groups']}; frozen groups: eval"
+        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, lrs, bn)
+    return Group(header, phases)

@@ -1,0 +1,147 @@
+"""The run directory: the contract between commands, and the only place transferctl writes to disk.
+
+Layout:
+  config.yaml        the resolved experiment (every default spelled out)
+  classes.json       class names, in label order
+  env.json           versions, device, precision
+  metrics.jsonl/csv  one row per epoch
+  checkpoints/last.pt, checkpoints/best.pt   loadable with torch.load(weights_only=True)
+  summary.json       best metric, its epoch, timings, paths
+Every file is written to a temporary name, flushed, fsynced and renamed: never half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from transferctl.errors import CheckpointError, Problem
+
+CHECKPOINTS = "checkpoints"
+METRIC_COLUMNS = (
+    "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
+    "val_loss", "val_acc", "seconds", "images_per_second",
+)  # fmt: skip
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def create_run_dir(output_dir: Path, name: str, now: datetime | None = None) -> Path:
+    """<output>/<name>-<YYYYmmdd-HHMMSS>, made exclusively: an existing run is never reused."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 100):
+        candidate = output_dir / (f"{name}-{stamp}" if attempt == 1 else f"{name}-{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise CheckpointError(Problem("output.dir", f"too many runs named {name}-{stamp} in {output_dir}", "wait a second or rename"))
+
+
+def claim_run_dir(path: Path) -> Path:
+    """A run directory the user named: it must not exist yet."""
+    if path.exists():
+        raise CheckpointError(Problem("--run-dir", f"{path} already exists", "choose a new path; runs are never overwritten"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    return path
+
+
+class RunDir:
+    """Writer and reader of one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write_json(self.path / name, data)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(Problem(str(self.path), f"no {name}: not a transferctl run directory", "pass a folder that `transferctl train` wrote")) from None
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(Problem(str(path), f"damaged JSON: {exc.msg} at line {exc.lineno}", "restore it or re-run")) from None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite both metric files whole (tiny files): a crash never leaves a torn or duplicated row."""
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+
+    def save_checkpoint(self, kind: str, payload: dict[str, Any]) -> Path:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        path = self.checkpoints / f"{kind}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+
+def checkpoint_file(run_dir: Path, which: str) -> Path:
+    """best | last | a path to a checkpoint file."""
+    if which in ("best", "last"):
+        return run_dir / CHECKPOINTS / f"{which}.pt"
+    return Path(which)
+
+
+def load_run_checkpoint(run_dir: Path, which: str = "best", where: str = "") -> dict[str, Any]:
+    from transferctl.safeload import load_torch_file
+
+    where = where or str(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(Problem(where, f"no such run directory: {run_dir}", "give a folder written by `transferctl train`"))
+    path = checkpoint_file(run_dir, which)
+    if not path.is_file():
+        raise CheckpointError(Problem(where, f"no checkpoint at {path}", "train the run first, or pick --checkpoint last"))
+    checkpoint = load_torch_file(path, CheckpointError, where)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "classes" not in checkpoint:
+        raise CheckpointError(Problem(where, f"{path} is not a transferctl checkpoint", "use a checkpoint from a run directory"))
+    return checkpoint
