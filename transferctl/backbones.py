@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferctl.config import BackboneConfig
+from transferctl.config import BackboneConfig, looks_like_weights_file
 from transferctl.errors import ConfigError, Problem, WeightsError, did_you_mean
 from transferctl.families import LayerGroups, layer_groups
 from transferctl.families import head_path as head_path_of
@@ -89,7 +89,7 @@ def build_backbone(
         model = _build(config.name, None, image_size)
         loaded, preprocessing = _state_from_run(Path(source[4:]), config.name)
         description = source
-    elif _is_file_source(source):
+    elif looks_like_weights_file(source):
         model = _build(config.name, None, image_size)
         loaded, preprocessing = _state_from_file(Path(source)), _architecture_preprocessing(config.name)
         description = source
@@ -112,10 +112,6 @@ def _check_model_name(name: str) -> None:
         raise ConfigError(
             Problem("backbone.name", f"unknown model '{name}'", did_you_mean(name, names) + "; `transferctl backbones` lists them")
         )
-
-
-def _is_file_source(source: str) -> bool:
-    return Path(source).suffix in {".pt", ".pth", ".safetensors", ".bin"} or "/" in source
 
 
 def _build(name: str, weights: Any, image_size: int | None) -> nn.Module:

@@ -242,10 +242,10 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig
         return path if path.is_absolute() else (base_dir / path).resolve()
 
     weights = config.backbone.weights
-    if _looks_like_path(weights):
-        weights = str(resolve(Path(weights)))
-    elif weights.startswith("run:"):
+    if weights.startswith("run:"):
         weights = "run:" + str(resolve(Path(weights[4:])))
+    elif looks_like_weights_file(weights):
+        weights = str(resolve(Path(weights)))
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"root": resolve(config.data.root)}),
@@ -255,7 +255,8 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig
     )
 
 
-def _looks_like_path(weights: str) -> bool:
+def looks_like_weights_file(weights: str) -> bool:
+    """A weights entry naming a local file rather than a torchvision weights name."""
     return weights.endswith((".pt", ".pth", ".safetensors", ".bin")) or "/" in weights
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from transferctl.config import ExperimentConfig, OptimizerConfig, SchedulerConfig, schedule_of
 from transferctl.errors import ConfigError, Problem, did_you_mean
-from transferctl.families import LayerGroups
+from transferctl.families import LayerGroups, parameters_by_group
 
 HEAD = "head"
 
@@ -66,23 +66,14 @@ def trainable_groups(spec: str | list[str], group_names: list[str], where: str) 
     return tuple(name for name in group_names if name in spec or name == HEAD)
 
 
-def matches(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def parameters_by_group(model: nn.Module, groups: LayerGroups) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Every parameter in exactly one group, or a loud failure: a silent leftover would never train."""
-    by_group: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name, _ in groups}
-    for param_name, param in model.named_parameters():
-        owners = [group for group, prefixes in groups if any(matches(param_name, p) for p in prefixes)]
-        if len(owners) != 1:
-            raise RuntimeError(f"parameter {param_name} belongs to {len(owners)} layer groups: {owners}")
-        by_group[owners[0]].append((param_name, param))
-    return by_group
+def named_parameters_by_group(model: nn.Module, groups: LayerGroups) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) pairs of each group; raises unless every parameter is in exactly one group."""
+    params = dict(model.named_parameters())
+    return {group: [(name, params[name]) for name in names] for group, names in parameters_by_group(model, groups).items()}
 
 
 def apply_freezing(model: nn.Module, groups: LayerGroups, plan: PhasePlan) -> None:
-    for group, params in parameters_by_group(model, groups).items():
+    for group, params in named_parameters_by_group(model, groups).items():
         for _, param in params:
             param.requires_grad_(group in plan.trainable)
 
@@ -116,7 +107,7 @@ def optimizer_param_groups(model: nn.Module, groups: LayerGroups, plan: PhasePla
     Biases and normalisation weights get no weight decay: shrinking them towards zero only hurts.
     """
     result = []
-    for group, params in parameters_by_group(model, groups).items():
+    for group, params in named_parameters_by_group(model, groups).items():
         if group not in plan.trainable:
             continue
         lr = plan.lr if group == HEAD else plan.lr * plan.backbone_lr_mult
@@ -155,7 +146,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, e
 
 def describe_phase(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weight_decay: float) -> dict[str, Any]:
     """What `check` shows for a phase: groups, trainable parameter count, learning rates, BN mode."""
-    by_group = parameters_by_group(model, groups)
+    by_group = named_parameters_by_group(model, groups)
     trainable = sum(p.numel() for g in plan.trainable for _, p in by_group[g])
     total = sum(p.numel() for params in by_group.values() for _, p in params)
     lrs = {g["name"]: g["lr"] for g in optimizer_param_groups(model, groups, plan, weight_decay) if not g["name"].endswith("/no_decay")}

@@ -1,0 +1,37 @@
+"""Small builders shared by the tests: experiment files for tiny, fast runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def experiment(data_root: Path, output_dir: Path, **sections: Any) -> dict[str, Any]:
+    """A tiny experiment: resnet18 at 32 px, random init, fp32 on CPU, two short phases."""
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "backbone": {"name": "resnet18", "weights": "none"},
+        "data": {"root": str(data_root), "image_size": 32, "batch_size": 8, "num_workers": 0, "augment": "none"},
+        "strategy": "fine_tune",
+        "schedule": [
+            {"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2},
+            {"name": "body", "epochs": 1, "train": "all", "lr": 1.0e-2, "backbone_lr_mult": 0.1},
+        ],
+        "device": "cpu",
+        "precision": "fp32",
+        "output": {"dir": str(output_dir)},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_experiment(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path

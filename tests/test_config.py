@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transferctl.config import (
+    ExperimentConfig,
+    apply_override,
+    config_from_dict,
+    config_to_dict,
+    default_schedule,
+    dump_yaml,
+    load_config,
+    schedule_of,
+)
+from transferctl.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def messages(exc: ConfigError) -> list[str]:
+    return [str(problem) for problem in exc.problems]
+
+
+def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "data: {root: images}\n"))
+    assert config.backbone.name == "resnet18"
+    assert config.backbone.weights == "DEFAULT"
+    assert config.strategy == "fine_tune"
+    assert config.data.batch_size == 32
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "data: {root: images}\nbackbone: {weights: w/model.pth}\noutput: {dir: out}\n"))
+    assert config.data.root == (tmp_path / "images").resolve()
+    assert config.output.dir == (tmp_path / "out").resolve()
+    assert config.backbone.weights == str((tmp_path / "w/model.pth").resolve())
+
+
+def test_run_weights_resolve_against_the_config_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "data: {root: images}\nbackbone: {weights: 'run:runs/base'}\n"))
+    assert config.backbone.weights == "run:" + str((tmp_path / "runs/base").resolve())
+
+
+def test_unknown_field_suggests_the_close_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: images, batch_sise: 4}\n"))
+    (message,) = messages(caught.value)
+    assert "data.batch_sise" in message and "did you mean 'batch_size'" in message
+    assert str(tmp_path / "experiment.yaml") in message
+
+
+def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
+    text = "data: {root: d, batch_size: 0}\nschedule:\n  - {name: a, epochs: -1, lr: 0}\nstrategy: fine_tun\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    joined = "\n".join(messages(caught.value))
+    for where in ("data.batch_size", "schedule[0].epochs", "schedule[0].lr", "strategy"):
+        assert where in joined
+
+
+def test_missing_data_section_is_required(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data: is required"):
+        load_config(write(tmp_path, "name: x\n"))
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "name: x\ndata:\n  root: [unclosed\n"))
+    assert "experiment.yaml:" in str(caught.value) and "invalid YAML" in str(caught.value)
+
+
+def test_python_object_tags_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not allowed"):
+        load_config(write(tmp_path, "name: !!python/object/apply:os.system ['echo hacked']\ndata: {root: d}\n"))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_top_level_list_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_overrides_set_nested_fields_with_yaml_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {root: d}\nschedule:\n  - {name: a, epochs: 1, lr: 0.1}\n")
+    config = load_config(path, ["data.batch_size=8", "schedule.0.epochs=3", "optimizer.name=sgd", "backbone.weights=none"])
+    assert config.data.batch_size == 8
+    assert config.schedule is not None and config.schedule[0].epochs == 3
+    assert config.optimizer.name == "sgd"
+    assert config.backbone.weights == "none"
+
+
+def test_override_errors_name_the_override() -> None:
+    with pytest.raises(ConfigError, match="--set"):
+        apply_override({}, "no_equals_sign")
+    with pytest.raises(ConfigError, match="index"):
+        apply_override({"schedule": [{}]}, "schedule.5.epochs=1")
+
+
+def test_override_with_a_bad_value_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(write(tmp_path, "data: {root: d}\n"), ["data.batch_size=-3"])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "phases"),
+    [("feature_extract", [("head", "head")]), ("fine_tune", [("head", "head"), ("body", "all")]), ("scratch", [("all", "all")]), ("pretrained_init", [("all", "all")])],
+)
+def test_each_strategy_has_a_default_schedule(strategy: str, phases: list[tuple[str, str]]) -> None:
+    assert [(p.name, p.train) for p in default_schedule(strategy)] == phases
+
+
+def test_fine_tune_trains_the_body_slower_than_the_head() -> None:
+    body = default_schedule("fine_tune")[1]
+    assert body.backbone_lr_mult < 1.0
+
+
+def test_feature_extract_refuses_a_phase_that_trains_the_body() -> None:
+    raw = {"data": {"root": "d"}, "strategy": "feature_extract", "schedule": [{"name": "a", "epochs": 1, "lr": 0.1, "train": "all"}]}
+    with pytest.raises(ConfigError, match="fine_tune"):
+        config_from_dict(raw)
+
+
+def test_scratch_never_loads_pretrained_weights() -> None:
+    config = config_from_dict({"data": {"root": "d"}, "strategy": "scratch"})
+    assert not config.loads_pretrained_weights
+    assert config_from_dict({"data": {"root": "d"}}).loads_pretrained_weights
+
+
+@pytest.mark.parametrize("train", ["head", "all", "last:2", ["layer4"]])
+def test_train_spec_forms_are_accepted(train: object) -> None:
+    raw = {"data": {"root": "d"}, "schedule": [{"name": "a", "epochs": 1, "lr": 0.1, "train": train}]}
+    assert schedule_of(config_from_dict(raw))[0].train == train
+
+
+@pytest.mark.parametrize("train", ["most", "last:", []])
+def test_bad_train_specs_are_rejected(train: object) -> None:
+    raw = {"data": {"root": "d"}, "schedule": [{"name": "a", "epochs": 1, "lr": 0.1, "train": train}]}
+    with pytest.raises(ConfigError, match=r"schedule\[0\]\.train"):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_bad_device_is_rejected(device: str) -> None:
+    with pytest.raises(ConfigError, match="device"):
+        config_from_dict({"data": {"root": "d"}, "device": device})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "data: {root: images}\nstrategy: fine_tune\n"))
+    text = dump_yaml(config_to_dict(config))
+    again = load_config(write(tmp_path, text))
+    assert again == config.model_copy(update={"schedule": again.schedule})
+    assert again.schedule is not None and len(again.schedule) == 2
+
+
+def test_config_objects_are_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "data: {root: images}\n"))
+    with pytest.raises(Exception):
+        config.seed = 3  # type: ignore[misc]
+    assert isinstance(config, ExperimentConfig)
