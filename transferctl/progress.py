@@ -94,16 +94,30 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("experiment", f"{plan['name']} ({plan['strategy']})")
     header.add_row("backbone", f"{plan['backbone']}, weights: {plan['weights']}")
     header.add_row("layer groups", ", ".join(plan["layer_groups"]))
-    header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {pre['mean']}, std {pre['std']}")
+    header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
     header.add_row("data", f"{data['root']} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
-    phases = Table(title="phases", show_lines=False)
-    for column in ("phase", "epochs", "trains", "trainable params", "learning rates", "BatchNorm"):
+    phases = Table(title="phases")
+    for column in ("phase", "epochs", "trains", "trainable", "learning rate", "BatchNorm"):
         phases.add_column(column)
     for phase in plan["phases"]:
-        lrs = ", ".join(f"{name} {lr:.2g}" for name, lr in phase["lr"].items())
         trains = "head only" if phase["train"] == ["head"] else ", ".join(phase["train"])
         share = phase["trainable_params"] / max(phase["total_params"], 1)
-        params = f"{phase['trainable_params']:,} of {phase['total_params']:,} ({share:.1%})"
-        bn = f"trained: {phase['batchnorm']['trained groups']}; frozen groups: eval"
-        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, lrs, bn)
-    return Group(header, phases)
+        params = f"{phase['trainable_params']:,} ({share:.1%})"
+        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, _compact_lrs(phase["lr"]), phase["batchnorm"]["trained groups"])
+    caption = "Frozen groups keep their BatchNorm statistics (eval mode) and get no gradients."
+    return Group(header, phases, caption)
+
+
+def _compact_lrs(lrs: dict[str, float]) -> str:
+    """'head 0.01, backbone 0.001' rather than one entry per layer group when the body shares a rate."""
+    body = {name: lr for name, lr in lrs.items() if name != "head"}
+    parts = [f"head {lrs['head']:.2g}"] if "head" in lrs else []
+    if len(set(body.values())) == 1:
+        parts.append(f"backbone {next(iter(body.values())):.2g}")
+    else:
+        parts.extend(f"{name} {lr:.2g}" for name, lr in body.items())
+    return ", ".join(parts)
+
+
+def _rounded(values: list[float] | tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ METRIC_COLUMNS = (
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: it makes 0600 files and the rename keeps that mode; 0o666 honours the umask.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -99,6 +101,8 @@ class RunDir:
             raise CheckpointError(Problem(str(self.path), f"no {name}: not a transferctl run directory", "pass a folder that `transferctl train` wrote")) from None
         except json.JSONDecodeError as exc:
             raise CheckpointError(Problem(str(path), f"damaged JSON: {exc.msg} at line {exc.lineno}", "restore it or re-run")) from None
+        except UnicodeDecodeError:
+            raise CheckpointError(Problem(str(path), "damaged JSON: not UTF-8 text", "restore it or re-run")) from None
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"

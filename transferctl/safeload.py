@@ -30,7 +30,9 @@ def load_torch_file(path: Path, error: type[TransferctlError], where: str = "") 
                 "save plain tensors instead (model.state_dict() or safetensors)",
             )
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:
+        # The weights-only unpickler runs no code, so any other failure means a damaged or foreign file;
+        # garbage raises KeyError, IndexError, struct.error, AttributeError... depending on its bytes.
         raise error(Problem(where, f"cannot read {path}: {_first_line(exc)}", "the file is damaged or not a PyTorch file")) from None
 
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny generated image folders in tmp_path, and an isolated torch cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from transferctl.synthetic import tiny_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point TORCH_HOME at a temporary folder, so no test reads or fills the real weights cache."""
+    home = tmp_path_factory.mktemp("torch_home")
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = previous
+
+
+@pytest.fixture
+def tiny_split_data(tmp_path: Path) -> Path:
+    """tmp_path/tiny_split/{train,val,test}/{red,green,blue}/NNNN.png: 16x16, 4/1/1 per class."""
+    return tiny_dataset(tmp_path / "tiny_split", n_classes=3, layout="split", test=True)
+
+
+@pytest.fixture
+def tiny_flat_data(tmp_path: Path) -> Path:
+    """tmp_path/tiny_flat/{red,green,blue}/NNNN.png: 16x16, 6 per class."""
+    return tiny_dataset(tmp_path / "tiny_flat", n_classes=3, layout="flat")

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from helpers import experiment, write_experiment
+from transferctl import __version__
+from transferctl.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer's Result
+    return runner.invoke(app, list(args))
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"transferctl {__version__}"
+
+
+def test_python_dash_m_works() -> None:
+    done = subprocess.run([sys.executable, "-m", "transferctl", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"transferctl {__version__}"
+
+
+def test_train_json_prints_one_document_on_stdout(tiny_split_data: Path, tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", experiment(tiny_split_data, tmp_path / "runs"))
+    result = invoke("train", str(config), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert Path(summary["run_dir"]).is_dir() and summary["epochs"] == 2
+
+
+def test_train_logs_plain_lines_when_not_a_terminal(tiny_split_data: Path, tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", experiment(tiny_split_data, tmp_path / "runs"))
+    result = invoke("train", str(config))
+    assert result.exit_code == 0
+    assert "[head] epoch 1/1" in result.stderr and "best val_acc" in result.stderr
+    assert "\x1b[" not in result.stderr and result.stdout == ""
+
+
+def test_set_overrides_reach_the_run(tiny_split_data: Path, tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", experiment(tiny_split_data, tmp_path / "runs"))
+    result = invoke("train", str(config), "--json", "-q", "--set", "schedule.1.epochs=2", "--set", "name=other")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == 3 and Path(summary["run_dir"]).name.startswith("other-")
+
+
+def test_user_errors_are_one_line_each_with_exit_1(tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", {"data": {"root": "x", "batch_size": 0}, "backbone": {"nme": "resnet18"}})
+    result = invoke("check", str(config))
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error:") for line in lines)
+    assert "did you mean 'name'" in result.stderr and "Traceback" not in result.output
+
+
+def test_missing_data_folder_names_the_field(tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", experiment(tmp_path / "nowhere", tmp_path / "runs"))
+    result = invoke("train", str(config))
+    assert result.exit_code == 1 and "data.root" in result.stderr and "nowhere" in result.stderr
+
+
+def test_unknown_backbone_is_a_user_error(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "runs", backbone={"name": "resnet180", "weights": "none"})
+    result = invoke("check", str(write_experiment(tmp_path / "e.yaml", raw)))
+    assert result.exit_code == 1 and "backbone.name" in result.stderr and "resnet18" in result.stderr
+
+
+def test_unknown_group_in_schedule_is_a_user_error(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "runs", schedule=[{"name": "a", "epochs": 1, "lr": 0.1, "train": ["layer9"]}])
+    result = invoke("check", str(write_experiment(tmp_path / "e.yaml", raw)))
+    assert result.exit_code == 1 and "schedule[0].train" in result.stderr
+
+
+def test_check_prints_the_plan(tiny_split_data: Path, tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", experiment(tiny_split_data, tmp_path / "runs"))
+    result = invoke("check", str(config))
+    assert result.exit_code == 0, result.output
+    for text in ("head only", "layer4", "trainable", "BatchNorm", "backbone 0.001"):
+        assert text in result.stderr
+    as_json = json.loads(invoke("check", str(config), "--json").stdout)
+    assert [p["phase"] for p in as_json["phases"]] == ["head", "body"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert invoke("train").exit_code == 2
+    assert invoke("frobnicate").exit_code == 2

@@ -1,0 +1,479 @@
+"""data.py: finding classes and splits, decoding every image mode to RGB, transforms, datasets."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferctl.backbones import Preprocessing
+from transferctl.data import (
+    DatasetSplits,
+    ImageDataset,
+    build_transform,
+    discover,
+    is_image_file,
+    list_images,
+    open_rgb,
+    resolve_workers,
+    stratified_split,
+    to_rgb,
+)
+from transferctl.errors import DataError
+from transferctl.synthetic import tiny_dataset
+
+PREPROCESSING = Preprocessing(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def write_png(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path)
+    return path
+
+
+def write_class_tree(root: Path, per_class: dict[str, int]) -> Path:
+    """root/<class>/NN.png with the given number of images per class."""
+    for name, count in per_class.items():
+        for index in range(count):
+            write_png(root / name / f"{index:02d}.png")
+    return root
+
+
+def labels_per_class(samples: list[tuple[Path, int]]) -> Counter[int]:
+    return Counter(label for _, label in samples)
+
+
+# --------------------------------------------------------------------------- split layout
+
+
+def test_split_layout_reads_train_val_and_test(tiny_split_data: Path) -> None:
+    splits = discover(tiny_split_data, val_fraction=0.2, seed=0)
+
+    assert splits.layout == "split"
+    assert splits.classes == ["blue", "green", "red"]
+    assert splits.counts() == {"train": 12, "val": 3, "test": 3}
+    for name in ("train", "val", "test"):
+        for path, label in splits.split(name):
+            assert path.parent.name == splits.classes[label]
+            assert path.parent.parent.name == name
+
+
+def test_split_layout_without_test_has_empty_test(tmp_path: Path) -> None:
+    root = tiny_dataset(tmp_path / "data", n_classes=2, per_class=5, layout="split")
+
+    splits = discover(root, val_fraction=0.2, seed=0)
+
+    assert splits.test == []
+    assert splits.counts()["val"] == 2
+
+
+def test_split_layout_ignores_val_fraction_and_seed(tiny_split_data: Path) -> None:
+    first = discover(tiny_split_data, val_fraction=0.2, seed=0)
+    second = discover(tiny_split_data, val_fraction=0.5, seed=7)
+
+    assert first == second
+
+
+def test_train_without_val_is_refused(tmp_path: Path) -> None:
+    write_class_tree(tmp_path / "data" / "train", {"cat": 2, "dog": 2})
+
+    with pytest.raises(DataError, match="no val/ folder") as info:
+        discover(tmp_path / "data", val_fraction=0.2, seed=0)
+    assert str(tmp_path / "data") in str(info.value)
+    assert info.value.problems[0].where == "data.root"
+
+
+def test_val_classes_differing_from_train_name_missing_and_extra(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_class_tree(root / "train", {"cat": 2, "dog": 2, "fox": 2})
+    write_class_tree(root / "val", {"cat": 1, "dog": 1, "owl": 1})
+
+    with pytest.raises(DataError) as info:
+        discover(root, val_fraction=0.2, seed=0)
+
+    message = str(info.value)
+    assert info.value.problems[0].where == "data.root/val"
+    assert "missing ['fox']" in message
+    assert "extra ['owl']" in message
+
+
+def test_test_classes_differing_from_train_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_class_tree(root / "train", {"cat": 2, "dog": 2})
+    write_class_tree(root / "val", {"cat": 1, "dog": 1})
+    write_class_tree(root / "test", {"cat": 1, "dog": 1, "emu": 1})
+
+    with pytest.raises(DataError, match=r"extra \['emu'\]") as info:
+        discover(root, val_fraction=0.2, seed=0)
+    assert info.value.problems[0].where == "data.root/test"
+    assert "missing" not in str(info.value)
+
+
+def test_empty_class_folder_in_val_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_class_tree(root / "train", {"cat": 2, "dog": 2})
+    write_class_tree(root / "val", {"cat": 1})
+    (root / "val" / "dog").mkdir()
+
+    with pytest.raises(DataError, match="has no images") as info:
+        discover(root, val_fraction=0.2, seed=0)
+    assert str(root / "val" / "dog") in str(info.value)
+
+
+# --------------------------------------------------------------------------- flat layout
+
+
+def test_flat_layout_is_split_by_val_fraction(tiny_flat_data: Path) -> None:
+    splits = discover(tiny_flat_data, val_fraction=1 / 3, seed=0)
+
+    assert splits.layout == "flat"
+    assert splits.classes == ["blue", "green", "red"]
+    assert splits.counts() == {"train": 12, "val": 6, "test": 0}
+    assert not set(splits.train) & set(splits.val)
+    assert labels_per_class(splits.val) == {0: 2, 1: 2, 2: 2}  # stratified: 2 of 6 from each class
+
+
+def test_flat_split_is_deterministic_for_a_seed(tiny_flat_data: Path) -> None:
+    first = discover(tiny_flat_data, val_fraction=0.34, seed=3)
+    again = discover(tiny_flat_data, val_fraction=0.34, seed=3)
+
+    assert first == again
+    other_seeds = [discover(tiny_flat_data, val_fraction=0.34, seed=seed).val for seed in range(4, 10)]
+    assert any(val != first.val for val in other_seeds)
+
+
+def test_flat_split_does_not_depend_on_sample_order(tmp_path: Path) -> None:
+    samples = [(tmp_path / f"{label}-{index}.png", label) for label in range(3) for index in range(10)]
+
+    forward = stratified_split(samples, val_fraction=0.3, seed=11)
+    backward = stratified_split(list(reversed(samples)), val_fraction=0.3, seed=11)
+
+    assert forward == backward
+
+
+def test_stratified_split_keeps_a_training_image_in_every_class(tmp_path: Path) -> None:
+    samples = [(tmp_path / "a0.png", 0), (tmp_path / "b0.png", 1), (tmp_path / "b1.png", 1)]
+    samples += [(tmp_path / f"c{index}.png", 2) for index in range(5)]
+
+    train, val = stratified_split(samples, val_fraction=0.9, seed=0)
+
+    assert labels_per_class(train) == {0: 1, 1: 1, 2: 1}
+    assert labels_per_class(val) == {1: 1, 2: 4}
+    assert sorted(train + val) == sorted(samples)
+
+
+def test_stratified_split_with_no_validation_images_is_refused(tmp_path: Path) -> None:
+    samples = [(tmp_path / "a.png", 0), (tmp_path / "b.png", 1)]  # one image per class: all stay in train
+
+    with pytest.raises(DataError, match="data.val_fraction"):
+        stratified_split(samples, val_fraction=0.5, seed=0)
+
+
+def test_flat_layout_with_zero_val_fraction_is_refused(tiny_flat_data: Path) -> None:
+    with pytest.raises(DataError, match="no validation images"):
+        discover(tiny_flat_data, val_fraction=0.0, seed=0)
+
+
+# --------------------------------------------------------------------------- folder errors
+
+
+def test_missing_root_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+
+    with pytest.raises(DataError) as info:
+        discover(missing, val_fraction=0.2, seed=0)
+
+    assert info.value.problems[0].where == "data.root"
+    assert str(missing) in str(info.value)
+
+
+def test_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "data.zip"
+    file.write_bytes(b"PK")
+
+    with pytest.raises(DataError, match="no such folder"):
+        discover(file, val_fraction=0.2, seed=0)
+
+
+@pytest.mark.parametrize("class_names", [[], ["only"]])
+def test_fewer_than_two_classes_is_refused(tmp_path: Path, class_names: list[str]) -> None:
+    root = write_class_tree(tmp_path / "data", {name: 3 for name in class_names})
+    root.mkdir(exist_ok=True)
+    (root / ".hidden").mkdir()  # hidden folders are not classes
+
+    with pytest.raises(DataError, match="at least two class folders") as info:
+        discover(root, val_fraction=0.2, seed=0)
+    assert str(root) in str(info.value)
+    if class_names:
+        assert "only 'only'" in str(info.value)
+
+
+def test_fewer_than_two_classes_in_train_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_class_tree(root / "train", {"cat": 2})
+    write_class_tree(root / "val", {"cat": 1})
+
+    with pytest.raises(DataError, match="at least two class folders") as info:
+        discover(root, val_fraction=0.2, seed=0)
+    assert info.value.problems[0].where == "data.root/train"
+
+
+def test_class_folder_without_images_is_named(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 3})
+    (root / "dog").mkdir()
+    (root / "dog" / "readme.txt").write_text("no pictures here")
+    write_png(root / "dog" / ".hidden.png")
+
+    with pytest.raises(DataError, match="has no images") as info:
+        discover(root, val_fraction=0.2, seed=0)
+    assert str(root / "dog") in str(info.value)
+
+
+# --------------------------------------------------------------------------- what counts as an image
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a.png", True),
+        ("b.JPG", True),
+        ("c.jpeg", True),
+        ("d.webp", True),
+        ("e.TIFF", True),
+        ("notes.txt", False),
+        ("Thumbs.db", False),
+        ("archive.png.zip", False),
+        ("no_suffix", False),
+        (".DS_Store", False),
+        ("._a.png", False),  # macOS AppleDouble metadata, not an image
+        (".hidden.jpg", False),
+    ],
+)
+def test_is_image_file(name: str, expected: bool) -> None:
+    assert is_image_file(Path(name)) is expected
+
+
+def test_non_image_and_hidden_files_are_ignored(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 3, "dog": 3})
+    for junk in ("notes.txt", ".DS_Store", "._00.png", "labels.csv"):
+        (root / "cat" / junk).write_bytes(b"not an image")
+    write_png(root / "cat" / ".cache" / "thumb.png")  # inside a hidden folder
+
+    splits = discover(root, val_fraction=0.34, seed=0)
+
+    every_path = [path for path, _ in splits.train + splits.val]
+    assert len(every_path) == 6
+    assert all(not part.startswith(".") for path in every_path for part in path.relative_to(root).parts)
+
+
+def test_images_in_nested_subfolders_are_found(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"dog": 2})
+    write_png(root / "cat" / "2023" / "summer" / "a.png")
+    write_png(root / "cat" / "2024" / "b.png")
+
+    splits = discover(root, val_fraction=0.5, seed=0)
+
+    cat_paths = sorted(path for path, label in splits.train + splits.val if label == 0)
+    assert cat_paths == [root / "cat" / "2023" / "summer" / "a.png", root / "cat" / "2024" / "b.png"]
+
+
+def test_list_images_is_sorted_and_recursive(tmp_path: Path) -> None:
+    folder = tmp_path / "cls"
+    for relative in ("z.png", "a.png", "sub/m.png", "sub/deeper/b.png"):
+        write_png(folder / relative)
+
+    assert list_images(folder) == sorted(folder / relative for relative in ("z.png", "a.png", "sub/m.png", "sub/deeper/b.png"))
+
+
+def test_symlinked_folder_loop_does_not_hang(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 2, "dog": 2})
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    (root / "dog" / "up").symlink_to(root, target_is_directory=True)
+
+    assert list_images(root / "cat") == [root / "cat" / "00.png", root / "cat" / "01.png"]
+    splits = discover(root, val_fraction=0.5, seed=0)
+    assert splits.counts()["train"] + splits.counts()["val"] == 4
+
+
+def test_non_ascii_names_work(tmp_path: Path) -> None:
+    root = tmp_path / "données"
+    write_png(root / "chat été" / "photo ünïcode.png", (250, 0, 0))
+    write_png(root / "chat été" / "二.png", (250, 0, 0))
+    write_png(root / "собака" / "щенок.png", (0, 0, 250))
+    write_png(root / "собака" / "🐶.png", (0, 0, 250))
+
+    splits = discover(root, val_fraction=0.5, seed=0)
+
+    assert splits.classes == sorted(["chat été", "собака"])
+    for path, _ in splits.train + splits.val:
+        assert open_rgb(path).size == (8, 8)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def assert_rgb8(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    assert image.mode == "RGB"
+    assert image.size == size
+    array = np.asarray(image)
+    assert array.dtype == np.uint8
+    return array
+
+
+def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "gray.png"
+    Image.new("L", (12, 7), 90).save(path)
+
+    array = assert_rgb8(open_rgb(path), (12, 7))
+    assert (array == 90).all()
+
+
+def test_rgba_is_composited_on_white(tmp_path: Path) -> None:
+    image = Image.new("RGBA", (10, 6), (255, 0, 0, 255))
+    image.putpixel((0, 0), (0, 255, 0, 0))  # fully transparent: shows the white background
+    path = tmp_path / "rgba.png"
+    image.save(path)
+
+    array = assert_rgb8(open_rgb(path), (10, 6))
+    assert tuple(array[0, 0]) == (255, 255, 255)
+    assert tuple(array[3, 5]) == (255, 0, 0)
+
+
+def test_la_becomes_rgb(tmp_path: Path) -> None:
+    image = Image.new("LA", (5, 9), (40, 255))
+    image.putpixel((1, 1), (40, 0))
+    path = tmp_path / "la.png"
+    image.save(path)
+
+    array = assert_rgb8(open_rgb(path), (5, 9))
+    assert tuple(array[0, 0]) == (40, 40, 40)
+    assert tuple(array[1, 1]) == (255, 255, 255)
+
+
+def test_palette_without_transparency_becomes_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "palette.png"
+    Image.new("RGB", (9, 4), (0, 0, 255)).convert("P").save(path)
+    assert Image.open(path).mode == "P"
+
+    array = assert_rgb8(open_rgb(path), (9, 4))
+    assert tuple(array[2, 2]) == (0, 0, 255)
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path: Path) -> None:
+    image = Image.new("P", (6, 6), 1)
+    image.putpalette([0, 0, 0, 0, 128, 0] + [0] * (254 * 3))
+    image.putpixel((0, 0), 0)
+    path = tmp_path / "palette.gif"
+    image.save(path, transparency=0)
+    with Image.open(path) as reopened:
+        assert reopened.mode == "P" and "transparency" in reopened.info
+
+    array = assert_rgb8(open_rgb(path), (6, 6))
+    assert tuple(array[0, 0]) == (255, 255, 255)
+    assert tuple(array[3, 3]) == (0, 128, 0)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 32 * 16).reshape(16, 32).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode.startswith("I")
+
+    array = assert_rgb8(open_rgb(path), (32, 16))
+    gray = array[..., 0].astype(int)
+    assert (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all()
+    assert gray.min() == 0 and gray.max() == 255
+    assert len(np.unique(gray)) > 200  # a ramp, not a few saturated levels
+    assert (np.diff(gray.ravel()) >= 0).all()  # brightness order preserved
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_to_rgb_scales_integer_modes(mode: str) -> None:
+    values = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16 if mode == "I;16" else np.int32)
+    image = Image.fromarray(values) if mode == "I;16" else Image.fromarray(values).convert("I")
+    assert image.mode == mode
+
+    array = assert_rgb8(to_rgb(image), (2, 2))
+    assert array[0, 0, 0] == 0 and array[1, 1, 0] == 255
+    assert 0 < array[0, 1, 0] < array[1, 0, 0] < 255
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "print.jpg"
+    Image.new("RGB", (20, 10), (255, 0, 0)).convert("CMYK").save(path, quality=95)
+    with Image.open(path) as reopened:
+        assert reopened.mode == "CMYK"
+
+    array = assert_rgb8(open_rgb(path), (20, 10))
+    red, green, blue = (int(channel) for channel in array[5, 10])
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_rgb_is_unchanged_and_open_rgb_returns_a_loaded_copy(tmp_path: Path) -> None:
+    path = write_png(tmp_path / "rgb.png", (10, 20, 30), size=4)
+
+    image = open_rgb(path)
+    path.unlink()  # the file handle is closed and the pixels are already in memory
+
+    assert tuple(assert_rgb8(image, (4, 4))[1, 1]) == (10, 20, 30)
+
+
+# --------------------------------------------------------------------------- transforms and datasets
+
+
+@pytest.mark.parametrize(("augment", "train"), [("standard", True), ("none", True), ("standard", False), ("none", False)])
+def test_build_transform_gives_crop_sized_tensors(augment: str, train: bool) -> None:
+    transform = build_transform(PREPROCESSING, augment=augment, train=train)
+
+    for size in [(16, 16), (70, 30)]:
+        tensor = transform(Image.new("RGB", size, (255, 255, 255)))
+        assert isinstance(tensor, torch.Tensor)
+        assert tensor.shape == (3, 32, 32)
+        assert tensor.dtype == torch.float32
+        assert torch.allclose(tensor, torch.ones_like(tensor))  # white normalised by mean 0.5, std 0.5
+
+
+def test_evaluation_transform_is_deterministic() -> None:
+    transform = build_transform(PREPROCESSING, augment="standard", train=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8))
+
+    assert torch.equal(transform(image), transform(image))
+
+
+def test_image_dataset_returns_tensor_and_label(tiny_split_data: Path) -> None:
+    splits: DatasetSplits = discover(tiny_split_data, val_fraction=0.2, seed=0)
+    dataset = ImageDataset(splits.val, build_transform(PREPROCESSING, augment="none", train=False))
+
+    assert len(dataset) == 3
+    for index, (path, expected_label) in enumerate(splits.val):
+        tensor, label = dataset[index]
+        assert label == expected_label
+        assert tensor.shape == (3, 32, 32)
+
+
+def test_image_dataset_decodes_unusual_modes(tmp_path: Path) -> None:
+    gray = tmp_path / "gray.png"
+    Image.new("L", (20, 20), 10).save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(rgba)
+    dataset = ImageDataset([(gray, 0), (rgba, 1)], build_transform(PREPROCESSING, augment="standard", train=True))
+
+    assert [tuple(dataset[index][0].shape) for index in range(2)] == [(3, 32, 32), (3, 32, 32)]
+
+
+@pytest.mark.parametrize(("setting", "n_images", "expected"), [(0, 10_000, 0), (3, 10, 3), ("2", 10, 2), ("auto", 511, 0)])
+def test_resolve_workers_explicit_and_small(setting: int | str, n_images: int, expected: int) -> None:
+    assert resolve_workers(setting, n_images) == expected
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(None, 0), (1, 0), (2, 1), (4, 3), (64, 8)])
+def test_resolve_workers_auto_for_large_datasets(monkeypatch: pytest.MonkeyPatch, cpus: int | None, expected: int) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+
+    assert resolve_workers("auto", 512) == expected

@@ -1,0 +1,346 @@
+"""rundir.py: run directory naming, atomic writes, metrics, checkpoints and safe loading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from transferctl.errors import CheckpointError
+from transferctl.rundir import (
+    METRIC_COLUMNS,
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_file,
+    claim_run_dir,
+    create_run_dir,
+    load_run_checkpoint,
+)
+
+NOW = datetime(2024, 3, 9, 7, 5, 3)
+
+
+def metric_row(epoch: int, **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {column: 0.0 for column in METRIC_COLUMNS}
+    row.update(phase="head", phase_index=0, epoch=epoch, global_epoch=epoch, val_acc=0.5 + epoch / 10)
+    row.update(extra)
+    return row
+
+
+def valid_checkpoint() -> dict[str, Any]:
+    return {"model": {"fc.weight": torch.randn(2, 3), "fc.bias": torch.zeros(2)}, "classes": ["cat", "dog"], "epoch": 3}
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def test_create_run_dir_names_folder_after_name_and_time(tmp_path: Path) -> None:
+    path = create_run_dir(tmp_path / "runs", "flowers", now=NOW)
+
+    assert path == tmp_path / "runs" / "flowers-20240309-070503"
+    assert path.is_dir()
+    assert files_in(path) == []
+
+
+def test_create_run_dir_never_reuses_a_folder(tmp_path: Path) -> None:
+    first = create_run_dir(tmp_path, "exp", now=NOW)
+    (first / "marker").write_text("first run")
+
+    second = create_run_dir(tmp_path, "exp", now=NOW)
+    third = create_run_dir(tmp_path, "exp", now=NOW)
+
+    assert second == tmp_path / "exp-20240309-070503-2"
+    assert third == tmp_path / "exp-20240309-070503-3"
+    assert files_in(second) == [] and files_in(third) == []
+    assert (first / "marker").read_text() == "first run"
+
+
+def test_create_run_dir_uses_current_time_by_default(tmp_path: Path) -> None:
+    before = datetime.now().replace(microsecond=0)
+    path = create_run_dir(tmp_path, "now")
+    after = datetime.now()
+
+    stamp = datetime.strptime(path.name.removeprefix("now-"), "%Y%m%d-%H%M%S")
+    assert before <= stamp <= after
+
+
+def test_claim_run_dir_creates_a_new_folder(tmp_path: Path) -> None:
+    target = tmp_path / "nested" / "my-run"
+
+    assert claim_run_dir(target) == target
+    assert target.is_dir()
+
+
+@pytest.mark.parametrize("make", ["folder", "file"])
+def test_claim_run_dir_refuses_an_existing_path(tmp_path: Path, make: str) -> None:
+    target = tmp_path / "taken"
+    if make == "folder":
+        target.mkdir()
+        (target / "config.yaml").write_text("keep me")
+    else:
+        target.write_text("keep me")
+
+    with pytest.raises(CheckpointError, match="already exists") as info:
+        claim_run_dir(target)
+
+    assert str(target) in str(info.value)
+    assert (target / "config.yaml" if make == "folder" else target).read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_writes_leave_only_the_target_file(tmp_path: Path) -> None:
+    atomic_write_bytes(tmp_path / "sub" / "blob.bin", b"\x00\x01")
+    atomic_write_text(tmp_path / "sub" / "note.txt", "héllo\n")
+    atomic_write_json(tmp_path / "sub" / "data.json", {"when": NOW, "n": 1})
+
+    assert files_in(tmp_path / "sub") == ["blob.bin", "data.json", "note.txt"]
+    assert (tmp_path / "sub" / "blob.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "sub" / "note.txt").read_text(encoding="utf-8") == "héllo\n"
+    assert json.loads((tmp_path / "sub" / "data.json").read_text()) == {"when": str(NOW), "n": 1}
+
+
+def test_atomic_write_replaces_previous_content(tmp_path: Path) -> None:
+    target = tmp_path / "value.txt"
+    atomic_write_text(target, "a much longer first version\n")
+    atomic_write_text(target, "short\n")
+
+    assert target.read_text() == "short\n"
+    assert files_in(tmp_path) == ["value.txt"]
+
+
+def test_failed_replace_keeps_previous_file_and_removes_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"version": 1})
+
+    def broken_replace(source: str | Path, destination: str | Path) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_json(target, {"version": 2})
+
+    assert json.loads(target.read_text()) == {"version": 1}
+    assert files_in(tmp_path) == ["summary.json"]
+
+
+def test_failed_write_keeps_previous_file_and_removes_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "metrics.csv"
+    atomic_write_text(target, "old\n")
+
+    def broken_fsync(fd: int) -> None:
+        raise KeyboardInterrupt  # interrupted mid-write: not even an Exception
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, "new\n")
+
+    assert target.read_text() == "old\n"
+    assert files_in(tmp_path) == ["metrics.csv"]
+
+
+def test_atomic_writes_honour_the_umask(tmp_path: Path) -> None:
+    """Run files get the permissions a plain open() would give them, not the 0600 of a temp file."""
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "name: x\n")
+    finally:
+        os.umask(previous)
+
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------- RunDir json and metrics
+
+
+def test_write_json_and_read_json_round_trip(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.write_json("classes.json", ["chat", "собака"])
+
+    assert run.read_json("classes.json") == ["chat", "собака"]
+
+
+def test_read_json_of_a_missing_file_says_not_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no summary.json: not a transferctl run directory") as info:
+        RunDir(tmp_path).read_json("summary.json")
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b'{"best": 0.9,', b"", b"\xff\xfe\x00garbage"])
+def test_read_json_of_a_damaged_file_is_refused(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "summary.json").write_bytes(content)
+
+    with pytest.raises(CheckpointError, match="damaged JSON") as info:
+        RunDir(tmp_path).read_json("summary.json")
+    assert str(tmp_path / "summary.json") in str(info.value)
+
+
+def test_write_metrics_writes_jsonl_and_csv(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    rows = [metric_row(1), metric_row(2, note="not a column")]
+
+    run.write_metrics(rows)
+
+    assert run.metrics() == rows
+    with (tmp_path / "metrics.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == METRIC_COLUMNS
+        table = list(reader)
+    assert [row["epoch"] for row in table] == ["1", "2"]
+    assert float(table[1]["val_acc"]) == pytest.approx(0.7)
+
+
+def test_write_metrics_rewrites_without_duplicate_rows(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    rows = [metric_row(1)]
+    run.write_metrics(rows)
+    rows.append(metric_row(2))
+    run.write_metrics(rows)
+    run.write_metrics(rows)
+
+    assert [row["epoch"] for row in run.metrics()] == [1, 2]
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(METRIC_COLUMNS)
+    assert len(lines) == 3
+    assert files_in(tmp_path) == ["metrics.csv", "metrics.jsonl"]
+
+
+def test_write_metrics_leaves_missing_columns_empty(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.write_metrics([{"phase": "head", "epoch": 1}])
+
+    with (tmp_path / "metrics.csv").open(newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["phase"] == "head" and row["val_loss"] == ""
+
+
+def test_metrics_of_a_run_without_metrics_is_empty(tmp_path: Path) -> None:
+    assert RunDir(tmp_path).metrics() == []
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_save_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    payload = valid_checkpoint()
+
+    path = run.save_checkpoint("best", payload)
+
+    assert path == tmp_path / "checkpoints" / "best.pt"
+    assert files_in(tmp_path / "checkpoints") == ["best.pt"]
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert loaded["classes"] == ["cat", "dog"] and loaded["epoch"] == 3
+    assert torch.equal(loaded["model"]["fc.weight"], payload["model"]["fc.weight"])
+
+
+def test_load_run_checkpoint_reads_best_and_last(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.save_checkpoint("best", {**valid_checkpoint(), "epoch": 2})
+    run.save_checkpoint("last", {**valid_checkpoint(), "epoch": 5})
+
+    assert load_run_checkpoint(tmp_path)["epoch"] == 2
+    assert load_run_checkpoint(tmp_path, "last")["epoch"] == 5
+    assert load_run_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "last.pt"))["epoch"] == 5
+
+
+def test_checkpoint_file_resolves_names_and_paths(tmp_path: Path) -> None:
+    assert checkpoint_file(tmp_path, "best") == tmp_path / "checkpoints" / "best.pt"
+    assert checkpoint_file(tmp_path, "last") == tmp_path / "checkpoints" / "last.pt"
+    assert checkpoint_file(tmp_path, "/elsewhere/x.pt") == Path("/elsewhere/x.pt")
+
+
+def test_load_run_checkpoint_of_a_missing_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        load_run_checkpoint(tmp_path / "missing")
+
+
+def test_load_run_checkpoint_without_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint at") as info:
+        load_run_checkpoint(tmp_path, "last", where="--run")
+    assert info.value.problems[0].where == "--run"
+    assert str(tmp_path / "checkpoints" / "last.pt") in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [{"weights": torch.zeros(1)}, {"model": {}}, [torch.zeros(1)], torch.zeros(2)])
+def test_load_run_checkpoint_of_a_foreign_file_is_refused(tmp_path: Path, payload: Any) -> None:
+    path = tmp_path / "checkpoints" / "best.pt"
+    path.parent.mkdir()
+    torch.save(payload, path)
+
+    with pytest.raises(CheckpointError, match="not a transferctl checkpoint"):
+        load_run_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello, this is a text file", b"PK\x03\x04 truncated zip", b"\x80\x02}q\x00(X\x01"],
+    ids=["empty", "text", "truncated-zip", "truncated-pickle"],
+)
+def test_load_run_checkpoint_of_a_damaged_file_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "checkpoints" / "best.pt"
+    path.parent.mkdir()
+    path.write_bytes(content)
+
+    with pytest.raises(CheckpointError) as info:
+        load_run_checkpoint(tmp_path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_real_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = RunDir(tmp_path).save_checkpoint("best", valid_checkpoint())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_run_checkpoint(tmp_path)
+
+
+def test_malicious_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:
+    """The payload used below is live: plain pickle runs it. So its refusal below means something."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(RunsCode(marker)))
+
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    payload = {"model": RunsCode(marker), "classes": ["cat", "dog"]}
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with path.open("wb") as handle:
+            pickle.dump(payload, handle, protocol=2)
+
+    with pytest.raises(CheckpointError, match="refused to load") as info:
+        load_run_checkpoint(tmp_path / "run")
+
+    assert str(path) in str(info.value)
+    assert not marker.exists()

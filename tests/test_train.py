@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import experiment
+from transferctl.config import config_from_dict
+from transferctl.errors import CheckpointError, WeightsError
+from transferctl.train import describe, prepare, train
+
+
+def test_a_run_directory_holds_everything_it_promises(tiny_split_data: Path, tmp_path: Path) -> None:
+    summary = train(config_from_dict(experiment(tiny_split_data, tmp_path / "runs")))
+    run = Path(summary["run_dir"])
+    assert run.parent == tmp_path / "runs" and run.name.startswith("tiny-")
+    for name in ("config.yaml", "classes.json", "env.json", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "classes.json").read_text()) == ["blue", "green", "red"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [("head", 1), ("body", 1)]
+    assert {"lr_head", "lr_backbone", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_second"} <= rows[0].keys()
+    with (run / "metrics.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    env = json.loads((run / "env.json").read_text())
+    assert env["device"] == "cpu" and env["precision"] == "fp32" and "torch" in env
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["schedule"][1]["backbone_lr_mult"] == 0.1
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_checkpoints_load_with_weights_only(tiny_split_data: Path, tmp_path: Path) -> None:
+    summary = train(config_from_dict(experiment(tiny_split_data, tmp_path / "runs")))
+    last = torch.load(summary["checkpoints"]["last"], weights_only=True)
+    best = torch.load(summary["checkpoints"]["best"], weights_only=True)
+    assert last["phase_index"] == 1 and last["epoch"] == 1 and "optimizer" in last
+    assert best["classes"] == last["classes"]
+    assert best["model"]["fc.weight"].shape[0] == 3
+
+
+def test_flat_layout_trains(tiny_flat_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_flat_data, tmp_path / "runs", strategy="scratch", schedule=[{"name": "all", "epochs": 1, "train": "all", "lr": 0.01}])
+    summary = train(config_from_dict(raw))
+    assert summary["epochs"] == 1 and summary["strategy"] == "scratch"
+
+
+def test_tiny_separable_data_is_learned(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "runs", strategy="scratch", schedule=[{"name": "all", "epochs": 6, "train": "all", "lr": 1e-3}])
+    summary = train(config_from_dict(raw))
+    assert summary["best_val_acc"] == pytest.approx(1.0)
+
+
+def test_feature_extract_keeps_the_whole_body_as_loaded(tiny_split_data: Path, tmp_path: Path) -> None:
+    base = train(config_from_dict(experiment(tiny_split_data, tmp_path / "base")))
+    raw = experiment(tiny_split_data, tmp_path / "target", strategy="feature_extract", schedule=[{"name": "head", "epochs": 2, "train": "head", "lr": 0.01}])
+    raw["backbone"]["weights"] = "run:" + base["run_dir"]
+    target = train(config_from_dict(raw))
+    before = torch.load(base["checkpoints"]["best"], weights_only=True)["model"]
+    after = torch.load(target["checkpoints"]["last"], weights_only=True)["model"]
+    for name, tensor in before.items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, after[name]), f"{name} moved under feature_extract"
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_run_weights_must_match_the_backbone(tiny_split_data: Path, tmp_path: Path) -> None:
+    base = train(config_from_dict(experiment(tiny_split_data, tmp_path / "base")))
+    raw = experiment(tiny_split_data, tmp_path / "target")
+    raw["backbone"] = {"name": "resnet34", "weights": "run:" + base["run_dir"]}
+    with pytest.raises(WeightsError, match="trained a resnet18"):
+        prepare(config_from_dict(raw))
+
+
+def test_run_weights_from_a_missing_run_is_a_user_error(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "target")
+    raw["backbone"]["weights"] = "run:" + str(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        prepare(config_from_dict(raw))
+
+
+def test_an_existing_run_dir_is_never_overwritten(tiny_split_data: Path, tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        train(config_from_dict(experiment(tiny_split_data, tmp_path / "runs")), run_dir=target)
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_early_stopping_ends_a_phase_after_patience(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(
+        tiny_split_data, tmp_path / "runs", strategy="scratch",
+        schedule=[{"name": "all", "epochs": 8, "train": "all", "lr": 1e-9}],
+        early_stopping={"metric": "val_loss", "patience": 1},
+    )  # fmt: skip
+    summary = train(config_from_dict(raw))
+    assert summary["epochs"] < 8
+
+
+def test_describe_shows_each_phase(tiny_split_data: Path, tmp_path: Path) -> None:
+    plan = describe(prepare(config_from_dict(experiment(tiny_split_data, tmp_path / "runs"))))
+    assert [p["phase"] for p in plan["phases"]] == ["head", "body"]
+    head, body = plan["phases"]
+    assert head["train"] == ["head"] and head["trainable_params"] == 512 * 3 + 3
+    assert body["lr"]["layer1"] == pytest.approx(body["lr"]["head"] * 0.1)
+    assert plan["data"]["train"] == 12 and plan["data"]["classes"] == ["blue", "green", "red"]
