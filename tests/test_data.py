@@ -477,3 +477,12 @@ def test_resolve_workers_auto_for_large_datasets(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
 
     assert resolve_workers("auto", 512) == expected
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    image = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a portrait phone photo stored landscape
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif)
+    assert open_rgb(path).size == (20, 40)

@@ -123,12 +123,13 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 
 
 def open_rgb(path: Path) -> Any:
-    """Decode any image mode (grayscale, RGBA, palette, 16-bit, CMYK) into 8-bit RGB."""
-    from PIL import Image
+    """Decode any image mode (grayscale, RGBA, palette, 16-bit, CMYK) into upright 8-bit RGB."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image.load()
-        return to_rgb(image)
+        # Phones store photos sideways with an EXIF rotation tag; the network must see them upright.
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Any) -> Any:
