@@ -1,67 +1,13 @@
-"""The command line: one thin function per command. Only this module prints or chooses exit codes.
-
-Human text goes to stderr, machine output (--json, JSON Lines) to stdout. torch is imported inside the
-commands that need it, so `--help` and the instant commands start fast.
-"""
+"""train and check: run an experiment file, or validate it and show the plan."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 
-from transferctl import __version__
-from transferctl.errors import TransferctlError
-
-app = typer.Typer(
-    name="transferctl",
-    help="Transfer learning for image classification: one YAML file, one command.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-EXIT_USER_ERROR = 1
-EXIT_INTERRUPTED = 130
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"transferctl {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-) -> None:
-    """Transfer learning for image classification: one YAML file, one command."""
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """User mistakes become one line per problem and exit 1; bugs keep their traceback."""
-    try:
-        yield
-    except TransferctlError as exc:
-        for problem in exc.problems:
-            err.print(f"[bold red]error:[/] {problem}", soft_wrap=True, markup=True, highlight=False)
-        raise typer.Exit(EXIT_USER_ERROR) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
+from transferctl.cli import app, err, print_json, user_errors
 
 ConfigArg = typer.Argument(..., exists=False, dir_okay=False, help="The experiment YAML file.")
 SetOption = typer.Option(None, "--set", help="Override a field: --set data.batch_size=16 (repeatable).")
@@ -117,7 +63,3 @@ def check(
     from transferctl.progress import render_plan
 
     err.print(render_plan(plan))
-
-
-def main() -> None:
-    app()

@@ -1,0 +1,79 @@
+"""The command line: one thin function per command. Only this package prints or chooses exit codes.
+
+Human text goes to stderr, machine output (--json, JSON Lines) to stdout. torch is imported inside the
+commands that need it, so `--help` and the instant commands start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from transferctl import __version__
+from transferctl.errors import TransferctlError
+
+app = typer.Typer(
+    name="transferctl",
+    help="Transfer learning for image classification: one YAML file, one command.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"transferctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Transfer learning for image classification: one YAML file, one command."""
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """User mistakes become one line per problem and exit 1; bugs keep their traceback."""
+    try:
+        yield
+    except TransferctlError as exc:
+        for problem in exc.problems:
+            err.print(f"[bold red]error:[/] {escape(str(problem))}")
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _register_commands() -> None:
+    """Each module of this package adds its commands to `app`; importing them is cheap (no torch)."""
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_register_commands()
+
+
+def main() -> None:
+    app()
