@@ -1,0 +1,59 @@
+"""evaluate: score a trained run on a split, write eval/<split>.json and a confusion-matrix plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from transferctl.cli import app, err, print_json, user_errors
+
+RunDirArg = typer.Argument(..., file_okay=False, help="A run directory written by `transferctl train`.")
+CheckpointOption = typer.Option("best", "--checkpoint", help="best | last | path to a checkpoint file.")
+DeviceOption = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps.")
+PrecisionOption = typer.Option("fp32", "--precision", help="fp32 (exact) | bf16 | fp16 | auto (as in training).")
+BatchSizeOption = typer.Option(None, "--batch-size", min=1, help="Images per batch (default: the run's data.batch_size).")
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = RunDirArg,
+    checkpoint: str = CheckpointOption,
+    data: Optional[Path] = typer.Option(None, "--data", help="Another class-per-folder tree with the run's classes (default: the run's own data)."),
+    split: Optional[str] = typer.Option(None, "--split", help="val | test | train | all (default: test if the data has one, else val)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout."),
+    batch_size: Optional[int] = BatchSizeOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+) -> None:
+    """Accuracy, per-class precision/recall/F1, confusion matrix and calibration of a trained run."""
+    from transferctl.evaluate import SPLIT_CHOICES, evaluate_run
+
+    if split is not None and split not in SPLIT_CHOICES:
+        raise typer.BadParameter(f"'{split}' is not one of {', '.join(SPLIT_CHOICES)}", param_hint="--split")
+    with user_errors():
+        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision)
+    if as_json:
+        print_json(result.report)
+    else:
+        err.print(render_report(result.report))
+    err.print(f"wrote {result.json_path} and {result.png_path}", markup=False)
+
+
+def render_report(report: dict[str, Any]) -> Table:
+    """Headline numbers in the caption, then one row per class."""
+    top5 = report["top5_accuracy"]
+    caption = (
+        f"accuracy {report['accuracy']:.4f}" + (f"   top-5 {top5:.4f}" if top5 is not None else "")
+        + f"   loss {report['loss']:.4f}   macro F1 {report['macro_f1']:.4f}   weighted F1 {report['weighted_f1']:.4f}"
+        + f"   ECE {report['ece']:.4f}"
+    )
+    table = Table(title=f"{report['run_dir']}: {report['split']} ({report['images']} images)", caption=caption, caption_justify="left")
+    table.add_column("class")
+    for column in ("precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right")
+    for row in report["per_class"]:
+        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    return table

@@ -1,0 +1,61 @@
+"""predict: label image files with a trained run; JSON Lines on stdout, one line per input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from transferctl.cli import app, err, user_errors
+from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg
+
+
+@app.command()
+def predict(
+    run_dir: Path = RunDirArg,
+    paths: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' alone reads paths from stdin, one per line."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="How many of the most likely classes each line lists."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first file that cannot be read."),
+    checkpoint: str = CheckpointOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+) -> None:
+    """Print {"path", "label", "score", "top"} per image as JSON Lines; unreadable files get {"path", "error"}."""
+    from transferctl.predict import expand_paths, load_predictor, read_path_lines
+
+    if not paths:
+        raise typer.BadParameter("give image files or folders, or '-' to read paths from stdin", param_hint="PATHS")
+    if "-" in paths and len(paths) > 1:
+        raise typer.BadParameter("'-' (read paths from stdin) must be the only path", param_hint="PATHS")
+    failed = done = 0
+    with user_errors():
+        predictor = load_predictor(run_dir, checkpoint, device, precision, top_k)
+        inputs = read_path_lines(sys.stdin) if paths == ["-"] else iter(paths)
+        for record in predictor.predict(expand_paths(inputs), batch_size):
+            _write_line(record)
+            done += 1
+            if "error" in record:
+                failed += 1
+                err.print(f"[bold red]error:[/] {escape(record['path'])}: {escape(record['error'])}")
+                if strict:
+                    err.print("stopped at the first unreadable file (--strict)")
+                    break
+    if failed:
+        err.print(f"{failed} of {done} inputs could not be read")
+        raise typer.Exit(1)
+
+
+def _write_line(record: dict[str, object]) -> None:
+    try:
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()  # one line at a time: the next command in the pipeline starts at once
+    except BrokenPipeError:
+        # The reader (`head`, a closed jq) took what it wanted; stop quietly, as `rg` and `sort` do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None

@@ -1,0 +1,46 @@
+"""runs: the runs in a folder, finished or not, as a table or JSON. Never imports torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from transferctl.cli import app, err, print_json, user_errors
+
+
+@app.command()
+def runs(
+    folder: Path = typer.Argument(Path("runs"), file_okay=False, help="A folder of run directories (an experiment's output.dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as one JSON list on stdout."),
+) -> None:
+    """List runs: name, backbone, strategy, best val accuracy, epochs, date, status."""
+    from transferctl.runs import list_runs
+
+    with user_errors():
+        found = list_runs(folder)
+    if as_json:
+        print_json([run.to_dict() for run in found])
+        return
+    if not found:
+        err.print(f"no runs in {folder}", markup=False)
+        return
+    # In a pipe or log Rich assumes 80 columns and would fold every cell; let the lines be long instead.
+    console = err if err.is_terminal else Console(stderr=True, highlight=False, width=240)
+    console.print(render_runs(found))
+
+
+def render_runs(found: list[Any]) -> Table:
+    table = Table(title=f"{len(found)} runs (val acc: the best epoch's)")
+    for column in ("name", "backbone", "strategy", "val acc", "epochs", "started", "eval acc", "status"):
+        table.add_column(column, justify="right" if column in ("val acc", "epochs") else "left", overflow="fold")
+    for run in found:
+        accuracy = f"{run.best_val_acc:.4f}" if isinstance(run.best_val_acc, (int, float)) else "-"
+        evaluations = " ".join(f"{split}:{acc:.3f}" for split, acc in run.evaluations.items()) or "-"
+        status = run.status if run.status == "finished" else f"[yellow]{run.status}[/]"
+        table.add_row(run.name, run.backbone or "?", run.strategy or "?", accuracy, str(run.epochs if run.epochs is not None else "-"),
+                      (run.date or "?").replace("T", " ")[:16], evaluations, status)  # fmt: skip
+    return table

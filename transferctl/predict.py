@@ -1,0 +1,124 @@
+"""predict: class probabilities for image files, one record per input, in input order.
+
+Inputs stream through: paths are read lazily (a `find | transferctl predict RUN -` pipeline produces its
+first lines before `find` ends), decoded one by one, and run through the model a batch at a time. A file
+that cannot be decoded becomes an error record in its place; it never stops the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from transferctl.data import list_images, open_rgb
+
+DEFAULT_TOP_K = 5
+
+
+def read_path_lines(stream: TextIO) -> Iterator[str]:
+    """One path per line (as `find` writes them); blank lines are skipped, the rest kept verbatim."""
+    for line in stream:
+        path = line.rstrip("\r\n")
+        if path.strip():
+            yield path
+
+
+def expand_paths(paths: Iterable[str]) -> Iterator[str]:
+    """Files as given; a folder becomes the images below it, sorted."""
+    for path in paths:
+        if Path(path).is_dir():
+            yield from (str(image) for image in list_images(Path(path)))
+        else:
+            yield path
+
+
+def decode_error(path: str, exc: BaseException) -> str:
+    """A short, path-free reason why a file could not be read as an image."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (or a format Pillow cannot read)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot decode: {text.replace(path, '').strip(' :')[:200] or type(exc).__name__}"
+
+
+@dataclass
+class _Pending:
+    path: str
+    image: Any = None  # the transformed tensor, or None when decoding failed
+    error: str | None = None
+
+
+class Predictor:
+    """A trained model ready to label images; yields one dict per input path."""
+
+    def __init__(self, model: Any, classes: list[str], transform: Any, runtime: Any, top_k: int = DEFAULT_TOP_K) -> None:
+        self.model = model
+        self.classes = classes
+        self.transform = transform
+        self.runtime = runtime
+        self.top_k = max(1, min(top_k, len(classes)))
+
+    def predict(self, paths: Iterable[str], batch_size: int) -> Iterator[dict[str, Any]]:
+        pending: list[_Pending] = []
+        decoded = 0
+        for path in paths:
+            item = self._decode(path)
+            pending.append(item)
+            decoded += item.error is None
+            if decoded >= batch_size:
+                yield from self._flush(pending)
+                pending, decoded = [], 0
+        yield from self._flush(pending)
+
+    def _decode(self, path: str) -> _Pending:
+        from PIL import Image
+
+        try:
+            return _Pending(path, image=self.transform(open_rgb(Path(path))))
+        # Everything Pillow raises for a file it cannot decode; a bug elsewhere still surfaces.
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            return _Pending(path, error=decode_error(path, exc))
+
+    def _flush(self, pending: list[_Pending]) -> Iterator[dict[str, Any]]:
+        import torch
+
+        from transferctl.engine import predict_logits
+
+        images = [item.image for item in pending if item.error is None]
+        probabilities = None
+        if images:
+            batch = torch.stack(images)
+            logits, _ = predict_logits(self.model, [(batch, torch.zeros(len(images), dtype=torch.long))], self.runtime)
+            probabilities = torch.softmax(logits, dim=1)
+        row = 0
+        for item in pending:
+            if item.error is not None:
+                yield {"path": item.path, "error": item.error}
+                continue
+            assert probabilities is not None
+            yield self._record(item.path, probabilities[row])
+            row += 1
+
+    def _record(self, path: str, probabilities: Any) -> dict[str, Any]:
+        import torch
+
+        scores, indices = torch.topk(probabilities, self.top_k)
+        top = [[self.classes[int(i)], round(float(s), 6)] for s, i in zip(scores, indices)]
+        return {"path": path, "label": top[0][0], "score": top[0][1], "top": top}
+
+
+def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int) -> Predictor:
+    from transferctl.inference import eval_transform, inference_runtime, load_trained_model
+
+    model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
+    model, runtime = inference_runtime(model, device, precision)
+    return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k)

@@ -1,0 +1,143 @@
+"""What is in a folder of runs: one row per run directory, read from the files `train` wrote.
+
+No torch here: `transferctl runs` must answer instantly. A run without summary.json is still training or
+was interrupted; it is listed as unfinished with what its metrics say so far, and a damaged file marks
+its run as damaged instead of stopping the listing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transferctl.config import ExperimentConfig, config_from_dict
+from transferctl.errors import CheckpointError, DataError, Problem
+
+RUN_MARKERS = ("config.yaml", "summary.json")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    path: str
+    name: str
+    status: str  # finished | unfinished | damaged
+    backbone: str | None = None
+    weights: str | None = None
+    strategy: str | None = None
+    best_val_acc: float | None = None
+    epochs: int | None = None
+    date: str | None = None
+    evaluations: dict[str, float] = field(default_factory=dict)  # split -> accuracy, from eval/<split>.json
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_run_config(run_dir: Path) -> ExperimentConfig:
+    """The resolved experiment a run was trained with (its config.yaml), validated."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(Problem(str(run_dir), "no config.yaml: not a transferctl run directory", "pass a folder that `transferctl train` wrote"))
+    raw = _read_yaml_mapping(path)
+    if raw is None:
+        raise CheckpointError(Problem(str(path), "damaged: not a YAML mapping", "restore it from the checkpoint's 'config' entry"))
+    return config_from_dict(raw, source=str(path))
+
+
+def list_runs(folder: Path) -> list[RunInfo]:
+    """Every run directory directly inside folder, oldest first."""
+    if not folder.is_dir():
+        raise DataError(Problem(str(folder), "no such folder of runs", "pass the output.dir of your experiments; the default is runs"))
+    runs = [describe_run(path) for path in sorted(folder.iterdir()) if is_run_dir(path)]
+    return sorted(runs, key=lambda run: (run.date or "", run.name))
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in RUN_MARKERS)
+
+
+def describe_run(run_dir: Path) -> RunInfo:
+    config = _read_yaml_mapping(run_dir / "config.yaml") or {}
+    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
+    common: dict[str, Any] = {
+        "path": str(run_dir),
+        "name": run_dir.name,
+        "backbone": backbone.get("name"),
+        "weights": backbone.get("weights"),
+        "strategy": config.get("strategy"),
+        "date": _start_date(run_dir),
+        "evaluations": _evaluations(run_dir),
+    }
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = _read_json_mapping(summary_path)
+        if summary is None:
+            return RunInfo(status="damaged", note=f"{summary_path} is not valid JSON", **common)
+        common["backbone"] = summary.get("backbone", common["backbone"])
+        common["strategy"] = summary.get("strategy", common["strategy"])
+        return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
+    rows = _metric_rows(run_dir / "metrics.jsonl")
+    accuracies = [row["val_acc"] for row in rows if isinstance(row.get("val_acc"), (int, float))]
+    return RunInfo(
+        status="unfinished",
+        best_val_acc=max(accuracies) if accuracies else None,
+        epochs=len(rows),
+        note="no summary.json: still training or interrupted",
+        **common,
+    )
+
+
+def _start_date(run_dir: Path) -> str | None:
+    """config.yaml is written when training starts."""
+    for name in ("config.yaml", "summary.json"):
+        path = run_dir / name
+        if path.is_file():
+            return datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+    return None
+
+
+def _evaluations(run_dir: Path) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        report = _read_json_mapping(path)
+        if report is not None and isinstance(report.get("accuracy"), (int, float)):
+            found[path.stem] = report["accuracy"]
+    return found
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any] | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_json_mapping(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _metric_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
