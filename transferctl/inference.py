@@ -20,7 +20,7 @@ from transferctl.config import BackboneConfig
 from transferctl.data import build_transform
 from transferctl.engine import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
-from transferctl.rundir import checkpoint_file, load_run_checkpoint
+from transferctl.rundir import CHECKPOINTS, checkpoint_file, load_run_checkpoint
 
 
 class TrainedModel(NamedTuple):
@@ -34,6 +34,9 @@ class TrainedModel(NamedTuple):
 def load_trained_model(run_dir: Path, checkpoint: str = "best") -> TrainedModel:
     """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file."""
     where = str(checkpoint_file(run_dir, checkpoint))
+    if checkpoint in ("best", "last") and run_dir.is_dir() and not (run_dir / CHECKPOINTS).is_dir():
+        raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
+                                      "pass a folder that `transferctl train` wrote"))
     payload = load_run_checkpoint(run_dir, checkpoint)
     classes = [str(name) for name in payload["classes"]]
     try:

@@ -11,12 +11,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from transferctl.config import ExperimentConfig, config_from_dict
 from transferctl.errors import CheckpointError, DataError, Problem
+
+if TYPE_CHECKING:
+    from transferctl.config import ExperimentConfig
 
 RUN_MARKERS = ("config.yaml", "summary.json")
 
@@ -41,6 +43,8 @@ class RunInfo:
 
 def read_run_config(run_dir: Path) -> ExperimentConfig:
     """The resolved experiment a run was trained with (its config.yaml), validated."""
+    from transferctl.config import config_from_dict  # pydantic: not needed just to list runs
+
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise CheckpointError(Problem(str(run_dir), "no config.yaml: not a transferctl run directory", "pass a folder that `transferctl train` wrote"))

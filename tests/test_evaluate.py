@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from runs_helpers import constant_run, train_tiny_run
+from transferctl.cli import app
+from transferctl.evaluate import calibration_bins, compute_metrics, expected_calibration_error
+from transferctl.synthetic import tiny_dataset
+
+runner = CliRunner()
+
+# Seven classes (sorted folder names) and a head that outputs these logits for every image.
+SEVEN = ["blue", "cyan", "green", "orange", "purple", "red", "yellow"]
+LOGITS = [0.5, 2.0, 0.0, 1.0, -1.0, 0.2, -0.5]  # argmax cyan; top 5 leave out purple and yellow
+
+NUMBER = {"type": "number"}
+REPORT_SCHEMA = {
+    "type": "object",
+    "required": [
+        "run_dir", "checkpoint", "data_root", "split", "classes", "images", "accuracy", "top5_accuracy", "loss",
+        "macro_f1", "weighted_f1", "ece", "per_class", "confusion_matrix", "calibration", "confusion_png",
+    ],
+    "properties": {
+        "split": {"enum": ["val", "test", "train", "all"]},
+        "classes": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "images": {"type": "integer", "minimum": 1},
+        "accuracy": NUMBER, "loss": NUMBER, "macro_f1": NUMBER, "weighted_f1": NUMBER, "ece": NUMBER,
+        "top5_accuracy": {"type": ["number", "null"]},
+        "per_class": {"type": "array", "items": {
+            "type": "object", "required": ["class", "precision", "recall", "f1", "support"],
+            "properties": {"class": {"type": "string"}, "precision": NUMBER, "recall": NUMBER, "f1": NUMBER, "support": {"type": "integer"}},
+        }},
+        "confusion_matrix": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+        "calibration": {"type": "array", "minItems": 15, "maxItems": 15, "items": {
+            "type": "object", "required": ["lower", "upper", "count", "accuracy", "confidence"],
+        }},
+    },
+}  # fmt: skip
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer's Result
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def seven_class_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 classes, 6 images each, except cyan with 3 (three of its train images removed)."""
+    root = tiny_dataset(tmp_path_factory.mktemp("seven") / "data", n_classes=7, layout="split", test=True)
+    for path in sorted((root / "train" / "cyan").iterdir())[:3]:
+        path.unlink()
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on arrays, against hand-computed values
+
+
+def test_ece_of_a_hand_computed_case() -> None:
+    confidence = np.array([0.95, 0.95, 0.62, 0.61, 0.25])
+    correct = np.array([True, False, True, True, False])
+    bins = calibration_bins(confidence, correct)
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == 5
+    # Bins of width 1/15: 0.95 -> (14/15, 1], 0.62 and 0.61 -> (9/15, 10/15], 0.25 -> (3/15, 4/15].
+    assert [i for i, b in enumerate(bins) if b["count"]] == [3, 9, 14]
+    expected = 2 / 5 * abs(0.5 - 0.95) + 2 / 5 * abs(1.0 - 0.615) + 1 / 5 * abs(0.0 - 0.25)
+    assert expected_calibration_error(bins) == pytest.approx(expected) == pytest.approx(0.384)
+
+
+def test_ece_puts_certainty_in_the_last_bin_and_is_zero_when_calibrated() -> None:
+    bins = calibration_bins(np.array([1.0, 1.0, 0.5, 0.5]), np.array([True, True, True, False]))
+    assert bins[-1]["count"] == 2 and bins[7]["count"] == 2  # 0.5 is in (7/15, 8/15]
+    assert expected_calibration_error(bins) == pytest.approx(0.0)
+
+
+def test_metrics_of_a_hand_computed_case() -> None:
+    classes = ["a", "b", "c"]
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
+    labels = np.array([0, 1, 1, 2])
+    report = compute_metrics(logits, labels, classes)
+    assert report["accuracy"] == pytest.approx(0.75)
+    assert report["top5_accuracy"] is None  # only 3 classes
+    assert report["loss"] == pytest.approx(-(math.log(0.7) + math.log(0.8) + math.log(0.3) + math.log(0.6)) / 4)
+    assert report["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    a, b, c = report["per_class"]
+    assert (a["precision"], a["recall"], a["support"]) == (pytest.approx(0.5), pytest.approx(1.0), 1)
+    assert (b["precision"], b["recall"], b["f1"], b["support"]) == (pytest.approx(1.0), pytest.approx(0.5), pytest.approx(2 / 3), 2)
+    assert c["f1"] == pytest.approx(1.0)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1.0) / 3)
+    assert report["weighted_f1"] == pytest.approx((2 / 3 * 1 + 2 / 3 * 2 + 1.0 * 1) / 4)
+
+
+def test_top5_accuracy_when_there_are_more_than_five_classes() -> None:
+    logits = np.tile(np.arange(7, dtype=float), (2, 1))  # class 6 most likely, 0 and 1 outside the top 5
+    report = compute_metrics(logits, np.array([0, 2]), [str(i) for i in range(7)])
+    assert report["accuracy"] == 0.0 and report["top5_accuracy"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command on runs whose predictions are known
+
+
+def test_evaluate_json_numbers_of_a_run_with_known_predictions(trained: Path, seven_class_data: Path, tmp_path: Path) -> None:
+    run = constant_run(trained, tmp_path / "constant", SEVEN, LOGITS)
+    result = invoke("evaluate", run, "--data", seven_class_data, "--split", "all", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+    jsonschema.validate(report, REPORT_SCHEMA)
+
+    p = np.exp(LOGITS) / np.exp(LOGITS).sum()
+    support = {name: (3 if name == "cyan" else 6) for name in SEVEN}
+    n = sum(support.values())
+    assert report["images"] == n == 39 and report["classes"] == SEVEN
+    assert report["accuracy"] == pytest.approx(3 / 39)
+    assert report["top5_accuracy"] == pytest.approx((3 + 4 * 6) / 39)
+    assert report["loss"] == pytest.approx(sum(-math.log(p[i]) * support[c] for i, c in enumerate(SEVEN)) / n, rel=1e-5)
+    assert report["ece"] == pytest.approx(abs(3 / 39 - p[1]), rel=1e-5)
+    assert report["confusion_matrix"] == [[0, support[c], 0, 0, 0, 0, 0] for c in SEVEN]
+    cyan = report["per_class"][1]
+    assert (cyan["precision"], cyan["recall"], cyan["f1"]) == (pytest.approx(3 / 39), 1.0, pytest.approx(1 / 7))
+    assert all(row["f1"] == 0.0 for row in report["per_class"] if row["class"] != "cyan")
+    assert report["macro_f1"] == pytest.approx(1 / 49) and report["weighted_f1"] == pytest.approx(1 / 91)
+
+    assert json.loads((run / "eval" / "all.json").read_text()) == report
+    png = run / "eval" / "all-confusion.png"
+    assert Path(report["confusion_png"]) == png
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
+        colours = len(image.convert("RGB").getcolors(maxcolors=1 << 24) or [])
+    assert colours > 50  # a heat map with text and a colour bar, not a blank canvas
+
+
+def test_evaluate_on_the_validation_split_reproduces_training(trained: Path) -> None:
+    """The best checkpoint scored on val must give the val metrics training recorded for it."""
+    summary = json.loads((trained / "summary.json").read_text())
+    result = invoke("evaluate", trained, "--split", "val", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["split"] == "val" and report["images"] == 3
+    assert report["accuracy"] == pytest.approx(summary["best_val_acc"], abs=1e-6)
+    assert report["loss"] == pytest.approx(summary["best_val_loss"], rel=1e-4)
+
+
+def test_evaluate_defaults_to_test_split_and_prints_a_table(trained: Path) -> None:
+    result = invoke("evaluate", trained, "--device", "cpu", "--checkpoint", "last")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "precision" in result.stderr and "macro F1" in result.stderr and "red" in result.stderr
+    report = json.loads((trained / "eval" / "test.json").read_text())
+    assert report["split"] == "test" and report["checkpoint"].endswith("last.pt")
+    assert (trained / "eval" / "test-confusion.png").stat().st_size > 5000
+
+
+def test_a_data_tree_with_other_classes_is_refused(trained: Path, tmp_path: Path) -> None:
+    other = tiny_dataset(tmp_path / "other", n_classes=4, layout="flat")  # red, green, blue, yellow
+    (other / "blue").rename(other / "navy")
+    result = invoke("evaluate", trained, "--data", other, "--device", "cpu")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --data")
+    assert "missing blue" in lines[0] and "extra navy, yellow" in lines[0]
+
+
+def test_missing_run_checkpoint_and_split_are_user_errors(trained: Path, tmp_path: Path) -> None:
+    result = invoke("evaluate", tmp_path / "nowhere")
+    assert result.exit_code == 1 and "not a transferctl run directory" in result.stderr
+    result = invoke("evaluate", trained, "--checkpoint", tmp_path / "missing.pt")
+    assert result.exit_code == 1 and "missing.pt" in result.stderr
+    assert invoke("evaluate", trained, "--split", "holdout").exit_code == 2
+
+
+def test_a_split_the_data_does_not_have(trained: Path, tmp_path: Path) -> None:
+    data = tiny_dataset(tmp_path / "no_test", n_classes=3, layout="split")
+    result = invoke("evaluate", trained, "--data", data, "--split", "test", "--device", "cpu")
+    assert result.exit_code == 1 and "has no test images" in result.stderr

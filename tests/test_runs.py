@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from runs_helpers import train_tiny_run
+from transferctl.cli import app
+from transferctl.runs import list_runs
+
+runner = CliRunner()
+
+NO_TORCH = """
+import sys
+from transferctl.cli import main
+sys.argv = ["transferctl", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code or 0
+heavy = sorted(name for name in ("torch", "torchvision", "sklearn", "matplotlib") if name in sys.modules)
+sys.stderr.write("HEAVY=" + ",".join(heavy) + "\\n")
+sys.exit(code)
+"""
+
+
+def heavy_imports(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_help_does_not_import_torch() -> None:
+    assert heavy_imports("--help") == "HEAVY="
+
+
+def test_runs_does_not_import_torch(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", summary={"backbone": "resnet18", "strategy": "fine_tune", "best_val_acc": 0.5, "epochs": 2})
+    assert heavy_imports("runs", str(tmp_path)) == "HEAVY="
+    assert heavy_imports("runs", str(tmp_path), "--json") == "HEAVY="
+
+
+def write_run(path: Path, summary: dict[str, object] | None = None, metrics: list[dict[str, object]] | None = None) -> Path:
+    path.mkdir(parents=True)
+    config = {"name": "x", "backbone": {"name": "resnet50", "weights": "DEFAULT"}, "strategy": "feature_extract"}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    if metrics is not None:
+        (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    return path
+
+
+def test_a_real_run_is_listed_with_its_summary(tmp_path: Path) -> None:
+    run = train_tiny_run(tmp_path, schedule=[{"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2}])
+    summary = json.loads((run / "summary.json").read_text())
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "test.json").write_text(json.dumps({"accuracy": 0.25}))
+    [info] = list_runs(tmp_path)
+    assert (info.name, info.status, info.backbone, info.strategy) == ("run", "finished", "resnet18", "fine_tune")
+    assert info.best_val_acc == summary["best_val_acc"] and info.epochs == 1
+    assert info.evaluations == {"test": 0.25} and info.date is not None
+
+
+def test_unfinished_damaged_and_foreign_folders(tmp_path: Path) -> None:
+    write_run(tmp_path / "done", summary={"backbone": "resnet18", "strategy": "fine_tune", "best_val_acc": 0.9, "epochs": 8})
+    write_run(tmp_path / "running", metrics=[{"val_acc": 0.4}, {"val_acc": 0.6}, {"val_acc": 0.5}])
+    broken = write_run(tmp_path / "broken")
+    (broken / "summary.json").write_text("{not json")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a run")
+
+    result = runner.invoke(app, ["runs", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    runs = {run["name"]: run for run in json.loads(result.stdout)}
+    assert set(runs) == {"done", "running", "broken"}
+    assert runs["done"]["status"] == "finished" and runs["done"]["best_val_acc"] == 0.9 and runs["done"]["epochs"] == 8
+    running = runs["running"]
+    assert running["status"] == "unfinished" and running["epochs"] == 3 and running["best_val_acc"] == 0.6
+    assert (running["backbone"], running["strategy"]) == ("resnet50", "feature_extract")
+    assert runs["broken"]["status"] == "damaged" and "summary.json" in runs["broken"]["note"]
+
+    table = runner.invoke(app, ["runs", str(tmp_path)])
+    assert table.exit_code == 0 and table.stdout == ""
+    assert all(name in table.stderr for name in ("done", "running", "broken", "unfinished"))
+
+
+def test_empty_and_missing_folders(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["runs", str(tmp_path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+    result = runner.invoke(app, ["runs", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and result.stderr.startswith("error:") and "nope" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["runs", "--help"]])
+def test_help_exits_0(args: list[str]) -> None:
+    assert runner.invoke(app, args).exit_code == 0
