@@ -9,6 +9,8 @@ from pathlib import Path
 from helpers import experiment, write_experiment
 from transferctl.synthetic import tiny_dataset
 
+ONE_EPOCH = [{"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2}]  # for tests that need any trained run
+
 
 def train_tiny_run(base: Path, **sections: object) -> Path:
     """Train the tiny 3-class experiment (red, green, blue; 4/1/1 images per class) into base/run."""

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from runs_helpers import constant_run, train_tiny_run
+from runs_helpers import ONE_EPOCH, constant_run, train_tiny_run
 from transferctl.cli import app
 from transferctl.synthetic import tiny_dataset
 
@@ -54,7 +54,7 @@ def invoke(*args: object, input: str | None = None):  # noqa: ANN201 - typer's R
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run that answers red (p = 0.665), green, blue for every image."""
     base = tmp_path_factory.mktemp("predict")
-    return constant_run(train_tiny_run(base), base / "constant", CLASSES, LOGITS)
+    return constant_run(train_tiny_run(base, schedule=ONE_EPOCH), base / "constant", CLASSES, LOGITS)
 
 
 @pytest.fixture
@@ -134,3 +134,10 @@ def test_usage_errors(run: Path, images: Path) -> None:
     result = invoke("predict", images, images / "00.png")
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.strip() == f"error: {images}: no checkpoints/ folder: not a transferctl run directory, or no epoch has finished yet (pass a folder that `transferctl train` wrote)"
+
+
+def test_misspelt_device_and_precision_are_user_errors(run: Path, images: Path) -> None:
+    result = invoke("predict", run, images, "--device", "gpu")
+    assert result.exit_code == 1 and "--device: 'gpu' is not a device" in result.stderr
+    result = invoke("predict", run, images, "--precision", "fp8")
+    assert result.exit_code == 1 and "--precision" in result.stderr

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from runs_helpers import train_tiny_run
+from runs_helpers import ONE_EPOCH, train_tiny_run
 from transferctl.cli import app
 from transferctl.runs import list_runs
 
@@ -57,7 +57,7 @@ def write_run(path: Path, summary: dict[str, object] | None = None, metrics: lis
 
 
 def test_a_real_run_is_listed_with_its_summary(tmp_path: Path) -> None:
-    run = train_tiny_run(tmp_path, schedule=[{"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2}])
+    run = train_tiny_run(tmp_path, schedule=ONE_EPOCH)
     summary = json.loads((run / "summary.json").read_text())
     (tmp_path / "run" / "eval").mkdir()
     (tmp_path / "run" / "eval" / "test.json").write_text(json.dumps({"accuracy": 0.25}))

@@ -144,10 +144,11 @@ def evaluate_run(
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes)."""
     from transferctl.engine import predict_logits
-    from transferctl.inference import eval_transform, inference_runtime, load_trained_model
-    from transferctl.rundir import atomic_write_bytes, atomic_write_json, checkpoint_file
+    from transferctl.inference import check_runtime_options, eval_transform, inference_runtime, load_trained_model
+    from transferctl.rundir import checkpoint_file
     from transferctl.runs import read_run_config
 
+    check_runtime_options(device, precision)
     config = read_run_config(run_dir)
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
     root = data if data is not None else config.data.root
@@ -174,11 +175,19 @@ def evaluate_run(
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         **compute_metrics(logits.numpy(), labels.numpy(), classes),
     }
+    return _write_report(run_dir, report)
+
+
+def _write_report(run_dir: Path, report: dict[str, Any]) -> EvaluationResult:
+    """eval/<split>.json and eval/<split>-confusion.png, each written atomically."""
+    from transferctl.rundir import atomic_write_bytes, atomic_write_json
+
+    split = report["split"]
     json_path = run_dir / "eval" / f"{split}.json"
     png_path = run_dir / "eval" / f"{split}-confusion.png"
     report["confusion_png"] = str(png_path)
     title = f"{run_dir.name}: {split}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
-    atomic_write_bytes(png_path, confusion_png(report["confusion_matrix"], classes, title))
+    atomic_write_bytes(png_path, confusion_png(report["confusion_matrix"], report["classes"], title))
     atomic_write_json(json_path, report)
     return EvaluationResult(report, json_path, png_path)
 

@@ -16,11 +16,13 @@ from pydantic import ValidationError
 from torch import nn
 
 from transferctl.backbones import Preprocessing, build_backbone
-from transferctl.config import BackboneConfig
+from transferctl.config import _DEVICE_PATTERN, BackboneConfig
 from transferctl.data import build_transform
 from transferctl.engine import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
 from transferctl.rundir import CHECKPOINTS, checkpoint_file, load_run_checkpoint
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 class TrainedModel(NamedTuple):
@@ -86,6 +88,15 @@ def eval_transform(preprocessing: Preprocessing) -> Callable[[Any], torch.Tensor
 
 
 def inference_runtime(model: nn.Module, device: str, precision: str) -> tuple[nn.Module, Runtime]:
-    """Choose the device and precision and move the model there."""
+    """Choose the device and precision (as given on the command line) and move the model there."""
+    check_runtime_options(device, precision)
     runtime = make_runtime(device, precision, model)
     return prepare_model(model, runtime), runtime
+
+
+def check_runtime_options(device: str, precision: str) -> None:
+    """Refuse a misspelt --device or --precision before spending seconds loading a model."""
+    if not _DEVICE_PATTERN.match(device):
+        raise ConfigError(Problem("--device", f"'{device}' is not a device", "use auto, cpu, cuda, cuda:N or mps"))
+    if precision not in PRECISIONS:
+        raise ConfigError(Problem("--precision", f"'{precision}' is not a precision", f"use one of {', '.join(PRECISIONS)}"))

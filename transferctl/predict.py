@@ -117,8 +117,9 @@ class Predictor:
 
 
 def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int) -> Predictor:
-    from transferctl.inference import eval_transform, inference_runtime, load_trained_model
+    from transferctl.inference import check_runtime_options, eval_transform, inference_runtime, load_trained_model
 
+    check_runtime_options(device, precision)
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
     model, runtime = inference_runtime(model, device, precision)
     return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -116,17 +116,19 @@ def _evaluations(run_dir: Path) -> dict[str, float]:
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any] | None:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_mapping(path, yaml.safe_load)
 
 
 def _read_json_mapping(path: Path) -> dict[str, Any] | None:
+    return _read_mapping(path, json.loads)
+
+
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | None:
+    """The file's mapping, or None when it is missing, unreadable or not a mapping: one damaged run
+    must not stop the listing of the others."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # JSONDecodeError is a ValueError
         return None
     return data if isinstance(data, dict) else None
 
