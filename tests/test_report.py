@@ -1,0 +1,104 @@
+"""report: learning curves of existing runs; hand-written run directories, plus one really trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from runs_helpers import train_tiny_run
+from transferctl.cli import app
+from transferctl.errors import CheckpointError, DataError
+from transferctl.plots import PHASE_LABEL, learning_curves_figure
+from transferctl.report import find_run_dirs, load_run_curves, phase_ends, report_runs, summarize_run
+
+runner = CliRunner()
+
+
+def row(global_epoch: int, phase: str, phase_index: int, val_acc: float) -> dict[str, object]:
+    return {
+        "phase": phase, "phase_index": phase_index, "epoch": global_epoch, "global_epoch": global_epoch,
+        "train_loss": 1.0 / global_epoch, "train_acc": val_acc + 0.05, "val_loss": 1.2 / global_epoch, "val_acc": val_acc,
+        "seconds": 1.5, "images_per_second": 100.0,
+    }  # fmt: skip
+
+
+TWO_PHASES = [row(1, "head", 0, 0.5), row(2, "head", 0, 0.6), row(3, "body", 1, 0.8), row(4, "body", 1, 0.7)]
+ONE_PHASE = [row(1, "all", 0, 0.3), row(2, "all", 0, 0.4)]
+
+
+def write_run(path: Path, rows: list[dict[str, object]], strategy: str = "fine_tune", finished: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"name": "x", "backbone": {"name": "resnet18"}, "strategy": strategy}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (path / "summary.json").write_text(json.dumps({"strategy": strategy, "backbone": "resnet18", "epochs": len(rows)}))
+    return path
+
+
+def test_phase_ends_are_where_the_phase_changes() -> None:
+    assert phase_ends(TWO_PHASES) == [2]
+    assert phase_ends(ONE_PHASE) == []
+    assert phase_ends([]) == []
+
+
+def test_summary_of_a_run(tmp_path: Path) -> None:
+    summary = summarize_run(load_run_curves(write_run(tmp_path / "a", TWO_PHASES)))
+    assert summary["best_val_acc"] == 0.8 and summary["best_epoch"] == 3
+    assert summary["final_val_acc"] == 0.7 and summary["final_train_acc"] == pytest.approx(0.75)
+    assert summary["min_val_loss"] == pytest.approx(0.3)
+    assert summary["val_acc_auc"] == pytest.approx((0.55 + 0.7 + 0.75) / 3)
+    assert summary["phases"] == ["head", "body"] and summary["phase_ends"] == [2]
+    assert summary["seconds"] == 6.0 and summary["status"] == "finished"
+
+
+def test_the_figure_has_train_and_val_lines_per_run_and_phase_boundaries(tmp_path: Path) -> None:
+    runs = [load_run_curves(write_run(tmp_path / name, rows)) for name, rows in (("a", TWO_PHASES), ("b", ONE_PHASE))]
+    loss_axes, acc_axes = learning_curves_figure(runs).axes
+    for axes in (loss_axes, acc_axes):
+        curves = [line for line in axes.get_lines() if line.get_label() != PHASE_LABEL]
+        boundaries = [line for line in axes.get_lines() if line.get_label() == PHASE_LABEL]
+        assert sorted(line.get_label() for line in curves) == ["a (train)", "a (val)", "b (train)", "b (val)"]
+        assert [line.get_xdata()[0] for line in boundaries] == [2.5]
+    val_acc = next(line for line in acc_axes.get_lines() if line.get_label() == "a (val)")
+    assert list(val_acc.get_ydata()) == [0.5, 0.6, 0.8, 0.7]
+
+
+def test_folders_of_runs_expand_and_unfinished_runs_are_included(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "runs" / "a", TWO_PHASES)
+    b = write_run(tmp_path / "runs" / "b", ONE_PHASE, finished=False)
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    assert find_run_dirs([tmp_path / "runs", a]) == [a, b]
+    result = report_runs([tmp_path / "runs"])
+    assert result.png == tmp_path / "runs" / "learning-curves.png" and result.png.stat().st_size > 0
+    assert [run["status"] for run in result.runs] == ["finished", "unfinished"]
+
+
+def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such run directory"):
+        find_run_dirs([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds none"):
+        find_run_dirs([tmp_path / "empty"])
+    write_run(tmp_path / "fresh", [], finished=False)
+    with pytest.raises(CheckpointError, match="no run has finished an epoch"):
+        report_runs([tmp_path / "fresh"])
+    result = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "no such run directory" in result.output
+
+
+def test_report_cli_on_a_trained_run(tmp_path: Path) -> None:
+    run = train_tiny_run(tmp_path)
+    other = write_run(tmp_path / "other", ONE_PHASE)
+    png = tmp_path / "plots" / "both.png"
+    result = runner.invoke(app, ["report", str(run), str(other), "--out", str(png), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["png"] == str(png) and png.read_bytes().startswith(b"\x89PNG")
+    trained = document["runs"][0]
+    assert trained["status"] == "finished" and trained["epochs"] == 2 and trained["phases"] == ["head", "body"]
+    table = runner.invoke(app, ["report", str(run)])
+    assert table.exit_code == 0 and "best val acc" in table.output and (run / "learning-curves.png").is_file()
