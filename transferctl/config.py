@@ -25,7 +25,7 @@ class _Section(BaseModel):
 
 
 class BackboneConfig(_Section):
-    name: str = "resnet18"
+    name: str = Field("resnet18", description="any torchvision classification model (`transferctl check` lists its layer groups)")
     weights: str = Field(
         "DEFAULT",
         description="DEFAULT | a torchvision weights name | path to a state-dict file | run:<run dir> | none",
@@ -34,13 +34,13 @@ class BackboneConfig(_Section):
 
 
 class DataConfig(_Section):
-    root: Path
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    image_size: int | None = Field(None, ge=8, le=4096)
-    augment: Literal["none", "standard"] = "standard"
+    root: Path = Field(description="root/train/<class>/*, root/val/<class>/* (optional root/test), or root/<class>/*; relative to the experiment file")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out for validation when root has no train/ and val/ folders")
+    image_size: int | None = Field(None, ge=8, le=4096, description="crop size; null: the weights' own preprocessing")
+    augment: Literal["none", "standard"] = Field("standard", description="standard: random resized crops and flips while training")
     batch_size: int = Field(32, ge=1)
-    num_workers: Union[int, Literal["auto"]] = "auto"
-    on_bad_image: Literal["skip", "error"] = "skip"
+    num_workers: Union[int, Literal["auto"]] = Field("auto", description="data-loading processes, or auto")
+    on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: leave unreadable images out (listed before training); error: stop")
 
     @field_validator("num_workers")
     @classmethod
@@ -53,10 +53,10 @@ class DataConfig(_Section):
 class PhaseConfig(_Section):
     name: str
     epochs: int = Field(ge=1)
-    train: Union[str, list[str]] = "all"
-    lr: float = Field(gt=0.0)
+    train: Union[str, list[str]] = Field("all", description="head | all | last:N | a list of layer-group names (the head always trains)")
+    lr: float = Field(gt=0.0, description="learning rate of the head; the backbone's is lr x backbone_lr_mult")
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
-    bn: Literal["train", "frozen"] = "train"
+    bn: Literal["train", "frozen"] = Field("train", description="frozen: every BatchNorm layer stays in eval mode")
 
     @field_validator("train")
     @classmethod
@@ -85,7 +85,11 @@ class EarlyStoppingConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: Path = Path("runs")
+    dir: Path = Field(Path("runs"), description="runs go to <dir>/<name>-<YYYYmmdd-HHMMSS>; relative to the experiment file")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(False, description="per-epoch scalars into <run>/tensorboard/ (pip install transferctl[tensorboard])")
 
 
 class ExperimentConfig(_Section):
@@ -93,14 +97,16 @@ class ExperimentConfig(_Section):
     seed: int = 0
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig
-    strategy: Strategy = "fine_tune"
-    schedule: list[PhaseConfig] | None = None
+    strategy: Strategy = Field("fine_tune", description="feature_extract | fine_tune | scratch | pretrained_init")
+    schedule: list[PhaseConfig] | None = Field(None, description="the phases; null or absent: the strategy's default schedule")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The pattern is for editors (JSON Schema); _device_spec gives the error message.
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps", json_schema_extra={"pattern": _DEVICE_PATTERN.pattern})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware has it, else fp32")
     output: OutputConfig = OutputConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @field_validator("device")
     @classmethod
@@ -147,6 +153,21 @@ def default_schedule(strategy: str) -> list[PhaseConfig]:
 
 def schedule_of(config: ExperimentConfig) -> list[PhaseConfig]:
     return list(config.schedule) if config.schedule else default_schedule(config.strategy)
+
+
+SCHEMA_FILE = "transferctl.schema.json"  # where `transferctl init` puts the schema, beside the experiment file
+
+
+def json_schema() -> dict[str, Any]:
+    """The experiment file's JSON Schema, from the very model that validates it (for editors and CI).
+
+    It leaves out the cross-field rules (feature_extract trains only the head) and, unlike validation,
+    does not coerce types: a quoted "32" where a number belongs is flagged by editors, accepted by check.
+    """
+    schema = ExperimentConfig.model_json_schema()
+    schema["title"] = "transferctl experiment file"
+    schema["description"] = "Transfer learning for image classification: one YAML file, one command."
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 # ---------------------------------------------------------------------------------------------
