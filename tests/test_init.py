@@ -1,0 +1,134 @@
+"""init: inspect generated folders of each layout and write experiment files that check accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from transferctl.cli import app
+from transferctl.config import SCHEMA_FILE, json_schema, load_config
+from transferctl.errors import ConfigError, DataError
+from transferctl.init import choose_strategy, init_experiment, inspect_folder
+from transferctl.synthetic import tiny_dataset
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer's Result
+    return runner.invoke(app, list(args))
+
+
+def test_split_layout_is_inspected(tiny_split_data: Path) -> None:
+    found = inspect_folder(tiny_split_data)
+    assert found.layout == "split" and found.classes == ["blue", "green", "red"]
+    assert found.counts == {split: {c: n for c in found.classes} for split, n in (("train", 4), ("val", 1), ("test", 1))}
+    assert found.median_per_class == 5  # train + val: the test split is not counted
+    assert found.images.median_size == (16, 16) and found.images.modes == {"RGB": 18}
+    assert found.unreadable == ()
+
+
+def test_flat_layout_is_inspected(tiny_flat_data: Path) -> None:
+    found = inspect_folder(tiny_flat_data)
+    assert found.layout == "flat" and found.splits == ["all"]
+    assert found.counts["all"] == {"blue": 6, "green": 6, "red": 6} and found.total == 18
+
+
+def test_corrupt_file_modes_and_sizes_are_reported(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tiny_dataset(tmp_path / "data", n_classes=2, layout="flat")
+    (root / "red" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("L", (40, 30)).save(root / "green" / "grey.png")
+    found = inspect_folder(root)
+    assert [bad.path.name for bad in found.unreadable] == ["9999.png"]
+    assert found.counts["all"] == {"green": 7, "red": 6}
+    assert found.images.modes == {"RGB": 12, "L": 1} and found.images.max_size == (40, 30)
+
+    config = tmp_path / "experiment.yaml"
+    result = invoke("init", str(root), "-o", str(config))
+    assert result.exit_code == 0, result.output
+    assert "unreadable" in result.stderr and "9999.png" in result.stderr
+    text = config.read_text()
+    assert "1 unreadable file(s) will be left out" in text and "L 1; all become RGB" in text
+
+
+def test_single_class_is_a_clear_error(tmp_path: Path) -> None:
+    root = tiny_dataset(tmp_path / "one", n_classes=1, layout="flat")
+    with pytest.raises(DataError, match="at least two class folders, found only 'red'"):
+        inspect_folder(root)
+    result = invoke("init", str(root), "-o", str(tmp_path / "e.yaml"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: DATA_DIR: {root} needs at least two class folders, found only 'red' (make one sub-folder of images per class)"
+    ]
+    assert not (tmp_path / "e.yaml").exists()
+
+
+def test_missing_folder_is_a_user_error(tmp_path: Path) -> None:
+    result = invoke("init", str(tmp_path / "nowhere"), "-o", str(tmp_path / "e.yaml"))
+    assert result.exit_code == 1 and "nowhere" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("layout", ["split", "flat"])
+def test_written_file_is_accepted_by_check_and_the_schema(tmp_path: Path, layout: str) -> None:
+    root = tiny_dataset(tmp_path / "data" / layout, layout=layout)
+    config = tmp_path / "configs" / "experiment.yaml"
+    result = invoke("init", str(root), "-o", str(config))
+    assert result.exit_code == 0, result.output
+    text = config.read_text()
+    assert text.startswith(f"# yaml-language-server: $schema={SCHEMA_FILE}\n")
+    schema = json.loads((config.parent / SCHEMA_FILE).read_text())
+    assert schema == json_schema()
+    jsonschema.validate(yaml.safe_load(text), schema)
+    loaded = load_config(config)
+    assert loaded.data.root == root.resolve() and loaded.strategy == "feature_extract"
+    # check itself (random weights: the tests have no pretrained weights cache)
+    checked = invoke("check", str(config), "--set", "backbone.weights=none", "--set", "data.image_size=32", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["data"]["layout"] == layout
+
+
+def test_relative_data_path_is_relative_to_the_file(tiny_flat_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    init_experiment(Path("tiny_flat"), Path("deep/er/e.yaml"))
+    assert yaml.safe_load(Path("deep/er/e.yaml").read_text())["data"]["root"] == "../../tiny_flat"
+    init_experiment(tiny_flat_data, Path("abs.yaml"))
+    assert yaml.safe_load(Path("abs.yaml").read_text())["data"]["root"] == str(tiny_flat_data)
+
+
+def test_existing_file_is_kept_unless_force(tiny_flat_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "e.yaml"
+    config.write_text("mine\n")
+    result = invoke("init", str(tiny_flat_data), "-o", str(config))
+    assert result.exit_code == 1 and config.read_text() == "mine\n"
+    assert result.stderr.strip().splitlines() == [f"error: {config}: already exists (choose another file with -o, or pass --force to replace it)"]
+    assert invoke("init", str(tiny_flat_data), "-o", str(config), "--force").exit_code == 0
+    assert config.read_text().startswith("# yaml-language-server")
+
+
+def test_auto_strategy_follows_recommends_rule(tmp_path: Path) -> None:
+    small = inspect_folder(tiny_dataset(tmp_path / "small", layout="flat"))
+    assert choose_strategy("auto", small)[0] == "feature_extract"
+    large = small.__class__(**{**small.__dict__, "counts": {"all": {c: 1000 for c in small.classes}}})
+    strategy, advice = choose_strategy("auto", large)
+    assert strategy == "fine_tune" and advice is not None and advice.similar
+    assert choose_strategy("scratch", small) == ("scratch", None)
+    with pytest.raises(ConfigError, match="did you mean 'fine_tune'"):
+        choose_strategy("finetune", small)
+
+
+def test_explicit_strategy_and_backbone(tiny_flat_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "e.yaml"
+    result = invoke("init", str(tiny_flat_data), "-o", str(config), "--strategy", "scratch", "--backbone", "mobilenet_v3_small", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["strategy"] == "scratch" and report["advice"] is None and report["data"]["layout"] == "flat"
+    raw = yaml.safe_load(config.read_text())
+    assert raw["backbone"] == {"name": "mobilenet_v3_small", "weights": "none"} and raw["schedule"][0]["train"] == "all"
+    wrong = invoke("init", str(tiny_flat_data), "-o", str(tmp_path / "f.yaml"), "--backbone", "resnet180")
+    assert wrong.exit_code == 1 and "did you mean 'resnet18'" in wrong.stderr

@@ -1,0 +1,70 @@
+"""init: inspect a folder of images and write a commented experiment file for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+
+from transferctl.cli import app, err, print_json, user_errors
+
+STRATEGY_CHOICES = ("auto", "feature_extract", "fine_tune", "scratch", "pretrained_init")
+SHOWN_CLASSES = 12
+
+
+@app.command()
+def init(
+    data_dir: Path = typer.Argument(..., file_okay=False, help="A folder of images: DIR/train/<class>/*, DIR/val/<class>/* (optional DIR/test), or DIR/<class>/*."),
+    backbone: str = typer.Option("resnet18", "--backbone", help="A torchvision classification model."),
+    strategy: str = typer.Option(
+        "auto", "--strategy", autocompletion=lambda: list(STRATEGY_CHOICES),
+        help="auto (recommend's rule on the measured size, similarity assumed) | feature_extract | fine_tune | scratch | pretrained_init.",
+    ),  # fmt: skip
+    output: Path = typer.Option(Path("config.yaml"), "-o", "--output", dir_okay=False, help="The experiment file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace the experiment file if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was found and written as one JSON document on stdout."),
+) -> None:
+    """Look at a folder of images and write an experiment file that `transferctl check` accepts."""
+    from transferctl.init import init_experiment
+
+    with user_errors():
+        result = init_experiment(data_dir, output, backbone, strategy, force)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    err.print(render_inspection(result.to_dict()["data"]))
+    advice = result.advice
+    how = f"recommend's rule for {advice.case}; the similarity is assumed, measure it with: transferctl recommend --data {data_dir}" if advice else "as asked"
+    err.print(f"[bold]strategy:[/] [green]{result.strategy}[/], {escape(how)}")
+    err.print(f"[bold]wrote:[/] {escape(str(output))} and {escape(str(result.schema_path))}  (next: transferctl check {escape(str(output))})")
+
+
+def render_inspection(data: dict[str, Any]) -> Group:
+    """Images per class and split, then one line each for sizes, modes and problems."""
+    splits = list(data["counts"])
+    table = Table(title=f"{data['root']}: {data['layout']} layout, {len(data['classes'])} classes, {data['images']} images")
+    table.add_column("class")
+    for split in splits:
+        table.add_column("images" if split == "all" else split, justify="right")
+    for name in data["classes"][:SHOWN_CLASSES]:
+        table.add_row(name, *(str(data["counts"][split][name]) for split in splits))
+    if len(data["classes"]) > SHOWN_CLASSES:
+        table.add_row(f"... {len(data['classes']) - SHOWN_CLASSES} more", *("" for _ in splits))
+    smallest = data["smallest_class"]
+    table.caption = f"median {data['median_per_class']:g} images per class (train+val); smallest: {smallest['name']} ({smallest['images']})"
+    sizes = data["image_sizes"]
+    lines = [table]
+    if sizes["sampled"]:
+        shape = "x".join(map(str, sizes["median"]))
+        lines.append(f"sizes: median {shape}, from {'x'.join(map(str, sizes['min']))} to {'x'.join(map(str, sizes['max']))}; "
+                     f"modes: {', '.join(f'{m} {n}' for m, n in data['modes'].items())} ({sizes['sampled']} headers read)")  # fmt: skip
+    if data["unreadable"]:
+        first = data["unreadable"][0]
+        lines.append(f"[yellow]unreadable:[/] {len(data['unreadable'])} file(s) left out, e.g. {escape(first['path'])} ({escape(first['reason'])})")
+    if data["ignored"]:
+        lines.append(f"[dim]ignored: {len(data['ignored'])} file(s) without an image suffix, e.g. {escape(data['ignored'][0])}[/]")
+    return Group(*lines)
