@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from transferctl.config import BackboneConfig, looks_like_weights_file
+from transferctl.cut import HEAD as CUT_HEAD
+from transferctl.cut import cut_network, is_cut_state
 from transferctl.errors import ConfigError, Problem, WeightsError, did_you_mean
 from transferctl.families import LayerGroups, layer_groups
 from transferctl.families import head_path as head_path_of
@@ -64,6 +66,7 @@ class Backbone:
     head_path: str
     preprocessing: Preprocessing
     weights: str  # a human description of where the weights came from
+    cut: str | None = None  # the layer group the body ends with (backbone.cut), None for the whole body
 
     @property
     def group_names(self) -> list[str]:
@@ -79,7 +82,11 @@ def classification_models() -> list[str]:
 def build_backbone(
     config: BackboneConfig, num_classes: int, image_size: int | None, pretrained: bool = True
 ) -> Backbone:
-    """Build the network with its pretrained weights, then give it a new head of num_classes outputs."""
+    """Build the network with its pretrained weights, then give it a new head of num_classes outputs.
+
+    With `config.cut`, the body ends after that layer group and is followed by global pooling and the new
+    head (`transferctl.cut`); rebuilding a checkpoint of such a run needs the same cut and image size.
+    """
     _check_model_name(config.name)
     source = config.weights if pretrained else "none"
     if source.lower() == "none":
@@ -100,10 +107,18 @@ def build_backbone(
         loaded, preprocessing, description = None, preprocessing_of(weights), f"torchvision {weights}"
     head = head_path_of(config.name, model)
     replace_head(model, head, num_classes)
-    if loaded is not None:
+    # Weights saved from a cut network (an earlier run with backbone.cut) fit only after cutting.
+    load_after_cut = loaded is not None and is_cut_state(loaded)
+    if loaded is not None and not load_after_cut:
         load_body_weights(model, loaded, head, source)
     groups = layer_groups(config.name, model)
-    return Backbone(model, config.name, groups, head, preprocessing.with_image_size(image_size), description)
+    preprocessing = preprocessing.with_image_size(image_size)
+    if config.cut is not None:
+        model, groups = cut_network(config.name, model, groups, config.cut, num_classes, preprocessing.crop)
+        head = CUT_HEAD
+    if load_after_cut:
+        _load_cut_state(model, loaded, config, source)
+    return Backbone(model, config.name, groups, head, preprocessing, description, config.cut)
 
 
 def _check_model_name(name: str) -> None:
@@ -244,6 +259,16 @@ def load_body_weights(model: nn.Module, state: dict[str, torch.Tensor], head_pat
         raise WeightsError(Problem("backbone.weights", f"{source} does not fit this architecture: {_mismatch_summary(missing, unexpected, reshaped)}",
                                    "use weights saved from the same backbone.name"))
     model.load_state_dict(given, strict=False)
+
+
+def _load_cut_state(model: nn.Module, state: dict[str, torch.Tensor], config: BackboneConfig, source: str) -> None:
+    hint = "set backbone.cut to the layer group those weights were cut after (the run's config.yaml says which)"
+    if config.cut is None:
+        raise WeightsError(Problem("backbone.weights", f"{source} holds a {config.name} cut short by backbone.cut, not a whole one", hint))
+    try:
+        load_body_weights(model, state, CUT_HEAD, source)
+    except WeightsError:
+        raise WeightsError(Problem("backbone.weights", f"{source} holds a {config.name} cut after another layer group than '{config.cut}'", hint)) from None
 
 
 def _is_aux_key(key: str) -> bool:
