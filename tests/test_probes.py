@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transferctl.probes import logme_with_spread, probe, source_agreement, stratified_order, stratified_sample
+
+LABELS = np.repeat(np.arange(4), 30)
+
+
+def separable(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(len(LABELS), 32))
+    features[:, :4] += 5.0 * np.eye(4)[LABELS]
+    return features
+
+
+def noise(seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(len(LABELS), 32))
+
+
+def test_a_probe_reads_separable_features_and_not_noise() -> None:
+    assert probe(separable(), LABELS).accuracy > 0.95
+    assert probe(noise(), LABELS).accuracy < 0.45  # chance is 0.25
+
+
+def test_easy_features_gain_nothing_from_more_data() -> None:
+    result = probe(separable(), LABELS, with_half=True)
+    assert result.half_accuracy is not None and result.gain_from_half is not None
+    assert result.gain_from_half < 0.02
+
+
+def test_weak_wide_features_still_gain_from_more_data() -> None:
+    # Many noisy dimensions, each carrying a little signal: a probe on half of the data has clearly less to go on.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 80)
+    features = 0.2 * rng.normal(size=(3, 400))[labels] + rng.normal(size=(240, 400))
+    result = probe(features, labels, with_half=True)
+    assert result.gain_from_half is not None and result.gain_from_half > 0.02
+
+
+def test_a_probe_without_data_reports_none_for_half() -> None:
+    assert probe(separable(), LABELS).gain_from_half is None
+
+
+def test_folds_never_exceed_the_smallest_class() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 1, 1, 1])
+    features = np.eye(2)[labels] + 0.01 * np.random.default_rng(0).normal(size=(8, 2))
+    assert probe(features, labels, folds=5).accuracy == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least two images in every class"):
+        probe(features[1:], labels[1:])
+
+
+def test_source_head_agreement_is_chance_corrected() -> None:
+    rng = np.random.default_rng(0)
+    relabelled = (LABELS * 7 + 3) % 1000  # every class maps to its own source class
+    assert source_agreement(LABELS, relabelled) == pytest.approx(1.0)
+    assert abs(source_agreement(LABELS, rng.integers(0, 1000, len(LABELS)))) < 0.05
+    assert abs(source_agreement(LABELS, np.full(len(LABELS), 17))) < 1e-9  # one source class for everything
+
+
+def test_stratified_samples_keep_class_proportions_and_every_class() -> None:
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    sample = stratified_sample(labels, 20, seed=0)
+    assert len(sample) == 20 and len(set(sample)) == 20
+    counts = np.bincount(labels[sample], minlength=3)
+    assert all(abs(got - want) <= 1 for got, want in zip(counts, [12, 6, 2])), counts
+    order = stratified_order(labels, seed=1)
+    assert set(labels[order[:3]]) == {0, 1, 2}
+    assert sorted(order.tolist()) == list(range(100))
+    assert stratified_sample(labels, 1000, seed=0).tolist() == list(range(100))
+
+
+def test_logme_spread_is_small_for_clear_features_and_scores_rank_them() -> None:
+    clear, clear_spread = logme_with_spread(separable(), LABELS)
+    unclear, _ = logme_with_spread(noise(), LABELS)
+    assert clear > unclear and 0.0 <= clear_spread < 0.2
