@@ -80,13 +80,13 @@ def describe_run(run_dir: Path) -> RunInfo:
     }
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = _read_json_mapping(summary_path)
+        summary = read_json_mapping(summary_path)
         if summary is None:
             return RunInfo(status="damaged", note=f"{summary_path} is not valid JSON", **common)
         common["backbone"] = summary.get("backbone", common["backbone"])
         common["strategy"] = summary.get("strategy", common["strategy"])
         return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
-    rows = _metric_rows(run_dir / "metrics.jsonl")
+    rows = metric_rows(run_dir / "metrics.jsonl")
     accuracies = [row["val_acc"] for row in rows if isinstance(row.get("val_acc"), (int, float))]
     return RunInfo(
         status="unfinished",
@@ -109,7 +109,7 @@ def _start_date(run_dir: Path) -> str | None:
 def _evaluations(run_dir: Path) -> dict[str, float]:
     found: dict[str, float] = {}
     for path in sorted((run_dir / "eval").glob("*.json")):
-        report = _read_json_mapping(path)
+        report = read_json_mapping(path)
         if report is not None and isinstance(report.get("accuracy"), (int, float)):
             found[path.stem] = report["accuracy"]
     return found
@@ -119,7 +119,8 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any] | None:
     return _read_mapping(path, yaml.safe_load)
 
 
-def _read_json_mapping(path: Path) -> dict[str, Any] | None:
+def read_json_mapping(path: Path) -> dict[str, Any] | None:
+    """A JSON file's mapping, or None when it is missing, damaged or not a mapping."""
     return _read_mapping(path, json.loads)
 
 
@@ -133,7 +134,8 @@ def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | N
     return data if isinstance(data, dict) else None
 
 
-def _metric_rows(path: Path) -> list[dict[str, Any]]:
+def metric_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl that parse; none when the file is missing or unreadable."""
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
