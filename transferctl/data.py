@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from transferctl.errors import DataError, Problem
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "val", "test")
 
 Sample = tuple[Path, int]
+BAD_IMAGE_POLICIES = ("skip", "error")
+SHOWN_PATHS = 3  # how many example paths a message about skipped files names
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A file with an image suffix that cannot be used: why, in a few words."""
+
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,8 @@ class DatasetSplits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     layout: str = "split"
+    skipped: tuple[BadImage, ...] = ()  # unreadable images left out (data.on_bad_image: skip)
+    ignored: tuple[Path, ...] = ()  # files in class folders that are not images by their suffix
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -39,35 +57,39 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def discover(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
-    """Read a class-per-folder tree: root/{train,val[,test]}/<class>/*, or root/<class>/* split here."""
+def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip") -> DatasetSplits:
+    """Read a class-per-folder tree: root/{train,val[,test]}/<class>/*, or root/<class>/* split here.
+
+    Every image is checked once, quickly (see image_problem); unreadable ones are left out and listed in
+    `skipped`, or with on_bad_image 'error' they stop everything before training starts.
+    """
     if not root.is_dir():
         raise DataError(Problem("data.root", f"no such folder: {root}", "point data.root at a folder of class folders"))
     if (root / "train").is_dir():
-        return _discover_split_layout(root)
+        return _discover_split_layout(root, on_bad_image)
     classes = class_folders(root, "data.root")
-    samples = _samples(root, classes, "data.root")
-    train, val = stratified_split(samples, val_fraction, seed)
-    return DatasetSplits(root, classes, train, val, [], layout="flat")
+    tree = _read_tree({"data.root": root}, classes, on_bad_image)
+    train, val = stratified_split(tree.samples["data.root"], val_fraction, seed)
+    return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored)
 
 
-def _discover_split_layout(root: Path) -> DatasetSplits:
+def _discover_split_layout(root: Path, on_bad_image: str) -> DatasetSplits:
     if not (root / "val").is_dir():
         raise DataError(Problem("data.root", f"{root} has train/ but no val/ folder", "add root/val/<class>/ images, or put the class folders directly under data.root"))
     classes = class_folders(root / "train", "data.root/train")
-    for split in ("val", "test"):
-        if (root / split).is_dir():
-            _check_same_classes(classes, class_folders(root / split, f"data.root/{split}"), split)
-    splits = {
-        split: _samples(root / split, classes, f"data.root/{split}") if (root / split).is_dir() else []
-        for split in SPLITS
-    }
-    return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split")
+    present = [split for split in SPLITS if (root / split).is_dir()]
+    for split in present[1:]:
+        _check_same_classes(classes, class_folders(root / split, f"data.root/{split}"), split)
+    tree = _read_tree({f"data.root/{split}": root / split for split in present}, classes, on_bad_image)
+    splits = {split: tree.samples.get(f"data.root/{split}", []) for split in SPLITS}
+    return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split", skipped=tree.skipped, ignored=tree.ignored)
 
 
 def class_folders(folder: Path, where: str) -> list[str]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
+        if not list_images(folder):
+            raise DataError(Problem(where, f"{folder} has no images", "put the images in one sub-folder per class, the same classes in every split"))
         found = f"only '{classes[0]}'" if classes else "none"
         raise DataError(Problem(where, f"{folder} needs at least two class folders, found {found}", "make one sub-folder of images per class"))
     return classes
@@ -80,23 +102,146 @@ def _check_same_classes(train: list[str], other: list[str], split: str) -> None:
         raise DataError(Problem(f"data.root/{split}", f"class folders differ from train/: {detail}", "use the same class folders in every split"))
 
 
-def _samples(folder: Path, classes: list[str], where: str) -> list[Sample]:
-    samples: list[Sample] = []
-    for label, name in enumerate(classes):
-        files = list_images(folder / name)
-        if not files:
-            raise DataError(Problem(where, f"class folder {folder / name} has no images", f"add images ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) or remove the folder"))
-        samples.extend((path, label) for path in files)
-    return samples
+@dataclass(frozen=True)
+class _Tree:
+    samples: dict[str, list[Sample]]  # keyed by where (data.root, data.root/train, ...)
+    skipped: tuple[BadImage, ...]
+    ignored: tuple[Path, ...]
+
+
+def _read_tree(folders: dict[str, Path], classes: list[str], on_bad_image: str) -> _Tree:
+    """The samples below each folder, every image checked once (all folders together: one thread pool)."""
+    listed: dict[str, list[list[Path]]] = {}
+    ignored: list[Path] = []
+    for where, folder in folders.items():
+        listed[where] = []
+        for name in classes:
+            images, others = scan_folder(folder / name)
+            if not images:
+                raise DataError(Problem(where, f"class folder {folder / name} has no images", f"add images ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) or remove the folder"))
+            listed[where].append(images)
+            ignored.extend(others)
+    bad = find_bad_images([path for per_class in listed.values() for files in per_class for path in files])
+    if bad and on_bad_image == "error":
+        raise DataError(Problem("data.root", f"{_count(len(bad), 'unreadable image')}: {_examples(bad)}", "fix or remove them, or set data.on_bad_image: skip to train without them"))
+    samples: dict[str, list[Sample]] = {}
+    for where, per_class in listed.items():
+        samples[where] = []
+        for label, files in enumerate(per_class):
+            good = [path for path in files if path not in bad]
+            if not good:
+                folder = folders[where] / classes[label]
+                raise DataError(Problem(where, f"class folder {folder} has no readable images: {_examples(bad, files)}", "replace them with images that open"))
+            samples[where].extend((path, label) for path in good)
+    skipped = tuple(BadImage(path, bad[path]) for path in sorted(bad))
+    return _Tree(samples, skipped, tuple(sorted(ignored)))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _examples(bad: dict[Path, str], among: list[Path] | None = None) -> str:
+    """'a.jpg (damaged: ...), b.png (...) and 4 more': the first few, so the message stays one line."""
+    paths = sorted(among if among is not None else bad)
+    shown = ", ".join(f"{path} ({bad[path]})" for path in paths[:SHOWN_PATHS])
+    return shown + (f" and {len(paths) - SHOWN_PATHS} more" if len(paths) > SHOWN_PATHS else "")
+
+
+def data_notices(splits: DatasetSplits) -> list[str]:
+    """One line each about files discovery left out: what a user should hear before training starts."""
+    notices = []
+    if splits.skipped:
+        bad = {item.path: item.reason for item in splits.skipped}
+        notices.append(f"data.root: skipped {_count(len(bad), 'unreadable image')}: {_examples(bad)}")
+    if splits.ignored:
+        shown = ", ".join(str(path) for path in splits.ignored[:SHOWN_PATHS])
+        more = f" and {len(splits.ignored) - SHOWN_PATHS} more" if len(splits.ignored) > SHOWN_PATHS else ""
+        notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {shown}{more}")
+    return notices
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files below folder, recursively, sorted; symlinked folders are not followed (no loops)."""
-    found: list[Path] = []
+    return scan_folder(folder)[0]
+
+
+def scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) below folder, each sorted; hidden files and folders are left out."""
+    images: list[Path] = []
+    others: list[Path] = []
     for directory, subdirs, files in os.walk(folder, followlinks=False):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found.extend(Path(directory) / name for name in files if is_image_file(Path(name)))
-    return sorted(found)
+        for name in files:
+            path = Path(directory) / name
+            if is_image_file(path):
+                images.append(path)
+            elif not name.startswith("."):
+                others.append(path)
+    return sorted(images), sorted(others)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking images before training
+
+
+def find_bad_images(paths: list[Path]) -> dict[Path, str]:
+    """{path: reason} for every file that cannot be trained on; threads, since Pillow and reads release the GIL."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Too-large images are reported with the skipped ones, not as a stray warning on stderr.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if len(paths) < 64:
+            reasons = [image_problem(path) for path in paths]
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+                reasons = list(pool.map(image_problem, paths, chunksize=32))
+    return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+
+
+def image_problem(path: Path) -> str | None:
+    """Why a file cannot be trained on, or None. Fast: headers for all, CRCs of PNG chunks, the end marker
+    of JPEGs; only a JPEG without its end marker and other formats are decoded, to be sure."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                return f"{width}x{height} pixels is over the decompression-bomb limit of {limit:,}"
+            if image.format == "PNG":
+                image.verify()
+            elif not (image.format == "JPEG" and _jpeg_has_end_marker(path)):
+                image.load()
+    except Image.DecompressionBombError:
+        return f"over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+    except UnidentifiedImageError:
+        return "not an image"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}" if exc.strerror else f"damaged: {_first_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - damaged files make Pillow raise SyntaxError, ValueError, struct.error...
+        return f"damaged: {_first_line(exc)}"
+    return None
+
+
+def _jpeg_has_end_marker(path: Path) -> bool:
+    """A complete JPEG ends with FFD9 (possibly followed by a little padding); a truncated one does not.
+
+    Small files are decoded instead: cheap, and their tail could reach back into an EXIF thumbnail.
+    """
+    tail = 4096
+    with path.open("rb") as handle:
+        if handle.seek(0, os.SEEK_END) <= 4 * tail:
+            return False
+        handle.seek(-tail, os.SEEK_END)
+        return b"\xff\xd9" in handle.read()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -166,7 +311,11 @@ def build_transform(preprocessing: Any, augment: str, train: bool) -> Callable[[
 
 
 class ImageDataset:
-    """(image tensor, label) pairs from a list of samples."""
+    """(image tensor, label) pairs from a list of samples.
+
+    Items are indices, or (index, seed) pairs from an EpochSampler: the transform's random crop and flip
+    then come from that seed alone, never from RNG state left by earlier images, epochs or workers.
+    """
 
     def __init__(self, samples: list[Sample], transform: Callable[[Any], Any]) -> None:
         self.samples = samples
@@ -175,9 +324,78 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[index]
-        return self.transform(open_rgb(path)), label
+        try:
+            image = open_rgb(path)
+        except Exception as exc:  # noqa: BLE001 - Pillow's errors for a damaged file have many types
+            raise DataError(Problem(str(path), f"cannot be decoded: {_first_line(exc)}", "remove or replace the file")) from None
+        if seed is None:
+            return self.transform(image), label
+        with seeded_torch_rng(seed):
+            return self.transform(image), label
+
+
+@contextlib.contextmanager
+def seeded_torch_rng(seed: int) -> Iterator[None]:
+    """Run a block on torch's CPU generator seeded with `seed`; the caller's RNG state is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 64-bit seed for (run seed, global epoch); negative run seeds are fine."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & (2**64 - 1), epoch]).generate_state(1, dtype=np.uint64)[0])
+
+
+class EpochSampler:
+    """Sample indices in an order that depends only on (seed, epoch), each with its own random seed.
+
+    A resumed run therefore sees the same order and the same augmentations as an uninterrupted one, with
+    any number of workers (persistent workers keep RNG state across epochs, so nothing may rely on it).
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        import torch
+
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        return iter(zip(order.tolist(), seeds[order].tolist()))
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Make the next pass over a shuffling loader the one for `epoch` (global, counted from 1)."""
+    if isinstance(loader.sampler, EpochSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def worker_error(exc: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker comes back as traceback text; keep its last line."""
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return exc
+    last = text.splitlines()[-1]
+    prefix = f"{DataError.__module__}.{DataError.__name__}: "
+    return DataError(last.removeprefix(prefix))
 
 
 def resolve_workers(setting: int | str, n_images: int) -> int:
@@ -190,6 +408,7 @@ def resolve_workers(setting: int | str, n_images: int) -> int:
 
 
 def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False) -> Any:
+    """A DataLoader; shuffling ones use an EpochSampler (call set_loader_epoch before each epoch)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -198,7 +417,7 @@ def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochSampler(len(dataset), seed) if shuffle else None,
         num_workers=workers,
         generator=generator,
         pin_memory=pin_memory,

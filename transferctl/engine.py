@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,6 +51,10 @@ class EpochStats:
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the caller knows which phase and epoch."""
+
+
+class TrainingStopped(RuntimeError):
+    """should_stop said yes between two steps; the epoch was abandoned."""
 
 
 def choose_device(spec: str) -> torch.device:
@@ -129,8 +135,13 @@ def train_one_epoch(
     runtime: Runtime,
     scaler: torch.amp.GradScaler | None = None,
     on_batch: BatchCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
-    """One pass over the batches; the model must already be in the phase's train/eval modes."""
+    """One pass over the batches; the model must already be in the phase's train/eval modes.
+
+    should_stop is asked before every step: when it says yes, TrainingStopped abandons the epoch (the
+    caller's last checkpoint is the state to go back to). A non-finite loss raises NonFiniteLossError.
+    """
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     total_loss = torch.zeros((), device=runtime.device)
@@ -138,6 +149,8 @@ def train_one_epoch(
     seen = 0
     batch_count = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
     for index, (images, labels) in enumerate(batches):
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped before batch {index + 1} of {batch_count}")
         images, labels = _to_device(images, labels, runtime)
         with runtime.autocast():
             logits = logits_of(model(images))
@@ -156,7 +169,10 @@ def train_one_epoch(
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.numel()
         if on_batch is not None:
-            on_batch(index, batch_count, float(total_loss) / seen)
+            running = float(total_loss) / seen  # a sync point anyway: stop at once if the loss diverged
+            if not math.isfinite(running):
+                raise NonFiniteLossError(f"training loss became {running} at batch {index + 1} of {batch_count}")
+            on_batch(index, batch_count, running)
     mean_loss = float(total_loss) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"training loss became {mean_loss}")
@@ -197,10 +213,32 @@ def make_grad_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global random generator's state, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # an ndarray inside: stored as a list
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Undo rng_states: what an uninterrupted run's generators held at that point."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    # On another machine (or on the CPU) the CUDA streams differ anyway; restore what still matches.
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

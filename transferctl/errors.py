@@ -56,3 +56,7 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
 
 class TrainingError(TransferctlError):
     """Training cannot go on for a reason the user can act on (diverging loss, interruption)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Stopped by SIGINT or SIGTERM with the run directory resumable; the CLI exits 130, not 1."""

@@ -7,8 +7,10 @@ import time
 from typing import Any, Iterator
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from transferctl.phases import PhasePlan
 from transferctl.train import SilentObserver as QuietObserver
@@ -28,6 +30,9 @@ class LineObserver(QuietObserver):
     def __init__(self, console: Console) -> None:
         self.console = console
         self.epochs = 0
+
+    def notice(self, message: str) -> None:
+        self.console.print(f"note: {message}", highlight=False, markup=False)
 
     def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
         self.epochs = plan.epochs
@@ -56,6 +61,9 @@ class RichObserver(QuietObserver):
         self.epoch_task = self.progress.add_task(f"{plan.name}: epochs", total=plan.epochs, info="")
         self.batch_task = self.progress.add_task("batches", total=batches_per_epoch, info="")
         self.batch_started = time.perf_counter()
+
+    def notice(self, message: str) -> None:
+        self.console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
 
     def batch_done(self, index: int, count: int, running_loss: float) -> None:
         if index == 0:
@@ -105,7 +113,8 @@ def render_plan(plan: dict[str, Any]) -> Group:
         params = f"{phase['trainable_params']:,} ({share:.1%})"
         phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, _compact_lrs(phase["lr"]), phase["batchnorm"]["trained groups"])
     caption = "Frozen groups keep their BatchNorm statistics (eval mode) and get no gradients."
-    return Group(header, phases, caption)
+    notes = [Text(f"note: {line}", style="yellow") for line in data.get("notices", [])]
+    return Group(header, *notes, phases, caption)
 
 
 def _compact_lrs(lrs: dict[str, float]) -> str:

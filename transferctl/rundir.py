@@ -12,6 +12,7 @@ Every file is written to a temporary name, flushed, fsynced and renamed: never h
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -19,11 +20,12 @@ import os
 import secrets
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transferctl.errors import CheckpointError, Problem
 
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 METRIC_COLUMNS = (
     "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
     "val_loss", "val_acc", "seconds", "images_per_second",
@@ -51,7 +53,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_text(path, json_text(data))
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
 
 
 def create_run_dir(output_dir: Path, name: str, now: datetime | None = None) -> Path:
@@ -88,10 +94,18 @@ class RunDir:
         return self.path / CHECKPOINTS
 
     def write_json(self, name: str, data: Any) -> None:
-        atomic_write_json(self.path / name, data)
+        self.write_text(name, json_text(data))
 
     def write_text(self, name: str, text: str) -> None:
-        atomic_write_text(self.path / name, text)
+        self._write(self.path / name, text.encode("utf-8"))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Atomically; a full disk or a read-only folder is a user's problem, and the old file survives."""
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CheckpointError(Problem(str(path), f"cannot write: {reason}; the previous version of the file is intact", "free disk space or fix permissions, then retry")) from None
 
     def read_json(self, name: str) -> Any:
         path = self.path / name
@@ -112,12 +126,12 @@ class RunDir:
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite both metric files whole (tiny files): a crash never leaves a torn or duplicated row."""
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        self.write_text("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+        self.write_text("metrics.csv", buffer.getvalue())
 
     def save_checkpoint(self, kind: str, payload: dict[str, Any]) -> Path:
         import torch
@@ -125,8 +139,33 @@ class RunDir:
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         path = self.checkpoints / f"{kind}.pt"
-        atomic_write_bytes(path, buffer.getvalue())
+        self._write(path, buffer.getvalue())
         return path
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temporary files a killed process left behind (never the files they were to replace)."""
+        stale = [p for folder in (self.path, self.checkpoints) if folder.is_dir() for p in folder.glob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Only one process trains in a run directory at a time (a second `--resume` is refused)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; runs are still never overwritten
+            yield
+            return
+        with (self.path / LOCK).open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise CheckpointError(Problem(str(self.path), "another transferctl process is training in this run directory", "wait for it to finish or stop it first")) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def checkpoint_file(run_dir: Path, which: str) -> Path:

@@ -1,34 +1,53 @@
-"""train(config) -> summary: data, backbone and phases composed into a run directory."""
+"""train(config) -> summary: data, backbone and phases composed into a run directory.
+
+Every epoch ends with a checkpoint (checkpoints/last.pt) that holds all an uninterrupted run would carry
+into the next epoch: model, optimizer, scheduler, grad scaler, early-stopping state, best row, metric rows
+and random-number-generator states. The shuffle order and augmentations of an epoch depend only on
+(seed, global epoch), so resuming from last.pt (resume.py) continues exactly as if nothing had happened.
+"""
 
 from __future__ import annotations
 
 import platform
-import random
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from transferctl import __version__
 from transferctl.backbones import Backbone, build_backbone
 from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml
-from transferctl.data import DatasetSplits, ImageDataset, build_transform, discover, make_loader, resolve_workers
+from transferctl.data import (
+    DatasetSplits,
+    ImageDataset,
+    build_transform,
+    data_notices,
+    discover,
+    make_loader,
+    resolve_workers,
+    set_loader_epoch,
+    worker_error,
+)
 from transferctl.engine import (
     EpochStats,
     NonFiniteLossError,
     Runtime,
+    TrainingStopped,
     cpu_has_bf16_units,
     evaluate,
     make_grad_scaler,
     make_runtime,
     prepare_model,
+    restore_rng_states,
+    rng_states,
     seed_everything,
     train_one_epoch,
 )
-from transferctl.errors import Problem, TrainingError
+from transferctl.errors import CheckpointError, DataError, Problem, TrainingError, TrainingInterrupted
+from transferctl.interrupts import StopRequest, stop_on_signals
 from transferctl.phases import (
     HEAD,
     PhasePlan,
@@ -42,9 +61,15 @@ from transferctl.phases import (
 )
 from transferctl.rundir import RunDir, claim_run_dir, create_run_dir
 
+CHECKPOINT_FORMAT = 2  # 2: last.pt carries everything resume needs (rows, early-stopping state, ...)
+
 
 class TrainObserver(Protocol):
     """How the CLI watches training; library code never prints."""
+
+    def notice(self, message: str) -> None: ...
+
+    def run_started(self, run_dir: Path) -> None: ...
 
     def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None: ...
 
@@ -54,6 +79,12 @@ class TrainObserver(Protocol):
 
 
 class SilentObserver:
+    def notice(self, message: str) -> None:
+        pass
+
+    def run_started(self, run_dir: Path) -> None:
+        pass
+
     def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
         pass
 
@@ -74,16 +105,36 @@ class Experiment:
     plans: list[PhasePlan]
 
 
-def prepare(config: ExperimentConfig) -> Experiment:
-    splits = discover(config.data.root, config.data.val_fraction, config.seed)
-    backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=config.loads_pretrained_weights)
+@dataclass
+class ResumePoint:
+    """Where a run stopped (from its last.pt): the end of epoch `epoch` of phase `phase_index`."""
+
+    phase_index: int
+    epoch: int
+    phase_done: bool  # the phase ran all its epochs or stopped early: the next one starts fresh
+    phase_best: dict[str, Any] | None
+    stale: int  # epochs since the phase's metric last improved
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    elapsed: float  # seconds spent in earlier sessions
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
+    """Data, backbone and phases; load_weights=False when a checkpoint will provide every weight."""
+    splits = discover(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image)
+    pretrained = load_weights and config.loads_pretrained_weights
+    backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
     plans = plan_phases(config, backbone.group_names)
     return Experiment(config, splits, backbone, plans)
 
 
 def describe(experiment: Experiment) -> dict[str, Any]:
     """The resolved plan, as `transferctl check` prints it."""
-    config, backbone = experiment.config, experiment.backbone
+    config, backbone, splits = experiment.config, experiment.backbone, experiment.splits
     return {
         "name": config.name,
         "strategy": config.strategy,
@@ -91,22 +142,46 @@ def describe(experiment: Experiment) -> dict[str, Any]:
         "weights": backbone.weights,
         "layer_groups": backbone.group_names,
         "preprocessing": backbone.preprocessing.to_dict(),
-        "data": {"root": str(experiment.splits.root), "layout": experiment.splits.layout, "classes": experiment.splits.classes, **experiment.splits.counts()},
+        "data": {
+            "root": str(splits.root), "layout": splits.layout, "classes": splits.classes, **splits.counts(),
+            "skipped": len(splits.skipped), "notices": data_notices(splits),
+        },  # fmt: skip
         "phases": [describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay) for plan in experiment.plans],
     }
 
 
 def train(config: ExperimentConfig, run_dir: Path | None = None, observer: TrainObserver | None = None) -> dict[str, Any]:
     """Train as the config says; write everything into a new run directory; return the summary."""
-    observer = observer or SilentObserver()
     seed_everything(config.seed)
     experiment = prepare(config)
-    runtime = make_runtime(config.device, config.precision, experiment.backbone.model)
-    model = prepare_model(experiment.backbone.model, runtime)
-    loaders = _loaders(config, experiment, runtime)
+    session = Session.start(experiment)
     run = RunDir(claim_run_dir(run_dir) if run_dir else create_run_dir(config.output.dir, config.name))
-    _write_run_header(run, experiment, runtime)
-    return _Trainer(experiment, runtime, model, loaders, run, observer).run()
+    with run.lock():
+        write_run_header(run, experiment, session.runtime)
+        return session.train(run, observer or SilentObserver())
+
+
+@dataclass
+class Session:
+    """The experiment placed on a device, with its loaders: ready to train from the start or a resume point."""
+
+    experiment: Experiment
+    runtime: Runtime
+    model: torch.nn.Module
+    loaders: dict[str, Any]
+
+    @classmethod
+    def start(cls, experiment: Experiment) -> Session:
+        config = experiment.config
+        runtime = make_runtime(config.device, config.precision, experiment.backbone.model)
+        model = prepare_model(experiment.backbone.model, runtime)
+        return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
+
+    def train(self, run: RunDir, observer: TrainObserver, start: ResumePoint | None = None) -> dict[str, Any]:
+        observer.run_started(run.path)
+        for line in data_notices(self.experiment.splits):
+            observer.notice(line)
+        return _Trainer(self, run, observer, start).run()
 
 
 def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime) -> dict[str, Any]:
@@ -122,10 +197,10 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     }
 
 
-def _write_run_header(run: RunDir, experiment: Experiment, runtime: Runtime) -> None:
+def write_run_header(run: RunDir, experiment: Experiment, runtime: Runtime, **env_extra: Any) -> None:
     run.write_text("config.yaml", dump_yaml(config_to_dict(experiment.config)))
     run.write_json("classes.json", experiment.splits.classes)
-    run.write_json("env.json", environment(runtime))
+    run.write_json("env.json", {**environment(runtime), **env_extra})
 
 
 def environment(runtime: Runtime) -> dict[str, Any]:
@@ -148,78 +223,119 @@ def environment(runtime: Runtime) -> dict[str, Any]:
     return info
 
 
-def rng_states() -> dict[str, Any]:
-    # numpy's state holds an ndarray; a list keeps the checkpoint loadable with weights_only=True.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def resume_command(run_dir: Path) -> str:
+    return f"transferctl train --resume {shlex.quote(str(run_dir))}"
+
+
+@dataclass
+class _PhaseState:
+    """Early stopping within one phase."""
+
+    best: dict[str, Any] | None = None
+    stale: int = 0
 
 
 class _Trainer:
     """The loop over phases and epochs; holds the state a checkpoint must capture."""
 
-    def __init__(self, experiment: Experiment, runtime: Runtime, model: torch.nn.Module, loaders: dict[str, Any], run: RunDir, observer: TrainObserver) -> None:
-        self.experiment = experiment
-        self.config = experiment.config
-        self.runtime = runtime
-        self.model = model
-        self.loaders = loaders
+    def __init__(self, session: Session, run: RunDir, observer: TrainObserver, start: ResumePoint | None) -> None:
+        self.experiment = session.experiment
+        self.config = session.experiment.config
+        self.runtime = session.runtime
+        self.model = session.model
+        self.loaders = session.loaders
         self.run_dir = run
         self.observer = observer
-        self.rows: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
+        self.start = start
+        self.rows: list[dict[str, Any]] = list(start.rows) if start else []
+        self.best: dict[str, Any] | None = start.best if start else None
+        self.earlier_seconds = start.elapsed if start else 0.0
         self.started = time.perf_counter()
+        self.stop = StopRequest()
+        self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
 
     def run(self) -> dict[str, Any]:
-        for plan in self.experiment.plans:
-            self._run_phase(plan)
+        start = self.start
+        first = 0 if start is None else start.phase_index + int(start.phase_done)
+        with stop_on_signals() as self.stop:
+            if start is not None:
+                # Last: nothing between here and the first step may draw random numbers.
+                restore_rng_states(start.rng)
+            try:
+                for plan in self.experiment.plans[first:]:
+                    resuming = start is not None and plan.index == start.phase_index
+                    self._run_phase(plan, start if resuming else None)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now; atomic writes left every file whole
+                raise self._interrupted(*self.position) from None
         summary = self._summary()
         self.run_dir.write_json("summary.json", summary)
         return summary
 
-    def _run_phase(self, plan: PhasePlan) -> None:
+    def _run_phase(self, plan: PhasePlan, start: ResumePoint | None) -> None:
         backbone = self.experiment.backbone
         apply_freezing(self.model, backbone.groups, plan)
         # A fresh optimizer per phase, over exactly what this phase trains.
         optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, backbone.groups, plan, self.config.optimizer.weight_decay))
         scheduler = build_scheduler(optimizer, self.config.scheduler, plan.epochs, len(self.loaders["train"]))
         scaler = make_grad_scaler(self.runtime)
+        state, first_epoch = _PhaseState(), 1
+        if start is not None:
+            optimizer.load_state_dict(start.optimizer)
+            scheduler.load_state_dict(start.scheduler)
+            if scaler is not None and start.scaler:
+                scaler.load_state_dict(start.scaler)
+            state, first_epoch = _PhaseState(start.phase_best, start.stale), start.epoch + 1
         self.observer.phase_started(plan, len(self.loaders["train"]))
-        best_in_phase, stale = None, 0
-        for epoch in range(1, plan.epochs + 1):
+        for epoch in range(first_epoch, plan.epochs + 1):
+            self.position = (plan, epoch)
+            if self.stop():
+                raise self._interrupted(plan, epoch)
             set_train_mode(self.model, backbone.groups, plan)
             lrs = _current_lrs(optimizer)
+            set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
             stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler)
-            val = evaluate(self.model, self.loaders["val"], self.runtime)
-            row = self._record(plan, epoch, lrs, stats, val)
-            self._checkpoint(plan, epoch, row, optimizer, scheduler, scaler)
+            val = self._evaluate()
+            row = self._row(plan, epoch, lrs, stats, val)
+            done = self._early_stop(state, row) or epoch == plan.epochs
+            self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
             self.observer.epoch_done(row)
-            if best_in_phase is None or self._better(row, best_in_phase):
-                best_in_phase, stale = row, 0
-            else:
-                stale += 1
-            patience = self.config.early_stopping.patience
-            if patience is not None and stale >= patience:
+            if done:
                 break
 
     def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any) -> EpochStats:
         try:
-            return train_one_epoch(self.model, self.loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done)
+            return train_one_epoch(self.model, self.loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
+        except TrainingStopped:
+            raise self._interrupted(plan, epoch) from None
+        except DataError as exc:
+            raise worker_error(exc) from None
         except NonFiniteLossError as exc:
             last = self.run_dir.checkpoints / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished, so no checkpoint was written"
             raise TrainingError(
-                Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{exc}; {kept}", f"lower schedule[{plan.index}].lr (now {plan.lr:g})")
+                Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{exc}; {kept}", f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again")
             ) from None
 
-    def _record(self, plan: PhasePlan, epoch: int, lrs: dict[str, float], stats: EpochStats, val: EpochStats) -> dict[str, Any]:
-        row = {
+    def _evaluate(self) -> EpochStats:
+        # Validation finishes even when a stop is requested: the epoch's checkpoint is moments away.
+        try:
+            return evaluate(self.model, self.loaders["val"], self.runtime)
+        except DataError as exc:
+            raise worker_error(exc) from None
+
+    def _interrupted(self, plan: PhasePlan, epoch: int) -> TrainingInterrupted:
+        path = self.run_dir.path
+        if self.rows:
+            last = self.rows[-1]
+            saved = f"checkpoints/last.pt holds the last completed epoch ({last['phase']} epoch {last['epoch']}, global epoch {last['global_epoch']})"
+        else:
+            saved = "no epoch had finished, so a resume starts from the beginning"
+        return TrainingInterrupted(
+            Problem(str(path), f"stopped by {self.stop.name or 'SIGINT'} during phase '{plan.name}' epoch {epoch}; {saved}", f"resume with: {resume_command(path)}")
+        )
+
+    def _row(self, plan: PhasePlan, epoch: int, lrs: dict[str, float], stats: EpochStats, val: EpochStats) -> dict[str, Any]:
+        return {
             "phase": plan.name,
             "phase_index": plan.index,
             "epoch": epoch,
@@ -233,9 +349,15 @@ class _Trainer:
             "seconds": round(stats.seconds + val.seconds, 3),
             "images_per_second": round(stats.images_per_second, 1),
         }
-        self.rows.append(row)
-        self.run_dir.write_metrics(self.rows)
-        return row
+
+    def _early_stop(self, state: _PhaseState, row: dict[str, Any]) -> bool:
+        """Update the phase's early-stopping state with an epoch's row; True when the phase should end."""
+        if state.best is None or self._better(row, state.best):
+            state.best, state.stale = row, 0
+        else:
+            state.stale += 1
+        patience = self.config.early_stopping.patience
+        return patience is not None and state.stale >= patience
 
     def _better(self, row: dict[str, Any], than: dict[str, Any]) -> bool:
         metric = self.config.early_stopping.metric
@@ -243,23 +365,38 @@ class _Trainer:
             return row[metric] < than[metric]
         return row[metric] > than[metric]
 
-    def _checkpoint(self, plan: PhasePlan, epoch: int, row: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, state: _PhaseState, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+        """best.pt, then last.pt, then the metric files: whatever a crash cuts short, last.pt is the truth
+        (a resume rewrites the metrics from it, and recomputes an epoch whose last.pt was not written)."""
+        self.rows.append(row)
         improved = self.best is None or self._better(row, self.best)
         if improved:
             self.best = row
         payload = self._payload(plan, epoch)
-        if improved:
-            self.run_dir.save_checkpoint("best", payload)
-        payload["optimizer"] = optimizer.state_dict()
-        payload["scheduler"] = scheduler.state_dict()
-        payload["scaler"] = scaler.state_dict() if scaler is not None else None
-        payload["rng"] = rng_states()
-        self.run_dir.save_checkpoint("last", payload)
+        try:
+            if improved:
+                self.run_dir.save_checkpoint("best", payload)
+            payload.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                rng=rng_states(),
+                phase_done=done,
+                phase_best=dict(state.best) if state.best else None,
+                stale=state.stale,
+                rows=[dict(r) for r in self.rows],
+                elapsed=self._elapsed(),
+            )
+            self.run_dir.save_checkpoint("last", payload)
+            self.run_dir.write_metrics(self.rows)
+        except CheckpointError as exc:
+            hint = f"free disk space, then: {resume_command(self.run_dir.path)}"
+            raise CheckpointError(*(Problem(p.where, p.message, hint) for p in exc.problems)) from None
 
     def _payload(self, plan: PhasePlan, epoch: int) -> dict[str, Any]:
         backbone = self.experiment.backbone
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "model": {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.model.state_dict().items()},
             "classes": list(self.experiment.splits.classes),
             "backbone": {"name": backbone.name, "weights": backbone.weights, "head": backbone.head_path, "cut": self.config.backbone.cut},
@@ -270,6 +407,9 @@ class _Trainer:
             "best": dict(self.best) if self.best else None,
             "config": config_to_dict(self.config),
         }
+
+    def _elapsed(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.started
 
     def _summary(self) -> dict[str, Any]:
         assert self.best is not None, "a schedule always has at least one epoch"
@@ -287,11 +427,12 @@ class _Trainer:
             "best_phase": self.best["phase"],
             "final_val_acc": self.rows[-1]["val_acc"],
             "epochs": len(self.rows),
-            "seconds": round(time.perf_counter() - self.started, 2),
+            "seconds": round(self._elapsed(), 2),
             "train_seconds": round(train_seconds, 2),
             "images_per_second": round(mean_speed, 1),
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
+            "skipped_images": [str(item.path) for item in self.experiment.splits.skipped],
             "checkpoints": {"best": str(self.run_dir.checkpoints / "best.pt"), "last": str(self.run_dir.checkpoints / "last.pt")},
         }
 

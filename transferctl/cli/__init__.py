@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferctl import __version__
-from transferctl.errors import TransferctlError
+from transferctl.errors import TrainingInterrupted, TransferctlError
 
 app = typer.Typer(
     name="transferctl",
@@ -49,6 +49,10 @@ def user_errors() -> Iterator[None]:
     """User mistakes become one line per problem and exit 1; bugs keep their traceback."""
     try:
         yield
+    except TrainingInterrupted as exc:  # stopped by a signal, with the way to resume in the message
+        for problem in exc.problems:
+            err.print(f"[yellow]interrupted:[/] {escape(str(problem))}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except TransferctlError as exc:
         for problem in exc.problems:
             err.print(f"[bold red]error:[/] {escape(str(problem))}")

@@ -15,21 +15,38 @@ SetOption = typer.Option(None, "--set", help="Override a field: --set data.batch
 
 @app.command()
 def train(
-    config: Path = ConfigArg,
+    config: Optional[Path] = typer.Argument(None, dir_okay=False, help="The experiment YAML file (not with --resume)."),
     overrides: Optional[List[str]] = SetOption,
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run here (must not exist) instead of <output.dir>/<name>-<time>."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", file_okay=False, help="Continue this run directory where it stopped, with its own config.yaml (--set may change the device, workers or phases not yet started)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train a model as the experiment file says; write checkpoints and metrics to a run directory."""
     from transferctl.config import load_config
     from transferctl.progress import make_observer
-    from transferctl.train import train as run_training
+    from transferctl.tensorboard import run_wants_tensorboard, with_tensorboard
 
+    if (config is None) == (resume is None):
+        raise typer.BadParameter("give an experiment file, or --resume RUN_DIR (not both)", param_hint="CONFIG")
+    if resume is not None and run_dir is not None:
+        raise typer.BadParameter("a resumed run stays in its own directory", param_hint="--run-dir")
     with user_errors():
-        experiment = load_config(config, overrides or [])
-        with make_observer(err, quiet=quiet) as observer:
-            summary = run_training(experiment, run_dir, observer)
+        with make_observer(err, quiet=quiet) as progress:
+            if resume is not None:
+                from transferctl.resume import resume as resume_training
+
+                with with_tensorboard(progress, run_wants_tensorboard(resume), f"{resume / 'config.yaml'}: logging.tensorboard") as observer:
+                    summary = resume_training(resume, overrides or [], observer)
+            else:
+                from transferctl.train import train as run_training
+
+                assert config is not None
+                experiment = load_config(config, overrides or [])
+                with with_tensorboard(progress, experiment.logging.tensorboard, f"{config}: logging.tensorboard") as observer:
+                    summary = run_training(experiment, run_dir, observer)
     if as_json:
         print_json(summary)
     else:

@@ -1,0 +1,387 @@
+"""resume.py and interruptions: a run stopped by a signal, kill -9 or a full disk continues exactly as if
+nothing had happened; a resume that would change what the run computes is refused."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from helpers import experiment, write_experiment
+from transferctl.cli import app
+from transferctl.config import load_config
+from transferctl.errors import CheckpointError, TrainingInterrupted
+from transferctl.resume import incompatibilities, resume
+from transferctl.rundir import RunDir
+from transferctl.synthetic import tiny_dataset
+from transferctl.train import SilentObserver, resume_command, train
+
+# Two phases of two epochs, random crops and flips: resuming must restore the scheduler mid-phase, the
+# next phase's fresh optimizer, and the per-epoch shuffle order and augmentations.
+SCHEDULE = [
+    {"name": "head", "epochs": 2, "train": "head", "lr": 1.0e-2},
+    {"name": "body", "epochs": 2, "train": "all", "lr": 1.0e-2, "backbone_lr_mult": 0.1},
+]
+EXACT = ("phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone")
+MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+# The child process: the real CLI, with image decoding slowed down so that a signal sent after the first
+# epoch always lands while later epochs are still running.
+CHILD = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+import transferctl.data as data
+_open_rgb = data.open_rgb
+def slow_open_rgb(path):
+    time.sleep(0.05)
+    return _open_rgb(path)
+data.open_rgb = slow_open_rgb
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
+def raw_experiment(data: Path, runs: Path) -> dict[str, Any]:
+    # mobilenet_v3_small: BatchNorm statistics and dropout (the RNG state matters), and fast on a CPU.
+    return experiment(data, runs, backbone={"name": "mobilenet_v3_small", "weights": "none"}, schedule=SCHEDULE, data={"augment": "standard"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Same thread count in this process and the child (CHILD sets it too): the sums then add up in the
+    same order, and on a shared, busy CPU one thread is several times faster than two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_dataset(tmp_path_factory.mktemp("resume") / "data", n_classes=3, layout="split")
+
+
+@pytest.fixture(scope="module")
+def config_file(data: Path) -> Path:
+    return write_experiment(data.parent / "experiment.yaml", raw_experiment(data, data.parent / "runs"))
+
+
+@pytest.fixture(scope="module")
+def reference(config_file: Path) -> Path:
+    """The uninterrupted run every resumed one must match."""
+    run = config_file.parent / "reference"
+    train(load_config(config_file), run)
+    return run
+
+
+class StopAfter(SilentObserver):
+    """Sends this process a real SIGINT once global epoch `epoch` is saved, like a Ctrl-C at that moment."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        if row["global_epoch"] == self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
+def stopped(config_file: Path) -> Path:
+    """A run stopped after its first phase (global epoch 2 of 4)."""
+    run = config_file.parent / "stopped"
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(config_file), run, StopAfter(2))
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def rows(run: Path) -> list[dict[str, Any]]:
+    return RunDir(run).metrics()
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    got, want = rows(resumed), rows(reference)
+    assert [r["global_epoch"] for r in got] == list(range(1, len(want) + 1))  # none duplicated or missing
+    for mine, theirs in zip(got, want):
+        assert {k: mine[k] for k in EXACT} == {k: theirs[k] for k in EXACT}
+        for key in MEASURED:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["global_epoch"], key)
+    final = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
+    expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, tensor in expected.items():
+        assert torch.allclose(final[name].float(), tensor.float(), rtol=1e-4, atol=1e-6), name
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["epochs"] == len(want) and summary["best_epoch"] == json.loads((reference / "summary.json").read_text())["best_epoch"]
+
+
+def start_child(config_file: Path, run: Path) -> subprocess.Popen[str]:
+    script = run.parent / "child.py"
+    script.write_text(CHILD)
+    command = [sys.executable, str(script), "train", str(config_file), "--run-dir", str(run), "--quiet"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+
+
+def wait_for_rows(run: Path, child: subprocess.Popen[str], count: int, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            pytest.fail(f"the run ended before it could be interrupted: {child.communicate()}")
+        try:
+            if len(rows(run)) >= count:
+                return
+        except (json.JSONDecodeError, OSError):
+            pass  # a reader may race the rename; never a torn file, but the folder may not exist yet
+        time.sleep(0.02)
+    child.kill()
+    pytest.fail("the run did not finish its first epoch in time")
+
+
+# --------------------------------------------------------------------------- real signals, real processes
+
+
+# SIGINT also reaches the loop in-process (StopAfter); its subprocess twin mostly costs another torch import.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
+def test_a_signal_stops_the_run_and_resume_matches_an_uninterrupted_run(config_file: Path, reference: Path, tmp_path: Path, signum: int) -> None:
+    run = tmp_path / "run"
+    child = start_child(config_file, run)
+    wait_for_rows(run, child, 1)
+    child.send_signal(signum)
+    stdout, stderr = child.communicate(timeout=120)
+
+    assert child.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), stderr
+    assert signal.Signals(signum).name in lines[0] and resume_command(run) in lines[0]
+    assert "Traceback" not in stderr and stdout == ""
+    stopped_at = rows(run)
+    assert 1 <= len(stopped_at) < 4 and [r["global_epoch"] for r in stopped_at] == list(range(1, len(stopped_at) + 1))
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["global_epoch"] == len(stopped_at)
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--quiet"])
+
+    assert result.exit_code == 0, result.output
+    assert_same_run(run, reference)
+
+
+def test_after_kill_9_resume_continues_from_the_last_completed_epoch(config_file: Path, reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    child = start_child(config_file, run)
+    wait_for_rows(run, child, 1)
+    child.kill()
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+
+    summary = resume(run)
+
+    assert summary["epochs"] == 4
+    assert not list(run.rglob("*.tmp"))
+    assert_same_run(run, reference)
+
+
+# --------------------------------------------------------------------------- failures in the library
+
+
+def fail_writes_of(monkeypatch: pytest.MonkeyPatch, name: str, when: Callable[[], bool]) -> None:
+    """Every fsync of a temp file for `name` fails with ENOSPC while when() is true: a disk that fills up."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if target.startswith(f".{name}.") and when():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell which file is written")
+def test_a_full_disk_keeps_the_previous_checkpoint_and_resume_finishes_the_run(config_file: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = {"now": False}
+
+    class FillDiskAfterFirstEpoch(SilentObserver):
+        def epoch_done(self, row: dict[str, Any]) -> None:
+            full["now"] = True
+
+    fail_writes_of(monkeypatch, "last.pt", lambda: full["now"])
+    run = tmp_path / "run"
+
+    with pytest.raises(CheckpointError) as info:
+        train(load_config(config_file), run, FillDiskAfterFirstEpoch())
+
+    (problem,) = info.value.problems
+    assert problem.where == str(run / "checkpoints" / "last.pt")
+    assert "No space left on device" in problem.message and "intact" in problem.message
+    assert resume_command(run) in problem.hint
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["global_epoch"] == 1
+    assert not list(run.rglob("*.tmp"))
+
+    monkeypatch.undo()
+    resume(run)
+    assert_same_run(run, reference)
+
+
+def test_resume_drops_rows_of_an_epoch_that_was_cut_short(stopped: Path, reference: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+    torn = rows(run) + [{**rows(run)[-1], "global_epoch": 3, "phase": "body", "epoch": 1}]
+    RunDir(run).write_metrics(torn)  # as if killed after the metrics but before last.pt of epoch 3
+    (run / "checkpoints" / ".last.pt.0123456789ab.tmp").write_bytes(b"half a checkpoint")
+
+    resume(run)
+
+    assert not list(run.rglob("*.tmp"))
+    assert_same_run(run, reference)
+
+
+def test_interrupted_before_any_epoch_finished_starts_over(stopped: Path, reference: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").unlink()
+
+    resume(run)
+
+    assert_same_run(run, reference)
+
+
+def test_a_stopped_run_keeps_its_completed_epochs_and_has_no_summary(stopped: Path) -> None:
+    last = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    assert (last["phase_index"], last["epoch"], last["phase_done"]) == (0, 2, True)
+    assert [r["global_epoch"] for r in rows(stopped)] == [1, 2]
+    assert not (stopped / "summary.json").exists()
+
+
+def test_interrupted_run_message(config_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingInterrupted) as info:
+        train(load_config(config_file), tmp_path / "run", StopAfter(1))
+    text = str(info.value)
+    assert "stopped by SIGINT during phase 'head' epoch 2" in text
+    assert "last completed epoch (head epoch 1, global epoch 1)" in text
+    assert text.endswith(f"(resume with: transferctl train --resume {tmp_path / 'run'})")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+
+
+# --------------------------------------------------------------------------- what a resume may change
+
+
+def edit_config(run: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = run / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "detail"),
+    [
+        (lambda raw: raw["backbone"].update(name="resnet18"), "backbone.name", "changed from 'mobilenet_v3_small' to 'resnet18'"),
+        (lambda raw: raw["schedule"][0].update(lr=0.5), "schedule[0].lr", "but phase 'head' has already started"),
+        (lambda raw: raw["data"].update(batch_size=4), "data.batch_size", "changed from 8 to 4"),
+        (lambda raw: raw.update(seed=1), "seed", "changed from 0 to 1"),
+        (lambda raw: raw.update(strategy="pretrained_init"), "strategy", "changed from 'fine_tune' to 'pretrained_init'"),
+    ],
+    ids=["backbone", "finished-phase", "batch-size", "seed", "strategy"],
+)
+def test_incompatible_config_changes_are_refused(stopped: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None], field: str, detail: str) -> None:
+    run = copy_run(stopped, tmp_path)
+    edit_config(run, change)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
+
+    assert result.exit_code == 1, result.output
+    assert f"{run / 'config.yaml'}: {field}" in result.stderr and detail in result.stderr
+    assert "start a new run" in result.stderr and "Traceback" not in result.output
+    assert all(line.startswith("error:") for line in result.stderr.strip().splitlines())
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_incompatibilities_allow_the_device_and_phases_not_yet_started() -> None:
+    trained = {"device": "cuda", "data": {"num_workers": 4, "batch_size": 8}, "schedule": [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 5}]}
+    now = {"device": "cpu", "data": {"num_workers": 0, "batch_size": 8}, "schedule": [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 9}, {"name": "c", "epochs": 1}]}
+
+    assert incompatibilities(trained, now, phases_started=1, where="config.yaml") == []
+    (problem,) = incompatibilities(trained, now, phases_started=2, where="config.yaml")
+    assert problem.where == "config.yaml: schedule[1].epochs"
+
+
+def test_set_may_lengthen_a_phase_that_has_not_started(stopped: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "schedule.1.epochs=1", "--json", "-q"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epochs"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["schedule"][1]["epochs"] == 1
+    assert [(r["phase"], r["epoch"]) for r in rows(run)] == [("head", 1), ("head", 2), ("body", 1)]
+
+
+def test_resume_refuses_data_with_other_classes(stopped: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+    other = tiny_dataset(tmp_path / "other", n_classes=4, layout="split")
+
+    with pytest.raises(CheckpointError, match=r"differ from the run's: extra \['yellow'\]"):
+        resume(run, [f"data.root={other}"])
+
+
+def test_resume_of_a_finished_run_changes_nothing(reference: Path, tmp_path: Path) -> None:
+    run = copy_run(reference, tmp_path)
+    before = (run / "summary.json").read_text()
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
+
+    assert result.exit_code == 0, result.output
+    assert "already finished all 4 epochs" in result.stderr
+    assert (run / "summary.json").read_text() == before
+
+
+def test_a_run_being_trained_cannot_be_resumed_twice(stopped: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+    with RunDir(run).lock(), pytest.raises(CheckpointError, match="another transferctl process is training"):
+        resume(run)
+
+
+def test_a_checkpoint_without_resume_state_is_refused(stopped: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    for key in ("rows", "rng"):
+        del payload[key]
+    torch.save(payload, last)
+
+    with pytest.raises(CheckpointError, match=r"has no resume state \(rng, rows missing\)"):
+        resume(run)
+
+
+@pytest.mark.parametrize("make", ["missing", "not-a-run"])
+def test_resume_needs_a_run_directory(tmp_path: Path, make: str) -> None:
+    target = tmp_path / "somewhere"
+    if make == "not-a-run":
+        target.mkdir()
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(target)])
+
+    assert result.exit_code == 1 and "--resume" in result.stderr and str(target) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_needs_exactly_one_of_config_and_resume(config_file: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["train"]).exit_code == 2
+    assert runner.invoke(app, ["train", str(config_file), "--resume", str(tmp_path)]).exit_code == 2
+    assert runner.invoke(app, ["train", "--resume", str(tmp_path), "--run-dir", str(tmp_path / "x")]).exit_code == 2
