@@ -150,6 +150,10 @@ def evaluate_run(
 
     check_runtime_options(device, precision)
     config = read_run_config(run_dir)
+    if config.logging.tensorboard:
+        from transferctl.tensorboard import require_tensorboard
+
+        require_tensorboard(f"{run_dir / 'config.yaml'}: logging.tensorboard")
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
     root = data if data is not None else config.data.root
     where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
@@ -175,7 +179,12 @@ def evaluate_run(
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         **compute_metrics(logits.numpy(), labels.numpy(), classes),
     }
-    return _write_report(run_dir, report)
+    result = _write_report(run_dir, report)
+    if config.logging.tensorboard:
+        from transferctl.tensorboard import log_evaluation
+
+        log_evaluation(run_dir, result.report, result.png_path)
+    return result
 
 
 def _write_report(run_dir: Path, report: dict[str, Any]) -> EvaluationResult:

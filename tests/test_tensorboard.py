@@ -1,0 +1,108 @@
+"""TensorBoard logs: the fan-out observer, per-group learning rates, the missing-package error, and (when
+the tensorboard package is installed) the scalars a real tiny run writes and evaluate's confusion image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import experiment, write_experiment
+from transferctl.cli import app
+from transferctl.observers import FanOutObserver
+from transferctl.phases import PhasePlan
+from transferctl.tensorboard import group_learning_rates
+
+runner = CliRunner()
+BODY = PhasePlan(1, "body", 2, 1.0e-2, 0.1, "train", ("layer3", "layer4", "head"), ("stem", "layer1", "layer2"))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def notice(self, message: str) -> None:
+        self.calls.append(("notice", message))
+
+    def run_started(self, run_dir: Path) -> None:
+        self.calls.append(("run_started", run_dir))
+
+    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
+        self.calls.append(("phase_started", plan.name))
+
+    def batch_done(self, index: int, count: int, running_loss: float) -> None:
+        self.calls.append(("batch_done", index))
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.calls.append(("epoch_done", row["epoch"]))
+
+
+def test_fan_out_passes_every_event_to_each_observer_in_order() -> None:
+    first, second = Recorder(), Recorder()
+    fan = FanOutObserver(first, second)
+    fan.notice("hi")
+    fan.run_started(Path("run"))
+    fan.phase_started(BODY, 3)
+    fan.batch_done(0, 3, 1.0)
+    fan.epoch_done({"epoch": 1})
+    expected = [("notice", "hi"), ("run_started", Path("run")), ("phase_started", "body"), ("batch_done", 0), ("epoch_done", 1)]
+    assert first.calls == expected and second.calls == expected
+
+
+def test_learning_rate_of_every_trained_group() -> None:
+    lrs = group_learning_rates(BODY, {"lr_head": 5.0e-3, "lr_backbone": 5.0e-4})
+    assert lrs == {"layer3": pytest.approx(5.0e-4), "layer4": pytest.approx(5.0e-4), "head": 5.0e-3}
+    assert group_learning_rates(None, {"lr_head": 1.0}) == {}
+
+
+def tensorboard_experiment(data: Path, tmp_path: Path) -> Path:
+    raw = experiment(data, tmp_path / "runs", logging={"tensorboard": True})
+    return write_experiment(tmp_path / "e.yaml", raw)
+
+
+def test_missing_package_is_one_line_naming_the_extra(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("transferctl.tensorboard.tensorboard_available", lambda: False)
+    config = tensorboard_experiment(tiny_split_data, tmp_path)
+    result = runner.invoke(app, ["train", str(config), "--quiet"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "logging.tensorboard" in lines[0] and "pip install transferctl[tensorboard]" in lines[0]
+    assert not (tmp_path / "runs").exists()  # refused before any run directory was made
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_training_writes_epoch_scalars_and_evaluate_adds_the_confusion_matrix(tiny_split_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install transferctl[tensorboard])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tensorboard_experiment(tiny_split_data, tmp_path)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(config), "--run-dir", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    found = scalars(run / "tensorboard")
+    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "speed/images_per_second"):
+        assert [step for step, _ in found[tag]] == [1, 2], tag
+    assert [step for step, _ in found["lr/head"]] == [1, 2]
+    # phase 1 trains the head only; phase 2 every group, the body at lr x 0.1
+    assert [step for step, _ in found["lr/layer4"]] == [2]
+    assert found["lr/layer4"][0][1] == pytest.approx(found["lr/head"][1][1] * 0.1)
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 2
+
+    evaluated = runner.invoke(app, ["evaluate", str(run), "--split", "val", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "eval/val/confusion_matrix" in events.Tags()["images"]
+    image = events.Images("eval/val/confusion_matrix")[-1]
+    assert image.step == 2 and image.width > 100 and image.height > 100
+    assert "eval/val/accuracy" in events.Tags()["scalars"]
