@@ -106,3 +106,17 @@ def test_training_writes_epoch_scalars_and_evaluate_adds_the_confusion_matrix(ti
     image = events.Images("eval/val/confusion_matrix")[-1]
     assert image.step == 2 and image.width > 100 and image.height > 100
     assert "eval/val/accuracy" in events.Tags()["scalars"]
+
+
+def test_resume_may_switch_logs_on_and_accepts_runs_from_before_the_logging_section(tmp_path: Path) -> None:
+    from transferctl.config import config_from_dict, config_to_dict
+    from transferctl.resume import incompatibilities
+    from transferctl.tensorboard import run_wants_tensorboard
+
+    now = config_to_dict(config_from_dict({"data": {"root": "d"}, "logging": {"tensorboard": True}}))
+    before = {key: value for key, value in now.items() if key != "logging"}
+    assert incompatibilities(before, now, 1, "config.yaml") == []
+    write_experiment(tmp_path / "config.yaml", before)
+    assert not run_wants_tensorboard(tmp_path)
+    assert run_wants_tensorboard(tmp_path, ["logging.tensorboard=true"])
+    assert not run_wants_tensorboard(tmp_path / "nowhere")

@@ -135,13 +135,13 @@ def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path) -
         writer.close()
 
 
-def run_wants_tensorboard(run_dir: Path) -> bool:
-    """Whether a run directory's config.yaml asks for TensorBoard logs (False when it cannot be read:
-    the command that opens the run says what is wrong with it)."""
+def run_wants_tensorboard(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> bool:
+    """Whether a run directory's config.yaml (with --set overrides) asks for TensorBoard logs; False when it
+    cannot be read: the command that opens the run says what is wrong with it."""
+    from transferctl.config import load_config
     from transferctl.errors import TransferctlError
-    from transferctl.runs import read_run_config
 
     try:
-        return read_run_config(run_dir).logging.tensorboard
+        return load_config(run_dir / "config.yaml", overrides).logging.tensorboard
     except TransferctlError:
         return False

@@ -38,7 +38,7 @@ def train(
             if resume is not None:
                 from transferctl.resume import resume as resume_training
 
-                with with_tensorboard(progress, run_wants_tensorboard(resume), f"{resume / 'config.yaml'}: logging.tensorboard") as observer:
+                with with_tensorboard(progress, run_wants_tensorboard(resume, overrides or []), f"{resume / 'config.yaml'}: logging.tensorboard") as observer:
                     summary = resume_training(resume, overrides or [], observer)
             else:
                 from transferctl.train import train as run_training
