@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from helpers import experiment
+from transferctl.cli import app
+from transferctl.config import STRATEGIES, load_config
+from transferctl.recommend import (
+    Advice,
+    BackboneReport,
+    MeasureOptions,
+    Thresholds,
+    advise,
+    judge_similarity,
+    judge_size,
+    rank,
+    score_backbone,
+)
+
+runner = CliRunner()
+TH = Thresholds()
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer's Result
+    return runner.invoke(app, list(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule mode
+
+
+@pytest.mark.parametrize(
+    ("size", "similar", "strategy"),
+    [("small", "yes", "feature_extract"), ("small", "no", "scratch"), ("large", "yes", "fine_tune"), ("large", "no", "pretrained_init")],
+)
+def test_rule_mode_gives_the_four_cases(size: str, similar: str, strategy: str) -> None:
+    result = invoke("recommend", "--size", size, "--similar", similar, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["mode"] == "rule" and answer["strategy"] == strategy and answer["cut"] is None
+    assert answer["case"] == f"{size} data, {'similar' if similar == 'yes' else 'different'} task"
+    assert answer["reasons"] and all(isinstance(r, str) for r in answer["reasons"])
+
+
+def test_rule_mode_small_and_different_points_to_data_mode() -> None:
+    reasons = advise("small", similar=False).reasons
+    assert any("--data" in reason for reason in reasons)
+
+
+def test_rule_mode_prints_for_humans_on_stderr() -> None:
+    result = invoke("recommend", "--size", "large", "--similar", "yes")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "fine_tune" in result.stderr and "large data, similar task" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--size", "small"], ["--size", "huge", "--similar", "yes"], ["--size", "small", "--similar", "maybe"], []])
+def test_rule_mode_usage_errors_exit_2(args: list[str]) -> None:
+    assert invoke("recommend", *args).exit_code == 2
+
+
+@pytest.mark.parametrize(("size", "similar"), [("small", "yes"), ("small", "no"), ("large", "yes"), ("large", "no")])
+def test_written_config_validates_unchanged(size: str, similar: str, tiny_split_data: Path, tmp_path: Path) -> None:
+    path = tmp_path / "configs" / "exp.yaml"
+    path.parent.mkdir()
+    result = invoke("recommend", "--size", size, "--similar", similar, "--data", str(tiny_split_data), "--backbone", "resnet50", "--write-config", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"] == str(path)
+    config = load_config(path)
+    assert config.strategy == json.loads(result.stdout)["strategy"]
+    assert config.data.root == tiny_split_data.resolve() and config.backbone.name == "resnet50"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["data"]["root"] == "../tiny_split"  # relative to the file, as train reads it
+    assert raw["schedule"]  # every default spelled out
+    assert (config.backbone.weights == "none") == (config.strategy == "scratch")
+
+
+def test_written_config_trains(tiny_split_data: Path, tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    assert invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(tiny_split_data), "--write-config", str(path)).exit_code == 0
+    fast = ["--set", "backbone.weights=none", "--set", "data.image_size=32", "--set", "schedule.0.epochs=1", "--set", "data.num_workers=0",
+            "--set", "device=cpu", "--set", "precision=fp32", "--set", "data.batch_size=8"]  # fmt: skip
+    result = invoke("train", str(path), *fast, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["strategy"] == "feature_extract" and Path(summary["run_dir"]).parent == tmp_path / "runs"
+
+
+def test_write_config_refuses_to_overwrite_and_needs_data(tiny_split_data: Path, tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("mine\n")
+    result = invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(tiny_split_data), "--write-config", str(path))
+    assert result.exit_code == 1 and "already exists" in result.stderr and path.read_text() == "mine\n"
+    assert invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(tiny_split_data), "--write-config", str(path), "--force").exit_code == 0
+    result = invoke("recommend", "--size", "small", "--similar", "yes", "--write-config", str(tmp_path / "other.yaml"))
+    assert result.exit_code == 1 and "--data" in result.stderr
+
+
+def test_rule_mode_does_not_import_torch(tiny_split_data: Path, tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from typer.testing import CliRunner
+        from transferctl.cli import app
+        args = ["recommend", "--size", "small", "--similar", "no", "--json", "--data", {str(tiny_split_data)!r},
+                "--write-config", {str(tmp_path / "exp.yaml")!r}]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode: the decisions, on measurements whose answer is known
+
+
+def report(**fields: object) -> BackboneReport:
+    values: dict[str, object] = dict(
+        name="resnet18", weights="DEFAULT", logme=0.5, logme_spread=0.01, probe_acc=0.9, probe_gain_points=0.5,
+        stage_acc={"layer2": 0.7}, feature_dim=512, random_images=100, pretrained_subset_acc=0.9, random_probe_acc=0.5,
+        best_stage="layer2", best_stage_random_acc=0.5, best_stage_subset_acc=0.7, source_agreement=0.4, source_classes=1000,
+    )  # fmt: skip
+    values.update(fields)
+    return BackboneReport(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("median", "gain", "size", "word"),
+    [(40, 0.0, "small", "small:"), (5000, 9.0, "large", "large:"), (300, 3.5, "small", "effectively small"), (300, 1.0, "large", "large enough")],
+)
+def test_size_from_images_per_class_and_the_probe_gain(median: float, gain: float, size: str, word: str) -> None:
+    got, reasons = judge_size(median, 10, gain, True, TH)
+    assert got == size and reasons[0].startswith(word)
+    assert "small below 100" in reasons[0]  # the threshold is shown next to the value
+
+
+def test_similar_when_the_top_layer_holds_up_and_pretraining_helps() -> None:
+    similar, cut, reasons = judge_similarity(report(), TH)
+    assert similar and cut is None
+    assert any("AMI 0.400" in r for r in reasons)
+
+
+def test_different_with_a_cut_when_a_mid_stage_wins_clearly_and_beats_random() -> None:
+    best = report(probe_acc=0.55, pretrained_subset_acc=0.55, stage_acc={"layer2": 0.85}, best_stage_subset_acc=0.85, best_stage_random_acc=0.5)
+    similar, cut, reasons = judge_similarity(best, TH)
+    assert not similar and cut == "layer2"
+    assert any("'layer2' reaches 85.0%" in r and "more than 5" in r for r in reasons)
+    advice = advise("small", similar, cut, measured=True)
+    assert advice.strategy == "feature_extract" and advice.cut == "layer2"
+    assert advise("large", similar, None, measured=True).strategy == "pretrained_init"
+
+
+def test_no_cut_when_the_winning_stage_is_no_better_than_random_features() -> None:
+    best = report(probe_acc=0.55, stage_acc={"layer2": 0.85}, best_stage_subset_acc=0.85, best_stage_random_acc=0.84)
+    similar, cut, _ = judge_similarity(best, TH)
+    assert not similar and cut is None
+    assert advise("small", similar, cut, measured=True).strategy == "scratch"
+
+
+@pytest.mark.parametrize(("changes", "phrase"), [({"random_probe_acc": 0.88}, "worth only"), ({"source_agreement": 0.02}, "barely agree")])
+def test_different_when_pretraining_is_worth_little_or_the_source_head_disagrees(changes: dict, phrase: str) -> None:
+    similar, _, reasons = judge_similarity(report(**changes), TH)
+    assert not similar and any(phrase in r for r in reasons)
+
+
+def test_thresholds_are_configurable() -> None:
+    best = report(random_probe_acc=0.88)  # pretraining worth 2 points
+    assert not judge_similarity(best, TH)[0]
+    assert judge_similarity(best, Thresholds(worth_points=1.0))[0]
+
+
+def test_ranking_is_by_logme() -> None:
+    ranked = rank([report(name="a", logme=0.1), report(name="b", logme=0.7), report(name="c", logme=0.3)])
+    assert [r.name for r in ranked] == ["b", "c", "a"]
+
+
+def test_scores_from_generated_features_find_a_mid_stage_that_separates_the_classes() -> None:
+    from transferctl.features import Features
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 25)
+    clear = rng.normal(size=(100, 16))
+    clear[:, :4] += 6.0 * np.eye(4)[labels]
+    noise = rng.normal(size=(100, 64))
+    subset = np.arange(0, 100, 2)
+    pretrained = Features({"layer1": rng.normal(size=(100, 8)), "layer2": clear}, noise, (labels * 3) % 1000, 0.0)
+    random = Features({"layer1": rng.normal(size=(50, 8)), "layer2": rng.normal(size=(50, 16))}, rng.normal(size=(50, 64)), None, 0.0)
+    scored = score_backbone("resnet18", MeasureOptions(folds=3), pretrained, random, labels, subset)
+    assert scored.best_stage == "layer2" and scored.stage_acc["layer2"] > 0.95 and scored.probe_acc < 0.5
+    assert scored.best_stage_random_acc is not None and scored.best_stage_random_acc < 0.5
+    assert scored.source_agreement == pytest.approx(1.0)
+    similar, cut, _ = judge_similarity(scored, TH)
+    assert not similar and cut == "layer2"
+
+
+def test_advice_case_names_both_facts() -> None:
+    assert Advice("large", False, "pretrained_init", []).case == "large data, different task"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode end to end, with a base model trained here
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny base model: resnet18 trained for one epoch on three colours, shared by this module's tests."""
+    from transferctl.config import config_from_dict
+    from transferctl.synthetic import tiny_dataset
+    from transferctl.train import train
+
+    folder = tmp_path_factory.mktemp("base")
+    data = tiny_dataset(folder / "data", n_classes=3, layout="split")
+    schedule = [{"name": "all", "epochs": 1, "train": "all", "lr": 1.0e-2}]
+    return Path(train(config_from_dict(experiment(data, folder / "runs", strategy="scratch", schedule=schedule)))["run_dir"])
+
+
+def test_data_mode_end_to_end_with_a_run_as_weights(base_run: Path, tmp_path: Path) -> None:
+    from transferctl.synthetic import tiny_dataset
+
+    target = tiny_dataset(tmp_path / "target", n_classes=4, per_class=8, layout="flat", seed=3)
+    path = tmp_path / "rec.yaml"
+    args = ["recommend", "--data", str(target), "--weights", f"run:{base_run}", "--image-size", "32", "--random-images", "16",
+            "--folds", "2", "--device", "cpu", "--precision", "fp32", "--write-config", str(path), "--json", "--quiet"]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["mode"] == "data" and answer["strategy"] in STRATEGIES
+    assert answer["data"]["images"] == 32 and answer["data"]["per_class_median"] == 8
+    (row,) = answer["ranking"]  # the run's own backbone, found from its config.yaml
+    assert row["name"] == "resnet18" and row["weights"] == f"run:{base_run}"
+    assert row["source_classes"] == 3 and row["source_agreement"] is not None  # the base run's head
+    assert row["imagenet_top1"] is None and set(row["stage_acc"]) <= {"stem", "layer1", "layer2", "layer3", "layer4"}
+    assert {"small_below", "large_from", "gain_points", "depth_points", "worth_points", "ami_min"} <= set(answer["thresholds"])
+    config = load_config(path)
+    assert config.strategy == answer["strategy"] and config.backbone.cut == answer["cut"]
+    if config.strategy != "scratch":
+        assert config.backbone.weights == f"run:{base_run.resolve()}"
+
+
+def test_data_mode_prints_a_table_and_the_measured_values(base_run: Path, tiny_flat_data: Path) -> None:
+    args = ["recommend", "--data", str(tiny_flat_data), "--weights", f"run:{base_run}", "--image-size", "32", "--folds", "2", "--precision", "fp32"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    for text in ("resnet18", "LogME", "size:", "similarity:", "strategy:", "small below 100"):
+        assert text in result.stderr, text
+
+
+def test_data_mode_user_errors(tmp_path: Path, tiny_flat_data: Path) -> None:
+    result = invoke("recommend", "--data", str(tmp_path / "nowhere"))
+    assert result.exit_code == 1 and "nowhere" in result.stderr
+    result = invoke("recommend", "--data", str(tiny_flat_data), "--backbone", "resnet180", "--weights", "none")
+    assert result.exit_code == 1 and "resnet18" in result.stderr
+    result = invoke("recommend", "--data", str(tiny_flat_data), "--max-images", "2")
+    assert result.exit_code == 1 and "--max-images" in result.stderr

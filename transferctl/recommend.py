@@ -1,0 +1,521 @@
+"""recommend: which strategy (and backbone) for this data, from two facts or measured on the data itself.
+
+The four cases of transfer learning, by dataset size and similarity to the pretraining data:
+
+| size  | similar | strategy        | why                                                                  |
+| small | yes     | feature_extract | fine-tuning a small set overfits and destroys the pretrained features |
+| small | no      | scratch         | the pretrained features do not fit, and too little data to adapt them |
+| large | yes     | fine_tune       | enough data to adapt the pretrained layers, gently, after the head    |
+| large | no      | pretrained_init | enough data to learn the task; pretrained weights still start faster  |
+
+Rule mode (`advise`) maps the two facts to a case and must stay instant: this module imports no torch at import
+time, and rule mode never imports it. Data mode (`measure`) measures both facts with one forward pass per
+backbone (transferctl.features), scores the backbones (LogME, linear probes: transferctl.probes) and adds
+the fifth answer the rule cannot give: a frozen body cut after an earlier stage (`backbone.cut`), when the
+early layers still transfer and the late ones do not.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferctl.errors import ConfigError, DataError, Problem
+
+SIZES = ("small", "large")
+Progress = Callable[[str], None]
+
+_CASES: dict[tuple[str, bool], tuple[str, str]] = {
+    ("small", True): (
+        "feature_extract",
+        "small data, similar task: keep the pretrained body frozen and train only a new head; fine-tuning "
+        "a small set overfits and destroys the pretrained features",
+    ),
+    ("small", False): (
+        "scratch",
+        "small data, different task: the pretrained features fit poorly and there is too little data to adapt "
+        "them, so train from random initialisation (a small network suits a small set)",
+    ),
+    ("large", True): (
+        "fine_tune",
+        "large data, similar task: train a new head on the frozen body, then unfreeze and train every layer, "
+        "the pretrained ones at a lower learning rate; optionally unfreeze only the later groups first "
+        "(a phase with train: last:2 before train: all)",
+    ),
+    ("large", False): (
+        "pretrained_init",
+        "large data, different task: train every layer from the start; there is enough data to learn the "
+        "task, and pretrained weights still converge faster than random ones",
+    ),
+}
+_DATA_MODE_HINT = (
+    "`transferctl recommend --data DIR` measures whether the pretrained network's earlier layers still help "
+    "(then: a frozen body cut after that stage, backbone.cut)"
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where the measured values switch the answer. Accuracy thresholds are in percentage points."""
+
+    small_below: int = 100  # median images per class below this: small
+    large_from: int = 1000  # median images per class from this: large; in between the probe decides
+    gain_points: float = 2.0  # a probe still gaining more than this from half to all of the data: effectively small
+    depth_points: float = 5.0  # an earlier stage's probe beating the penultimate layer's by more: a different task
+    worth_points: float = 5.0  # pretrained features must beat a random network's by more than this to count
+    ami_min: float = 0.10  # agreement of the source head's predictions with the labels, below which: different
+
+    def check(self) -> None:
+        problems = []
+        if self.small_below < 1 or self.large_from < self.small_below:
+            problems.append(Problem("--small-below/--large-from", f"need 1 <= small ({self.small_below}) <= large ({self.large_from})"))
+        for name in ("gain_points", "depth_points", "worth_points"):
+            if getattr(self, name) < 0:
+                problems.append(Problem(f"--{name.replace('_', '-')}", "must not be negative"))
+        if not -1.0 <= self.ami_min <= 1.0:
+            problems.append(Problem("--ami-min", f"must be between -1 and 1, got {self.ami_min}"))
+        if problems:
+            raise ConfigError(*problems)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The answer: the case, the strategy (and cut), and why."""
+
+    size: str
+    similar: bool
+    strategy: str
+    reasons: list[str]
+    cut: str | None = None
+
+    @property
+    def case(self) -> str:
+        return f"{self.size} data, {'similar' if self.similar else 'different'} task"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule mode
+
+
+def advise(size: str, similar: bool, cut: str | None = None, measured: bool = False) -> Advice:
+    """The four cases; with `cut` (data mode found early layers that transfer), small+different keeps them.
+
+    `measured`: the facts come from data mode, so the hint to run data mode is left out."""
+    if size not in SIZES:
+        raise ConfigError(Problem("--size", f"must be small or large, got '{size}'"))
+    strategy, why = _CASES[(size, similar)]
+    reasons = [why]
+    if (size, similar) == ("small", False):
+        if cut is not None:
+            strategy = "feature_extract"
+            reasons = [
+                f"small data, different task, but the pretrained layers up to '{cut}' still transfer: keep the body up "
+                f"to and including '{cut}' frozen (backbone.cut: {cut}), pool, and train only a new head"
+            ]
+        elif not measured:
+            reasons.append(_DATA_MODE_HINT)
+    return Advice(size, similar, strategy, reasons, cut if strategy == "feature_extract" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing an experiment file
+
+
+def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0) -> str:
+    """A complete experiment file for the advice, validated exactly as `transferctl train` will read it.
+
+    Paths are written relative to the file's own folder (how train reads them), so the pair can be moved together.
+    """
+    from transferctl.config import config_from_dict, config_to_dict, dump_yaml
+
+    from transferctl.config import looks_like_weights_file
+
+    folder = path.resolve().parent
+    if advice.strategy == "scratch":
+        weights = "none"  # scratch ignores weights; saying so keeps the file honest
+    elif weights.startswith("run:"):
+        weights = "run:" + _relative(Path(weights[4:]), folder)
+    elif looks_like_weights_file(weights):
+        weights = _relative(Path(weights), folder)
+    raw: dict[str, Any] = {
+        "name": _experiment_name(data_root, advice.strategy),
+        "seed": seed,
+        "backbone": {"name": backbone, "weights": weights, "cut": advice.cut},
+        "data": {"root": _relative(data_root, folder)},
+        "strategy": advice.strategy,
+        "output": {"dir": "runs"},
+    }
+    config = config_from_dict(raw, source=str(path))
+    header = [f"# Written by `transferctl recommend`: {advice.case} -> {advice.strategy}."]
+    header += [f"# {line}" for reason in advice.reasons for line in _wrap(reason)]
+    header.append("# Check it with `transferctl check`; train with `transferctl train`.")
+    return "\n".join(header) + "\n" + dump_yaml(config_to_dict(config))
+
+
+def write_experiment(text: str, path: Path, overwrite: bool = False) -> Path:
+    from transferctl.rundir import atomic_write_text
+
+    if path.exists() and not overwrite:
+        raise ConfigError(Problem("--write-config", f"{path} already exists", "choose another file, or pass --force to replace it"))
+    atomic_write_text(path, text)
+    return path
+
+
+def _relative(target: Path, folder: Path) -> str:
+    target = target.resolve()
+    try:
+        return os.path.relpath(target, folder)
+    except ValueError:  # another drive on Windows
+        return str(target)
+
+
+def _experiment_name(data_root: Path, strategy: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", data_root.resolve().name).strip("-.") or "data"
+    return f"{stem}-{strategy}"
+
+
+def _wrap(text: str, width: int = 100) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width) or [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode: the measurements and what they mean
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    backbones: tuple[str, ...] = ("resnet18", "efficientnet_b0", "mobilenet_v3_large")
+    weights: str = "DEFAULT"
+    max_images: int = 1000  # a stratified sample of the data, at most this many images
+    random_images: int = 300  # the random-network reference runs on a stratified sub-sample of this size
+    image_size: int | None = None  # None: each weights' own preprocessing
+    folds: int = 3
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+
+
+@dataclass
+class BackboneReport:
+    """What was measured for one backbone. Accuracies are fractions (0-1); gains are percentage points."""
+
+    name: str
+    weights: str
+    logme: float
+    logme_spread: float
+    probe_acc: float
+    probe_gain_points: float | None  # from half to all of the sampled data
+    stage_acc: dict[str, float]  # probe accuracy at every stage that differs from the penultimate layer
+    feature_dim: int
+    random_images: int
+    pretrained_subset_acc: float  # the probe on the sub-sample the random network saw
+    random_probe_acc: float
+    best_stage: str | None = None
+    best_stage_random_acc: float | None = None  # the random network's probe at best_stage, same sub-sample
+    best_stage_subset_acc: float | None = None
+    source_agreement: float | None = None  # AMI of the labels and the source head's argmax
+    source_classes: int | None = None
+    imagenet_top1: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def pretraining_gain_points(self) -> float:
+        return 100.0 * (self.pretrained_subset_acc - self.random_probe_acc)
+
+    @property
+    def best_stage_acc(self) -> float | None:
+        return self.stage_acc.get(self.best_stage) if self.best_stage else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pretraining_gain_points"] = round(self.pretraining_gain_points, 2)
+        return data
+
+
+@dataclass
+class DataSummary:
+    root: str
+    classes: list[str]
+    images: int  # labelled images (train and val; a test split is never looked at)
+    per_class_median: float
+    per_class_min: int
+    smallest_class: str
+    sampled: int
+
+
+@dataclass
+class DataReport:
+    data: DataSummary
+    thresholds: Thresholds
+    backbones: list[BackboneReport]  # ranked, best first
+    advice: Advice
+    size_reasons: list[str]
+    similarity_reasons: list[str]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> BackboneReport:
+        return self.backbones[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": "data",
+            "data": asdict(self.data),
+            "thresholds": asdict(self.thresholds),
+            "ranking": [b.to_dict() for b in self.backbones],
+            "backbone": self.best.name,
+            "weights": self.best.weights,
+            **advice_dict(self.advice),
+            "size_reasons": self.size_reasons,
+            "similarity_reasons": self.similarity_reasons,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def advice_dict(advice: Advice) -> dict[str, Any]:
+    return {"size": advice.size, "similar": advice.similar, "case": advice.case, "strategy": advice.strategy, "cut": advice.cut, "reasons": advice.reasons}
+
+
+def judge_size(median: float, minimum: int, gain_points: float | None, sampled_all: bool, th: Thresholds) -> tuple[str, list[str]]:
+    """small / large from images per class; in between, from whether a probe still gains from more data."""
+    counts = f"median {median:g} images per class, smallest class {minimum} (small below {th.small_below}, large from {th.large_from})"
+    if median < th.small_below:
+        return "small", [f"small: {counts}"]
+    if median >= th.large_from:
+        return "large", [f"large: {counts}"]
+    of = "all" if sampled_all else "the sampled"
+    if gain_points is None:
+        return "small", [f"small: {counts}; no probe to tell more"]
+    if gain_points > th.gain_points:
+        return "small", [f"effectively small: {counts}, and a linear probe still gains {gain_points:+.1f} points from half to {of} images (more than {th.gain_points:g})"]
+    return "large", [f"large enough: {counts}, and a linear probe gains only {gain_points:+.1f} points from half to {of} images (at most {th.gain_points:g})"]
+
+
+def judge_similarity(best: BackboneReport, th: Thresholds) -> tuple[bool, str | None, list[str]]:
+    """(similar, stage to cut after or None, reasons), from the best backbone's measurements."""
+    reasons: list[str] = []
+    different = False
+    lead = None
+    if best.best_stage is not None and best.best_stage_acc is not None:
+        lead = 100.0 * (best.best_stage_acc - best.probe_acc)
+        if lead > th.depth_points:
+            different = True
+            reasons.append(f"different: the probe on '{best.best_stage}' reaches {_pct(best.best_stage_acc)}, the penultimate layer only "
+                           f"{_pct(best.probe_acc)} ({lead:+.1f} points; different when an earlier stage leads by more than {th.depth_points:g})")
+        else:
+            reasons.append(f"the penultimate layer's probe ({_pct(best.probe_acc)}) holds up against the best earlier stage '{best.best_stage}' "
+                           f"({_pct(best.best_stage_acc)}, {lead:+.1f} points; different only beyond +{th.depth_points:g})")
+    worth = best.pretraining_gain_points
+    if worth <= th.worth_points:
+        different = True
+        reasons.append(f"different: pretraining is worth only {worth:+.1f} points over a random network on {best.random_images} images "
+                       f"({_pct(best.pretrained_subset_acc)} vs {_pct(best.random_probe_acc)}; needs more than {th.worth_points:g})")
+    else:
+        reasons.append(f"pretraining is worth {worth:+.1f} points over a random network on {best.random_images} images "
+                       f"({_pct(best.pretrained_subset_acc)} vs {_pct(best.random_probe_acc)}; counts above {th.worth_points:g})")
+    if best.source_agreement is not None:
+        ami = best.source_agreement
+        if ami < th.ami_min:
+            different = True
+            reasons.append(f"different: the source head's {best.source_classes}-class predictions barely agree with the labels (AMI {ami:.3f}, below {th.ami_min:g})")
+        else:
+            reasons.append(f"the source head's {best.source_classes}-class predictions agree with the labels (AMI {ami:.3f}, similar from {th.ami_min:g})")
+    return not different, _cut_after(best, lead, th), reasons
+
+
+def _cut_after(best: BackboneReport, lead: float | None, th: Thresholds) -> str | None:
+    """The earlier stage to keep as a frozen body: clearly better than the top, and than random features there."""
+    if lead is None or lead <= th.depth_points or best.best_stage_random_acc is None or best.best_stage_subset_acc is None:
+        return None
+    if 100.0 * (best.best_stage_subset_acc - best.best_stage_random_acc) <= th.worth_points:
+        return None
+    return best.best_stage
+
+
+def cut_reason(best: BackboneReport, cut: str | None, th: Thresholds) -> str | None:
+    """Why the earlier stage that beats the top layer is (or is not) worth keeping; None when none beats it clearly."""
+    if best.best_stage_acc is None or best.best_stage_random_acc is None or best.best_stage_subset_acc is None:
+        return None
+    if 100.0 * (best.best_stage_acc - best.probe_acc) <= th.depth_points:
+        return None
+    edge = 100.0 * (best.best_stage_subset_acc - best.best_stage_random_acc)
+    verdict = "so its layers transfer" if cut else "so a cut there would not beat random features"
+    return (f"at '{best.best_stage}' the pretrained probe reaches {_pct(best.best_stage_subset_acc)} and a random network's "
+            f"{_pct(best.best_stage_random_acc)} ({edge:+.1f} points, needs more than {th.worth_points:g}), {verdict}")
+
+
+def rank(reports: Sequence[BackboneReport]) -> list[BackboneReport]:
+    """Best first, by LogME (the probe accuracy breaks ties)."""
+    return sorted(reports, key=lambda r: (r.logme, r.probe_acc), reverse=True)
+
+
+def _pct(fraction: float) -> str:
+    return f"{100.0 * fraction:.1f}%"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode: measuring
+
+
+def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_progress: Progress | None = None) -> DataReport:
+    """Measure size and similarity on the images under `root` and advise; see the module docstring."""
+    import numpy as np
+
+    from transferctl.data import discover
+    from transferctl.probes import stratified_sample
+
+    thresholds.check()
+    _check_options(options)
+    say = on_progress or (lambda message: None)
+    started = time.perf_counter()
+    splits = discover(root, 0.2, options.seed)
+    samples = sorted(splits.train + splits.val)
+    labels = np.array([label for _, label in samples])
+    counts = np.bincount(labels, minlength=len(splits.classes))
+    if counts.min() < 2:
+        small = splits.classes[int(counts.argmin())]
+        raise DataError(Problem(str(root), f"class '{small}' has {counts.min()} image(s)", "data mode needs at least 2 images per class to cross-validate"))
+    picked = stratified_sample(labels, options.max_images, options.seed)
+    say(f"{len(samples)} images in {len(splits.classes)} classes; measuring on {len(picked)}")
+    reports = _measure_backbones([samples[i][0] for i in picked], labels[picked], options, say)
+    ranked = rank(reports)
+    best = ranked[0]
+    summary = DataSummary(
+        str(root), list(splits.classes), len(samples), float(np.median(counts)), int(counts.min()),
+        splits.classes[int(counts.argmin())], len(picked),
+    )  # fmt: skip
+    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, best.probe_gain_points, len(picked) == len(samples), thresholds)
+    similar, cut, similarity_reasons = judge_similarity(best, thresholds)
+    extra = cut_reason(best, cut, thresholds)
+    if extra:
+        similarity_reasons.append(extra)
+    advice = advise(size, similar, cut if size == "small" else None, measured=True)
+    if cut and size == "large":
+        advice.reasons.append(f"with this much data train every layer; a frozen body cut after '{cut}' (backbone.cut) is the cheaper alternative")
+    advice.reasons.append(f"backbone: {best.name} ranks first by LogME ({best.logme:.3f})")
+    notes = _notes(summary, splits)
+    return DataReport(summary, thresholds, ranked, advice, size_reasons, similarity_reasons, time.perf_counter() - started, notes)
+
+
+def backbone_of_run(weights: str) -> str | None:
+    """For `run:<dir>` weights, the backbone that run trained (from its config.yaml), so it need not be repeated."""
+    if not weights.startswith("run:"):
+        return None
+    from transferctl.config import read_yaml
+
+    path = Path(weights[4:]) / "config.yaml"
+    if not path.is_file():
+        return None
+    name = (read_yaml(path).get("backbone") or {}).get("name")
+    return str(name) if name else None
+
+
+def _check_options(options: MeasureOptions) -> None:
+    problems = []
+    if not options.backbones:
+        problems.append(Problem("--backbone", "names no backbone", "e.g. --backbone resnet18,efficientnet_b0"))
+    if options.max_images < 4:
+        problems.append(Problem("--max-images", f"must be at least 4, got {options.max_images}"))
+    if options.random_images < 4:
+        problems.append(Problem("--random-images", f"must be at least 4, got {options.random_images}"))
+    if options.folds < 2:
+        problems.append(Problem("--folds", f"must be at least 2, got {options.folds}"))
+    if problems:
+        raise ConfigError(*problems)
+
+
+def _notes(summary: DataSummary, splits: Any) -> list[str]:
+    notes = []
+    if summary.sampled < summary.images:
+        notes.append(f"measured on a stratified sample of {summary.sampled} of {summary.images} images (--max-images)")
+    if splits.test:
+        notes.append(f"the {len(splits.test)} test images were not looked at")
+    skipped = getattr(splits, "skipped", ())
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable image(s) left out, e.g. {skipped[0].path}")
+    return notes
+
+
+def _measure_backbones(paths: list[Path], labels: Any, options: MeasureOptions, say: Progress) -> list[BackboneReport]:
+    from transferctl.engine import make_runtime
+    from transferctl.features import extract, image_key, load_images, load_probe_network, random_copy
+    from transferctl.probes import stratified_sample
+
+    subset = stratified_sample(labels, options.random_images, options.seed + 1)
+    cached_key, images = None, None
+    reports = []
+    for name in options.backbones:
+        started = time.perf_counter()
+        say(f"{name}: building with weights {options.weights}")
+        network = load_probe_network(name, options.weights, options.image_size)
+        key = image_key(network.backbone.preprocessing)
+        if key != cached_key:
+            say(f"{name}: decoding {len(paths)} images at {key[1]} px")
+            images, cached_key = load_images(paths, network.backbone.preprocessing), key
+        runtime = make_runtime(options.device, options.precision, network.model)
+        say(f"{name}: forward pass over {len(paths)} images ({runtime.device}, {runtime.precision})")
+        features = extract(network, images, runtime, options.batch_size)
+        reference = random_copy(network, options.image_size, options.seed)
+        say(f"{name}: random-init reference on {len(subset)} images")
+        random_features = extract(reference, images[subset], runtime, options.batch_size)
+        say(f"{name}: probes and LogME")
+        report = score_backbone(name, options, features, random_features, labels, subset)
+        report.source_classes, report.imagenet_top1 = network.source_classes, network.imagenet_top1
+        del network, reference, features, random_features
+        report.seconds = round(time.perf_counter() - started, 2)
+        say(f"{name}: done in {report.seconds:.1f}s")
+        reports.append(report)
+    return reports
+
+
+def score_backbone(name: str, options: MeasureOptions, features: Any, random_features: Any, labels: Any, subset: Any) -> BackboneReport:
+    """Every measure of one backbone, from its features and the random reference's (features on `subset`)."""
+    import numpy as np
+
+    from transferctl.probes import logme_with_spread, probe, source_agreement
+
+    penultimate = features.penultimate
+    score, spread = logme_with_spread(penultimate, labels, seed=options.seed)
+    top = probe(penultimate, labels, options.folds, options.seed, with_half=True)
+    stages = {
+        group: values for group, values in features.stages.items()
+        if not (values.shape == penultimate.shape and np.allclose(values, penultimate))
+    }  # fmt: skip
+    stage_acc = {group: probe(values, labels, options.folds, options.seed).accuracy for group, values in stages.items()}
+    best_stage = max(stage_acc, key=lambda g: stage_acc[g]) if stage_acc else None
+    sub_labels = labels[subset]
+    everything = len(subset) == len(labels)  # the reference saw every sampled image: reuse the full probes
+
+    def on_subset(values: Any) -> float:
+        return probe(values[subset], sub_labels, options.folds, options.seed).accuracy
+
+    report = BackboneReport(
+        name=name,
+        weights=options.weights,
+        logme=score,
+        logme_spread=spread,
+        probe_acc=top.accuracy,
+        probe_gain_points=None if top.gain_from_half is None else 100.0 * top.gain_from_half,
+        stage_acc=stage_acc,
+        feature_dim=int(penultimate.shape[1]),
+        random_images=len(subset),
+        pretrained_subset_acc=top.accuracy if everything else on_subset(penultimate),
+        random_probe_acc=probe(random_features.penultimate, sub_labels, options.folds, options.seed).accuracy,
+        best_stage=best_stage,
+    )
+    if best_stage is not None:
+        report.best_stage_subset_acc = stage_acc[best_stage] if everything else on_subset(stages[best_stage])
+        report.best_stage_random_acc = probe(random_features.stages[best_stage], sub_labels, options.folds, options.seed).accuracy
+    if features.source_predictions is not None:
+        report.source_agreement = source_agreement(labels, features.source_predictions)
+    return report
