@@ -14,15 +14,19 @@ from PIL import Image
 from transferctl.backbones import Preprocessing
 from transferctl.data import (
     DatasetSplits,
+    EpochSampler,
     ImageDataset,
     build_transform,
+    data_notices,
     discover,
     is_image_file,
     list_images,
+    make_loader,
     open_rgb,
     resolve_workers,
     stratified_split,
     to_rgb,
+    worker_error,
 )
 from transferctl.errors import DataError
 from transferctl.synthetic import tiny_dataset
@@ -485,3 +489,186 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     path = tmp_path / "phone.jpg"
     image.save(path, exif=exif)
     assert open_rgb(path).size == (20, 40)
+
+
+# --------------------------------------------------------------------------- unreadable files
+
+
+def noisy_jpeg(path: Path, size: int = 160) -> Path:
+    """A JPEG large enough (over 16 KiB) that the check decodes it only when its end marker is missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=95)
+    assert path.stat().st_size > 20 * 1024
+    return path
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header announcing width x height pixels, and no pixels: what a decompression bomb looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def truncate(path: Path, keep: float = 0.6) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def junk_tree(root: Path) -> Path:
+    """cat and dog with 3 good images each; cat also holds every kind of unreadable file."""
+    write_class_tree(root, {"cat": 3, "dog": 3})
+    cat = root / "cat"
+    (cat / "text.jpg").write_bytes(b"this is not an image")
+    (cat / "empty.png").write_bytes(b"")
+    noisy = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noisy.save(cat / "cut.png")
+    truncate(cat / "cut.png")
+    truncate(noisy_jpeg(cat / "cut.jpg"))
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(cat / "small-cut.jpg")
+    truncate(cat / "small-cut.jpg")
+    png_header_only(cat / "bomb.png", 100_000, 100_000)
+    (cat / "notes.txt").write_text("not an image, and not named like one")
+    (cat / ".DS_Store").write_bytes(b"\x00\x01")
+    return root
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    root = junk_tree(tmp_path / "data")
+
+    splits = discover(root, val_fraction=0.34, seed=0)
+
+    reasons = {item.path.name: item.reason for item in splits.skipped}
+    assert sorted(reasons) == ["bomb.png", "cut.jpg", "cut.png", "empty.png", "small-cut.jpg", "text.jpg"]
+    assert reasons["text.jpg"] == reasons["empty.png"] == "not an image"
+    assert "truncated" in reasons["cut.jpg"].lower() and "truncated" in reasons["small-cut.jpg"].lower()
+    assert reasons["cut.png"].startswith("damaged")
+    assert "decompression-bomb limit" in reasons["bomb.png"]
+    assert splits.ignored == (root / "cat" / "notes.txt",)
+    assert sorted(path.name for path, _ in splits.train + splits.val) == ["00.png", "00.png", "01.png", "01.png", "02.png", "02.png"]
+    skipped, ignored = data_notices(splits)
+    assert skipped.startswith("data.root: skipped 6 unreadable images: ") and skipped.endswith(" and 3 more")
+    assert str(root / "cat" / "bomb.png") in skipped and "\n" not in skipped
+    assert ignored == f"data.root: ignored 1 file without an image suffix: {root / 'cat' / 'notes.txt'}"
+    assert not recwarn.list  # the bomb is reported, not warned about on stderr
+
+
+def test_on_bad_image_error_refuses_and_names_the_files(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 2, "dog": 2})
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+
+    with pytest.raises(DataError) as info:
+        discover(root, val_fraction=0.5, seed=0, on_bad_image="error")
+
+    (problem,) = info.value.problems
+    assert problem.where == "data.root"
+    assert problem.message.startswith(f"1 unreadable image: {root / 'dog' / 'broken.jpg'} (")
+    assert "data.on_bad_image: skip" in problem.hint
+
+
+def test_a_class_with_only_unreadable_images_is_refused(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 2})
+    (root / "dog").mkdir()
+    (root / "dog" / "a.png").write_bytes(b"garbage")
+
+    with pytest.raises(DataError, match="has no readable images") as info:
+        discover(root, val_fraction=0.5, seed=0)
+    assert f"{root / 'dog' / 'a.png'} (not an image)" in str(info.value)
+
+
+def test_complete_jpegs_pass_with_or_without_trailing_bytes(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 2, "dog": 2})
+    noisy_jpeg(root / "cat" / "plain.jpg")
+    with (noisy_jpeg(root / "dog" / "short-trailer.jpg")).open("ab") as handle:
+        handle.write(b"\x00" * 100)
+    with (noisy_jpeg(root / "dog" / "long-trailer.jpg")).open("ab") as handle:
+        handle.write(b"camera maker data " * 1000)  # the end marker is far from the end: decoded, and fine
+
+    splits = discover(root, val_fraction=0.5, seed=0)
+
+    assert splits.skipped == ()
+    assert splits.counts()["train"] + splits.counts()["val"] == 7
+
+
+def test_images_over_the_pixel_limit_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    root = tmp_path / "data"
+    write_class_tree(root, {"cat": 2, "dog": 2})  # 8x8: 64 pixels
+    write_png(root / "cat" / "large.png", size=12)  # 144 pixels: Pillow itself would only warn
+    write_png(root / "dog" / "huge.png", size=16)  # 256 pixels, over twice the limit: Pillow refuses it
+
+    splits = discover(root, val_fraction=0.5, seed=0)
+
+    reasons = {item.path.name: item.reason for item in splits.skipped}
+    assert reasons["large.png"] == "12x12 pixels is over the decompression-bomb limit of 100"
+    assert reasons["huge.png"] == "over the decompression-bomb limit of 100 pixels"
+    assert not recwarn.list
+
+
+def test_an_empty_split_folder_says_it_has_no_images(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_class_tree(root / "train", {"cat": 2, "dog": 2})
+    (root / "val" / ".thumbnails").mkdir(parents=True)
+
+    with pytest.raises(DataError) as info:
+        discover(root, val_fraction=0.2, seed=0)
+    assert str(info.value).startswith(f"data.root/val: {root / 'val'} has no images")
+
+
+def test_a_file_that_fails_to_decode_later_is_named(tmp_path: Path) -> None:
+    """The quick check reads headers; a file damaged after it (or in a way it misses) is still one line."""
+    good = write_png(tmp_path / "good.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    dataset = ImageDataset([(good, 0), (bad, 1)], build_transform(PREPROCESSING, augment="none", train=False))
+
+    with pytest.raises(DataError) as info:
+        dataset[1]
+    assert info.value.problems[0].where == str(bad) and "cannot be decoded" in str(info.value)
+
+    loader = make_loader(dataset, batch_size=2, shuffle=False, workers=1, seed=0)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    text = str(worker_error(info.value))
+    assert text.startswith(f"{bad}: cannot be decoded") and "\n" not in text and "Traceback" not in text
+
+
+# --------------------------------------------------------------------------- epoch order and augmentation
+
+
+def test_epoch_order_and_image_seeds_depend_only_on_seed_and_epoch() -> None:
+    first, again, other_seed = EpochSampler(50, seed=3), EpochSampler(50, seed=3), EpochSampler(50, seed=4)
+    torch.rand(100)  # the global RNG does not matter
+
+    first.set_epoch(2)
+    again.set_epoch(2)
+    other_seed.set_epoch(2)
+    epoch2 = list(first)
+
+    assert epoch2 == list(again) and epoch2 != list(other_seed)
+    assert sorted(index for index, _ in epoch2) == list(range(50))
+    first.set_epoch(3)
+    assert [index for index, _ in first] != [index for index, _ in epoch2]
+    assert len({seed for _, seed in epoch2}) == 50
+
+
+def test_augmentation_comes_from_the_image_seed_alone(tmp_path: Path) -> None:
+    path = tmp_path / "ramp.png"
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))).convert("RGB").save(path)
+    dataset = ImageDataset([(path, 0)], build_transform(PREPROCESSING, augment="standard", train=True))
+
+    state = torch.get_rng_state()
+    first, _ = dataset[(0, 1234)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    torch.rand(100)
+    again, _ = dataset[(0, 1234)]
+    other, _ = dataset[(0, 99)]
+
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
