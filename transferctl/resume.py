@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from transferctl.backbones import Preprocessing
-from transferctl.config import config_to_dict, dump_yaml, load_config, schedule_of
+from transferctl.config import config_to_dict, dump_yaml, flatten, load_config, schedule_of
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
 from transferctl.rundir import RunDir, load_run_checkpoint
@@ -102,7 +102,7 @@ def incompatibilities(trained: dict[str, Any], now: dict[str, Any], phases_start
     """Every change from the config a run trained with that a resume cannot honour, one Problem each."""
     hint = "resume may change only device, precision, data.num_workers, early_stopping.patience and phases not yet started; start a new run for this"
     problems = []
-    before, after = _flatten(trained), _flatten(now)
+    before, after = flatten(trained), flatten(now)
     for key in sorted(before.keys() | after.keys()):
         if key.startswith("schedule") or key in CHANGEABLE:
             continue
@@ -120,16 +120,6 @@ def incompatibilities(trained: dict[str, Any], now: dict[str, Any], phases_start
                     Problem(f"{where}: schedule[{index}].{key}", f"changed from {old.get(key)!r} to {new.get(key)!r}, but phase '{old['name']}' has already started", hint)
                 )
     return problems
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _restore_model(experiment: Experiment, checkpoint: dict[str, Any], where: str) -> None:
