@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,15 @@ def test_report_cli_on_a_trained_run(tmp_path: Path) -> None:
     assert trained["status"] == "finished" and trained["epochs"] == 2 and trained["phases"] == ["head", "body"]
     table = runner.invoke(app, ["report", str(run)])
     assert table.exit_code == 0 and "best val acc" in table.output and (run / "learning-curves.png").is_file()
+
+
+def test_report_does_not_import_torch(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", TWO_PHASES)
+    code = (
+        "import sys\nfrom transferctl.cli import main\nsys.argv = ['transferctl', 'report', sys.argv[1], '--json']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "sys.stderr.write('TORCH=' + str('torch' in sys.modules) + '\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "TORCH=False"
