@@ -8,6 +8,7 @@ and random-number-generator states. The shuffle order and augmentations of an ep
 
 from __future__ import annotations
 
+import math
 import platform
 import shlex
 import time
@@ -294,7 +295,7 @@ class _Trainer:
             lrs = _current_lrs(optimizer)
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
             stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler)
-            val = self._evaluate()
+            val = self._evaluate(plan, epoch)
             row = self._row(plan, epoch, lrs, stats, val)
             done = self._early_stop(state, row) or epoch == plan.epochs
             self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
@@ -310,18 +311,25 @@ class _Trainer:
         except DataError as exc:
             raise worker_error(exc) from None
         except NonFiniteLossError as exc:
-            last = self.run_dir.checkpoints / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished, so no checkpoint was written"
-            raise TrainingError(
-                Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{exc}; {kept}", f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again")
-            ) from None
+            raise self._diverged(plan, epoch, str(exc)) from None
 
-    def _evaluate(self) -> EpochStats:
+    def _evaluate(self, plan: PhasePlan, epoch: int) -> EpochStats:
         # Validation finishes even when a stop is requested: the epoch's checkpoint is moments away.
         try:
-            return evaluate(self.model, self.loaders["val"], self.runtime)
+            val = evaluate(self.model, self.loaders["val"], self.runtime)
         except DataError as exc:
             raise worker_error(exc) from None
+        if val.images and not math.isfinite(val.loss):
+            # The weights themselves have gone bad: this epoch must not become the "last good" checkpoint.
+            raise self._diverged(plan, epoch, f"validation loss became {val.loss}")
+        return val
+
+    def _diverged(self, plan: PhasePlan, epoch: int, what: str) -> TrainingError:
+        last = self.run_dir.checkpoints / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished, so no checkpoint was written"
+        return TrainingError(
+            Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{what}; {kept}", f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again")
+        )
 
     def _interrupted(self, plan: PhasePlan, epoch: int) -> TrainingInterrupted:
         path = self.run_dir.path
