@@ -13,7 +13,7 @@ same split and shuffle order); early stopping is off, so all curves have the sam
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from transferctl.config import (
     config_to_dict,
     default_schedule,
     dump_yaml,
+    flatten,
     read_yaml,
     schedule_of,
 )
@@ -180,21 +181,14 @@ def check_existing_runs(plan: ComparisonPlan) -> None:
         config_file = plan.out / run.name / "config.yaml"
         if not config_file.is_file():
             continue
-        planned = yaml.safe_load(dump_yaml(config_to_dict(run.config)))  # through YAML, as train wrote it
-        for key, old, new in _differences(read_yaml(config_file), planned):
-            if key not in RERUN_MAY_CHANGE:
+        trained = flatten(read_yaml(config_file))
+        planned = flatten(yaml.safe_load(dump_yaml(config_to_dict(run.config))))  # through YAML, as train wrote it
+        for key in sorted(trained.keys() | planned.keys()):
+            old, new = trained.get(key), planned.get(key)
+            if key not in RERUN_MAY_CHANGE and old != new:
                 problems.append(Problem(f"{config_file}: {key}", f"this run was trained with {old!r}, the comparison now asks for {new!r}", f"use another --out for a different experiment, or restore {key}"))
     if problems:
         raise ConfigError(*problems)
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every leaf that differs."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(old.keys() | new.keys()):
-            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-    elif old != new:
-        yield prefix.rstrip("."), old, new
 
 
 def _ensure_run(plan: ComparisonPlan, run: PlannedRun, label: str, observer: TrainObserver) -> str:
