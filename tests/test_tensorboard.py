@@ -120,3 +120,24 @@ def test_resume_may_switch_logs_on_and_accepts_runs_from_before_the_logging_sect
     assert not run_wants_tensorboard(tmp_path)
     assert run_wants_tensorboard(tmp_path, ["logging.tensorboard=true"])
     assert not run_wants_tensorboard(tmp_path / "nowhere")
+
+
+def test_compare_refuses_too_when_the_package_is_missing(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("transferctl.tensorboard.tensorboard_available", lambda: False)
+    config = tensorboard_experiment(tiny_split_data, tmp_path)
+    result = runner.invoke(app, ["compare", str(config), "--strategies", "scratch,fine_tune", "--seeds", "1", "--out", str(tmp_path / "cmp"), "-q"])
+    assert result.exit_code == 1 and "pip install transferctl[tensorboard]" in result.stderr
+
+
+def test_one_observer_logs_each_run_into_its_own_directory(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install transferctl[tensorboard])")
+    from transferctl.tensorboard import TensorBoardObserver
+
+    board = TensorBoardObserver()
+    for index, run in enumerate((tmp_path / "a", tmp_path / "b")):
+        board.run_started(run)
+        board.phase_started(BODY, 1)
+        board.epoch_done({"global_epoch": 1, "val_acc": 0.5 + index, "lr_head": 0.01})
+    board.close()
+    assert scalars(tmp_path / "a" / "tensorboard")["accuracy/val"] == [(1, 0.5)]
+    assert scalars(tmp_path / "b" / "tensorboard")["accuracy/val"] == [(1, 1.5)]

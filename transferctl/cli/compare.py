@@ -27,11 +27,15 @@ def compare(
     from transferctl.compare import parse_strategies, plan_comparison, run_comparison
     from transferctl.config import load_config
     from transferctl.progress import make_observer
+    from transferctl.tensorboard import with_tensorboard
 
     with user_errors():
-        plan = plan_comparison(load_config(config, overrides or []), parse_strategies(strategies), seeds, out, source=str(config))
-        with make_observer(err, quiet=quiet) as observer:
-            report = run_comparison(plan, observer)
+        experiment = load_config(config, overrides or [])
+        plan = plan_comparison(experiment, parse_strategies(strategies), seeds, out, source=str(config))
+        with make_observer(err, quiet=quiet) as progress:
+            # One TensorBoard observer serves every run: each run_started opens that run's log.
+            with with_tensorboard(progress, experiment.logging.tensorboard, f"{config}: logging.tensorboard") as observer:
+                report = run_comparison(plan, observer)
     if as_json:
         print_json(report)
     else:

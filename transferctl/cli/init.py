@@ -59,9 +59,10 @@ def render_inspection(data: dict[str, Any]) -> Group:
     sizes = data["image_sizes"]
     lines = [table]
     if sizes["sampled"]:
-        shape = "x".join(map(str, sizes["median"]))
-        lines.append(f"sizes: median {shape}, from {'x'.join(map(str, sizes['min']))} to {'x'.join(map(str, sizes['max']))}; "
-                     f"modes: {', '.join(f'{m} {n}' for m, n in data['modes'].items())} ({sizes['sampled']} headers read)")  # fmt: skip
+        low, mid, high = ("x".join(map(str, sizes[key])) for key in ("min", "median", "max"))
+        spread = f"all {low}" if low == high else f"median {mid}, from {low} to {high}"
+        modes = ", ".join(f"{mode} {count}" for mode, count in data["modes"].items())
+        lines.append(f"sizes: {spread}; modes: {modes} ({sizes['sampled']} headers read)")
     if data["unreadable"]:
         first = data["unreadable"][0]
         lines.append(f"[yellow]unreadable:[/] {len(data['unreadable'])} file(s) left out, e.g. {escape(first['path'])} ({escape(first['reason'])})")
