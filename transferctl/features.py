@@ -124,9 +124,14 @@ def load_images(paths: list[Path], preprocessing: Preprocessing) -> torch.Tensor
     return images
 
 
-def image_key(preprocessing: Preprocessing) -> tuple[Any, ...]:
-    """Networks whose preprocessing shares this key can share decoded images."""
-    return (preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
+def image_key(preprocessing: Preprocessing) -> int:
+    """Networks with the same crop size share decoded images.
+
+    Weights of the same crop often differ a little in resize (232 or 256 for 224) and interpolation; for a
+    measurement, the first network's choice serves them all, and decoding once per crop size rather than once
+    per network saves seconds per backbone. (Training always uses each weights' exact preprocessing.)
+    """
+    return preprocessing.crop
 
 
 @torch.inference_mode()

@@ -460,7 +460,7 @@ def _measure_backbones(paths: list[Path], labels: Any, options: MeasureOptions, 
         network = load_probe_network(name, options.weights, options.image_size)
         key = image_key(network.backbone.preprocessing)
         if key != cached_key:
-            say(f"{name}: decoding {len(paths)} images at {key[1]} px")
+            say(f"{name}: decoding {len(paths)} images at {key} px")
             images, cached_key = load_images(paths, network.backbone.preprocessing), key
         runtime = make_runtime(options.device, options.precision, network.model)
         say(f"{name}: forward pass over {len(paths)} images ({runtime.device}, {runtime.precision})")
