@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
 from transferctl.cli import app
+from transferctl.rundir import RunDir
 from transferctl.synthetic import tiny_dataset
 
 runner = CliRunner()
@@ -198,10 +199,15 @@ def test_a_diverging_loss_stops_with_the_phase_epoch_and_a_lower_lr(tmp_path: Pa
 
     assert line.startswith("error: schedule[1] (body), epoch ") and "loss became nan" in line
     assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in line
-    assert line.endswith("(lower schedule[1].lr (now 1e+06) and train again)")
+    assert line.endswith(f"(lower schedule[1].lr (now 1e+06), e.g. transferctl train --resume {tmp_path / 'run'} --set schedule.1.lr=100000)")
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(tensor).all() for tensor in last["model"].values() if tensor.is_floating_point())
     assert not (tmp_path / "run" / "summary.json").exists()
+
+    # The body phase had not saved an epoch: a resume may give it a sane learning rate.
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--set", "schedule.1.lr=0.001", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [(r["phase"], r["epoch"]) for r in RunDir(tmp_path / "run").metrics()] == [("head", 1), ("body", 1), ("body", 2)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell which file is written")

@@ -72,7 +72,7 @@ class RichObserver(QuietObserver):
         self.progress.update(self.batch_task, completed=index + 1, info=f"loss {running_loss:.4f}")
 
     def epoch_done(self, row: dict[str, Any]) -> None:
-        self.progress.advance(self.epoch_task)
+        self.progress.update(self.epoch_task, completed=row["epoch"])  # not advance: a resumed phase starts midway
         info = f"val_acc {row['val_acc']:.4f}  {row['images_per_second']:.0f} img/s"
         self.progress.update(self.epoch_task, info=info)
         self.console.print(epoch_line(row, self.epochs), highlight=False, markup=False)

@@ -327,9 +327,11 @@ class _Trainer:
     def _diverged(self, plan: PhasePlan, epoch: int, what: str) -> TrainingError:
         last = self.run_dir.checkpoints / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished, so no checkpoint was written"
-        return TrainingError(
-            Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{what}; {kept}", f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again")
-        )
+        hint = f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again"
+        if self.rows and self.rows[-1]["phase_index"] < plan.index:
+            # The phase had not saved an epoch yet, so a resume may still change its learning rate.
+            hint = f"lower schedule[{plan.index}].lr (now {plan.lr:g}), e.g. {resume_command(self.run_dir.path)} --set schedule.{plan.index}.lr={plan.lr / 10:g}"
+        return TrainingError(Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{what}; {kept}", hint))
 
     def _interrupted(self, plan: PhasePlan, epoch: int) -> TrainingInterrupted:
         path = self.run_dir.path
