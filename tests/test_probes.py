@@ -67,6 +67,7 @@ def test_stratified_samples_keep_class_proportions_and_every_class() -> None:
     assert all(abs(got - want) <= 1 for got, want in zip(counts, [12, 6, 2])), counts
     order = stratified_order(labels, seed=1)
     assert set(labels[order[:3]]) == {0, 1, 2}
+    assert np.bincount(labels[order[:6]]).tolist() == [2, 2, 2]  # two each: enough to cross-validate
     assert sorted(order.tolist()) == list(range(100))
     assert stratified_sample(labels, 1000, seed=0).tolist() == list(range(100))
 

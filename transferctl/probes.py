@@ -41,12 +41,12 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
-    """A permutation of the indices whose every prefix is a stratified sample: one image of each class first,
-    then the classes in proportion.
+    """A permutation of the indices whose every prefix is a stratified sample: one image of each class, then a
+    second of each (a cross-validated probe needs two), then the classes in proportion.
 
-    Each class is shuffled; its first member comes first, its i-th member gets the position (i + u) / count,
-    with u uniform in [0, 1), and the rest follow by position, so a prefix of length n >= number of classes
-    holds every class and about n * share of each.
+    Each class is shuffled; its first two members go to the front rounds, its i-th member gets the position
+    (i + u) / count with u uniform in [0, 1), and the rest follow by position, so a prefix of length
+    n >= 2 x classes holds two of every class (that has two) and about n * share of each.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -55,7 +55,8 @@ def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
         members = np.flatnonzero(labels == label)
         rng.shuffle(members)
         positions[members] = (np.arange(len(members)) + rng.uniform(0.0, 1.0)) / len(members)
-        positions[members[0]] = -1.0 + rng.uniform(0.0, 0.5)
+        front = members[:2]
+        positions[front] = np.arange(len(front)) - 2.0 + rng.uniform(0.0, 0.5)
     return np.argsort(positions, kind="stable")
 
 

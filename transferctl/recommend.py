@@ -385,6 +385,9 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
     if counts.min() < 2:
         small = splits.classes[int(counts.argmin())]
         raise DataError(Problem(str(root), f"class '{small}' has {counts.min()} image(s)", "data mode needs at least 2 images per class to cross-validate"))
+    if options.max_images < 2 * len(splits.classes):
+        raise ConfigError(Problem("--max-images", f"{options.max_images} images cannot give each of {len(splits.classes)} classes the two a probe needs",
+                                  f"use --max-images {2 * len(splits.classes)} or more"))
     picked = stratified_sample(labels, options.max_images, options.seed)
     say(f"{len(samples)} images in {len(splits.classes)} classes; measuring on {len(picked)}")
     reports = _measure_backbones([samples[i][0] for i in picked], labels[picked], options, say)
@@ -451,7 +454,8 @@ def _measure_backbones(paths: list[Path], labels: Any, options: MeasureOptions, 
     from transferctl.features import extract, image_key, load_images, load_probe_network, random_copy
     from transferctl.probes import stratified_sample
 
-    subset = stratified_sample(labels, options.random_images, options.seed + 1)
+    # At least two images per class, or the reference's probe could not be cross-validated.
+    subset = stratified_sample(labels, max(options.random_images, 2 * len(set(labels.tolist()))), options.seed + 1)
     cached_key, images = None, None
     reports = []
     for name in options.backbones:
