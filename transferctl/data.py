@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from transferctl.distributed import Shard, shard_length, shard_of
 from transferctl.errors import DataError, Problem
 
 if TYPE_CHECKING:
@@ -359,19 +360,23 @@ class EpochSampler:
 
     A resumed run therefore sees the same order and the same augmentations as an uninterrupted one, with
     any number of workers (persistent workers keep RNG state across epochs, so nothing may rely on it).
+    Under distributed training each rank takes its `shard` of that one order (distributed.shard_of): padded
+    for training, so every rank takes the same number of steps; unpadded for evaluation, so no image counts twice.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: Shard | None = None, pad: bool = True) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.shard = shard or Shard()
+        self.pad = pad
         self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return shard_length(self.size, self.shard, self.pad)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         import torch
@@ -379,7 +384,7 @@ class EpochSampler:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
-        return iter(zip(order.tolist(), seeds[order].tolist()))
+        return iter(shard_of(list(zip(order.tolist(), seeds[order].tolist())), self.shard, self.pad))
 
 
 def set_loader_epoch(loader: Any, epoch: int) -> None:
@@ -407,17 +412,21 @@ def resolve_workers(setting: int | str, n_images: int) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False) -> Any:
-    """A DataLoader; shuffling ones use an EpochSampler (call set_loader_epoch before each epoch)."""
+def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, shard: Shard | None = None) -> Any:
+    """A DataLoader; shuffling ones use an EpochSampler (call set_loader_epoch before each epoch).
+
+    With a shard of several ranks, this rank's part: training shards padded to equal length, others not.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     generator = torch.Generator()
     generator.manual_seed(seed)
+    sharded = shard is not None and shard.world > 1
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed) if shuffle else None,
+        sampler=EpochSampler(len(dataset), seed, shuffle, shard, pad=shuffle) if shuffle or sharded else None,
         num_workers=workers,
         generator=generator,
         pin_memory=pin_memory,

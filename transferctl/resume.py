@@ -14,6 +14,7 @@ from typing import Any
 
 from transferctl.backbones import Preprocessing
 from transferctl.config import config_to_dict, dump_yaml, flatten, load_config, schedule_of
+from transferctl.distributed import from_main, is_main, process_group
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
 from transferctl.rundir import RunDir, load_run_checkpoint
@@ -35,13 +36,19 @@ RESUME_STATE = ("optimizer", "scheduler", "rng", "rows", "phase_done", "stale", 
 
 def resume(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), observer: TrainObserver | None = None) -> dict[str, Any]:
     """Continue the run in run_dir from its last completed epoch; return the summary."""
-    observer = observer or SilentObserver()
-    run = _open_run(run_dir)
+    with process_group():
+        return _resume(run_dir, overrides, (observer or SilentObserver()) if is_main() else SilentObserver())
+
+
+def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: TrainObserver) -> dict[str, Any]:
+    # Under torchrun rank 0 reads the run (its folder need not exist on other nodes) and hands it to the others.
+    run = RunDir(from_main(lambda: _open_run(run_dir).path), writer=is_main())
     with run.lock():
         run.remove_stale_temp_files()
         config_file = run.path / "config.yaml"
-        config = load_config(config_file, overrides)
-        if not (run.checkpoints / "last.pt").is_file():
+        config = from_main(lambda: load_config(config_file, overrides))
+        checkpoint = from_main(lambda: load_run_checkpoint(run.path, "last") if (run.checkpoints / "last.pt").is_file() else None)
+        if checkpoint is None:
             # Stopped before the first epoch ended: nothing to continue, so start over in the same folder.
             seed_everything(config.seed)
             experiment = prepare(config)
@@ -50,14 +57,14 @@ def resume(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), observer:
             run.write_metrics([])
             observer.notice(f"{run.path}: no epoch had finished; starting from the beginning")
             return session.train(run, observer)
-        checkpoint = load_run_checkpoint(run.path, "last")
         start = resume_point(checkpoint, str(run.checkpoints / "last.pt"))
         problems = incompatibilities(checkpoint["config"], config_to_dict(config), start.phase_index + 1, str(config_file))
         if problems:
             raise CheckpointError(*problems)
-        if start.phase_done and start.phase_index == len(schedule_of(config)) - 1 and (run.path / "summary.json").is_file():
+        finished = from_main(lambda: dict(run.read_json("summary.json")) if (run.path / "summary.json").is_file() else None)
+        if start.phase_done and start.phase_index == len(schedule_of(config)) - 1 and finished is not None:
             observer.notice(f"{run.path}: already finished all {len(start.rows)} epochs; nothing to resume")
-            return dict(run.read_json("summary.json"))
+            return finished
         experiment = prepare(config, load_weights=False)
         _restore_model(experiment, checkpoint, str(run.checkpoints / "last.pt"))
         session = Session.start(experiment)

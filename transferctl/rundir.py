@@ -84,10 +84,15 @@ def claim_run_dir(path: Path) -> Path:
 
 
 class RunDir:
-    """Writer and reader of one run directory."""
+    """Writer and reader of one run directory.
 
-    def __init__(self, path: Path) -> None:
+    writer=False: a distributed training rank other than 0, which computes what rank 0 writes and writes
+    nothing itself (no files, no checkpoints, no lock): one run directory, one writer.
+    """
+
+    def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = path
+        self.writer = writer
 
     @property
     def checkpoints(self) -> Path:
@@ -101,6 +106,8 @@ class RunDir:
 
     def _write(self, path: Path, data: bytes) -> None:
         """Atomically; a full disk or a read-only folder is a user's problem, and the old file survives."""
+        if not self.writer:
+            return
         try:
             atomic_write_bytes(path, data)
         except OSError as exc:
@@ -136,14 +143,18 @@ class RunDir:
     def save_checkpoint(self, kind: str, payload: dict[str, Any]) -> Path:
         import torch
 
+        path = self.checkpoints / f"{kind}.pt"
+        if not self.writer:
+            return path
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        path = self.checkpoints / f"{kind}.pt"
         self._write(path, buffer.getvalue())
         return path
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Temporary files a killed process left behind (never the files they were to replace)."""
+        if not self.writer:
+            return []
         stale = [p for folder in (self.path, self.checkpoints) if folder.is_dir() for p in folder.glob(".*.tmp") if p.is_file()]
         for path in stale:
             path.unlink(missing_ok=True)
@@ -152,6 +163,9 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Only one process trains in a run directory at a time (a second `--resume` is refused)."""
+        if not self.writer:
+            yield
+            return
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks; runs are still never overwritten

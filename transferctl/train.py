@@ -32,6 +32,7 @@ from transferctl.data import (
     set_loader_epoch,
     worker_error,
 )
+from transferctl.distributed import TrainingModule, agreed_stop, device_spec, from_main, is_main, per_rank_batch, process_group, reduce_stats, shard
 from transferctl.engine import (
     EpochStats,
     NonFiniteLossError,
@@ -152,14 +153,19 @@ def describe(experiment: Experiment) -> dict[str, Any]:
 
 
 def train(config: ExperimentConfig, run_dir: Path | None = None, observer: TrainObserver | None = None) -> dict[str, Any]:
-    """Train as the config says; write everything into a new run directory; return the summary."""
-    seed_everything(config.seed)
-    experiment = prepare(config)
-    session = Session.start(experiment)
-    run = RunDir(claim_run_dir(run_dir) if run_dir else create_run_dir(config.output.dir, config.name))
-    with run.lock():
-        write_run_header(run, experiment, session.runtime)
-        return session.train(run, observer or SilentObserver())
+    """Train as the config says; write everything into a new run directory; return the summary.
+
+    Under torchrun every rank calls this; rank 0 names and writes the run directory (see distributed.py).
+    """
+    with process_group():
+        seed_everything(config.seed)
+        experiment = prepare(config)
+        session = Session.start(experiment)
+        path = from_main(lambda: claim_run_dir(run_dir) if run_dir else create_run_dir(config.output.dir, config.name))
+        run = RunDir(path, writer=is_main())
+        with run.lock():
+            write_run_header(run, experiment, session.runtime)
+            return session.train(run, observer or SilentObserver())
 
 
 @dataclass
@@ -174,11 +180,12 @@ class Session:
     @classmethod
     def start(cls, experiment: Experiment) -> Session:
         config = experiment.config
-        runtime = make_runtime(config.device, config.precision, experiment.backbone.model)
+        runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model)
         model = prepare_model(experiment.backbone.model, runtime)
         return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
 
     def train(self, run: RunDir, observer: TrainObserver, start: ResumePoint | None = None) -> dict[str, Any]:
+        observer = observer if is_main() else SilentObserver()  # one progress display, rank 0's
         observer.run_started(run.path)
         for line in data_notices(self.experiment.splits):
             observer.notice(line)
@@ -192,9 +199,10 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     pin = runtime.device.type == "cuda"
     train_set = ImageDataset(splits.train, build_transform(pre, config.data.augment, train=True))
     val_set = ImageDataset(splits.val, build_transform(pre, config.data.augment, train=False))
+    batch, part = per_rank_batch(config.data.batch_size), shard()  # this rank's share of each global batch
     return {
-        "train": make_loader(train_set, config.data.batch_size, True, workers, config.seed, pin),
-        "val": make_loader(val_set, config.data.batch_size, False, workers, config.seed, pin),
+        "train": make_loader(train_set, batch, True, workers, config.seed, pin, part),
+        "val": make_loader(val_set, batch, False, workers, config.seed, pin, part),
     }
 
 
@@ -244,6 +252,7 @@ class _Trainer:
         self.config = session.experiment.config
         self.runtime = session.runtime
         self.model = session.model
+        self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
         self.loaders = session.loaders
         self.run_dir = run
         self.observer = observer
@@ -258,7 +267,8 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         start = self.start
         first = 0 if start is None else start.phase_index + int(start.phase_done)
-        with stop_on_signals() as self.stop:
+        with stop_on_signals() as request:
+            self.stop = agreed_stop(request)  # under torchrun: a signal to any rank stops all at the same step
             if start is not None:
                 # Last: nothing between here and the first step may draw random numbers.
                 restore_rng_states(start.rng)
@@ -305,18 +315,19 @@ class _Trainer:
 
     def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any) -> EpochStats:
         try:
-            return train_one_epoch(self.model, self.loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
+            stats = train_one_epoch(self.stepped(), self.loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
         except TrainingStopped:
             raise self._interrupted(plan, epoch) from None
         except DataError as exc:
             raise worker_error(exc) from None
         except NonFiniteLossError as exc:
             raise self._diverged(plan, epoch, str(exc)) from None
+        return reduce_stats(stats)  # every rank's images: the metrics one process would report
 
     def _evaluate(self, plan: PhasePlan, epoch: int) -> EpochStats:
         # Validation finishes even when a stop is requested: the epoch's checkpoint is moments away.
         try:
-            val = evaluate(self.model, self.loaders["val"], self.runtime)
+            val = reduce_stats(evaluate(self.model, self.loaders["val"], self.runtime))  # every rank's shard
         except DataError as exc:
             raise worker_error(exc) from None
         if val.images and not math.isfinite(val.loss):

@@ -50,16 +50,25 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except TrainingInterrupted as exc:  # stopped by a signal, with the way to resume in the message
-        for problem in exc.problems:
+        for problem in exc.problems if not _rank_prefix() else ():  # all ranks stop together; rank 0 says so
             err.print(f"[yellow]interrupted:[/] {escape(str(problem))}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except TransferctlError as exc:
-        for problem in exc.problems:
-            err.print(f"[bold red]error:[/] {escape(str(problem))}")
+        if not getattr(exc, "echoed", False):  # a distributed rank's copy of rank 0's error: rank 0 prints it
+            for problem in exc.problems:
+                err.print(f"[bold red]error:[/] {_rank_prefix()}{escape(str(problem))}")
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _rank_prefix() -> str:
+    """'rank 1: ' in a process that torchrun started as rank 1; nothing for rank 0 or a single process."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return f"rank {rank}: " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""
 
 
 def print_json(data: Any) -> None:

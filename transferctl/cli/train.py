@@ -23,9 +23,13 @@ def train(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="Train with N processes on this machine (DistributedDataParallel, one per GPU): the same as torchrun --standalone --nproc_per_node N."
+    ),
 ) -> None:
     """Train a model as the experiment file says; write checkpoints and metrics to a run directory."""
     from transferctl.config import load_config
+    from transferctl.distributed import env_rank, launched
     from transferctl.progress import make_observer
     from transferctl.tensorboard import run_wants_tensorboard, with_tensorboard
 
@@ -33,6 +37,10 @@ def train(
         raise typer.BadParameter("give an experiment file, or --resume RUN_DIR (not both)", param_hint="CONFIG")
     if resume is not None and run_dir is not None:
         raise typer.BadParameter("a resumed run stays in its own directory", param_hint="--run-dir")
+    if nproc is not None and nproc > 1 and not launched():
+        _launch(nproc, config, overrides or [], run_dir, resume, as_json, quiet)
+    main = env_rank() == 0  # under torchrun only rank 0 shows progress and prints the summary
+    quiet, as_json = quiet or not main, as_json and main
     with user_errors():
         with make_observer(err, quiet=quiet) as progress:
             if resume is not None:
@@ -49,8 +57,33 @@ def train(
                     summary = run_training(experiment, run_dir, observer)
     if as_json:
         print_json(summary)
-    else:
+    elif main:
         _print_summary(summary)
+
+
+def _launch(nproc: int, config: Optional[Path], overrides: List[str], run_dir: Optional[Path], resume: Optional[Path], as_json: bool, quiet: bool) -> None:
+    """Start this command in nproc processes through PyTorch's launcher; exit with its exit code."""
+    import signal
+    import subprocess
+
+    from transferctl.config import load_config
+    from transferctl.distributed import launch_command
+
+    argv = ["train", *([str(config)] if config else ["--resume", str(resume)])]
+    argv += [arg for override in overrides for arg in ("--set", override)]
+    argv += ["--run-dir", str(run_dir)] if run_dir else []
+    argv += ["--json"] * as_json + ["--quiet"] * quiet
+    if config is not None:
+        with user_errors():
+            load_config(config, overrides)  # one error message here, rather than one per process
+    process = subprocess.Popen(launch_command(nproc, argv))
+    # Ctrl-C reaches every process of the terminal's group; the workers stop themselves, so wait for them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    raise typer.Exit(code)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

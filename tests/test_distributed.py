@@ -1,0 +1,151 @@
+"""Distributed data-parallel training: two gloo processes on the CPU, started by PyTorch's own launcher.
+
+The model is resnet18 at 32 px with a frozen body in the head phase and `bn: frozen` in the body phase, and no
+augmentation. Why: with BatchNorm in training mode each rank normalises with its own half-batch's statistics,
+which a single process with the whole batch never sees, so the two could not agree; with BatchNorm in eval
+mode (and no dropout) a step's gradient is the mean over the global batch either way, DDP averages the ranks'
+equal-sized halves, and the final metrics agree up to the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from helpers import experiment, write_experiment
+from transferctl.config import load_config
+from transferctl.distributed import Shard, per_rank_batch, shard_length, shard_of
+from transferctl.errors import ConfigError
+from transferctl.synthetic import tiny_dataset
+from transferctl.train import train
+
+SCHEDULE = [
+    {"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2},
+    {"name": "body", "epochs": 1, "train": "all", "lr": 1.0e-2, "backbone_lr_mult": 0.1, "bn": "frozen"},
+]
+MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+# A rank for the interruption test: the real CLI with image decoding slowed down, so that a signal sent after
+# the first epoch's row appears always lands while the second epoch is still running.
+SLOW_RANK = """
+import sys, time
+import transferctl.data as data
+_open_rgb = data.open_rgb
+def slow_open_rgb(path):
+    time.sleep(0.1)
+    return _open_rgb(path)
+data.open_rgb = slow_open_rgb
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One thread here and in every rank (OMP_NUM_THREADS below): on a shared CPU, and for equal sums."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("distributed")
+    # 12 training images (an even count: no padding, so every image counts once, as in one process) in 3
+    # global batches of 4; 3 validation images, which two ranks share unevenly (2 + 1).
+    data = tiny_dataset(root / "data", n_classes=3, per_class=5, layout="split")
+    assert len(list((data / "train").rglob("*.png"))) == 12 and len(list((data / "val").rglob("*.png"))) == 3
+    raw = experiment(data, root / "runs", data={"batch_size": 4}, schedule=SCHEDULE)
+    return write_experiment(root / "experiment.yaml", raw)
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def transferctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "transferctl", *args], capture_output=True, text=True, env=cli_env(), timeout=300)
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_rows_match(got: list[dict[str, Any]], want: list[dict[str, Any]], tolerance: float) -> None:
+    assert [(r["phase"], r["epoch"]) for r in got] == [(r["phase"], r["epoch"]) for r in want]
+    for row, expected in zip(got, want):
+        for key in MEASURED:
+            assert row[key] == pytest.approx(expected[key], abs=tolerance), (row["phase"], key)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(config_file: Path) -> Path:
+    """`transferctl train --nproc 2`: torchrun's launcher, two gloo ranks."""
+    result = transferctl("train", str(config_file), "--nproc", "2", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)  # one JSON document: only rank 0 prints
+    return Path(summary["run_dir"])
+
+
+def test_two_processes_write_one_run_that_matches_one_process(two_process_run: Path, config_file: Path) -> None:
+    runs = two_process_run.parent
+    assert [p.name for p in runs.iterdir()] == [two_process_run.name]  # rank 0 named it; rank 1 wrote nothing
+    assert (two_process_run / "summary.json").is_file() and (two_process_run / "checkpoints" / "last.pt").is_file()
+    assert not list(two_process_run.rglob(".*.tmp"))
+    single = train(load_config(config_file), run_dir=runs.parent / "single")
+    assert_rows_match(metrics(two_process_run), metrics(Path(single["run_dir"])), tolerance=1e-4)
+    assert metrics(two_process_run)[-1]["val_acc"] == pytest.approx(single["final_val_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_stopped_distributed_run_resumes_to_the_same_metrics(two_process_run: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "stopped"
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    process = subprocess.Popen([*launcher, "train", str(config_file), "--run-dir", str(run_dir), "--quiet"], env=cli_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, "the first epoch never finished"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # the launcher passes it on to both ranks, which stop together
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert len(metrics(run_dir)) == 1 and not (run_dir / "summary.json").exists(), stderr[-2000:]
+
+    result = transferctl("train", "--resume", str(run_dir), "--nproc", "2", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["epochs"] == 2
+    assert_rows_match(metrics(run_dir), metrics(two_process_run), tolerance=1e-6)
+
+
+def test_shards_cover_every_item_once_and_pad_to_equal_lengths() -> None:
+    items = list(range(7))
+    shards = [shard_of(items, Shard(rank, 2), pad=True) for rank in range(2)]
+    assert shards == [[0, 2, 4, 6], [1, 3, 5, 0]]  # wrapped around, as DistributedSampler pads
+    unpadded = [shard_of(items, Shard(rank, 3), pad=False) for rank in range(3)]
+    assert sorted(sum(unpadded, [])) == items
+    for world in (1, 2, 3, 8):
+        for rank in range(world):
+            for pad in (True, False):
+                assert shard_length(7, Shard(rank, world), pad) == len(shard_of(items, Shard(rank, world), pad))
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transferctl.distributed as distributed
+
+    monkeypatch.setattr(distributed, "shard", lambda: Shard(0, 4))
+    assert per_rank_batch(32) == 8
+    with pytest.raises(ConfigError, match="multiple of 4, e.g. 8 or 12"):
+        per_rank_batch(10)
