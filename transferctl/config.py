@@ -18,6 +18,8 @@ Strategy = Literal["feature_extract", "fine_tune", "scratch", "pretrained_init"]
 STRATEGIES: tuple[str, ...] = ("feature_extract", "fine_tune", "scratch", "pretrained_init")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TRAIN_PATTERN = re.compile(r"^(head|all|last:\d+)$")
+PYTHON_PREFIX = "python:"  # backbone.name: python:package.module:function, your own nn.Module
+TIMM_PREFIX = "timm:"  # backbone.name: timm:<model>, with the optional timm package
 
 
 class _Section(BaseModel):
@@ -31,6 +33,23 @@ class BackboneConfig(_Section):
         description="DEFAULT | a torchvision weights name | path to a state-dict file | run:<run dir> | none",
     )
     cut: str | None = Field(None, description="keep the backbone up to and including this layer group")
+    # Only for `python:` backbones (your own model); torchvision and timm models know their own.
+    head: str | None = Field(None, description="python: backbones: attribute path of the classification layer (e.g. fc)")
+    groups: dict[str, list[str]] | None = Field(
+        None, description="python: backbones: layer groups from the input side, name -> module prefixes (default: one group 'body')"
+    )
+    mean: tuple[float, float, float] | None = Field(None, description="python: backbones: normalisation mean (default ImageNet's)")
+    std: tuple[float, float, float] | None = Field(None, description="python: backbones: normalisation std (default ImageNet's)")
+
+    @model_validator(mode="after")
+    def _custom_fields_need_python(self) -> BackboneConfig:
+        if not self.name.startswith(PYTHON_PREFIX):
+            given = [field for field in ("head", "groups", "mean", "std") if getattr(self, field) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to python:module:function backbones; {self.name} knows its own")
+        elif self.head is None:
+            raise ValueError(f"{self.name} needs backbone.head: the attribute path of its classification layer (e.g. fc)")
+        return self
 
 
 class DataConfig(_Section):
@@ -50,6 +69,10 @@ class DataConfig(_Section):
         return value
 
 
+class PlateauConfig(_Section):
+    patience: int = Field(ge=1, description="epochs without improvement of early_stopping.metric before the phase ends")
+
+
 class PhaseConfig(_Section):
     name: str
     epochs: int = Field(ge=1)
@@ -57,6 +80,11 @@ class PhaseConfig(_Section):
     lr: float = Field(gt=0.0, description="learning rate of the head; the backbone's is lr x backbone_lr_mult")
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
     bn: Literal["train", "frozen"] = Field("train", description="frozen: every BatchNorm layer stays in eval mode")
+    unfreeze_every: int | None = Field(
+        None, ge=1, description="gradual unfreezing: start with the head, unfreeze one more layer group (from the top) every K epochs"
+    )
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="each layer group's lr x layer_decay^(groups between it and the head)")
+    until_plateau: PlateauConfig | None = Field(None, description="end this phase early when the monitored metric stops improving")
 
     @field_validator("train")
     @classmethod

@@ -7,7 +7,7 @@ state, no parameter group appears mid-run, and resuming needs only (phase, epoch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,10 +30,51 @@ class PhasePlan:
     bn: str
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
+    unfreeze_every: int | None = None  # gradual unfreezing: one more group every K epochs, from the head down
+    layer_decay: float = 1.0  # a group's lr x layer_decay^(its distance from the head)
+    patience: int | None = None  # until_plateau.patience: overrides early_stopping.patience for this phase
 
     @property
     def backbone_frozen(self) -> bool:
         return self.trainable == (HEAD,)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of a phase's epochs that trains the same groups: the whole phase, or one unfreezing step."""
+
+    plan: PhasePlan  # the phase with `trainable` / `frozen` narrowed to this stage's groups
+    first_epoch: int
+    last_epoch: int
+
+    @property
+    def epochs(self) -> int:
+        return self.last_epoch - self.first_epoch + 1
+
+
+def stages_of(plan: PhasePlan, group_names: list[str]) -> list[Stage]:
+    """The phase's stages. With unfreeze_every K, stage s (0-based) spans K epochs and trains the head and
+    the s groups above it among those `train` names; the last stage, with every named group, runs to the
+    end of the phase. Each stage gets a fresh optimizer and schedule, so a resume needs only (phase, epoch).
+    """
+    if plan.unfreeze_every is None:
+        return [Stage(plan, 1, plan.epochs)]
+    body = [name for name in plan.trainable if name != HEAD]  # in model order, input side first
+    stages = []
+    for step in range(len(body) + 1):
+        first = step * plan.unfreeze_every + 1
+        if first > plan.epochs:
+            break
+        last = plan.epochs if step == len(body) else min(plan.epochs, first + plan.unfreeze_every - 1)
+        trainable = tuple(body[len(body) - step :]) + (HEAD,)
+        frozen = tuple(name for name in group_names if name not in trainable)
+        stages.append(Stage(replace(plan, trainable=trainable, frozen=frozen), first, last))
+    stages[-1] = replace(stages[-1], last_epoch=plan.epochs)
+    return stages
+
+
+def stage_at(stages: list[Stage], epoch: int) -> Stage:
+    return next(stage for stage in stages if stage.first_epoch <= epoch <= stage.last_epoch)
 
 
 def plan_phases(config: ExperimentConfig, group_names: list[str]) -> list[PhasePlan]:
@@ -41,7 +82,11 @@ def plan_phases(config: ExperimentConfig, group_names: list[str]) -> list[PhaseP
     for index, phase in enumerate(schedule_of(config)):
         trainable = trainable_groups(phase.train, group_names, f"schedule[{index}].train")
         frozen = tuple(name for name in group_names if name not in trainable)
-        plans.append(PhasePlan(index, phase.name, phase.epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen))
+        patience = phase.until_plateau.patience if phase.until_plateau else None
+        plans.append(
+            PhasePlan(index, phase.name, phase.epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen,
+                      phase.unfreeze_every, phase.layer_decay, patience)
+        )  # fmt: skip
     return plans
 
 
@@ -102,21 +147,32 @@ def _modules_at(model: nn.Module, prefixes: list[str]) -> list[nn.Module]:
 
 
 def optimizer_param_groups(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weight_decay: float) -> list[dict[str, Any]]:
-    """One optimizer group per trained layer group (and decay kind): the head at lr, the body at lr x mult.
+    """One optimizer group per trained layer group (and decay kind): the head at lr, the body at lr x mult,
+    each body group further x layer_decay^(its distance from the head: 1 for the group just below it).
 
     Biases and normalisation weights get no weight decay: shrinking them towards zero only hurts.
     """
     result = []
+    lrs = group_lrs(plan, [name for name, _ in groups])
     for group, params in named_parameters_by_group(model, groups).items():
         if group not in plan.trainable:
             continue
-        lr = plan.lr if group == HEAD else plan.lr * plan.backbone_lr_mult
+        lr = lrs[group]
         decay = [p for _, p in params if p.ndim > 1]
         no_decay = [p for _, p in params if p.ndim <= 1]
         for suffix, members, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
             if members:
                 result.append({"name": group + suffix, "params": members, "lr": lr, "weight_decay": wd})
     return result
+
+
+def group_lrs(plan: PhasePlan, group_names: list[str]) -> dict[str, float]:
+    """The base lr of every layer group under this phase's lr, backbone_lr_mult and layer_decay."""
+    order = [name for name in group_names if name != HEAD]
+    lrs = {HEAD: plan.lr}
+    for distance, name in enumerate(reversed(order), start=1):
+        lrs[name] = plan.lr * plan.backbone_lr_mult * plan.layer_decay**distance
+    return lrs
 
 
 def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -144,20 +200,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, config.name))
 
 
-def describe_phase(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weight_decay: float) -> dict[str, Any]:
-    """What `check` shows for a phase: groups, trainable parameter count, learning rates, BN mode."""
+def describe_phase(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weight_decay: float, default_patience: int | None = None) -> dict[str, Any]:
+    """What `check` shows for a phase: groups, trainable parameter count, learning rates, BN mode,
+    the unfreezing steps and when the phase may end early (its until_plateau, else early_stopping's)."""
     by_group = named_parameters_by_group(model, groups)
-    trainable = sum(p.numel() for g in plan.trainable for _, p in by_group[g])
+    names = [name for name, _ in groups]
     total = sum(p.numel() for params in by_group.values() for _, p in params)
-    lrs = {g["name"]: g["lr"] for g in optimizer_param_groups(model, groups, plan, weight_decay) if not g["name"].endswith("/no_decay")}
+    lrs = group_lrs(plan, names)
+    steps = [
+        {"epochs": [stage.first_epoch, stage.last_epoch], "train": list(stage.plan.trainable),
+         "trainable_params": sum(p.numel() for g in stage.plan.trainable for _, p in by_group[g])}
+        for stage in stages_of(plan, names)
+    ]  # fmt: skip
     bn_trainable = "frozen (eval)" if plan.bn == "frozen" else "train"
     return {
         "phase": plan.name,
         "epochs": plan.epochs,
         "train": list(plan.trainable),
         "frozen": list(plan.frozen),
-        "trainable_params": trainable,
+        "trainable_params": steps[-1]["trainable_params"],
         "total_params": total,
-        "lr": lrs,
+        "lr": {name: lrs[name] for name in names if name in plan.trainable},
+        "layer_decay": plan.layer_decay,
+        "unfreeze_every": plan.unfreeze_every,
+        "unfreeze_steps": steps if plan.unfreeze_every is not None else [],
+        "plateau_patience": plan.patience if plan.patience is not None else default_patience,
         "batchnorm": {"trained groups": bn_trainable, "frozen groups": "frozen (eval)"},
     }

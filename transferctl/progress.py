@@ -105,16 +105,31 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
     header.add_row("data", f"{data['root']} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
     phases = Table(title="phases")
-    for column in ("phase", "epochs", "trains", "trainable", "learning rate", "BatchNorm"):
+    for column in ("phase", "epochs", "trains", "trainable", "learning rate", "BatchNorm", "ends early"):
         phases.add_column(column)
     for phase in plan["phases"]:
         trains = "head only" if phase["train"] == ["head"] else ", ".join(phase["train"])
+        if phase.get("unfreeze_steps"):
+            trains = _unfreezing(phase["unfreeze_steps"])
         share = phase["trainable_params"] / max(phase["total_params"], 1)
         params = f"{phase['trainable_params']:,} ({share:.1%})"
-        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, _compact_lrs(phase["lr"]), phase["batchnorm"]["trained groups"])
+        lrs = _compact_lrs(phase["lr"]) + (f" (layer_decay {phase['layer_decay']:g})" if phase.get("layer_decay", 1.0) != 1.0 else "")
+        patience = phase.get("plateau_patience")
+        ends = f"plateau of {patience} epochs" if patience else "no"
+        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, lrs, phase["batchnorm"]["trained groups"], ends)
     caption = "Frozen groups keep their BatchNorm statistics (eval mode) and get no gradients."
     notes = [Text(f"note: {line}", style="yellow") for line in data.get("notices", [])]
     return Group(header, *notes, phases, caption)
+
+
+def _unfreezing(steps: list[dict[str, Any]]) -> str:
+    """'head; +layer4 from epoch 3; +layer3 from epoch 5': gradual unfreezing, one line per step."""
+    lines, before = [], set()
+    for step in steps:
+        added = [name for name in step["train"] if name not in before]
+        lines.append(("" if not before else "+") + ", ".join(added) + (f" from epoch {step['epochs'][0]}" if before else ""))
+        before.update(step["train"])
+    return "\n".join(lines)
 
 
 def _compact_lrs(lrs: dict[str, float]) -> str:

@@ -53,6 +53,7 @@ from transferctl.interrupts import StopRequest, stop_on_signals
 from transferctl.phases import (
     HEAD,
     PhasePlan,
+    Stage,
     apply_freezing,
     build_optimizer,
     build_scheduler,
@@ -60,6 +61,8 @@ from transferctl.phases import (
     optimizer_param_groups,
     plan_phases,
     set_train_mode,
+    stage_at,
+    stages_of,
 )
 from transferctl.rundir import RunDir, claim_run_dir, create_run_dir
 
@@ -148,7 +151,7 @@ def describe(experiment: Experiment) -> dict[str, Any]:
             "root": str(splits.root), "layout": splits.layout, "classes": splits.classes, **splits.counts(),
             "skipped": len(splits.skipped), "notices": data_notices(splits),
         },  # fmt: skip
-        "phases": [describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay) for plan in experiment.plans],
+        "phases": [describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay, config.early_stopping.patience) for plan in experiment.plans],
     }
 
 
@@ -284,34 +287,45 @@ class _Trainer:
 
     def _run_phase(self, plan: PhasePlan, start: ResumePoint | None) -> None:
         backbone = self.experiment.backbone
-        apply_freezing(self.model, backbone.groups, plan)
-        # A fresh optimizer per phase, over exactly what this phase trains.
-        optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, backbone.groups, plan, self.config.optimizer.weight_decay))
-        scheduler = build_scheduler(optimizer, self.config.scheduler, plan.epochs, len(self.loaders["train"]))
+        stages = stages_of(plan, backbone.group_names)  # one, unless the phase unfreezes gradually
         scaler = make_grad_scaler(self.runtime)
         state, first_epoch = _PhaseState(), 1
         if start is not None:
-            optimizer.load_state_dict(start.optimizer)
-            scheduler.load_state_dict(start.scheduler)
             if scaler is not None and start.scaler:
                 scaler.load_state_dict(start.scaler)
             state, first_epoch = _PhaseState(start.phase_best, start.stale), start.epoch + 1
         self.observer.phase_started(plan, len(self.loaders["train"]))
+        stage: Stage | None = None
         for epoch in range(first_epoch, plan.epochs + 1):
             self.position = (plan, epoch)
             if self.stop():
                 raise self._interrupted(plan, epoch)
-            set_train_mode(self.model, backbone.groups, plan)
+            if stage is None or epoch > stage.last_epoch:
+                stage = stage_at(stages, epoch)
+                optimizer, scheduler = self._stage_optimizer(stage)
+                if start is not None and epoch == first_epoch and epoch > stage.first_epoch:
+                    optimizer.load_state_dict(start.optimizer)  # resumed in the middle of this stage
+                    scheduler.load_state_dict(start.scheduler)
+                if len(stages) > 1 and stage.first_epoch == epoch:
+                    self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
+            set_train_mode(self.model, backbone.groups, stage.plan)
             lrs = _current_lrs(optimizer)
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
             stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler)
             val = self._evaluate(plan, epoch)
             row = self._row(plan, epoch, lrs, stats, val)
-            done = self._early_stop(state, row) or epoch == plan.epochs
+            done = self._early_stop(plan, state, row) or epoch == plan.epochs
             self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
             self.observer.epoch_done(row)
             if done:
                 break
+
+    def _stage_optimizer(self, stage: Stage) -> tuple[Any, Any]:
+        """A fresh optimizer and schedule over exactly what this stage trains (the whole phase, or one unfreezing step)."""
+        groups = self.experiment.backbone.groups
+        apply_freezing(self.model, groups, stage.plan)
+        optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, groups, stage.plan, self.config.optimizer.weight_decay))
+        return optimizer, build_scheduler(optimizer, self.config.scheduler, stage.epochs, len(self.loaders["train"]))
 
     def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any) -> EpochStats:
         try:
@@ -371,13 +385,14 @@ class _Trainer:
             "images_per_second": round(stats.images_per_second, 1),
         }
 
-    def _early_stop(self, state: _PhaseState, row: dict[str, Any]) -> bool:
-        """Update the phase's early-stopping state with an epoch's row; True when the phase should end."""
+    def _early_stop(self, plan: PhasePlan, state: _PhaseState, row: dict[str, Any]) -> bool:
+        """Update the phase's early-stopping state with an epoch's row; True when the phase should end.
+        The phase's own until_plateau.patience overrides early_stopping.patience."""
         if state.best is None or self._better(row, state.best):
             state.best, state.stale = row, 0
         else:
             state.stale += 1
-        patience = self.config.early_stopping.patience
+        patience = plan.patience if plan.patience is not None else self.config.early_stopping.patience
         return patience is not None and state.stale >= patience
 
     def _better(self, row: dict[str, Any], than: dict[str, Any]) -> bool:
