@@ -24,6 +24,14 @@ def isolated_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
         os.environ["TORCH_HOME"] = previous
 
 
+@pytest.fixture(autouse=True)
+def isolated_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point TRANSFERCTL_CACHE at the test's own folder: no test reads or fills ~/.cache/transferctl."""
+    folder = tmp_path / "transferctl-cache"
+    monkeypatch.setenv("TRANSFERCTL_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture
 def tiny_split_data(tmp_path: Path) -> Path:
     """tmp_path/tiny_split/{train,val,test}/{red,green,blue}/NNNN.png: 16x16, 4/1/1 per class."""

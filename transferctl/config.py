@@ -60,6 +60,11 @@ class DataConfig(_Section):
     batch_size: int = Field(32, ge=1)
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="data-loading processes, or auto")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: leave unreadable images out (listed before training); error: stop")
+    cache: Literal["auto", "off", "memory", "disk"] = Field(
+        "auto", description="features of the frozen backbone, computed once for head-only phases: auto | off | memory | disk (see README, Speed)"
+    )
+    cached_views: int = Field(2, ge=1, le=64, description="augmented views cached per image with augment: standard (one is drawn per epoch)")
+    cache_memory_mb: int = Field(1024, ge=0, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
 
     @field_validator("num_workers")
     @classmethod
@@ -133,6 +138,7 @@ class ExperimentConfig(_Section):
     # The pattern is for editors (JSON Schema); _device_spec gives the error message.
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps", json_schema_extra={"pattern": _DEVICE_PATTERN.pattern})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware has it, else fp32")
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPUs for long runs; the first steps are slow)")
     output: OutputConfig = OutputConfig()
     logging: LoggingConfig = LoggingConfig()
 

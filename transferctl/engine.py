@@ -25,6 +25,7 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
+    compile: bool = False  # torch.compile the model in place (prepare_model)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -95,9 +96,9 @@ def choose_precision(spec: str, device: torch.device) -> str:
     return "fp32"
 
 
-def make_runtime(device_spec: str, precision_spec: str, model: nn.Module) -> Runtime:
+def make_runtime(device_spec: str, precision_spec: str, model: nn.Module, compile: bool = False) -> Runtime:
     device = choose_device(device_spec)
-    return Runtime(device, choose_precision(precision_spec, device), channels_last=is_convolutional(model))
+    return Runtime(device, choose_precision(precision_spec, device), channels_last=is_convolutional(model), compile=compile)
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -111,6 +112,9 @@ def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
+    if runtime.compile:
+        # In place (nn.Module.compile): state_dict keys stay as they are, so checkpoints load anywhere.
+        model.compile()
     return model
 
 

@@ -49,6 +49,7 @@ from transferctl.engine import (
     train_one_epoch,
 )
 from transferctl.errors import CheckpointError, DataError, Problem, TrainingError, TrainingInterrupted
+from transferctl.feature_cache import FrozenBodyShortcut
 from transferctl.interrupts import StopRequest, stop_on_signals
 from transferctl.phases import (
     HEAD,
@@ -183,7 +184,7 @@ class Session:
     @classmethod
     def start(cls, experiment: Experiment) -> Session:
         config = experiment.config
-        runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model)
+        runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model, config.compile)
         model = prepare_model(experiment.backbone.model, runtime)
         return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
 
@@ -257,6 +258,7 @@ class _Trainer:
         self.model = session.model
         self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
         self.loaders = session.loaders
+        self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice)
         self.run_dir = run
         self.observer = observer
         self.start = start
@@ -308,11 +310,12 @@ class _Trainer:
                     scheduler.load_state_dict(start.scheduler)
                 if len(stages) > 1 and stage.first_epoch == epoch:
                     self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
+                cached = self.shortcut.path_for(stage.plan)  # a frozen body: the head trains on cached features
             set_train_mode(self.model, backbone.groups, stage.plan)
             lrs = _current_lrs(optimizer)
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
-            stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler)
-            val = self._evaluate(plan, epoch)
+            stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached)
+            val = self._evaluate(plan, epoch, cached)
             row = self._row(plan, epoch, lrs, stats, val)
             done = self._early_stop(plan, state, row) or epoch == plan.epochs
             self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
@@ -327,9 +330,10 @@ class _Trainer:
         optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, groups, stage.plan, self.config.optimizer.weight_decay))
         return optimizer, build_scheduler(optimizer, self.config.scheduler, stage.epochs, len(self.loaders["train"]))
 
-    def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any) -> EpochStats:
+    def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, cached: tuple[Any, Any] | None = None) -> EpochStats:
+        model, loaders = cached or (self.stepped(), self.loaders)
         try:
-            stats = train_one_epoch(self.stepped(), self.loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
+            stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
         except TrainingStopped:
             raise self._interrupted(plan, epoch) from None
         except DataError as exc:
@@ -338,10 +342,11 @@ class _Trainer:
             raise self._diverged(plan, epoch, str(exc)) from None
         return reduce_stats(stats)  # every rank's images: the metrics one process would report
 
-    def _evaluate(self, plan: PhasePlan, epoch: int) -> EpochStats:
+    def _evaluate(self, plan: PhasePlan, epoch: int, cached: tuple[Any, Any] | None = None) -> EpochStats:
         # Validation finishes even when a stop is requested: the epoch's checkpoint is moments away.
+        model, loaders = cached or (self.model, self.loaders)
         try:
-            val = reduce_stats(evaluate(self.model, self.loaders["val"], self.runtime))  # every rank's shard
+            val = reduce_stats(evaluate(model, loaders["val"], self.runtime))  # every rank's shard
         except DataError as exc:
             raise worker_error(exc) from None
         if val.images and not math.isfinite(val.loss):
@@ -468,6 +473,7 @@ class _Trainer:
             "images_per_second": round(mean_speed, 1),
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
+            "feature_cache": self.shortcut.records,
             "skipped_images": [str(item.path) for item in self.experiment.splits.skipped],
             "checkpoints": {"best": str(self.run_dir.checkpoints / "best.pt"), "last": str(self.run_dir.checkpoints / "last.pt")},
         }

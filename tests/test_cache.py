@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import experiment
+from transferctl.config import config_from_dict
+from transferctl.feature_cache import FeatureBatches, FeatureStore, head_for_features
+from transferctl.data import EpochSampler
+from transferctl.train import train
+
+
+def head_only(data: Path, out: Path, epochs: int = 2, **data_fields: object) -> dict:
+    raw = experiment(data, out, strategy="feature_extract", schedule=[{"name": "head", "epochs": epochs, "train": "head", "lr": 1e-2}])
+    raw["data"].update(data_fields)
+    return raw
+
+
+def run(raw: dict) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
+    summary = train(config_from_dict(raw))
+    model = torch.load(summary["checkpoints"]["last"], weights_only=True)["model"]
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return summary, model, rows
+
+
+def test_cached_head_phase_equals_full_forward_passes(tiny_split_data: Path, tmp_path: Path) -> None:
+    _, plain, plain_rows = run(head_only(tiny_split_data, tmp_path / "off", cache="off"))
+    summary, cached, cached_rows = run(head_only(tiny_split_data, tmp_path / "on", cache="memory"))
+    assert [r["split"] for r in summary["feature_cache"]] == ["train", "val"]
+    torch.testing.assert_close(cached["fc.weight"], plain["fc.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached["fc.bias"], plain["fc.bias"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain_rows, cached_rows):
+        assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_a_second_run_reuses_the_cache_and_a_changed_file_invalidates_it(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
+    first, _, _ = run(head_only(tiny_split_data, tmp_path / "a", cache="disk", epochs=1))
+    assert not any(r["reused"] for r in first["feature_cache"])
+    assert len(list(isolated_feature_cache.glob("features-*.npy"))) == 2  # train and val
+    second, _, _ = run(head_only(tiny_split_data, tmp_path / "b", cache="disk", epochs=1))
+    assert all(r["reused"] for r in second["feature_cache"])
+    image = sorted((tiny_split_data / "train").rglob("*.png"))[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    third, _, _ = run(head_only(tiny_split_data, tmp_path / "c", cache="disk", epochs=1))
+    assert [r["reused"] for r in third["feature_cache"]] == [False, True]  # only train's files changed
+
+
+def test_memory_and_disk_give_the_same_result(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
+    memory, in_memory, _ = run(head_only(tiny_split_data, tmp_path / "m", cache="memory", augment="standard", cached_views=3))
+    assert not list(isolated_feature_cache.glob("*.npy")) and memory["feature_cache"][0]["location"] == "memory"
+    disk, on_disk, _ = run(head_only(tiny_split_data, tmp_path / "d", cache="disk", augment="standard", cached_views=3))
+    assert disk["feature_cache"][0]["location"].endswith(".npy") and disk["feature_cache"][0]["views"] == 3
+    torch.testing.assert_close(in_memory["fc.weight"], on_disk["fc.weight"])
+
+
+def test_auto_keeps_small_features_in_memory_and_saves_them(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
+    summary, _, _ = run(head_only(tiny_split_data, tmp_path / "a", epochs=1))
+    assert [r["location"] for r in summary["feature_cache"]] == ["memory", "memory"]
+    assert len(list(isolated_feature_cache.glob("features-*.npy"))) == 2
+    over_budget, _, _ = run(head_only(tiny_split_data, tmp_path / "b", epochs=1, cache_memory_mb=0))
+    assert all(r["reused"] and r["location"].endswith(".npy") for r in over_budget["feature_cache"])
+
+
+def test_unfrozen_phases_switch_back_to_full_passes(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "runs")  # head 1 epoch, then body 1 epoch
+    raw["data"]["cache"] = "memory"
+    summary, model, _ = run(raw)
+    assert {r["phase"] for r in summary["feature_cache"]} == {"head"}
+    raw["data"]["cache"] = "off"
+    _, plain, _ = run({**raw, "output": {"dir": str(tmp_path / "off")}})
+    torch.testing.assert_close(model["layer1.0.conv1.weight"], plain["layer1.0.conv1.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model["fc.weight"], plain["fc.weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_each_epoch_draws_one_view_per_image_from_seed_and_epoch() -> None:
+    features = np.arange(6 * 3, dtype=np.float32).reshape(6, 3, 1)  # image i, view v -> 3i + v
+    store = FeatureStore(features, np.arange(6), "memory", False, 0.0)
+    sampler = EpochSampler(6, seed=5)
+    batches = FeatureBatches(store, 4, sampler)
+    assert len(batches) == 2
+    sampler.set_epoch(1)
+    first = torch.cat([f for f, _ in batches]).flatten()
+    labels = torch.cat([y for _, y in batches])
+    assert sorted((first // 3).long().tolist()) == list(range(6)) and torch.equal((first // 3).long(), labels)
+    assert torch.equal(first, torch.cat([f for f, _ in batches]).flatten())  # the same epoch again: the same draw
+    sampler.set_epoch(2)
+    assert not torch.equal(first, torch.cat([f for f, _ in batches]).flatten())
+
+
+def test_a_dropout_before_the_head_still_trains() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(4, 2)))
+    head = head_for_features(model, "1.1")
+    assert isinstance(head, torch.nn.Sequential) and isinstance(head[0], torch.nn.Dropout) and head[1] is model[1][1]
+    assert head_for_features(model, "0") is model[0]

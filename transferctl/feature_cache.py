@@ -1,0 +1,334 @@
+"""Cached backbone features for phases that train only the head.
+
+While the whole backbone is frozen, its output (the head's input, read by a forward pre-hook on the head
+module) does not change: it is computed once per image and view, in eval mode under no_grad, and the head
+trains on those tensors alone, epochs costing milliseconds instead of a forward pass over every image.
+
+- `augment: none`: one view per image. `augment: standard`: `data.cached_views` augmented views per image,
+  each from its own seed (run seed, view, image); every epoch draws one view per image from the seed the
+  EpochSampler gives that image, so order and views depend only on (seed, epoch) and a resumed run matches
+  an uninterrupted one.
+- Where the features live (`data.cache`): `memory` keeps them in RAM for this run; `disk` memory-maps a
+  `.npy` file in the cache folder ($TRANSFERCTL_CACHE, else $XDG_CACHE_HOME/transferctl or
+  ~/.cache/transferctl); `auto` reuses a file from an earlier run if there is one, else computes the
+  features, keeps them in RAM when they fit `data.cache_memory_mb` (else memory-maps them) and saves them
+  to the cache folder for the next run. Entries are keyed by backbone, a hash of its weights, the
+  preprocessing, augmentation and view count, precision, and every file's path, size and mtime: any
+  change computes new ones. Old entries are never needed again once their key changes; delete the folder
+  at will.
+- A dropout directly before the head (mobilenet, efficientnet, vgg classifiers) still trains in train mode
+  on the cached features, as it would in a full forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferctl.data import EpochSampler, ImageDataset, Sample
+from transferctl.engine import Runtime, logits_of
+
+CACHE_ENV = "TRANSFERCTL_CACHE"
+FORMAT = 1  # bump when what a cache file holds changes
+
+
+def cache_folder() -> Path:
+    """$TRANSFERCTL_CACHE, else $XDG_CACHE_HOME/transferctl, else ~/.cache/transferctl."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "transferctl"
+
+
+def weights_digest(model: nn.Module, head_path: str) -> str:
+    """A hash of every weight and buffer except the head's: the body the features come from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        if name.startswith(head_path + "."):
+            continue
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def files_fingerprint(samples: list[Sample]) -> list[list[Any]]:
+    """[path, label, size, mtime_ns] of every sample: a changed, added or removed file changes the key."""
+    rows = []
+    for path, label in samples:
+        stat = path.stat()
+        rows.append([str(path), label, stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the features of one split depend on, besides the weights."""
+
+    backbone: str
+    cut: str | None
+    head_path: str
+    preprocessing: dict[str, Any]
+    augment: str  # none | standard
+    views: int
+    seed: int
+    precision: str
+
+    def key(self, weights: str, samples: list[Sample]) -> str:
+        parts = {
+            "format": FORMAT, "torch": torch.__version__, "backbone": self.backbone, "cut": self.cut, "head": self.head_path,
+            "weights": weights, "preprocessing": self.preprocessing, "augment": self.augment, "views": self.views,
+            # Augmented views are drawn from the run seed; without augmentation the seed changes nothing.
+            "seed": self.seed if self.augment != "none" else None, "precision": self.precision,
+            "files": files_fingerprint(samples),
+        }  # fmt: skip
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class FeatureStore:
+    """(N, V, D) float32 features of one split: an ndarray, or an np.memmap of a file in the cache folder."""
+
+    features: np.ndarray
+    labels: np.ndarray  # (N,) int64
+    location: str  # "memory" or the file
+    reused: bool  # read from an earlier run's file
+    seconds: float  # spent computing (0 when reused)
+
+    @property
+    def views(self) -> int:
+        return int(self.features.shape[1])
+
+
+class HeadNotCacheable(RuntimeError):
+    """The head's output is not the network's output (e.g. squeezenet pools after its conv head)."""
+
+
+def view_seeds(seed: int, view: int, count: int) -> list[int]:
+    """The augmentation seed of view `view` of each of `count` images: from (run seed, view) only."""
+    sequence = np.random.SeedSequence([seed & (2**64 - 1), 0xFEA7, view])
+    return [int(s) for s in sequence.generate_state(count, dtype=np.uint64) >> np.uint64(2)]
+
+
+class _Views:
+    """Dataset of (image, view) pairs, image-major: item k is view k % V of image k // V."""
+
+    def __init__(self, dataset: ImageDataset, views: int, seed: int, augmented: bool) -> None:
+        self.dataset, self.views = dataset, views
+        self.seeds = [view_seeds(seed, v, len(dataset)) for v in range(views)] if augmented else None
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.views
+
+    def __getitem__(self, item: int) -> tuple[Any, int]:
+        index, view = divmod(item, self.views)
+        return self.dataset[(index, self.seeds[view][index])] if self.seeds is not None else self.dataset[index]
+
+
+def load_or_compute(
+    spec: CacheSpec, mode: str, budget_mb: int, model: nn.Module, dataset: ImageDataset, runtime: Runtime, batch_size: int, workers: int
+) -> FeatureStore:
+    """The features of `dataset` under `spec`: from the cache folder when an earlier run left them, else computed."""
+    labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
+    key = spec.key(weights_digest(model, spec.head_path), dataset.samples)
+    path = cache_folder() / f"features-{key}.npy"
+    if mode != "memory" and path.is_file():
+        try:
+            fits = mode == "auto" and path.stat().st_size <= budget_mb * 2**20
+            array = np.load(path) if fits else np.load(path, mmap_mode="r")
+            if array.shape[:2] == (len(dataset), spec.views):
+                return FeatureStore(array, labels, "memory" if fits else str(path), True, 0.0)
+        except (OSError, ValueError):
+            pass  # a damaged or foreign file: compute afresh and replace it
+    started = time.perf_counter()
+    per_batch = spec.views * max(1, batch_size // spec.views)  # whole images: every batch holds all views of its images
+    loader = _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none"), per_batch, workers, runtime)
+    array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path)
+    return FeatureStore(array, labels, location, False, time.perf_counter() - started)
+
+
+def _view_loader(views: _Views, batch_size: int, workers: int, runtime: Runtime) -> Any:
+    from torch.utils.data import DataLoader
+
+    # Its own generator: building the cache must not draw from the global RNG (resume restores it just before).
+    return DataLoader(views, batch_size=batch_size, shuffle=False, num_workers=workers, generator=torch.Generator().manual_seed(0),
+                      pin_memory=runtime.device.type == "cuda")  # fmt: skip
+
+
+@torch.no_grad()
+def _compute(model: nn.Module, spec: CacheSpec, loader: Any, count: int, runtime: Runtime, mode: str, budget_mb: int, path: Path) -> tuple[np.ndarray, str]:
+    from transferctl.engine import _to_device
+
+    head = model.get_submodule(spec.head_path)
+    captured: dict[str, torch.Tensor] = {}
+
+    def head_input(module: nn.Module, args: Any) -> None:
+        captured["input"] = args[0]
+
+    def head_output(module: nn.Module, args: Any, output: Any) -> None:
+        captured["output"] = output
+
+    handles = [head.register_forward_pre_hook(head_input), head.register_forward_hook(head_output)]
+    array: np.ndarray | None = None
+    location, temp = "memory", path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    was_training = model.training
+    model.eval()
+    try:
+        row = 0
+        for images, _ in loader:
+            images, _ = _to_device(images, torch.zeros(0, dtype=torch.long), runtime)
+            with runtime.autocast():
+                output = logits_of(model(images))
+            if output is not captured["output"] or captured["input"].ndim != 2:
+                raise HeadNotCacheable(f"the output of {spec.head_path} is not the network's output")
+            features = captured["input"].float().cpu().numpy().reshape(-1, spec.views, captured["input"].shape[1])
+            if array is None:
+                array, location = _allocate(mode, budget_mb, (count, spec.views, features.shape[2]), temp)
+            array[row : row + len(features)] = features
+            row += len(features)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    assert array is not None, "a split always has images"
+    return _persist(array, location, mode, path, temp)
+
+
+def _allocate(mode: str, budget_mb: int, shape: tuple[int, int, int], temp: Path) -> tuple[np.ndarray, str]:
+    fits = math.prod(shape) * 4 <= budget_mb * 2**20
+    if mode == "memory" or (mode == "auto" and fits):
+        return np.empty(shape, dtype=np.float32), "memory"
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=shape), str(temp)
+
+
+def _persist(array: np.ndarray, location: str, mode: str, path: Path, temp: Path) -> tuple[np.ndarray, str]:
+    """Move a finished cache file into place (atomically: a concurrent run sees the whole file or none)."""
+    if mode == "memory":
+        return array, location
+    try:
+        if location == "memory":
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            with temp.open("wb") as handle:
+                np.save(handle, array)
+        else:
+            array.flush()  # type: ignore[attr-defined]
+            del array
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)  # a full disk or read-only cache folder only costs the reuse
+        if location != "memory":
+            raise
+        return array, location
+    if location == "memory":
+        return array, location
+    return np.load(path, mmap_mode="r"), str(path)
+
+
+class FeatureBatches:
+    """Batches of cached features in the order an EpochSampler gives for (seed, epoch), one view per image.
+
+    Shuffling ones draw each image's view from the seed the sampler pairs with it; `sampler` is there so
+    data.set_loader_epoch treats this like the image loader it stands in for.
+    """
+
+    def __init__(self, store: FeatureStore, batch_size: int, sampler: EpochSampler | None) -> None:
+        self.store, self.batch_size, self.sampler = store, batch_size, sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.store.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        count = len(self.store.labels)
+        if self.sampler is None:
+            order, views = np.arange(count), np.zeros(count, dtype=np.int64)
+        else:
+            pairs = np.asarray(list(self.sampler), dtype=np.int64).reshape(-1, 2)
+            order, views = pairs[:, 0], pairs[:, 1] % self.store.views
+        for start in range(0, count, self.batch_size):
+            index, view = order[start : start + self.batch_size], views[start : start + self.batch_size]
+            features = np.ascontiguousarray(self.store.features[index, view])
+            yield torch.from_numpy(features), torch.from_numpy(self.store.labels[index])
+
+
+def head_for_features(model: nn.Module, head_path: str) -> nn.Module:
+    """The head, preceded by the dropouts that sit directly before it in its container (they stay in train
+    mode in a full forward pass of a frozen-body phase, so they do here too)."""
+    parent_path, _, name = head_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    head = model.get_submodule(head_path)
+    if not isinstance(parent, nn.Sequential):
+        return head
+    children = list(parent.named_children())
+    position = [child for child, _ in children].index(name)
+    dropouts: list[nn.Module] = []
+    for _, module in reversed(children[:position]):
+        if not isinstance(module, nn.modules.dropout._DropoutNd):
+            break
+        dropouts.insert(0, module)
+    return nn.Sequential(*dropouts, head) if dropouts else head
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class FrozenBodyShortcut:
+    """Decides, per phase (or unfreezing stage), whether the head trains on cached features, and builds them.
+
+    `path_for(plan)` returns (module to train, loaders) for a frozen-body plan, or None: full forward passes.
+    The features are rebuilt when the body's weights changed since they were computed (a head phase after
+    a body phase); a network whose head output is not its output falls back to full passes, with a notice.
+    """
+
+    def __init__(self, config: Any, backbone: Any, model: nn.Module, loaders: dict[str, Any], runtime: Runtime, notice: Any) -> None:
+        self.config, self.backbone, self.model, self.loaders, self.runtime, self.notice = config, backbone, model, loaders, runtime, notice
+        self.records: list[dict[str, Any]] = []  # one per build or reuse, for the summary
+        self._built: tuple[str, dict[str, Any]] | None = None  # (body digest, feature loaders)
+        self._unusable = False
+
+    def path_for(self, plan: Any) -> tuple[nn.Module, dict[str, Any]] | None:
+        data = self.config.data
+        if data.cache == "off" or not plan.backbone_frozen or self._unusable or _distributed():
+            return None
+        digest = weights_digest(self.model, self.backbone.head_path)
+        if self._built is None or self._built[0] != digest:
+            try:
+                self._built = (digest, self._build(plan))
+            except HeadNotCacheable as exc:
+                self._unusable = True
+                self.notice(f"data.cache: {exc}; training with full forward passes")
+                return None
+        return head_for_features(self.model, self.backbone.head_path), self._built[1]
+
+    def _build(self, plan: Any) -> dict[str, Any]:
+        data, backbone = self.config.data, self.backbone
+        views = data.cached_views if data.augment != "none" else 1
+        spec = CacheSpec(backbone.name, backbone.cut, backbone.head_path, backbone.preprocessing.to_dict(), data.augment, views, self.config.seed, self.runtime.precision)
+        stores = {}
+        for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1))):
+            loader = self.loaders[split]
+            stores[split] = load_or_compute(spec_of_split, data.cache, data.cache_memory_mb, self.model, loader.dataset, self.runtime,
+                                            loader.batch_size, loader.num_workers)  # fmt: skip
+            store = stores[split]
+            self.records.append({"phase": plan.name, "split": split, "views": store.views, "location": store.location,
+                                 "reused": store.reused, "seconds": round(store.seconds, 3)})  # fmt: skip
+        train, val = stores["train"], stores["val"]
+        how = "reused" if train.reused and val.reused else f"computed in {train.seconds + val.seconds:.1f} s"
+        self.notice(f"phase '{plan.name}': the backbone is frozen; training the head on cached features ({train.views} view(s) per image, {how}, {train.location})")
+        return {"train": FeatureBatches(train, self.loaders["train"].batch_size, self.loaders["train"].sampler),
+                "val": FeatureBatches(val, self.loaders["val"].batch_size, None)}  # fmt: skip
