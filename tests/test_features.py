@@ -10,7 +10,7 @@ import torchvision
 from transferctl.backbones import build_backbone, cached_weights_path, torchvision_weights
 from transferctl.config import BackboneConfig
 from transferctl.engine import Runtime
-from transferctl.features import extract, image_key, load_images, load_probe_network, random_copy
+from transferctl.features import extract, image_key, load_images, load_probe_network, with_preprocessing
 from transferctl.synthetic import tiny_dataset
 
 CPU = Runtime(torch.device("cpu"), "fp32", channels_last=False)
@@ -45,11 +45,12 @@ def test_stage_features_are_what_a_cut_network_trains_on(tmp_path: Path) -> None
         np.testing.assert_allclose(features.stages["layer2"], cut.features(normalised).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_the_random_copy_shares_the_inputs_but_not_the_weights(tmp_path: Path) -> None:
+def test_a_random_copy_can_read_the_pretrained_networks_images(tmp_path: Path) -> None:
     network = load_probe_network("resnet18", "none", 32, pretrained=False)
-    copy = random_copy(network, 32, seed=1)
-    assert image_key(copy.backbone.preprocessing) == image_key(network.backbone.preprocessing)
-    assert not torch.equal(copy.model.conv1.weight, network.model.conv1.weight)
+    other = load_probe_network("resnet18", "none", 48, pretrained=False)
+    copy = with_preprocessing(other, network.backbone.preprocessing)
+    assert image_key(copy.backbone.preprocessing) == image_key(network.backbone.preprocessing) == 32
+    assert extract(copy, images(tmp_path), CPU).penultimate.shape == (6, 512)
 
 
 def test_torchvision_weights_keep_their_imagenet_head_and_top1(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from transferctl.recommend import (
     BackboneReport,
     MeasureOptions,
     Thresholds,
+    add_reference,
     advise,
     judge_similarity,
     judge_size,
@@ -196,7 +197,9 @@ def test_scores_from_generated_features_find_a_mid_stage_that_separates_the_clas
     subset = np.arange(0, 100, 2)
     pretrained = Features({"layer1": rng.normal(size=(100, 8)), "layer2": clear}, noise, (labels * 3) % 1000, 0.0)
     random = Features({"layer1": rng.normal(size=(50, 8)), "layer2": rng.normal(size=(50, 16))}, rng.normal(size=(50, 64)), None, 0.0)
-    scored = score_backbone("resnet18", MeasureOptions(folds=3), pretrained, random, labels, subset)
+    scored = score_backbone("resnet18", MeasureOptions(folds=3), pretrained, labels)
+    assert scored.pretraining_gain_points is None  # no reference yet
+    add_reference(scored, pretrained, random, labels, subset, MeasureOptions(folds=3))
     assert scored.best_stage == "layer2" and scored.stage_acc["layer2"] > 0.95 and scored.probe_acc < 0.5
     assert scored.best_stage_random_acc is not None and scored.best_stage_random_acc < 0.5
     assert scored.source_agreement == pytest.approx(1.0)
@@ -255,6 +258,17 @@ def test_data_mode_prints_a_table_and_the_measured_values(base_run: Path, tiny_f
     assert result.stdout == ""
     for text in ("resnet18", "LogME", "size:", "similarity:", "strategy:", "small below 100"):
         assert text in result.stderr, text
+
+
+def test_data_mode_ranks_several_backbones_and_measures_the_reference_for_the_best(tiny_flat_data: Path) -> None:
+    args = ["recommend", "--data", str(tiny_flat_data), "--backbone", "resnet18,mobilenet_v3_small", "--weights", "none",
+            "--image-size", "32", "--folds", "2", "--precision", "fp32", "--json", "-q"]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)["ranking"]
+    assert {first["name"], second["name"]} == {"resnet18", "mobilenet_v3_small"} and first["logme"] >= second["logme"]
+    assert first["random_probe_acc"] is not None and second["random_probe_acc"] is None
+    assert first["imagenet_top1"] is None and first["source_agreement"] is None  # weights none: no source head
 
 
 def test_data_mode_user_errors(tmp_path: Path, tiny_flat_data: Path) -> None:

@@ -6,7 +6,9 @@ the weights still carry their own classifier, that classifier's predictions.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +96,10 @@ def _source_state(name: str, weights: str) -> dict[str, torch.Tensor] | None:
     return torchvision_weights(name, weights).get_state_dict(progress=False)
 
 
-def random_copy(network: ProbeNetwork, image_size: int | None, seed: int) -> ProbeNetwork:
-    """The same architecture with random weights: the reference that shows what pretraining is worth."""
-    torch.manual_seed(seed)
-    copy = load_probe_network(network.backbone.name, "none", image_size, pretrained=False)
-    copy.backbone = dataclasses.replace(copy.backbone, preprocessing=network.backbone.preprocessing)  # the same inputs
-    return copy
+def with_preprocessing(network: ProbeNetwork, preprocessing: Preprocessing) -> ProbeNetwork:
+    """The network reading images prepared for another (a random-init copy sees what the pretrained one saw)."""
+    network.backbone = dataclasses.replace(network.backbone, preprocessing=preprocessing)
+    return network
 
 
 def load_images(paths: list[Path], preprocessing: Preprocessing) -> torch.Tensor:
@@ -116,11 +116,17 @@ def load_images(paths: list[Path], preprocessing: Preprocessing) -> torch.Tensor
         ]
     )
     images = torch.empty((len(paths), 3, preprocessing.crop, preprocessing.crop), dtype=torch.uint8)
-    for index, path in enumerate(paths):
+
+    def decode(index: int) -> None:
         try:
-            images[index] = transform(open_rgb(path))
+            images[index] = transform(open_rgb(paths[index]))
         except (OSError, ValueError) as exc:
-            raise DataError(Problem(str(path), f"cannot be read as an image ({exc})", "remove or replace the file")) from None
+            raise DataError(Problem(str(paths[index]), f"cannot be read as an image ({exc})", "remove or replace the file")) from None
+
+    # Pillow releases the GIL while it decodes and resizes, so threads use every core.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(decode, range(len(paths))):
+            pass
     return images
 
 

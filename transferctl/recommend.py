@@ -195,6 +195,7 @@ class MeasureOptions:
     weights: str = "DEFAULT"
     max_images: int = 1000  # a stratified sample of the data, at most this many images
     random_images: int = 300  # the random-network reference runs on a stratified sub-sample of this size
+    random_for: str = "best"  # best: the reference for the top-ranked backbone only (what the advice uses); all
     image_size: int | None = None  # None: each weights' own preprocessing
     folds: int = 3
     seed: int = 0
@@ -215,10 +216,10 @@ class BackboneReport:
     probe_gain_points: float | None  # from half to all of the sampled data
     stage_acc: dict[str, float]  # probe accuracy at every stage that differs from the penultimate layer
     feature_dim: int
-    random_images: int
-    pretrained_subset_acc: float  # the probe on the sub-sample the random network saw
-    random_probe_acc: float
     best_stage: str | None = None
+    random_images: int | None = None  # None: no random-init reference measured for this backbone
+    pretrained_subset_acc: float | None = None  # the probe on the sub-sample the random network saw
+    random_probe_acc: float | None = None
     best_stage_random_acc: float | None = None  # the random network's probe at best_stage, same sub-sample
     best_stage_subset_acc: float | None = None
     source_agreement: float | None = None  # AMI of the labels and the source head's argmax
@@ -227,7 +228,9 @@ class BackboneReport:
     seconds: float = 0.0
 
     @property
-    def pretraining_gain_points(self) -> float:
+    def pretraining_gain_points(self) -> float | None:
+        if self.pretrained_subset_acc is None or self.random_probe_acc is None:
+            return None
         return 100.0 * (self.pretrained_subset_acc - self.random_probe_acc)
 
     @property
@@ -236,7 +239,8 @@ class BackboneReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["pretraining_gain_points"] = round(self.pretraining_gain_points, 2)
+        gain = self.pretraining_gain_points
+        data["pretraining_gain_points"] = None if gain is None else round(gain, 2)
         return data
 
 
@@ -316,13 +320,13 @@ def judge_similarity(best: BackboneReport, th: Thresholds) -> tuple[bool, str | 
             reasons.append(f"the penultimate layer's probe ({_pct(best.probe_acc)}) holds up against the best earlier stage '{best.best_stage}' "
                            f"({_pct(best.best_stage_acc)}, {lead:+.1f} points; different only beyond +{th.depth_points:g})")
     worth = best.pretraining_gain_points
-    if worth <= th.worth_points:
-        different = True
-        reasons.append(f"different: pretraining is worth only {worth:+.1f} points over a random network on {best.random_images} images "
-                       f"({_pct(best.pretrained_subset_acc)} vs {_pct(best.random_probe_acc)}; needs more than {th.worth_points:g})")
-    else:
-        reasons.append(f"pretraining is worth {worth:+.1f} points over a random network on {best.random_images} images "
-                       f"({_pct(best.pretrained_subset_acc)} vs {_pct(best.random_probe_acc)}; counts above {th.worth_points:g})")
+    if worth is not None and best.pretrained_subset_acc is not None and best.random_probe_acc is not None:
+        measured = f"on {best.random_images} images ({_pct(best.pretrained_subset_acc)} vs {_pct(best.random_probe_acc)}"
+        if worth <= th.worth_points:
+            different = True
+            reasons.append(f"different: pretraining is worth only {worth:+.1f} points over a random network {measured}; needs more than {th.worth_points:g})")
+        else:
+            reasons.append(f"pretraining is worth {worth:+.1f} points over a random network {measured}; counts above {th.worth_points:g})")
     if best.source_agreement is not None:
         ami = best.source_agreement
         if ami < th.ami_min:
@@ -356,7 +360,7 @@ def cut_reason(best: BackboneReport, cut: str | None, th: Thresholds) -> str | N
 
 def rank(reports: Sequence[BackboneReport]) -> list[BackboneReport]:
     """Best first, by LogME (the probe accuracy breaks ties)."""
-    return sorted(reports, key=lambda r: (r.logme, r.probe_acc), reverse=True)
+    return sorted(reports, key=_rank_key, reverse=True)
 
 
 def _pct(fraction: float) -> str:
@@ -390,8 +394,7 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
                                   f"use --max-images {2 * len(splits.classes)} or more"))
     picked = stratified_sample(labels, options.max_images, options.seed)
     say(f"{len(samples)} images in {len(splits.classes)} classes; measuring on {len(picked)}")
-    reports = _measure_backbones([samples[i][0] for i in picked], labels[picked], options, say)
-    ranked = rank(reports)
+    ranked = _measure_backbones([samples[i][0] for i in picked], labels[picked], options, say)
     best = ranked[0]
     summary = DataSummary(
         str(root), list(splits.classes), len(samples), float(np.median(counts)), int(counts.min()),
@@ -433,6 +436,8 @@ def _check_options(options: MeasureOptions) -> None:
         problems.append(Problem("--random-images", f"must be at least 4, got {options.random_images}"))
     if options.folds < 2:
         problems.append(Problem("--folds", f"must be at least 2, got {options.folds}"))
+    if options.random_for not in ("best", "all"):
+        problems.append(Problem("--random-for", f"must be best or all, got '{options.random_for}'"))
     if problems:
         raise ConfigError(*problems)
 
@@ -450,40 +455,77 @@ def _notes(summary: DataSummary, splits: Any) -> list[str]:
 
 
 def _measure_backbones(paths: list[Path], labels: Any, options: MeasureOptions, say: Progress) -> list[BackboneReport]:
-    from transferctl.engine import make_runtime
-    from transferctl.features import extract, image_key, load_images, load_probe_network, random_copy
+    """Every backbone's own measures, ranked; then the random-init reference for the best (or every) one."""
     from transferctl.probes import stratified_sample
 
+    images = _ImageCache(paths, say)
+    measured = [_measure_one(name, images, labels, options, say) for name in options.backbones]
+    ranked = sorted(measured, key=lambda item: _rank_key(item[0]), reverse=True)
     # At least two images per class, or the reference's probe could not be cross-validated.
     subset = stratified_sample(labels, max(options.random_images, 2 * len(set(labels.tolist()))), options.seed + 1)
-    cached_key, images = None, None
-    reports = []
-    for name in options.backbones:
+    for report, features, preprocessing in ranked if options.random_for == "all" else ranked[:1]:
         started = time.perf_counter()
-        say(f"{name}: building with weights {options.weights}")
-        network = load_probe_network(name, options.weights, options.image_size)
-        key = image_key(network.backbone.preprocessing)
-        if key != cached_key:
-            say(f"{name}: decoding {len(paths)} images at {key} px")
-            images, cached_key = load_images(paths, network.backbone.preprocessing), key
-        runtime = make_runtime(options.device, options.precision, network.model)
-        say(f"{name}: forward pass over {len(paths)} images ({runtime.device}, {runtime.precision})")
-        features = extract(network, images, runtime, options.batch_size)
-        reference = random_copy(network, options.image_size, options.seed)
-        say(f"{name}: random-init reference on {len(subset)} images")
-        random_features = extract(reference, images[subset], runtime, options.batch_size)
-        say(f"{name}: probes and LogME")
-        report = score_backbone(name, options, features, random_features, labels, subset)
-        report.source_classes, report.imagenet_top1 = network.source_classes, network.imagenet_top1
-        del network, reference, features, random_features
-        report.seconds = round(time.perf_counter() - started, 2)
-        say(f"{name}: done in {report.seconds:.1f}s")
-        reports.append(report)
-    return reports
+        say(f"{report.name}: random-init reference on {len(subset)} images")
+        add_reference(report, features, _random_features(report.name, preprocessing, images, subset, options), labels, subset, options)
+        report.seconds = round(report.seconds + time.perf_counter() - started, 2)
+    return [report for report, _, _ in ranked]
 
 
-def score_backbone(name: str, options: MeasureOptions, features: Any, random_features: Any, labels: Any, subset: Any) -> BackboneReport:
-    """Every measure of one backbone, from its features and the random reference's (features on `subset`)."""
+class _ImageCache:
+    """Decoded images for the current crop size (networks of the same crop share them)."""
+
+    def __init__(self, paths: list[Path], say: Progress) -> None:
+        self.paths, self.say = paths, say
+        self.key: Any = None
+        self.images: Any = None
+
+    def get(self, preprocessing: Any) -> Any:
+        from transferctl.features import image_key, load_images
+
+        if image_key(preprocessing) != self.key:
+            self.say(f"decoding {len(self.paths)} images at {preprocessing.crop} px")
+            self.images, self.key = load_images(self.paths, preprocessing), image_key(preprocessing)
+        return self.images
+
+
+def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOptions, say: Progress) -> tuple[BackboneReport, Any, Any]:
+    from transferctl.engine import make_runtime
+    from transferctl.features import extract, load_probe_network
+
+    started = time.perf_counter()
+    say(f"{name}: building with weights {options.weights}")
+    network = load_probe_network(name, options.weights, options.image_size)
+    preprocessing = network.backbone.preprocessing
+    batch = images.get(preprocessing)
+    runtime = make_runtime(options.device, options.precision, network.model)
+    say(f"{name}: forward pass over {len(batch)} images ({runtime.device}, {runtime.precision})")
+    features = extract(network, batch, runtime, options.batch_size)
+    say(f"{name}: probes and LogME")
+    report = score_backbone(name, options, features, labels)
+    report.source_classes, report.imagenet_top1 = network.source_classes, network.imagenet_top1
+    report.seconds = round(time.perf_counter() - started, 2)
+    say(f"{name}: done in {report.seconds:.1f}s")
+    return report, features, preprocessing
+
+
+def _random_features(name: str, preprocessing: Any, images: _ImageCache, subset: Any, options: MeasureOptions) -> Any:
+    import torch
+
+    from transferctl.engine import make_runtime
+    from transferctl.features import extract, load_probe_network, with_preprocessing
+
+    torch.manual_seed(options.seed)
+    reference = with_preprocessing(load_probe_network(name, "none", options.image_size, pretrained=False), preprocessing)
+    runtime = make_runtime(options.device, options.precision, reference.model)
+    return extract(reference, images.get(preprocessing)[subset], runtime, options.batch_size)
+
+
+def _rank_key(report: BackboneReport) -> tuple[float, float]:
+    return (report.logme, report.probe_acc)
+
+
+def score_backbone(name: str, options: MeasureOptions, features: Any, labels: Any) -> BackboneReport:
+    """A backbone's own measures from its features: LogME, the probes (with the half-data gain), stages, source head."""
     import numpy as np
 
     from transferctl.probes import logme_with_spread, probe, source_agreement
@@ -491,19 +533,11 @@ def score_backbone(name: str, options: MeasureOptions, features: Any, random_fea
     penultimate = features.penultimate
     score, spread = logme_with_spread(penultimate, labels, seed=options.seed)
     top = probe(penultimate, labels, options.folds, options.seed, with_half=True)
-    stages = {
-        group: values for group, values in features.stages.items()
-        if not (values.shape == penultimate.shape and np.allclose(values, penultimate))
+    stage_acc = {
+        group: probe(values, labels, options.folds, options.seed).accuracy for group, values in features.stages.items()
+        if not (values.shape == penultimate.shape and np.allclose(values, penultimate))  # the same as the penultimate layer
     }  # fmt: skip
-    stage_acc = {group: probe(values, labels, options.folds, options.seed).accuracy for group, values in stages.items()}
-    best_stage = max(stage_acc, key=lambda g: stage_acc[g]) if stage_acc else None
-    sub_labels = labels[subset]
-    everything = len(subset) == len(labels)  # the reference saw every sampled image: reuse the full probes
-
-    def on_subset(values: Any) -> float:
-        return probe(values[subset], sub_labels, options.folds, options.seed).accuracy
-
-    report = BackboneReport(
+    return BackboneReport(
         name=name,
         weights=options.weights,
         logme=score,
@@ -512,14 +546,25 @@ def score_backbone(name: str, options: MeasureOptions, features: Any, random_fea
         probe_gain_points=None if top.gain_from_half is None else 100.0 * top.gain_from_half,
         stage_acc=stage_acc,
         feature_dim=int(penultimate.shape[1]),
-        random_images=len(subset),
-        pretrained_subset_acc=top.accuracy if everything else on_subset(penultimate),
-        random_probe_acc=probe(random_features.penultimate, sub_labels, options.folds, options.seed).accuracy,
-        best_stage=best_stage,
+        best_stage=max(stage_acc, key=lambda g: stage_acc[g]) if stage_acc else None,
+        source_agreement=None if features.source_predictions is None else source_agreement(labels, features.source_predictions),
     )
-    if best_stage is not None:
-        report.best_stage_subset_acc = stage_acc[best_stage] if everything else on_subset(stages[best_stage])
-        report.best_stage_random_acc = probe(random_features.stages[best_stage], sub_labels, options.folds, options.seed).accuracy
-    if features.source_predictions is not None:
-        report.source_agreement = source_agreement(labels, features.source_predictions)
-    return report
+
+
+def add_reference(report: BackboneReport, features: Any, random_features: Any, labels: Any, subset: Any, options: MeasureOptions) -> None:
+    """What pretraining is worth: the same probes on the random copy's features (of `subset`) and on the pretrained ones."""
+    from transferctl.probes import probe
+
+    sub_labels = labels[subset]
+    everything = len(subset) == len(labels)  # the reference saw every sampled image: reuse the full probes
+
+    def accuracy(values: Any) -> float:
+        return probe(values, sub_labels, options.folds, options.seed).accuracy
+
+    report.random_images = len(subset)
+    report.pretrained_subset_acc = report.probe_acc if everything else accuracy(features.penultimate[subset])
+    report.random_probe_acc = accuracy(random_features.penultimate)
+    stage = report.best_stage
+    if stage is not None:
+        report.best_stage_subset_acc = report.stage_acc[stage] if everything else accuracy(features.stages[stage][subset])
+        report.best_stage_random_acc = accuracy(random_features.stages[stage])

@@ -19,10 +19,11 @@ def recommend(
     size: Optional[str] = typer.Option(None, "--size", help="Rule mode: small or large (images per class: small below 100, large from 1,000)."),
     similar: Optional[str] = typer.Option(None, "--similar", help="Rule mode: yes or no, is the task like the pretraining data (ImageNet photos)?"),
     data: Optional[Path] = typer.Option(None, "--data", help="Data mode: measure on this class-per-folder tree. Rule mode: data.root of --write-config."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Comma-separated backbones to compare [default: resnet18,efficientnet_b0,mobilenet_v3_large; a run's own for run: weights]. Rule mode: one, for --write-config [default: resnet18]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Data mode: comma-separated backbones to compare (default: resnet18,efficientnet_b0,mobilenet_v3_large; with run: weights, that run's own). Rule mode: one, for --write-config (default: resnet18)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights for every backbone: DEFAULT | a torchvision weights name | a file | run:<run dir> | none."),
     max_images: int = typer.Option(1000, "--max-images", help="Measure on a stratified sample of at most this many images."),
     random_images: int = typer.Option(300, "--random-images", help="Images for the random-init reference network (a stratified sub-sample)."),
+    random_for: str = typer.Option("best", "--random-for", help="best: the random-init reference for the top-ranked backbone (what the advice uses); all: for every backbone."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size; default: each weights' own preprocessing."),
     folds: int = typer.Option(3, "--folds", help="Cross-validation folds of the linear probes."),
     seed: int = typer.Option(0, "--seed"),
@@ -53,7 +54,7 @@ def recommend(
     thresholds = Thresholds(small_below, large_from, gain_points, depth_points, worth_points, ami_min)
     with user_errors():
         names = _backbone_names(backbone, weights)
-        options = MeasureOptions(names, weights, max_images, random_images, image_size, folds, seed, device, precision)
+        options = MeasureOptions(names, weights, max_images, random_images, random_for, image_size, folds, seed, device, precision)
         _data_mode(data, options, thresholds, write_config, force, as_json, quiet)
 
 
@@ -152,7 +153,7 @@ def _ranking_table(result: dict[str, Any]) -> Table:
             row["name"],
             f"{row['logme']:.3f}±{row['logme_spread']:.3f}",
             _pct(row["probe_acc"]),
-            f"{_pct(row['random_probe_acc'])} ({row['pretraining_gain_points']:+.0f})",
+            "-" if row["random_probe_acc"] is None else f"{_pct(row['random_probe_acc'])} ({row['pretraining_gain_points']:+.0f})",
             f"{stage} {_pct(row['stage_acc'][stage])}" if stage else "-",
             "-" if row["source_agreement"] is None else f"{row['source_agreement']:.2f}",
             "-" if row["imagenet_top1"] is None else f"{row['imagenet_top1']:.1f}",
