@@ -149,3 +149,55 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(monkeypatch: pytes
     assert per_rank_batch(32) == 8
     with pytest.raises(ConfigError, match="multiple of 4, e.g. 8 or 12"):
         per_rank_batch(10)
+
+
+def _missing_root() -> None:
+    raise ConfigError("data.root: no such folder")
+
+
+def _collectives(rank: int, init_file: str, results: Any) -> None:
+    """One of two gloo ranks (torch.multiprocessing): the helpers that talk to the other rank."""
+    import torch.distributed as dist
+
+    from transferctl.distributed import TrainingModule, from_main, gather_shards, reduce_stats
+    from transferctl.engine import EpochStats
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rows = torch.arange(7, dtype=torch.float32).unsqueeze(1)  # 7 rows: rank 0 has 4, rank 1 has 3
+        gathered = gather_shards(rows[rank::2], total=7)
+        stats = reduce_stats(EpochStats(loss=1.0 + rank, accuracy=0.5 * rank, images=2 - rank, seconds=1.0 + rank))
+        try:
+            from_main(_missing_root)
+            copied = ""
+        except ConfigError as exc:
+            copied = f"{exc} echoed={getattr(exc, 'echoed', False)}"
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        model[0].requires_grad_(False)
+        stepped = TrainingModule(model, torch.device("cpu"))
+        first = stepped()
+        same, reduced = stepped() is first, first.module is model
+        model[0].requires_grad_(True)
+        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds), copied, same, reduced, stepped() is not first))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collective_helpers_across_two_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_collectives, args=(rank, str(tmp_path / "init"), results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    got = dict((item[0], item[1:]) for item in (results.get(timeout=120) for _ in processes))
+    for process in processes:
+        process.join(timeout=60)
+    for rank in range(2):
+        gathered, stats, copied, same, wrapped_model, rewrapped = got[rank]
+        assert gathered == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # back in order on every rank
+        assert stats == pytest.approx((4.0 / 3, 0.5 / 3, 3, 2.0))  # sums over images, the slowest rank's time
+        assert copied.startswith("data.root: no such folder") and copied.endswith(f"echoed={rank == 1}")
+        assert same and wrapped_model and rewrapped  # DDP rebuilt only when what trains changed
