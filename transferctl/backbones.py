@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferctl.config import BackboneConfig, looks_like_weights_file
+from transferctl.config import PYTHON_PREFIX, TIMM_PREFIX, BackboneConfig, looks_like_weights_file
 from transferctl.cut import HEAD as CUT_HEAD
 from transferctl.cut import cut_network, is_cut_state
 from transferctl.errors import ConfigError, Problem, WeightsError, did_you_mean
@@ -87,6 +87,8 @@ def build_backbone(
     With `config.cut`, the body ends after that layer group and is followed by global pooling and the new
     head (`transferctl.cut`); rebuilding a checkpoint of such a run needs the same cut and image size.
     """
+    if config.name.startswith((PYTHON_PREFIX, TIMM_PREFIX)):
+        return _build_other(config, num_classes, image_size, pretrained)
     _check_model_name(config.name)
     source = config.weights if pretrained else "none"
     if source.lower() == "none":
@@ -119,6 +121,31 @@ def build_backbone(
     if load_after_cut:
         _load_cut_state(model, loaded, config, source)
     return Backbone(model, config.name, groups, head, preprocessing, description, config.cut)
+
+
+def _build_other(config: BackboneConfig, num_classes: int, image_size: int | None, pretrained: bool) -> Backbone:
+    """timm:<model> (timm_backbones.py) and python:module:function (custom.py); neither can be cut."""
+    if config.cut is not None:
+        raise ConfigError(Problem("backbone.cut", f"cutting is supported for torchvision backbones, not {config.name}", "remove backbone.cut"))
+    if config.name.startswith(TIMM_PREFIX):
+        from transferctl.timm_backbones import build_timm_backbone
+
+        return build_timm_backbone(config, num_classes, image_size, pretrained)
+    from transferctl.custom import build_python_backbone
+
+    return build_python_backbone(config, num_classes, image_size, pretrained)
+
+
+def load_weights_on_top(model: nn.Module, head: str, source: str, model_name: str) -> Preprocessing | None:
+    """A weights file or `run:` loaded into a timm or python backbone (its head left out); returns the
+    run's preprocessing for `run:`, else None. Any other source is the builder's own business."""
+    if source.startswith("run:"):
+        state, preprocessing = _state_from_run(Path(source[4:]), model_name)
+        load_body_weights(model, state, head, source)
+        return preprocessing
+    if looks_like_weights_file(source):
+        load_body_weights(model, _state_from_file(Path(source)), head, source)
+    return None
 
 
 def _check_model_name(name: str) -> None:

@@ -22,8 +22,10 @@ LayerGroups = list[tuple[str, list[str]]]  # ordered from input (first) to outpu
 
 __all__ = [
     "LayerGroups",
+    "check_layer_groups",
     "family_of",
     "generic_layer_groups",
+    "groups_from_parameters",
     "head_path",
     "layer_groups",
     "parameters_by_group",
@@ -99,6 +101,32 @@ def generic_layer_groups(model: nn.Module, head_path: str) -> LayerGroups:
     elif leading:
         groups = [("body", leading)]
     return _finalize(model, [*groups, ("head", [head_path])])
+
+
+def check_layer_groups(model: nn.Module, groups: LayerGroups) -> LayerGroups:
+    """Groups given from outside (a config's backbone.groups, timm's group matcher): drop paths without
+    state, then check that names are unique and every parameter is in exactly one group (ValueError)."""
+    return _finalize(model, groups)
+
+
+def groups_from_parameters(model: nn.Module, owner: dict[str, str]) -> LayerGroups:
+    """Layer groups from a group name per parameter name (groups ordered by first parameter).
+
+    Each group lists the highest modules all of whose parameters are its own, so its BatchNorm
+    buffers travel with it and a frozen group's modules can be put in eval mode."""
+    mine: dict[str, set[str]] = {}
+    for path, _ in model.named_modules():
+        if path:
+            names = {owner[n] for n, _ in model.get_submodule(path).named_parameters(prefix=path)}
+            if len(names) == 1:
+                mine[path] = names
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        group = owner[name]
+        top = next((a for a in _ancestors(name)[:-1] if mine.get(a) == {group}), name)
+        if top not in groups.setdefault(group, []):
+            groups[group].append(top)
+    return list(groups.items())
 
 
 def parameters_by_group(model: nn.Module, groups: LayerGroups) -> dict[str, list[str]]:

@@ -1,0 +1,158 @@
+"""python:module:function backbones (your own nn.Module) and timm: backbones (skipped without timm)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import experiment
+from transferctl.backbones import build_backbone
+from transferctl.config import BackboneConfig, config_from_dict
+from transferctl.errors import ConfigError
+from transferctl.inference import load_trained_model
+from transferctl.train import prepare, train
+
+MODULE = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential()  # replaced below
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+def net():
+    torch.manual_seed(0)
+    return Net()
+
+def broken():
+    raise RuntimeError("no GPU here")
+
+def not_a_module():
+    return 42
+'''
+
+
+@pytest.fixture
+def models_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    package = tmp_path / "usermodels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(textwrap.dedent(MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "python:usermodels.nets:net"
+
+
+def test_own_model_gets_a_new_head_one_body_group_and_imagenet_preprocessing(models_module: str) -> None:
+    backbone = build_backbone(BackboneConfig(name=models_module, head="classifier.1"), 3, 32)
+    assert backbone.model.classifier[1].out_features == 3
+    assert backbone.group_names == ["body", "head"]
+    assert backbone.groups[0][1] == ["features"]  # a module prefix: its BatchNorm goes to eval when frozen
+    assert backbone.preprocessing.crop == 32 and backbone.preprocessing.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert backbone.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_own_groups_and_normalisation(models_module: str) -> None:
+    config = BackboneConfig(name=models_module, head="classifier.1", groups={"early": ["features.0", "features.1"], "late": ["features.3"]}, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    backbone = build_backbone(config, 3, None)
+    assert backbone.group_names == ["early", "late", "head"]
+    assert backbone.preprocessing.mean == (0.5, 0.5, 0.5) and backbone.preprocessing.crop == 224
+
+
+@pytest.mark.parametrize(
+    ("fields", "where", "message"),
+    [
+        ({"name": "python:usermodels.nope:net", "head": "fc"}, "backbone.name", "cannot import usermodels.nope"),
+        ({"name": "python:usermodels.nets:nett", "head": "fc"}, "backbone.name", "did you mean 'net'"),
+        ({"name": "python:usermodels.nets", "head": "fc"}, "backbone.name", "is not python:package.module:function"),
+        ({"name": "python:usermodels.nets:broken", "head": "fc"}, "backbone.name", "raised RuntimeError: no GPU here"),
+        ({"name": "python:usermodels.nets:not_a_module", "head": "fc"}, "backbone.name", "not a torch.nn.Module"),
+        ({"name": "python:usermodels.nets:net", "head": "clasifier.1"}, "backbone.head", "did you mean 'classifier.1'"),
+        ({"name": "python:usermodels.nets:net", "head": "classifier"}, "backbone.head", "e.g. classifier.1"),
+        ({"name": "python:usermodels.nets:net", "head": "classifier.1", "groups": {"early": ["features.0"]}}, "backbone.groups", "in no layer group"),
+    ],
+)
+def test_mistakes_are_one_line_config_errors(models_module: str, fields: dict[str, object], where: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_backbone(BackboneConfig(**fields), 3, 32)  # type: ignore[arg-type]
+    assert caught.value.problems[0].where == where and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_head_is_required_and_only_for_python_backbones() -> None:
+    with pytest.raises(ConfigError, match="needs backbone.head"):
+        config_from_dict({"data": {"root": "d"}, "backbone": {"name": "python:a.b:c"}})
+    with pytest.raises(ConfigError, match="only apply to python"):
+        config_from_dict({"data": {"root": "d"}, "backbone": {"name": "resnet18", "head": "fc"}})
+
+
+def test_own_model_trains_both_strategies_and_the_checkpoint_rebuilds(models_module: str, tiny_split_data: Path, tmp_path: Path) -> None:
+    backbone = {"name": models_module, "head": "classifier.1", "weights": "none"}
+    config = config_from_dict(experiment(tiny_split_data, tmp_path / "runs", backbone=backbone))
+    plans = prepare(config).plans
+    assert [p.trainable for p in plans] == [("head",), ("body", "head")]
+    summary = train(config, tmp_path / "run")
+    model, classes, preprocessing = load_trained_model(tmp_path / "run")
+    assert classes == ["blue", "green", "red"] or len(classes) == 3
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert summary["epochs"] == 2
+
+
+def test_weights_file_loads_on_top_of_the_function(models_module: str, tmp_path: Path) -> None:
+    import usermodels.nets as nets  # type: ignore[import-not-found]
+
+    donor = nets.Net()
+    with torch.no_grad():
+        donor.features[0].weight.fill_(0.5)
+    torch.save(donor.state_dict(), tmp_path / "w.pt")
+    backbone = build_backbone(BackboneConfig(name=models_module, head="classifier.1", weights=str(tmp_path / "w.pt")), 3, 32)
+    assert torch.all(backbone.model.features[0].weight == 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
+
+
+def test_timm_model_gets_groups_from_its_matcher_and_preprocessing_from_its_config() -> None:
+    pytest.importorskip("timm")
+    backbone = build_backbone(BackboneConfig(name="timm:test_vit", weights="none"), 3, None)
+    assert backbone.group_names == ["stem", *[f"blocks{i}" for i in range(6)], "head"]
+    assert backbone.head_path == "head" and backbone.model.get_classifier().out_features == 3
+    assert (backbone.preprocessing.crop, backbone.preprocessing.mean) == (160, (0.5, 0.5, 0.5))
+    assert backbone.model(torch.zeros(1, 3, 160, 160)).shape == (1, 3)
+
+
+def test_timm_resnet_trains_and_rebuilds(tiny_split_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    config = config_from_dict(experiment(tiny_split_data, tmp_path / "runs", backbone={"name": "timm:resnet18", "weights": "none"}))
+    assert prepare(config).backbone.group_names == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    train(config, tmp_path / "run")
+    model, _, preprocessing = load_trained_model(tmp_path / "run")
+    assert preprocessing.crop == 32 and preprocessing.interpolation == "bicubic"
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_unknown_timm_model_suggests_one() -> None:
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match="did you mean 'resnet18'"):
+        build_backbone(BackboneConfig(name="timm:resnet81", weights="none"), 3, None)
+
+
+def test_without_timm_the_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'transferctl\[timm\]'"):
+        build_backbone(BackboneConfig(name="timm:resnet18", weights="none"), 3, None)
