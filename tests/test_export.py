@@ -1,0 +1,94 @@
+"""export: TorchScript, ONNX (onnxruntime, skipped without it) and safetensors files that give the PyTorch
+model's outputs on the same images, with preprocessing and class names in model.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import experiment
+from transferctl.cli import app
+from transferctl.config import config_from_dict
+from transferctl.data import open_rgb
+from transferctl.export import export
+from transferctl.inference import eval_transform, load_trained_model
+from transferctl.synthetic import tiny_dataset
+from transferctl.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    data = tiny_dataset(root / "data", n_classes=3, layout="split")
+    train(config_from_dict(experiment(data, root / "runs")), root / "run")
+    return root / "run"
+
+
+def images(run: Path) -> torch.Tensor:
+    """The run's own validation images, preprocessed as the sidecar says."""
+    preprocessing = load_trained_model(run).preprocessing
+    transform = eval_transform(preprocessing)
+    files = sorted(Path(load_config_root(run)).glob("val/*/*.png"))
+    return torch.stack([transform(open_rgb(f)) for f in files])
+
+
+def load_config_root(run: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+
+
+def reference(run: Path, batch: torch.Tensor) -> torch.Tensor:
+    model = load_trained_model(run).model
+    with torch.no_grad():
+        return model(batch)
+
+
+def test_torchscript_matches_the_pytorch_model(run_dir: Path) -> None:
+    result = export(run_dir, "torchscript")
+    assert result.model_file == run_dir / "export" / "model.torchscript.pt"
+    batch = images(run_dir)
+    scripted = torch.jit.load(str(result.model_file))
+    with torch.no_grad():
+        assert torch.allclose(scripted(batch), reference(run_dir, batch), atol=1e-4)
+    meta = json.loads(result.sidecar.read_text())
+    assert meta["classes"] == load_trained_model(run_dir).classes
+    assert meta["preprocessing"]["crop"] == 32 and len(meta["preprocessing"]["mean"]) == 3
+    assert meta["backbone"]["name"] == "resnet18" and meta["file"] == "model.torchscript.pt"
+
+
+def test_onnx_matches_the_pytorch_model_with_any_batch_size(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = export(run_dir, "onnx", out=tmp_path / "onnx")
+    assert result.max_diff is not None and result.max_diff < 1e-3
+    batch = images(run_dir)
+    session = onnxruntime.InferenceSession(str(result.model_file), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": batch.numpy()})
+    assert torch.allclose(torch.from_numpy(logits), reference(run_dir, batch), atol=1e-4)
+    assert json.loads((tmp_path / "onnx" / "model.json").read_text())["format"] == "onnx"
+
+
+def test_safetensors_holds_the_state_dict(run_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    result = export(run_dir, "safetensors", checkpoint="last", out=tmp_path)
+    state = load_file(str(result.model_file))
+    model = load_trained_model(run_dir, "last").model
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert json.loads(result.sidecar.read_text())["source"]["checkpoint"] == "last"
+
+
+def test_cli_export_json_and_errors(run_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "ts"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"].endswith("model.torchscript.pt")
+    assert runner.invoke(app, ["export", str(run_dir), "--format", "tflite"]).exit_code == 2
+    missing = runner.invoke(app, ["export", str(tmp_path / "nope"), "--format", "onnx"])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output

@@ -1,0 +1,41 @@
+"""export: write a trained run's model as ONNX, TorchScript or safetensors, with its preprocessing and classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from transferctl.cli import app, err, print_json, user_errors
+
+FORMATS = ("onnx", "torchscript", "safetensors")  # transferctl.export.FORMATS, without importing torch here
+
+
+def _complete_format(incomplete: str) -> list[str]:
+    return [name for name in FORMATS if name.startswith(incomplete)]
+
+
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., file_okay=False, help="A run directory written by `transferctl train`."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx | torchscript | safetensors.", autocompletion=_complete_format),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best | last | path to a checkpoint file."),
+    out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Folder to write into (default: RUN_DIR/export)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written paths and the check as JSON on stdout."),
+) -> None:
+    """Write the trained model for deployment, with model.json (preprocessing, classes) beside it."""
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"'{fmt}' is not one of {', '.join(FORMATS)}", param_hint="--format")
+    from transferctl.export import export
+
+    with user_errors():
+        result = export(run_dir, fmt, checkpoint, out)
+    if as_json:
+        print_json({"format": result.format, "model": str(result.model_file), "sidecar": str(result.sidecar), "max_abs_diff": result.max_diff})
+        return
+    err.print(f"[bold]wrote[/] {result.model_file} and {result.sidecar}")
+    if result.max_diff is None:
+        err.print("not checked: onnxruntime is not installed (pip install 'transferctl[onnx]')")
+    else:
+        err.print(f"checked: outputs match the PyTorch model (max abs difference {result.max_diff:.1e})")
