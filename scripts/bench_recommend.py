@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -68,16 +69,19 @@ def main() -> None:
             env["TORCH_HOME"] = str(folder / "torch_home")
         command = [sys.executable, "-m", "transferctl", "recommend", "--data", str(data), "--backbone", ",".join(backbones),
                    "--json", "--quiet", *args.extra.split()]  # fmt: skip
+        load_before = os.getloadavg()[0]
         started = time.perf_counter()
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - started
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"bench_recommend: recommend failed with exit code {done.returncode}")
     result = json.loads(done.stdout)
     for row in result["ranking"]:
         print(f"  {row['name']:<22} {row['seconds']:6.1f}s  LogME {row['logme']:+.3f}  probe {100 * row['probe_acc']:.1f}%")
-    print(f"recommend --data: {result['data']['sampled']} images, {len(backbones)} backbones, {seconds:.1f}s wall "
-          f"(target <= 60 s on 2 CPU cores; {os.cpu_count()} cores here)")
+    print(f"recommend --data: {result['data']['sampled']} images, {len(backbones)} backbones, {seconds:.1f}s wall, "
+          f"{cpu.ru_utime + cpu.ru_stime:.0f}s CPU (target <= 60 s wall on 2 idle CPU cores; {os.cpu_count()} cores here, "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other work slows this down)")
 
 
 if __name__ == "__main__":
