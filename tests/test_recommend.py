@@ -141,9 +141,15 @@ def report(**fields: object) -> BackboneReport:
     [(40, 0.0, "small", "small:"), (5000, 9.0, "large", "large:"), (300, 3.5, "small", "effectively small"), (300, 1.0, "large", "large enough")],
 )
 def test_size_from_images_per_class_and_the_probe_gain(median: float, gain: float, size: str, word: str) -> None:
-    got, reasons = judge_size(median, 10, gain, True, TH)
+    got, reasons = judge_size(median, 10, gain, 500, 500, TH)
     assert got == size and reasons[0].startswith(word)
     assert "small below 100" in reasons[0]  # the threshold is shown next to the value
+
+
+def test_a_gain_measured_on_a_sample_is_cautious_and_says_how_to_measure_all() -> None:
+    got, reasons = judge_size(400, 300, 4.0, 1000, 8000, TH)
+    assert got == "small" and "--max-images 8000" in reasons[0]
+    assert judge_size(400, 300, 0.5, 1000, 8000, TH)[0] == "large"  # flat on the sample: flatter on all of it
 
 
 def test_similar_when_the_top_layer_holds_up_and_pretraining_helps() -> None:

@@ -290,19 +290,27 @@ def advice_dict(advice: Advice) -> dict[str, Any]:
     return {"size": advice.size, "similar": advice.similar, "case": advice.case, "strategy": advice.strategy, "cut": advice.cut, "reasons": advice.reasons}
 
 
-def judge_size(median: float, minimum: int, gain_points: float | None, sampled_all: bool, th: Thresholds) -> tuple[str, list[str]]:
-    """small / large from images per class; in between, from whether a probe still gains from more data."""
+def judge_size(median: float, minimum: int, gain_points: float | None, sampled: int, total: int, th: Thresholds) -> tuple[str, list[str]]:
+    """small / large from images per class; in between, from whether a probe still gains from more data.
+
+    The gain is measured on the sample. Learning curves flatten, so a small gain on a sample means a smaller
+    one on all the data (large), while a big gain on a sample says little about all of it: then the answer
+    is the cautious one (small), with the way to measure at full size.
+    """
     counts = f"median {median:g} images per class, smallest class {minimum} (small below {th.small_below}, large from {th.large_from})"
     if median < th.small_below:
         return "small", [f"small: {counts}"]
     if median >= th.large_from:
         return "large", [f"large: {counts}"]
-    of = "all" if sampled_all else "the sampled"
     if gain_points is None:
         return "small", [f"small: {counts}; no probe to tell more"]
-    if gain_points > th.gain_points:
-        return "small", [f"effectively small: {counts}, and a linear probe still gains {gain_points:+.1f} points from half to {of} images (more than {th.gain_points:g})"]
-    return "large", [f"large enough: {counts}, and a linear probe gains only {gain_points:+.1f} points from half to {of} images (at most {th.gain_points:g})"]
+    gains = f"a linear probe gains {gain_points:+.1f} points from half to all of the {sampled} measured images"
+    if gain_points <= th.gain_points:
+        return "large", [f"large enough: {counts}, and {gains} (at most {th.gain_points:g})"]
+    if sampled < total:
+        return "small", [f"effectively small, as far as the sample shows: {counts}, and {gains} (more than {th.gain_points:g}); "
+                         f"with all {total} it may gain less: --max-images {total} measures that"]
+    return "small", [f"effectively small: {counts}, and {gains} (more than {th.gain_points:g})"]
 
 
 def judge_similarity(best: BackboneReport, th: Thresholds) -> tuple[bool, str | None, list[str]]:
@@ -400,7 +408,7 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
         str(root), list(splits.classes), len(samples), float(np.median(counts)), int(counts.min()),
         splits.classes[int(counts.argmin())], len(picked),
     )  # fmt: skip
-    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, best.probe_gain_points, len(picked) == len(samples), thresholds)
+    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, best.probe_gain_points, len(picked), len(samples), thresholds)
     similar, cut, similarity_reasons = judge_similarity(best, thresholds)
     extra = cut_reason(best, cut, thresholds)
     if extra:
