@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -168,8 +169,15 @@ def test_synthetic_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
-def test_demo_script_writes_both_datasets_and_prints_their_paths(tmp_path: Path) -> None:
-    command = [sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--out", str(tmp_path), "--size", "32"]
+def test_demo_script_writes_both_datasets_and_prints_their_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "scripts" / "make_demo_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--out", str(tmp_path), "--size", "32", "--source-per-class", "5", "--target-per-class", "5"]
     for _ in range(2):  # a second run replaces the first
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        assert result.stdout.split() == [str(tmp_path / "source"), str(tmp_path / "target")]
+        assert script.main(argv) == 0
+        assert capsys.readouterr().out.split() == [str(tmp_path / "source"), str(tmp_path / "target")]
+    assert script.main([*argv[:2], "--size", "2"]) == 1
+    assert "size must be at least" in capsys.readouterr().err
