@@ -1,0 +1,246 @@
+"""Benchmark: transferctl against a plain PyTorch loop on the same data and model, in one run.
+
+    python scripts/bench.py [--images 1000] [--fe-epochs 20] [--ft-epochs 1] [--device cpu|cuda]
+
+CPU mode writes --images generated 224x224 images (8 shape classes, 80/20 train/val) and runs, each in its
+own process (so every peak-memory figure is its own):
+
+  plain-fe     the torchvision fine-tuning tutorial's feature-extraction loop: fp32, default memory layout,
+               frozen body, a forward pass over every image every epoch (--fe-epochs)
+  transferctl-fe  `transferctl train` with strategy feature_extract, the same epochs, precision auto,
+               data.cache auto (a fresh cache folder: the features are computed, not reused)
+  plain-ft     the tutorial's fine-tuning loop, all layers, fp32 (--ft-epochs)
+  raw-best-ft  the same loop with channels-last and bf16 autocast: the best a raw loop gets here
+  transferctl-ft  `transferctl train` fine_tune: 1 head epoch (cached), then --ft-epochs of all layers
+
+and prints wall time, training images/s, peak RSS and final val accuracy, with ratios to the plain loops.
+Weights are random (no pretrained weights offline), so accuracies are low; they are compared, not judged.
+
+`--device cuda` instead compares resnet50 training images/s in `transferctl train` (bf16, channels-last,
+pinned memory) with a synthetic-data ceiling: the same model and step on one batch already on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCH = 32
+LR = 1e-3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000, help="generated images, train and val together (default 1000)")
+    parser.add_argument("--fe-epochs", type=int, default=20, help="feature-extraction epochs (default 20)")
+    parser.add_argument("--ft-epochs", type=int, default=1, help="full fine-tuning epochs (default 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temporary one)")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one contender
+    parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the plain loop
+
+
+def plain_loop(data: Path, epochs: int, body_trains: bool, fast: bool) -> dict[str, Any]:
+    """Written like the torchvision fine-tuning tutorial: ImageFolder, a forward pass every epoch."""
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    torch.manual_seed(0)
+    normalize = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    train_set = torchvision.datasets.ImageFolder(str(data / "train"), train_tf)
+    val_set = torchvision.datasets.ImageFolder(str(data / "val"), val_tf)
+    workers = 0 if len(train_set) < 512 else 1  # what transferctl's num_workers: auto picks on this machine
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, shuffle=True, num_workers=workers)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=BATCH, shuffle=False, num_workers=workers)
+    model = torchvision.models.resnet18(weights=None)
+    for param in model.parameters():
+        param.requires_grad = body_trains
+    model.fc = torch.nn.Linear(model.fc.in_features, len(train_set.classes))
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast)
+    speeds, accuracy = [], 0.0
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        epoch_start, seen = time.perf_counter(), 0
+        for images, labels in train_loader:
+            if fast:
+                images = images.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad()
+            with autocast:
+                loss = loss_fn(model(images).float(), labels)
+            loss.backward()
+            optimizer.step()
+            seen += len(labels)
+        speeds.append(seen / (time.perf_counter() - epoch_start))
+        model.eval()
+        correct = 0
+        with torch.no_grad(), autocast:
+            for images, labels in val_loader:
+                if fast:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                correct += int((model(images).argmax(1) == labels).sum())
+        accuracy = correct / len(val_set)
+    return {"seconds": time.perf_counter() - started, "images_per_second": sum(speeds) / len(speeds), "val_acc": accuracy}
+
+
+# --------------------------------------------------------------------------- transferctl
+
+
+def transferctl_run(data: Path, work: Path, strategy: str, schedule: list[dict[str, Any]], device: str = "cpu", name: str = "resnet18") -> dict[str, Any]:
+    from transferctl.config import config_from_dict
+    from transferctl.train import train
+
+    raw = {
+        "name": f"bench-{strategy}", "seed": 0, "backbone": {"name": name, "weights": "none"},
+        "data": {"root": str(data), "batch_size": BATCH, "augment": "standard"},
+        "strategy": strategy, "schedule": schedule, "device": device, "precision": "auto", "output": {"dir": str(work / "runs")},
+    }  # fmt: skip
+    started = time.perf_counter()
+    summary = train(config_from_dict(raw))
+    seconds = time.perf_counter() - started  # everything: data check, model build, feature cache, checkpoints
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    full = [r["images_per_second"] for r in rows if r["phase"] != "head"] or [r["images_per_second"] for r in rows]
+    return {"seconds": seconds, "images_per_second": sum(full) / len(full), "val_acc": summary["final_val_acc"],
+            "feature_cache": summary.get("feature_cache", [])}  # fmt: skip
+
+
+def cuda_ceiling(steps: int = 30) -> dict[str, Any]:
+    """resnet50 training steps on one batch already on the GPU: what the model alone can do."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None).cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    images = torch.randn(BATCH, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 8, (BATCH,), device="cuda")
+    for step in range(steps + 5):
+        if step == 5:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - started, "images_per_second": steps * BATCH / (time.perf_counter() - started), "val_acc": None}
+
+
+def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    os.environ["TRANSFERCTL_CACHE"] = str(work / f"cache-{name}")  # a fresh cache: nothing reused from earlier runs
+    if name == "plain-fe":
+        return plain_loop(data, args.fe_epochs, body_trains=False, fast=False)
+    if name == "plain-ft":
+        return plain_loop(data, args.ft_epochs, body_trains=True, fast=False)
+    if name == "raw-best-ft":
+        return plain_loop(data, args.ft_epochs, body_trains=True, fast=True)
+    if name == "transferctl-fe":
+        return transferctl_run(data, work, "feature_extract", [{"name": "head", "epochs": args.fe_epochs, "train": "head", "lr": LR}])
+    if name == "transferctl-ft":
+        schedule = [{"name": "head", "epochs": 1, "train": "head", "lr": LR}, {"name": "body", "epochs": args.ft_epochs, "train": "all", "lr": LR}]
+        return transferctl_run(data, work, "fine_tune", schedule)
+    if name == "cuda-ceiling":
+        return cuda_ceiling()
+    if name == "transferctl-cuda":
+        return transferctl_run(data, work, "pretrained_init", [{"name": "all", "epochs": args.ft_epochs, "train": "all", "lr": LR}], "cuda", "resnet50")
+    raise SystemExit(f"unknown contender {name}")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--only", name, "--data", str(data), "--work", str(work),
+               "--fe-epochs", str(args.fe_epochs), "--ft-epochs", str(args.ft_epochs)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_data(root: Path, images: int) -> Path:
+    from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
+
+    if (root / "train").is_dir():
+        return root
+    return write_image_folder(root, SOURCE_CLASSES, max(5, images // len(SOURCE_CLASSES)), 224, seed=0, layout="split")
+
+
+def load() -> str:
+    try:
+        one, five, _ = (float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
+        return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+    except OSError:
+        return "load unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.only:
+        result = contender(args.only, args.data, args.work, args)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    import os
+
+    import torch
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="transferctl-bench-"))
+    data = write_data(work / "data", args.images)
+    names = ["cuda-ceiling", "transferctl-cuda"] if args.device == "cuda" else ["plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft"]
+    print(f"# {len(list(data.rglob('*.png')))} images 224x224 in {data}; torch {torch.__version__}, {os.cpu_count()} CPUs, {load()}", file=sys.stderr)
+    results = {}
+    for name in names:
+        results[name] = run_contender(name, data, work, args)
+        print(f"  {name}: {json.dumps(results[name])}", file=sys.stderr)
+    print(table(results, args))
+    print(f"# afterwards: {load()}")
+
+
+def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = ["| run | wall s | train img/s | peak RSS MB | final val acc | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def row(name: str, ratio: str) -> None:
+        r = results[name]
+        acc = "-" if r["val_acc"] is None else f"{100 * r['val_acc']:.1f}%"
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['images_per_second']:.1f} | {r['peak_rss_mb']:.0f} | {acc} | {ratio} |")
+
+    if args.device == "cuda":
+        row("cuda-ceiling", "1.00")
+        row("transferctl-cuda", f"{results['transferctl-cuda']['images_per_second'] / results['cuda-ceiling']['images_per_second']:.2f} of the ceiling (target >= 0.90)")
+        return "\n".join(lines)
+    fe, tfe = results["plain-fe"], results["transferctl-fe"]
+    row("plain-fe", "1.00")
+    row("transferctl-fe", f"{fe['seconds'] / tfe['seconds']:.1f}x faster ({args.fe_epochs} epochs; target >= 30x)")
+    ft, best, tft = results["plain-ft"], results["raw-best-ft"], results["transferctl-ft"]
+    row("plain-ft", "1.00")
+    row("raw-best-ft", f"{best['images_per_second'] / ft['images_per_second']:.2f}x plain img/s")
+    row("transferctl-ft", f"{tft['images_per_second'] / ft['images_per_second']:.2f}x plain img/s (target >= 2.4), "
+                          f"{tft['images_per_second'] / best['images_per_second']:.2f} of raw best (target >= 0.90)")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
