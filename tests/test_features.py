@@ -69,3 +69,13 @@ def test_torchvision_weights_keep_their_imagenet_head_and_top1(tmp_path: Path) -
     features = extract(network, images(tmp_path), CPU)
     assert features.source_predictions is not None and features.source_predictions.shape == (6,)
     assert features.source_predictions.max() < 1000
+
+
+def test_a_weights_file_keeps_its_own_head_too(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None, num_classes=7)
+    path = tmp_path / "mine.pth"
+    torch.save({"state_dict": reference.state_dict()}, path)
+    network = load_probe_network("resnet18", str(path), 32)
+    assert network.source_classes == 7 and network.imagenet_top1 is None
+    assert torch.equal(network.model.fc.weight, reference.fc.weight)
