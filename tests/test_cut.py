@@ -162,3 +162,16 @@ def test_every_family_can_be_cut_at_every_cut_point(name: str) -> None:
         with torch.no_grad():
             assert backbone.model(torch.zeros(2, 3, size, size)).shape == (2, 3), cut
         assert backbone.group_names[-2:] == [cut, "head"]
+
+
+def test_check_shows_the_cut(tiny_split_data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from helpers import write_experiment
+    from transferctl.cli import app
+
+    raw = experiment(tiny_split_data, tmp_path / "runs", strategy="feature_extract", schedule=[{"name": "head", "epochs": 1, "train": "head", "lr": 0.01}])
+    raw["backbone"]["cut"] = "layer2"
+    result = CliRunner().invoke(app, ["check", str(write_experiment(tmp_path / "e.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    assert "cut after layer2" in result.stderr and "stem, layer1, layer2, head" in result.stderr

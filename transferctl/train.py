@@ -146,6 +146,7 @@ def describe(experiment: Experiment) -> dict[str, Any]:
         "strategy": config.strategy,
         "backbone": backbone.name,
         "weights": backbone.weights,
+        "cut": backbone.cut,
         "layer_groups": backbone.group_names,
         "preprocessing": backbone.preprocessing.to_dict(),
         "data": {
