@@ -106,7 +106,9 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
     header.add_row("data", f"{data['root']} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
     phases = Table(title="phases")
-    for column in ("phase", "epochs", "trains", "trainable", "learning rate", "BatchNorm", "ends early"):
+    # "ends early" only when some phase may: the table stays narrow enough for an 80-column terminal.
+    early = any(phase.get("plateau_patience") for phase in plan["phases"])
+    for column in ("phase", "epochs", "trains", "trainable", "learning rate", "BatchNorm", *(("ends early",) if early else ())):
         phases.add_column(column)
     for phase in plan["phases"]:
         trains = "head only" if phase["train"] == ["head"] else ", ".join(phase["train"])
@@ -117,7 +119,7 @@ def render_plan(plan: dict[str, Any]) -> Group:
         lrs = _compact_lrs(phase["lr"]) + (f" (layer_decay {phase['layer_decay']:g})" if phase.get("layer_decay", 1.0) != 1.0 else "")
         patience = phase.get("plateau_patience")
         ends = f"plateau of {patience} epochs" if patience else "no"
-        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, lrs, phase["batchnorm"]["trained groups"], ends)
+        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, lrs, phase["batchnorm"]["trained groups"], *((ends,) if early else ()))
     caption = "Frozen groups keep their BatchNorm statistics (eval mode) and get no gradients."
     notes = [Text(f"note: {line}", style="yellow") for line in data.get("notices", [])]
     return Group(header, *notes, phases, caption)
