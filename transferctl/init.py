@@ -170,7 +170,7 @@ def choose_strategy(strategy: str, inspection: DataInspection) -> tuple[str, Adv
     if strategy == AUTO:
         thresholds = Thresholds()
         smallest = inspection.smallest_class[1]
-        size, _ = judge_size(inspection.median_per_class, smallest, None, True, thresholds)
+        size, _ = judge_size(inspection.median_per_class, smallest, None, 0, 0, thresholds)
         advice = advise(size, similar=True)
         return advice.strategy, advice
     if strategy not in STRATEGIES:
