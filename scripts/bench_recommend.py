@@ -1,6 +1,6 @@
 """Wall time of `transferctl recommend --data` on 1,000 generated images and three small backbones.
 
-    python scripts/bench_recommend.py [--backbones resnet18,efficientnet_b0,mobilenet_v3_large] [--images 1000]
+    python scripts/bench_recommend.py [--backbones resnet18,mobilenet_v3_large,regnet_y_400mf] [--images 1000]
 
 The target: at most 60 s on 2 CPU cores. It times the real command line in a subprocess (start-up and
 imports included), with torchvision's DEFAULT weights so the whole path runs: the ImageNet head is kept and
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_BACKBONES = "resnet18,efficientnet_b0,mobilenet_v3_large"
+from transferctl.recommend import MeasureOptions  # no torch: TORCH_HOME can still be set below
+
 
 
 def make_images(root: Path, images: int, size: int, seed: int) -> Path:
@@ -49,7 +50,7 @@ def stand_in_weights(torch_home: Path, backbones: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", default=DEFAULT_BACKBONES)
+    parser.add_argument("--backbones", default=",".join(MeasureOptions().backbones), help="default: recommend's own")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64, help="side of the generated images (the networks still see 224 px)")
     parser.add_argument("--seed", type=int, default=0)

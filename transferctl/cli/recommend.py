@@ -19,7 +19,7 @@ def recommend(
     size: Optional[str] = typer.Option(None, "--size", help="Rule mode: small or large (images per class: small below 100, large from 1,000)."),
     similar: Optional[str] = typer.Option(None, "--similar", help="Rule mode: yes or no, is the task like the pretraining data (ImageNet photos)?"),
     data: Optional[Path] = typer.Option(None, "--data", help="Data mode: measure on this class-per-folder tree. Rule mode: data.root of --write-config."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Data mode: comma-separated backbones to compare (default: resnet18,efficientnet_b0,mobilenet_v3_large; with run: weights, that run's own). Rule mode: one, for --write-config (default: resnet18)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Data mode: comma-separated backbones to compare (default: resnet18,mobilenet_v3_large,regnet_y_400mf; with run: weights, that run's own). Rule mode: one, for --write-config (default: resnet18)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights for every backbone: DEFAULT | a torchvision weights name | a file | run:<run dir> | none."),
     max_images: int = typer.Option(1000, "--max-images", help="Measure on a stratified sample of at most this many images."),
     random_images: int = typer.Option(300, "--random-images", help="Images for the random-init reference network (a stratified sub-sample)."),
