@@ -389,6 +389,9 @@ def _single_shape_maker(shape: str) -> ImageMaker:
     return make
 
 
+_PAIR_SPACING = 1.25  # centre distance over the sum of radii; above 1 as triangles reach past r
+
+
 def _place_apart(rng: np.random.Generator, size: int, radii: tuple[float, float]
                  ) -> list[tuple[float, float]]:
     """Two centres whose shapes stay inside the image and do not touch (best of a few tries)."""
@@ -396,7 +399,7 @@ def _place_apart(rng: np.random.Generator, size: int, radii: tuple[float, float]
     best_gap = -math.inf
     for _ in range(30):
         centres = [tuple(rng.uniform(r, size - r, 2)) for r in radii]
-        gap = math.dist(centres[0], centres[1]) - 1.25 * sum(radii)
+        gap = math.dist(centres[0], centres[1]) - _PAIR_SPACING * sum(radii)
         if gap > best_gap:
             best, best_gap = centres, gap
         if gap > 0:
