@@ -50,7 +50,8 @@ def test_split_layout_has_every_split_and_class(tiny_split_data: Path) -> None:
 
 
 def test_split_file_names_are_unique_within_a_class(tiny_split_data: Path) -> None:
-    names = [p.name for split in ("train", "val", "test") for p in (tiny_split_data / split / "red").iterdir()]
+    splits = ("train", "val", "test")
+    names = [p.name for split in splits for p in (tiny_split_data / split / "red").iterdir()]
     assert len(names) == len(set(names)) == 6
 
 

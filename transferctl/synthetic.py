@@ -374,8 +374,8 @@ def _paint(pixels: np.ndarray, rng: np.random.Generator, shape: str, cx: float, 
     pixels[:] = pixels * (1 - alpha) + (colour + shading) * alpha
 
 
-_SOURCE_RADIUS = (0.16, 0.40)  # shape radius as a fraction of the image side; covers the target
-_TARGET_RADIUS = (0.16, 0.22)  # smaller, so that two shapes fit side by side
+_SOURCE_RADIUS = (0.20, 0.40)  # radius over image side; overlaps the target so features carry
+_TARGET_RADIUS = (0.20, 0.26)  # smaller, so that two shapes fit side by side
 
 
 def _single_shape_maker(shape: str) -> ImageMaker:
@@ -389,7 +389,7 @@ def _single_shape_maker(shape: str) -> ImageMaker:
     return make
 
 
-_PAIR_SPACING = 1.25  # centre distance over the sum of radii; above 1 as triangles reach past r
+_PAIR_SPACING = 1.1  # centre distance over the sum of radii; above 1 as triangles reach past r
 
 
 def _place_apart(rng: np.random.Generator, size: int, radii: tuple[float, float]
@@ -449,8 +449,11 @@ def make_transfer_pair(
     per class by default): too few to learn shapes from scratch, enough to learn which pairs of
     already-known shapes make each class.
 
-    The source is sized for a resnet18 trained from scratch: with 64 training images per class it
-    memorised the backgrounds (train 93%, val 48% after 6 epochs); with 160-190 it generalises.
+    Sized for a resnet18 at 64 px on a CPU (AdamW, cosine, batch 32, no augmentation). The source
+    reaches about 82% val accuracy from scratch in 6 epochs; with 64 training images per class it
+    memorised backgrounds instead (train 93%, val 48%). On the target, 6 epochs from scratch stay
+    at chance (21%); from the source model, feature extraction gets about 56% and fine-tuning 59%
+    (67% after 18 epochs, scratch then 25%).
     """
     out_dir = Path(out_dir)
     source = write_image_folder(out_dir / "source", SOURCE_CLASSES, source_per_class, size, seed,
