@@ -25,6 +25,8 @@ def test_init_strategies_complete() -> None:
     assert complete("transferctl init data --strategy f") == ["feature_extract", "fine_tune"]
 
 
-def test_completion_script_for_bash() -> None:
-    result = runner.invoke(app, ["--show-completion", "bash"], prog_name="transferctl")
+def test_completion_script_for_bash(monkeypatch) -> None:
+    # Typer detects the user's shell from the process tree; CI runs without an interactive shell above it.
+    monkeypatch.setattr("typer.completion._get_shell_name", lambda: "bash")
+    result = runner.invoke(app, ["--show-completion"], prog_name="transferctl")
     assert result.exit_code == 0 and "_TRANSFERCTL_COMPLETE=complete_bash" in result.stdout
