@@ -18,6 +18,8 @@ from transferctl.errors import DataError, Problem
 if TYPE_CHECKING:
     import torch
 
+    from transferctl.image_cache import DecodedImages
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "val", "test")
 
@@ -296,6 +298,14 @@ def to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
+def resized_short_side(image: Any, short_side: int, interpolation: str) -> Any:
+    """The evaluation transform's first step: the short side becomes `short_side`."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    return F.resize(image, short_side, interpolation=InterpolationMode(interpolation), antialias=True)
+
+
 def build_transform(preprocessing: Any, augment: str, train: bool) -> Callable[[Any], Any]:
     """The pretrained weights' own preprocessing; training adds random crops and flips when asked."""
     from torchvision import transforms as T
@@ -311,16 +321,26 @@ def build_transform(preprocessing: Any, augment: str, train: bool) -> Callable[[
     )
 
 
+def decode(path: Path) -> Any:
+    """open_rgb, with a user's damaged file as a DataError."""
+    try:
+        return open_rgb(path)
+    except Exception as exc:  # noqa: BLE001 - Pillow's errors for a damaged file have many types
+        raise DataError(Problem(str(path), f"cannot be decoded: {_first_line(exc)}", "remove or replace the file")) from None
+
+
 class ImageDataset:
     """(image tensor, label) pairs from a list of samples.
 
     Items are indices, or (index, seed) pairs from an EpochSampler: the transform's random crop and flip
     then come from that seed alone, never from RNG state left by earlier images, epochs or workers.
+    `decoded` (image_cache.keep_decoded) holds the images already decoded and resized, when they fit in memory.
     """
 
     def __init__(self, samples: list[Sample], transform: Callable[[Any], Any]) -> None:
         self.samples = samples
         self.transform = transform
+        self.decoded: DecodedImages | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -328,10 +348,7 @@ class ImageDataset:
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[index]
-        try:
-            image = open_rgb(path)
-        except Exception as exc:  # noqa: BLE001 - Pillow's errors for a damaged file have many types
-            raise DataError(Problem(str(path), f"cannot be decoded: {_first_line(exc)}", "remove or replace the file")) from None
+        image = self.decoded.image(index) if self.decoded is not None else decode(path)
         if seed is None:
             return self.transform(image), label
         with seeded_torch_rng(seed):

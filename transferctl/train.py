@@ -50,6 +50,7 @@ from transferctl.engine import (
 )
 from transferctl.errors import CheckpointError, DataError, Problem, TrainingError, TrainingInterrupted
 from transferctl.feature_cache import FrozenBodyShortcut
+from transferctl.image_cache import DecodeOnce
 from transferctl.interrupts import StopRequest, stop_on_signals
 from transferctl.phases import (
     HEAD,
@@ -260,6 +261,7 @@ class _Trainer:
         self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
         self.loaders = session.loaders
         self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice)
+        self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice)
         self.run_dir = run
         self.observer = observer
         self.start = start
@@ -312,6 +314,8 @@ class _Trainer:
                 if len(stages) > 1 and stage.first_epoch == epoch:
                     self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
                 cached = self.shortcut.path_for(stage.plan)  # a frozen body: the head trains on cached features
+                if cached is None:
+                    self._decode_once()
             set_train_mode(self.model, backbone.groups, stage.plan)
             lrs = _current_lrs(optimizer)
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
@@ -323,6 +327,12 @@ class _Trainer:
             self.observer.epoch_done(row)
             if done:
                 break
+
+    def _decode_once(self) -> None:
+        try:
+            self.decode_once.prepare()
+        except DataError as exc:
+            raise worker_error(exc) from None
 
     def _stage_optimizer(self, stage: Stage) -> tuple[Any, Any]:
         """A fresh optimizer and schedule over exactly what this stage trains (the whole phase, or one unfreezing step)."""
@@ -475,6 +485,7 @@ class _Trainer:
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
             "feature_cache": self.shortcut.records,
+            "decoded_images": self.decode_once.records,
             "skipped_images": [str(item.path) for item in self.experiment.splits.skipped],
             "checkpoints": {"best": str(self.run_dir.checkpoints / "best.pt"), "last": str(self.run_dir.checkpoints / "last.pt")},
         }

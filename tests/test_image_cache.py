@@ -1,0 +1,111 @@
+"""Decoded images kept in memory across epochs: the same pixels, shared by workers, within a budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import experiment
+from transferctl.backbones import Preprocessing
+from transferctl.config import config_from_dict
+from transferctl.data import ImageDataset, build_transform, discover
+from transferctl.errors import DataError
+from transferctl.image_cache import decode_all, estimated_bytes, keep_decoded, resized_size
+from transferctl.synthetic import tiny_dataset
+from transferctl.train import SilentObserver, train
+
+PRE = Preprocessing(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def samples_of(root: Path) -> list:
+    return discover(root, 0.2, 0).train
+
+
+@pytest.fixture
+def wide_images(tmp_path: Path) -> Path:
+    """Images of different shapes and modes, so resizing and offsets are really exercised."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, sizes in {"a": [(30, 12), (12, 30), (25, 25)], "b": [(40, 17), (17, 17), (64, 33)]}.items():
+        folder = tmp_path / "wide" / cls
+        folder.mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 31), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    return tmp_path / "wide"
+
+
+def test_decoded_images_give_exactly_the_pixels_of_decoding_each_file(wide_images: Path) -> None:
+    samples = samples_of(wide_images)
+    plain = ImageDataset(samples, build_transform(PRE, "none", train=False))
+    cached = ImageDataset(samples, build_transform(PRE, "none", train=False))
+    cached.decoded = decode_all(samples, PRE.resize, PRE.interpolation, workers=0)
+    assert len(cached.decoded) == len(samples)
+    for index in range(len(samples)):
+        assert torch.equal(plain[index][0], cached[index][0])
+        assert plain[index][1] == cached[index][1]
+
+
+def test_worker_processes_decode_the_same_pixels(wide_images: Path) -> None:
+    samples = samples_of(wide_images)
+    here = decode_all(samples, PRE.resize, PRE.interpolation, workers=0)
+    there = decode_all(samples, PRE.resize, PRE.interpolation, workers=2)
+    assert torch.equal(here.pixels, there.pixels) and np.array_equal(here.shapes, there.shapes)
+
+
+def test_the_header_estimate_is_the_decoded_size(wide_images: Path) -> None:
+    samples = samples_of(wide_images)
+    decoded = decode_all(samples, PRE.resize, PRE.interpolation, workers=0)
+    assert estimated_bytes([path for path, _ in samples], PRE.resize) == decoded.pixels.numel()
+    assert resized_size((30, 12), 20) == (20, 50) and resized_size((12, 30), 20) == (50, 20)
+
+
+def test_images_over_the_budget_are_not_kept(wide_images: Path) -> None:
+    dataset = ImageDataset(samples_of(wide_images), build_transform(PRE, "none", train=False))
+    assert keep_decoded(dataset, PRE, budget_mb=0, workers=0) is None and dataset.decoded is None
+    kept = keep_decoded(dataset, PRE, budget_mb=1, workers=0)
+    assert kept is not None and dataset.decoded is kept
+    assert keep_decoded(dataset, PRE, budget_mb=1, workers=0) is kept  # decoded once only
+
+
+def test_a_file_damaged_after_discovery_names_the_file(wide_images: Path) -> None:
+    samples = samples_of(wide_images)
+    samples[0][0].write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match=samples[0][0].name):
+        decode_all(samples, PRE.resize, PRE.interpolation, workers=0)
+
+
+class Notices(SilentObserver):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def notice(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def full_passes(data: Path, out: Path, observer: SilentObserver | None = None, **data_fields: object) -> dict:
+    raw = experiment(data, out, data=dict(data_fields), strategy="scratch", schedule=[{"name": "all", "epochs": 2, "train": "all", "lr": 1e-2}])
+    return train(config_from_dict(raw), observer=observer)
+
+
+def test_training_on_kept_images_equals_decoding_every_epoch(tmp_path: Path) -> None:
+    data = tiny_dataset(tmp_path / "data", n_classes=3, layout="split")
+    kept = full_passes(data, tmp_path / "kept", cache="memory")
+    decoded_each_epoch = full_passes(data, tmp_path / "each", cache="off")
+    assert [r["split"] for r in kept["decoded_images"]] == ["train", "val"]
+    assert kept["decoded_images"][0]["images"] == len(discover(data, 0.2, 0).train) and decoded_each_epoch["decoded_images"] == []
+    rows = [[json.loads(line) for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()] for s in (kept, decoded_each_epoch)]
+    assert [(r["train_loss"], r["val_acc"]) for r in rows[0]] == [(r["train_loss"], r["val_acc"]) for r in rows[1]]
+
+
+def test_a_small_budget_decodes_every_epoch_and_says_so(tmp_path: Path) -> None:
+    data = tiny_dataset(tmp_path / "data", n_classes=3, layout="split")
+    notices = Notices()
+    summary = full_passes(data, tmp_path / "runs", notices, cache_memory_mb=0)
+    assert summary["decoded_images"] == []
+    assert any("decoded train images need more than 0 MB" in line for line in notices.lines)
