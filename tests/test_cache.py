@@ -12,6 +12,7 @@ from helpers import experiment
 from transferctl.config import config_from_dict
 from transferctl.feature_cache import FeatureBatches, FeatureStore, head_for_features
 from transferctl.data import EpochSampler
+from transferctl.distributed import Shard
 from transferctl.train import train
 
 
@@ -91,6 +92,16 @@ def test_each_epoch_draws_one_view_per_image_from_seed_and_epoch() -> None:
     assert torch.equal(first, torch.cat([f for f, _ in batches]).flatten())  # the same epoch again: the same draw
     sampler.set_epoch(2)
     assert not torch.equal(first, torch.cat([f for f, _ in batches]).flatten())
+
+
+def test_each_rank_takes_its_shard_of_the_epoch_in_batches_of_its_own() -> None:
+    store = FeatureStore(np.arange(7, dtype=np.float32).reshape(7, 1, 1), np.arange(7), "memory", False, 0.0)
+    ranks = [FeatureBatches(store, 2, EpochSampler(7, seed=3, shard=Shard(rank, 2))) for rank in range(2)]
+    taken = [torch.cat([f for f, _ in batches]).flatten().long().tolist() for batches in ranks]
+    assert [len(batches) for batches in ranks] == [2, 2] and [len(t) for t in taken] == [4, 4]  # padded to equal steps
+    assert set(taken[0]) | set(taken[1]) == set(range(7))
+    in_order = [FeatureBatches(store, 2, EpochSampler(7, seed=3, shuffle=False, shard=Shard(rank, 2), pad=False)) for rank in range(2)]
+    assert [torch.cat([f for f, _ in b]).flatten().long().tolist() for b in in_order] == [[0, 2, 4, 6], [1, 3, 5]]
 
 
 def test_a_dropout_before_the_head_still_trains() -> None:

@@ -74,8 +74,8 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def transferctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "transferctl", *args], capture_output=True, text=True, env=cli_env(), timeout=300)
+def transferctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "transferctl", *args], capture_output=True, text=True, env={**cli_env(), **env}, timeout=300)
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -92,7 +92,7 @@ def assert_rows_match(got: list[dict[str, Any]], want: list[dict[str, Any]], tol
 @pytest.fixture(scope="module")
 def two_process_run(config_file: Path) -> Path:
     """`transferctl train --nproc 2`: torchrun's launcher, two gloo ranks."""
-    result = transferctl("train", str(config_file), "--nproc", "2", "--json")
+    result = transferctl("train", str(config_file), "--nproc", "2", "--json", TRANSFERCTL_CACHE=str(config_file.parent / "feature-cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)  # one JSON document: only rank 0 prints
     return Path(summary["run_dir"])
@@ -105,6 +105,9 @@ def test_two_processes_write_one_run_that_matches_one_process(two_process_run: P
     assert not list(two_process_run.rglob(".*.tmp"))
     single = train(load_config(config_file), run_dir=runs.parent / "single")
     assert_rows_match(metrics(two_process_run), metrics(Path(single["run_dir"])), tolerance=1e-4)
+    # The head phase trained on features each rank computed for half of the images, then gathered.
+    cache = json.loads((two_process_run / "summary.json").read_text())["feature_cache"]
+    assert [(r["phase"], r["split"], r["reused"]) for r in cache] == [("head", "train", False), ("head", "val", False)]
     assert metrics(two_process_run)[-1]["val_acc"] == pytest.approx(single["final_val_acc"], abs=1e-6)
 
 
@@ -159,7 +162,7 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
     """One of two gloo ranks (torch.multiprocessing): the helpers that talk to the other rank."""
     import torch.distributed as dist
 
-    from transferctl.distributed import TrainingModule, from_main, gather_shards, reduce_stats
+    from transferctl.distributed import TrainingModule, all_ranks_agree, from_main, gather_shards, reduce_stats
     from transferctl.engine import EpochStats
 
     torch.set_num_threads(1)
@@ -167,6 +170,7 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
     try:
         rows = torch.arange(7, dtype=torch.float32).unsqueeze(1)  # 7 rows: rank 0 has 4, rank 1 has 3
         gathered = gather_shards(rows[rank::2], total=7)
+        agreed = (all_ranks_agree(True), all_ranks_agree(rank == 0))
         stats = reduce_stats(EpochStats(loss=1.0 + rank, accuracy=0.5 * rank, images=2 - rank, seconds=1.0 + rank))
         try:
             from_main(_missing_root)
@@ -179,7 +183,7 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
         first = stepped()
         same, reduced = stepped() is first, first.module is model
         model[0].requires_grad_(True)
-        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds), copied, same, reduced, stepped() is not first))
+        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds), copied, same, reduced, stepped() is not first, agreed))
     finally:
         dist.destroy_process_group()
 
@@ -196,7 +200,8 @@ def test_collective_helpers_across_two_ranks(tmp_path: Path) -> None:
     for process in processes:
         process.join(timeout=60)
     for rank in range(2):
-        gathered, stats, copied, same, wrapped_model, rewrapped = got[rank]
+        gathered, stats, copied, same, wrapped_model, rewrapped, agreed = got[rank]
+        assert agreed == (True, False)  # false as soon as one rank says no
         assert gathered == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # back in order on every rank
         assert stats == pytest.approx((4.0 / 3, 0.5 / 3, 3, 2.0))  # sums over images, the slowest rank's time
         assert copied.startswith("data.root: no such folder") and copied.endswith(f"echoed={rank == 1}")

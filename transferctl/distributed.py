@@ -294,6 +294,18 @@ def agreed_stop(request: Any) -> Any:
     return AgreedStop(request) if active() else request
 
 
+def all_ranks_agree(flag: bool) -> bool:
+    """True when `flag` is true on every rank (outside torchrun: the flag itself)."""
+    if not active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)  # a CPU tensor: gloo, also beside nccl
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def gather_shards(local: Any, total: int) -> Any:
     """Rows computed by every rank on its unpadded `shard_of` part, back in the original order on every rank.
 

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from transferctl.data import EpochSampler, ImageDataset, Sample
+from transferctl.distributed import active as distributed_active
+from transferctl.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
 from transferctl.engine import Runtime, logits_of
 
 CACHE_ENV = "TRANSFERCTL_CACHE"
@@ -123,17 +125,19 @@ def view_seeds(seed: int, view: int, count: int) -> list[int]:
 
 
 class _Views:
-    """Dataset of (image, view) pairs, image-major: item k is view k % V of image k // V."""
+    """Dataset of (image, view) pairs of the images `indices`, image-major: item k is view k % V of image
+    indices[k // V]. A view's seed depends on the image's index in the whole dataset, never on the subset."""
 
-    def __init__(self, dataset: ImageDataset, views: int, seed: int, augmented: bool) -> None:
-        self.dataset, self.views = dataset, views
+    def __init__(self, dataset: ImageDataset, views: int, seed: int, augmented: bool, indices: list[int]) -> None:
+        self.dataset, self.views, self.indices = dataset, views, indices
         self.seeds = [view_seeds(seed, v, len(dataset)) for v in range(views)] if augmented else None
 
     def __len__(self) -> int:
-        return len(self.dataset) * self.views
+        return len(self.indices) * self.views
 
     def __getitem__(self, item: int) -> tuple[Any, int]:
-        index, view = divmod(item, self.views)
+        position, view = divmod(item, self.views)
+        index = self.indices[position]
         return self.dataset[(index, self.seeds[view][index])] if self.seeds is not None else self.dataset[index]
 
 
@@ -144,19 +148,49 @@ def load_or_compute(
     labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
     key = spec.key(weights_digest(model, spec.head_path), dataset.samples)
     path = cache_folder() / f"features-{key}.npy"
-    if mode != "memory" and path.is_file():
-        try:
-            fits = mode == "auto" and path.stat().st_size <= budget_mb * 2**20
-            array = np.load(path) if fits else np.load(path, mmap_mode="r")
-            if array.shape[:2] == (len(dataset), spec.views):
-                return FeatureStore(array, labels, "memory" if fits else str(path), True, 0.0)
-        except (OSError, ValueError):
-            pass  # a damaged or foreign file: compute afresh and replace it
+    reused = _reuse(path, mode, budget_mb, (len(dataset), spec.views))
+    if all_ranks_agree(reused is not None):  # under torchrun, every rank computes its part or none does
+        assert reused is not None
+        return FeatureStore(reused[0], labels, reused[1], True, 0.0)
     started = time.perf_counter()
     per_batch = spec.views * max(1, batch_size // spec.views)  # whole images: every batch holds all views of its images
-    loader = _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none"), per_batch, workers, runtime)
-    array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path)
+    if not distributed_active():
+        loader = _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none", list(range(len(dataset)))), per_batch, workers, runtime)
+        array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path)
+    else:
+        array, location = _compute_sharded(model, spec, dataset, per_batch, workers, runtime, mode, path)
     return FeatureStore(array, labels, location, False, time.perf_counter() - started)
+
+
+def _reuse(path: Path, mode: str, budget_mb: int, rows: tuple[int, int]) -> tuple[np.ndarray, str] | None:
+    """An earlier run's features for this key: in RAM when they fit the budget, else memory-mapped."""
+    if mode == "memory" or not path.is_file():
+        return None
+    try:
+        fits = mode == "auto" and path.stat().st_size <= budget_mb * 2**20
+        array = np.load(path) if fits else np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None  # a damaged or foreign file: compute afresh and replace it
+    if array.shape[:2] != rows:
+        return None
+    return array, "memory" if fits else str(path)
+
+
+def _compute_sharded(
+    model: nn.Module, spec: CacheSpec, dataset: ImageDataset, per_batch: int, workers: int, runtime: Runtime, mode: str, path: Path
+) -> tuple[np.ndarray, str]:
+    """Under torchrun: each rank computes its part of the images, every rank gets all rows; rank 0 saves them."""
+    everything = list(range(len(dataset)))
+    if len(dataset) < shard().world:  # some rank would have no image to learn the features' width from
+        return _compute(model, spec, _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none", everything), per_batch, workers, runtime),
+                        len(dataset), runtime, "memory", 0, path)  # fmt: skip
+    mine = shard_of(everything, shard(), pad=False)
+    loader = _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none", mine), per_batch, workers, runtime)
+    local, _ = _compute(model, spec, loader, len(mine), runtime, "memory", 0, path)
+    gathered = gather_shards(torch.from_numpy(local), total=len(dataset)).numpy()  # CPU tensors: gloo, also beside nccl
+    if is_main():
+        gathered, _ = _persist(gathered, "memory", mode, path, path.with_name(f"{path.name}.tmp-{os.getpid()}"))
+    return gathered, "memory"
 
 
 def _view_loader(views: _Views, batch_size: int, workers: int, runtime: Runtime) -> Any:
@@ -244,19 +278,22 @@ class FeatureBatches:
     data.set_loader_epoch treats this like the image loader it stands in for.
     """
 
-    def __init__(self, store: FeatureStore, batch_size: int, sampler: EpochSampler | None) -> None:
-        self.store, self.batch_size, self.sampler = store, batch_size, sampler
+    def __init__(self, store: FeatureStore, batch_size: int, sampler: Any) -> None:
+        self.store, self.batch_size = store, batch_size
+        self.sampler = sampler if isinstance(sampler, EpochSampler) else None  # a plain loader's SequentialSampler: in order
 
     def __len__(self) -> int:
-        return math.ceil(len(self.store.labels) / self.batch_size)
+        count = len(self.sampler) if self.sampler is not None else len(self.store.labels)
+        return math.ceil(count / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self.store.labels)
         if self.sampler is None:
+            count = len(self.store.labels)
             order, views = np.arange(count), np.zeros(count, dtype=np.int64)
-        else:
+        else:  # under torchrun, this rank's shard of the epoch's order
             pairs = np.asarray(list(self.sampler), dtype=np.int64).reshape(-1, 2)
             order, views = pairs[:, 0], pairs[:, 1] % self.store.views
+        count = len(order)
         for start in range(0, count, self.batch_size):
             index, view = order[start : start + self.batch_size], views[start : start + self.batch_size]
             features = np.ascontiguousarray(self.store.features[index, view])
@@ -281,12 +318,6 @@ def head_for_features(model: nn.Module, head_path: str) -> nn.Module:
     return nn.Sequential(*dropouts, head) if dropouts else head
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class FrozenBodyShortcut:
     """Decides, per phase (or unfreezing stage), whether the head trains on cached features, and builds them.
 
@@ -303,7 +334,7 @@ class FrozenBodyShortcut:
 
     def path_for(self, plan: Any) -> tuple[nn.Module, dict[str, Any]] | None:
         data = self.config.data
-        if data.cache == "off" or not plan.backbone_frozen or self._unusable or _distributed():
+        if data.cache == "off" or not plan.backbone_frozen or self._unusable:
             return None
         digest = weights_digest(self.model, self.backbone.head_path)
         if self._built is None or self._built[0] != digest:
@@ -313,7 +344,8 @@ class FrozenBodyShortcut:
                 self._unusable = True
                 self.notice(f"data.cache: {exc}; training with full forward passes")
                 return None
-        return head_for_features(self.model, self.backbone.head_path), self._built[1]
+        # Under torchrun the head alone is wrapped in DDP: the ranks average its gradients as in a full pass.
+        return wrap_for_training(head_for_features(self.model, self.backbone.head_path), self.runtime.device), self._built[1]
 
     def _build(self, plan: Any) -> dict[str, Any]:
         data, backbone = self.config.data, self.backbone
@@ -330,5 +362,4 @@ class FrozenBodyShortcut:
         train, val = stores["train"], stores["val"]
         how = "reused" if train.reused and val.reused else f"computed in {train.seconds + val.seconds:.1f} s"
         self.notice(f"phase '{plan.name}': the backbone is frozen; training the head on cached features ({train.views} view(s) per image, {how}, {train.location})")
-        return {"train": FeatureBatches(train, self.loaders["train"].batch_size, self.loaders["train"].sampler),
-                "val": FeatureBatches(val, self.loaders["val"].batch_size, None)}  # fmt: skip
+        return {split: FeatureBatches(stores[split], self.loaders[split].batch_size, self.loaders[split].sampler) for split in ("train", "val")}
