@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from helpers import experiment
+from transferctl.backbones import Preprocessing
 from transferctl.config import config_from_dict
-from transferctl.feature_cache import FeatureBatches, FeatureStore, head_for_features
-from transferctl.data import EpochSampler
+from transferctl.data import EpochSampler, ImageDataset, build_transform, discover
 from transferctl.distributed import Shard
+from transferctl.feature_cache import FeatureBatches, FeatureStore, Views, head_for_features
 from transferctl.train import train
 
 
@@ -102,6 +103,18 @@ def test_each_rank_takes_its_shard_of_the_epoch_in_batches_of_its_own() -> None:
     assert set(taken[0]) | set(taken[1]) == set(range(7))
     in_order = [FeatureBatches(store, 2, EpochSampler(7, seed=3, shuffle=False, shard=Shard(rank, 2), pad=False)) for rank in range(2)]
     assert [torch.cat([f for f, _ in b]).flatten().long().tolist() for b in in_order] == [[0, 2, 4, 6], [1, 3, 5]]
+
+
+def test_view_zero_is_the_clean_centre_crop_and_the_others_are_augmented(tiny_split_data: Path) -> None:
+    pre = Preprocessing(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    samples = discover(tiny_split_data, 0.2, 0).train
+    augmented = ImageDataset(samples, build_transform(pre, "standard", train=True))
+    clean = ImageDataset(samples, build_transform(pre, "none", train=False))
+    views = Views(augmented, clean, 3, seed=0).of([2, 0])
+    assert len(views) == 6
+    assert torch.equal(views[0][0], clean[2][0]) and torch.equal(views[3][0], clean[0][0])
+    assert not torch.equal(views[1][0], clean[2][0]) and not torch.equal(views[1][0], views[2][0])
+    assert torch.equal(views[1][0], Views(augmented, clean, 3, seed=0).of([2])[1][0])  # a view's seed: (run seed, view, image)
 
 
 def test_a_dropout_before_the_head_still_trains() -> None:

@@ -63,7 +63,9 @@ class DataConfig(_Section):
     cache: Literal["auto", "off", "memory", "disk"] = Field(
         "auto", description="features of the frozen backbone, computed once for head-only phases: auto | off | memory | disk (see README, Speed)"
     )
-    cached_views: int = Field(2, ge=1, le=64, description="augmented views cached per image with augment: standard (one is drawn per epoch)")
+    cached_views: int = Field(
+        1, ge=1, le=64, description="views cached per image with augment: standard: the clean centre crop, then random crops and flips (one is drawn per epoch)"
+    )
     cache_memory_mb: int = Field(1024, ge=0, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
 
     @field_validator("num_workers")

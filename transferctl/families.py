@@ -188,14 +188,7 @@ def _efficientnet(model: nn.Module) -> LayerGroups:
     # features[0] is the stem conv, features[1:-1] are the stages (one Sequential of MBConv
     # blocks per row of the paper's table), features[-1] is the 1x1 conv before pooling.
     paths = _child_paths(model, "features")
-    pre_logits, head = _split_head(model, "classifier")
-    return [
-        ("stem", paths[:1]),
-        *_numbered("stage", [[p] for p in paths[1:-1]]),
-        ("final_conv", paths[-1:]),
-        ("pre_logits", pre_logits),
-        ("head", [head]),
-    ]
+    return _stem_stages_classifier(model, paths[:1], [[p] for p in paths[1:-1]], paths[-1:])
 
 
 def _mobilenet(model: nn.Module) -> LayerGroups:
@@ -204,14 +197,7 @@ def _mobilenet(model: nn.Module) -> LayerGroups:
     # block would make `last:2` mean "two blocks" here and "two stages" everywhere else.
     paths = _child_paths(model, "features")
     stages = _runs(paths[1:-1], key=lambda p: _out_channels(model.get_submodule(p)))
-    pre_logits, head = _split_head(model, "classifier")
-    return [
-        ("stem", paths[:1]),
-        *_numbered("stage", stages),
-        ("final_conv", paths[-1:]),
-        ("pre_logits", pre_logits),
-        ("head", [head]),
-    ]
+    return _stem_stages_classifier(model, paths[:1], stages, paths[-1:])
 
 
 def _mnasnet(model: nn.Module) -> LayerGroups:
@@ -219,11 +205,16 @@ def _mnasnet(model: nn.Module) -> LayerGroups:
     paths = _child_paths(model, "layers")
     is_stage = [isinstance(model.get_submodule(p), nn.Sequential) for p in paths]
     first, last = is_stage.index(True), len(is_stage) - 1 - is_stage[::-1].index(True)
+    return _stem_stages_classifier(model, paths[:first], [[p] for p in paths[first : last + 1]], paths[last + 1 :])
+
+
+def _stem_stages_classifier(model: nn.Module, stem: list[str], stages: list[list[str]], final_conv: list[str]) -> LayerGroups:
+    """The mobile families' layout: stem, numbered stages, a final 1x1 conv, then `classifier`'s layers."""
     pre_logits, head = _split_head(model, "classifier")
     return [
-        ("stem", paths[:first]),
-        *_numbered("stage", [[p] for p in paths[first : last + 1]]),
-        ("final_conv", paths[last + 1 :]),
+        ("stem", stem),
+        *_numbered("stage", stages),
+        ("final_conv", final_conv),
         ("pre_logits", pre_logits),
         ("head", [head]),
     ]

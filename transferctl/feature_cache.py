@@ -4,8 +4,10 @@ While the whole backbone is frozen, its output (the head's input, read by a forw
 module) does not change: it is computed once per image and view, in eval mode under no_grad, and the head
 trains on those tensors alone, epochs costing milliseconds instead of a forward pass over every image.
 
-- `augment: none`: one view per image. `augment: standard`: `data.cached_views` augmented views per image,
-  each from its own seed (run seed, view, image); every epoch draws one view per image from the seed the
+- `augment: none`: one view per image. `augment: standard`: `data.cached_views` views per image. View 0 is
+  the clean one (the evaluation transform's centre crop): the standard linear probe on frozen features, and
+  never a fixed, tiny random crop standing in for the image. Views 1, 2, ... are random crops and flips, each
+  from its own seed (run seed, view, image). Every epoch draws one view per image from the seed the
   EpochSampler gives that image, so order and views depend only on (seed, epoch) and a resumed run matches
   an uninterrupted one.
 - Where the features live (`data.cache`): `memory` keeps them in RAM for this run; `disk` memory-maps a
@@ -36,13 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.data import EpochSampler, ImageDataset, Sample
+from transferctl.data import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.distributed import active as distributed_active
 from transferctl.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
 from transferctl.engine import Runtime, logits_of
 
 CACHE_ENV = "TRANSFERCTL_CACHE"
-FORMAT = 1  # bump when what a cache file holds changes
+FORMAT = 2  # bump when what a cache file holds changes (2: view 0 is the clean view)
 
 
 def cache_folder() -> Path:
@@ -124,13 +126,27 @@ def view_seeds(seed: int, view: int, count: int) -> list[int]:
     return [int(s) for s in sequence.generate_state(count, dtype=np.uint64) >> np.uint64(2)]
 
 
+@dataclass(frozen=True)
+class Views:
+    """The images whose features to cache: `clean` gives view 0, `dataset`'s random transform views 1, 2, ..."""
+
+    dataset: ImageDataset
+    clean: ImageDataset
+    count: int
+    seed: int
+
+    def of(self, indices: list[int]) -> _Views:
+        return _Views(self.dataset, self.clean, self.count, self.seed, indices)
+
+
 class _Views:
     """Dataset of (image, view) pairs of the images `indices`, image-major: item k is view k % V of image
-    indices[k // V]. A view's seed depends on the image's index in the whole dataset, never on the subset."""
+    indices[k // V]. View 0 comes from `clean` (the evaluation transform), the others from `dataset`'s random
+    transform. A view's seed depends on the image's index in the whole dataset, never on the subset."""
 
-    def __init__(self, dataset: ImageDataset, views: int, seed: int, augmented: bool, indices: list[int]) -> None:
-        self.dataset, self.views, self.indices = dataset, views, indices
-        self.seeds = [view_seeds(seed, v, len(dataset)) for v in range(views)] if augmented else None
+    def __init__(self, dataset: ImageDataset, clean: ImageDataset, views: int, seed: int, indices: list[int]) -> None:
+        self.dataset, self.clean, self.views, self.indices = dataset, clean, views, indices
+        self.seeds = [view_seeds(seed, v, len(dataset)) for v in range(views)]
 
     def __len__(self) -> int:
         return len(self.indices) * self.views
@@ -138,13 +154,14 @@ class _Views:
     def __getitem__(self, item: int) -> tuple[Any, int]:
         position, view = divmod(item, self.views)
         index = self.indices[position]
-        return self.dataset[(index, self.seeds[view][index])] if self.seeds is not None else self.dataset[index]
+        return self.clean[index] if view == 0 else self.dataset[(index, self.seeds[view][index])]
 
 
 def load_or_compute(
-    spec: CacheSpec, mode: str, budget_mb: int, model: nn.Module, dataset: ImageDataset, runtime: Runtime, batch_size: int, workers: int
+    spec: CacheSpec, mode: str, budget_mb: int, model: nn.Module, views: Views, runtime: Runtime, batch_size: int, workers: int
 ) -> FeatureStore:
-    """The features of `dataset` under `spec`: from the cache folder when an earlier run left them, else computed."""
+    """The features of `views` under `spec`: from the cache folder when an earlier run left them, else computed."""
+    dataset = views.dataset
     labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
     key = spec.key(weights_digest(model, spec.head_path), dataset.samples)
     path = cache_folder() / f"features-{key}.npy"
@@ -155,10 +172,10 @@ def load_or_compute(
     started = time.perf_counter()
     per_batch = spec.views * max(1, batch_size // spec.views)  # whole images: every batch holds all views of its images
     if not distributed_active():
-        loader = _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none", list(range(len(dataset)))), per_batch, workers, runtime)
+        loader = _view_loader(views.of(list(range(len(dataset)))), per_batch, workers, runtime)
         array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path)
     else:
-        array, location = _compute_sharded(model, spec, dataset, per_batch, workers, runtime, mode, path)
+        array, location = _compute_sharded(model, spec, views, per_batch, workers, runtime, mode, path)
     return FeatureStore(array, labels, location, False, time.perf_counter() - started)
 
 
@@ -177,17 +194,16 @@ def _reuse(path: Path, mode: str, budget_mb: int, rows: tuple[int, int]) -> tupl
 
 
 def _compute_sharded(
-    model: nn.Module, spec: CacheSpec, dataset: ImageDataset, per_batch: int, workers: int, runtime: Runtime, mode: str, path: Path
+    model: nn.Module, spec: CacheSpec, views: Views, per_batch: int, workers: int, runtime: Runtime, mode: str, path: Path
 ) -> tuple[np.ndarray, str]:
     """Under torchrun: each rank computes its part of the images, every rank gets all rows; rank 0 saves them."""
-    everything = list(range(len(dataset)))
-    if len(dataset) < shard().world:  # some rank would have no image to learn the features' width from
-        return _compute(model, spec, _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none", everything), per_batch, workers, runtime),
-                        len(dataset), runtime, "memory", 0, path)  # fmt: skip
+    count = len(views.dataset)
+    everything = list(range(count))
+    if count < shard().world:  # some rank would have no image to learn the features' width from
+        return _compute(model, spec, _view_loader(views.of(everything), per_batch, workers, runtime), count, runtime, "memory", 0, path)
     mine = shard_of(everything, shard(), pad=False)
-    loader = _view_loader(_Views(dataset, spec.views, spec.seed, spec.augment != "none", mine), per_batch, workers, runtime)
-    local, _ = _compute(model, spec, loader, len(mine), runtime, "memory", 0, path)
-    gathered = gather_shards(torch.from_numpy(local), total=len(dataset)).numpy()  # CPU tensors: gloo, also beside nccl
+    local, _ = _compute(model, spec, _view_loader(views.of(mine), per_batch, workers, runtime), len(mine), runtime, "memory", 0, path)
+    gathered = gather_shards(torch.from_numpy(local), total=count).numpy()  # CPU tensors: gloo, also beside nccl
     if is_main():
         gathered, _ = _persist(gathered, "memory", mode, path, path.with_name(f"{path.name}.tmp-{os.getpid()}"))
     return gathered, "memory"
@@ -347,6 +363,12 @@ class FrozenBodyShortcut:
         # Under torchrun the head alone is wrapped in DDP: the ranks average its gradients as in a full pass.
         return wrap_for_training(head_for_features(self.model, self.backbone.head_path), self.runtime.device), self._built[1]
 
+    def _clean(self, dataset: ImageDataset) -> ImageDataset:
+        """The same images under the evaluation transform (view 0)."""
+        clean = ImageDataset(dataset.samples, build_transform(self.backbone.preprocessing, "none", train=False))
+        clean.decoded = dataset.decoded
+        return clean
+
     def _build(self, plan: Any) -> dict[str, Any]:
         data, backbone = self.config.data, self.backbone
         views = data.cached_views if data.augment != "none" else 1
@@ -354,7 +376,8 @@ class FrozenBodyShortcut:
         stores = {}
         for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1))):
             loader = self.loaders[split]
-            stores[split] = load_or_compute(spec_of_split, data.cache, data.cache_memory_mb, self.model, loader.dataset, self.runtime,
+            views_of_split = Views(loader.dataset, self._clean(loader.dataset), spec_of_split.views, self.config.seed)
+            stores[split] = load_or_compute(spec_of_split, data.cache, data.cache_memory_mb, self.model, views_of_split, self.runtime,
                                             loader.batch_size, loader.num_workers)  # fmt: skip
             store = stores[split]
             self.records.append({"phase": plan.name, "split": split, "views": store.views, "location": store.location,
