@@ -12,6 +12,8 @@ own process (so every peak-memory figure is its own):
   plain-ft     the tutorial's fine-tuning loop, all layers, fp32 (--ft-epochs)
   raw-best-ft  the same loop with channels-last and bf16 autocast: the best a raw loop gets here
   transferctl-ft  `transferctl train` fine_tune: 1 head epoch (cached), then --ft-epochs of all layers
+  accuracy-fp32, accuracy-auto  `transferctl train` from scratch at 64 px for 6 epochs, same seed, precision
+               fp32 and auto (bf16 where the CPU has bf16 units): the accuracy the fast paths cost, if any
 
 and prints wall time, training images/s, peak RSS and final val accuracy, with ratios to the plain loops.
 Weights are random (no pretrained weights offline), so accuracies are low; they are compared, not judged.
@@ -36,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH = 32
 LR = 1e-3
+# Random weights learn little in 2 epochs at 224 px, so accuracies there are chance-level noise. The accuracy
+# check instead trains long enough at 64 px to learn the shapes, once in fp32 and once with precision auto.
+ACCURACY_EPOCHS = 6
+ACCURACY_SIZE = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,14 +112,17 @@ def plain_loop(data: Path, epochs: int, body_trains: bool, fast: bool) -> dict[s
 # --------------------------------------------------------------------------- transferctl
 
 
-def transferctl_run(data: Path, work: Path, strategy: str, schedule: list[dict[str, Any]], device: str = "cpu", name: str = "resnet18") -> dict[str, Any]:
+def transferctl_run(
+    data: Path, work: Path, strategy: str, schedule: list[dict[str, Any]], device: str = "cpu", name: str = "resnet18", **options: Any
+) -> dict[str, Any]:
     from transferctl.config import config_from_dict
     from transferctl.train import train
 
     raw = {
         "name": f"bench-{strategy}", "seed": 0, "backbone": {"name": name, "weights": "none"},
-        "data": {"root": str(data), "batch_size": BATCH, "augment": "standard"},
-        "strategy": strategy, "schedule": schedule, "device": device, "precision": "auto", "output": {"dir": str(work / "runs")},
+        "data": {"root": str(data), "batch_size": BATCH, "augment": "standard", "image_size": options.get("image_size")},
+        "strategy": strategy, "schedule": schedule, "device": device, "precision": options.get("precision", "auto"),
+        "output": {"dir": str(work / "runs")},
     }  # fmt: skip
     started = time.perf_counter()
     summary = train(config_from_dict(raw))
@@ -161,6 +170,9 @@ def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> di
     if name == "transferctl-ft":
         schedule = [{"name": "head", "epochs": 1, "train": "head", "lr": LR}, {"name": "body", "epochs": args.ft_epochs, "train": "all", "lr": LR}]
         return transferctl_run(data, work, "fine_tune", schedule)
+    if name.startswith("accuracy-"):  # the same seed in fp32 and in the fast paths: does bf16 cost accuracy?
+        schedule = [{"name": "all", "epochs": ACCURACY_EPOCHS, "train": "all", "lr": 2e-3}]
+        return transferctl_run(data, work, "scratch", schedule, precision=name.removeprefix("accuracy-"), image_size=ACCURACY_SIZE)
     if name == "cuda-ceiling":
         return cuda_ceiling()
     if name == "transferctl-cuda":
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="transferctl-bench-"))
     data = write_data(work / "data", args.images)
-    names = ["cuda-ceiling", "transferctl-cuda"] if args.device == "cuda" else ["plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft"]
+    names = ["cuda-ceiling", "transferctl-cuda"] if args.device == "cuda" else ["plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft", "accuracy-fp32", "accuracy-auto"]
     print(f"# {len(list(data.rglob('*.png')))} images 224x224 in {data}; torch {torch.__version__}, {os.cpu_count()} CPUs, {load()}", file=sys.stderr)
     results = {}
     for name in names:
@@ -241,6 +253,10 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     row("transferctl-ft", f"{tft['images_per_second'] / ft['images_per_second']:.2f}x plain img/s (target >= 2.4), "
                           f"{tft['images_per_second'] / best['images_per_second']:.2f} of raw best (target >= 0.90); "
                           f"decoding once took {decoded:.1f} s, outside the epochs")  # fmt: skip
+    fp32, fast = results["accuracy-fp32"], results["accuracy-auto"]
+    row("accuracy-fp32", f"scratch, {ACCURACY_EPOCHS} epochs at {ACCURACY_SIZE} px, precision fp32")
+    row("accuracy-auto", f"the same with precision auto: {100 * (fast['val_acc'] - fp32['val_acc']):+.1f} points (target within 1), "
+                         f"{fast['images_per_second'] / fp32['images_per_second']:.2f}x img/s")  # fmt: skip
     return "\n".join(lines)
 
 

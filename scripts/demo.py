@@ -73,14 +73,17 @@ def main() -> None:
 
 
 def print_results(console: Console, base: dict, results: dict[str, dict]) -> None:
-    table = Table(title=f"transfer from the base run to the target task (same {TARGET_EPOCHS} epochs each)")
-    for column in ("strategy", "best val acc", "first-epoch val acc", "best epoch", "seconds", "run directory"):
-        table.add_column(column)
+    any_run = Path(next(iter(results.values()))["run_dir"])
+    chance = 1 / len(json.loads((any_run / "classes.json").read_text(encoding="utf-8")))
+    table = Table(title=f"target task, {TARGET_EPOCHS} epochs each (chance: {chance:.2f})")
+    for column in ("strategy", "first epoch", "best", "final", "best epoch", "seconds"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
     for strategy, summary in results.items():
         first = _first_epoch_accuracy(Path(summary["run_dir"]))
-        table.add_row(strategy, f"{summary['best_val_acc']:.3f}", f"{first:.3f}", str(summary["best_epoch"]), f"{summary['seconds']:.1f}", summary["run_dir"])
-    console.print(f"base run: {base['run_dir']} (source val acc {base['best_val_acc']:.3f})")
+        table.add_row(strategy, f"{first:.3f}", f"{summary['best_val_acc']:.3f}", f"{summary['final_val_acc']:.3f}", str(summary["best_epoch"]), f"{summary['seconds']:.1f}")
+    console.print(f"base run (resnet18 from scratch on the source): val acc {base['best_val_acc']:.3f}, {base['run_dir']}")
     Console().print(table)
+    console.print(f"val accuracy per run; the runs are in {any_run.parent} (try: transferctl runs {any_run.parent})")
 
 
 def _first_epoch_accuracy(run_dir: Path) -> float:
