@@ -50,6 +50,22 @@ main()
 """
 
 
+# A rank whose image decoding fails (`broken`) or never returns (`stuck`), on rank 1 only.
+FAULTY_RANK = """
+import os, sys, time
+import transferctl.data as data
+def broken(path):
+    raise OSError("the disk went away")
+def stuck(path):
+    time.sleep(3600)
+if os.environ.get("RANK") == "1":
+    data.open_rgb = {fault}
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     """One thread here and in every rank (OMP_NUM_THREADS below): on a shared CPU, and for equal sums."""
@@ -206,3 +222,28 @@ def test_collective_helpers_across_two_ranks(tmp_path: Path) -> None:
         assert stats == pytest.approx((4.0 / 3, 0.5 / 3, 3, 2.0))  # sums over images, the slowest rank's time
         assert copied.startswith("data.root: no such folder") and copied.endswith(f"echoed={rank == 1}")
         assert same and wrapped_model and rewrapped  # DDP rebuilt only when what trains changed
+
+
+def run_with_a_faulty_rank(fault: str, config_file: Path, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    script = tmp_path / f"{fault}_rank.py"
+    script.write_text(FAULTY_RANK.format(fault=fault))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    started = time.monotonic()
+    done = subprocess.run([*launcher, "train", str(config_file), "--run-dir", str(tmp_path / "run"), "--quiet"],
+                          env={**cli_env(), **env}, capture_output=True, text=True, timeout=240)  # fmt: skip
+    return done, time.monotonic() - started
+
+
+def test_a_failing_rank_stops_the_others_with_its_message(config_file: Path, tmp_path: Path) -> None:
+    done, seconds = run_with_a_faulty_rank("broken", config_file, tmp_path)
+    assert done.returncode != 0
+    assert "cannot be decoded: the disk went away" in done.stderr
+    assert seconds < 120  # torchrun stopped rank 0; nobody waited for the 600 s collective timeout
+
+
+def test_a_rank_that_stops_responding_times_out_with_a_message(config_file: Path, tmp_path: Path) -> None:
+    done, seconds = run_with_a_faulty_rank("stuck", config_file, tmp_path, TRANSFERCTL_DIST_TIMEOUT="5")
+    assert done.returncode != 0
+    assert "rank 0 of 2: lost contact with the other training processes" in done.stderr, done.stderr[-3000:]
+    assert "TRANSFERCTL_DIST_TIMEOUT=<seconds> (now 5)" in done.stderr
+    assert seconds < 120

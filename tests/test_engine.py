@@ -63,3 +63,20 @@ def test_fast_paths_predict_what_fp32_predicts() -> None:
     assert reduced.dtype == torch.float32
     torch.testing.assert_close(reduced, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
     assert (reduced.argmax(1) == reference.argmax(1)).float().mean() >= 0.8
+
+
+def test_batchnorm_sees_fp32_under_cpu_bf16_autocast() -> None:
+    seen: list[torch.dtype] = []
+
+    def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen.append(output.dtype)
+
+    model = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True))
+    model.bn1.register_forward_hook(record)
+    prepare_model(model, Runtime(CPU, "bf16", channels_last=True))  # preparing twice adds no second hook
+    assert len(model.bn1._forward_pre_hooks) == 1
+    with Runtime(CPU, "bf16", True).autocast():
+        logits = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert seen == [torch.float32] and logits.dtype == torch.bfloat16  # the convolutions and the head still run in bf16
+    plain = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
+    assert not plain.bn1._forward_pre_hooks

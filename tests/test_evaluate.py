@@ -185,3 +185,22 @@ def test_a_split_the_data_does_not_have(trained: Path, tmp_path: Path) -> None:
     data = tiny_dataset(tmp_path / "no_test", n_classes=3, layout="split")
     result = invoke("evaluate", trained, "--data", data, "--split", "test", "--device", "cpu")
     assert result.exit_code == 1 and "has no test images" in result.stderr
+
+
+def test_an_unreadable_image_follows_the_runs_on_bad_image_policy(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tiny_dataset(tmp_path / "data", n_classes=3, layout="split", test=True)
+    broken = data / "test" / "red" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = invoke("evaluate", trained, "--data", data, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped_images"] == [str(broken)] and report["images"] == 3
+
+    strict = tmp_path / "strict-run"
+    shutil.copytree(trained, strict)
+    config = strict / "config.yaml"
+    config.write_text(config.read_text().replace("on_bad_image: skip", "on_bad_image: error"))
+    result = invoke("evaluate", strict, "--data", data, "--device", "cpu")
+    assert result.exit_code == 1 and "broken.png" in result.stderr

@@ -157,7 +157,7 @@ def evaluate_run(
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
     root = data if data is not None else config.data.root
     where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
-    splits = _discover(root, config.data.val_fraction, config.seed, where)
+    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where)
     check_same_classes(classes, splits.classes, where, root)
     split = split or ("test" if splits.test else "val")
     samples = _relabel(_samples_of(splits, split, root), splits.classes, classes)
@@ -176,6 +176,7 @@ def evaluate_run(
         "classes": classes,
         "device": str(runtime.device),
         "precision": runtime.precision,
+        "skipped_images": [str(item.path) for item in splits.skipped],  # unreadable images anywhere in the data folder
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         **compute_metrics(logits.numpy(), labels.numpy(), classes),
     }
@@ -201,9 +202,10 @@ def _write_report(run_dir: Path, report: dict[str, Any]) -> EvaluationResult:
     return EvaluationResult(report, json_path, png_path)
 
 
-def _discover(root: Path, val_fraction: float, seed: int, where: str) -> DatasetSplits:
+def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str) -> DatasetSplits:
+    """The run's own data.on_bad_image applies: an unreadable image is skipped (and listed) or an error."""
     try:
-        return discover(root, val_fraction, seed)
+        return discover(root, val_fraction, seed, on_bad_image)
     except DataError as exc:
         # discover names the config field (data.root); here the folder may have come from --data.
         raise DataError(*(Problem(p.where.replace("data.root", where, 1), p.message, p.hint) for p in exc.problems)) from None
