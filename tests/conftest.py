@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,15 @@ def isolated_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     folder = tmp_path / "transferctl-cache"
     monkeypatch.setenv("TRANSFERCTL_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def heeded_sigint() -> Iterator[None]:
+    """For tests that press Ctrl-C (a real SIGINT): a test run started in the background, where SIGINT is
+    ignored and transferctl therefore leaves it ignored, must still feel it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture

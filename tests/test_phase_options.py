@@ -105,7 +105,7 @@ def test_a_gradual_phase_trains_what_each_step_says(tiny_split_data: Path, tmp_p
 
 
 @pytest.mark.parametrize("stop_after", [2, 3])  # at a step boundary, and in the middle of the second step
-def test_a_gradual_phase_resumes_exactly(tiny_split_data: Path, tmp_path: Path, stop_after: int) -> None:
+def test_a_gradual_phase_resumes_exactly(tiny_split_data: Path, tmp_path: Path, stop_after: int, heeded_sigint: None) -> None:
     torch.set_num_threads(1)
     config = config_from_dict(experiment(tiny_split_data, tmp_path / "runs", schedule=GRADUAL))
     whole = Recorder()

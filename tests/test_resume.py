@@ -100,7 +100,7 @@ class StopAfter(SilentObserver):
 
 
 @pytest.fixture(scope="module")
-def stopped(config_file: Path) -> Path:
+def stopped(config_file: Path, heeded_sigint: None) -> Path:
     """A run stopped after its first phase (global epoch 2 of 4)."""
     run = config_file.parent / "stopped"
     with pytest.raises(TrainingInterrupted):
@@ -158,7 +158,7 @@ def wait_for_rows(run: Path, child: subprocess.Popen[str], count: int, timeout: 
 
 # SIGINT also reaches the loop in-process (StopAfter); its subprocess twin mostly costs another torch import.
 @pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
-def test_a_signal_stops_the_run_and_resume_matches_an_uninterrupted_run(config_file: Path, reference: Path, tmp_path: Path, signum: int) -> None:
+def test_a_signal_stops_the_run_and_resume_matches_an_uninterrupted_run(config_file: Path, reference: Path, tmp_path: Path, signum: int, heeded_sigint: None) -> None:
     run = tmp_path / "run"
     child = start_child(config_file, run)
     wait_for_rows(run, child, 1)
@@ -266,14 +266,29 @@ def test_a_stopped_run_keeps_its_completed_epochs_and_has_no_summary(stopped: Pa
     assert not (stopped / "summary.json").exists()
 
 
-def test_interrupted_run_message(config_file: Path, tmp_path: Path) -> None:
+def test_interrupted_run_message(config_file: Path, tmp_path: Path, heeded_sigint: None) -> None:
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as info:
         train(load_config(config_file), tmp_path / "run", StopAfter(1))
     text = str(info.value)
     assert "stopped by SIGINT during phase 'head' epoch 2" in text
     assert "last completed epoch (head epoch 1, global epoch 1)" in text
     assert text.endswith(f"(resume with: transferctl train --resume {tmp_path / 'run'})")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers are put back
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    from transferctl.interrupts import stop_on_signals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup, or in a background job
+    try:
+        with stop_on_signals() as request:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM still stops training cleanly
+            assert not request()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # --------------------------------------------------------------------------- what a resume may change

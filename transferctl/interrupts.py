@@ -33,12 +33,16 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Within the block, SIGINT and SIGTERM set the returned request instead of killing the process."""
+    """Within the block, SIGINT and SIGTERM set the returned request instead of killing the process.
+
+    A signal the process was started ignoring (`nohup`, a background job's SIGINT) stays ignored.
+    """
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    previous = {signum: signal.signal(signum, request._handle) for signum in STOP_SIGNALS}
+    heeded = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, request._handle) for signum in heeded}
     try:
         yield request
     finally:
