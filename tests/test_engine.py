@@ -65,7 +65,7 @@ def test_fast_paths_predict_what_fp32_predicts() -> None:
     assert (reduced.argmax(1) == reference.argmax(1)).float().mean() >= 0.8
 
 
-def test_batchnorm_sees_fp32_under_cpu_bf16_autocast() -> None:
+def test_training_batchnorm_sees_fp32_under_cpu_bf16_autocast() -> None:
     seen: list[torch.dtype] = []
 
     def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -78,5 +78,9 @@ def test_batchnorm_sees_fp32_under_cpu_bf16_autocast() -> None:
     with Runtime(CPU, "bf16", True).autocast():
         logits = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
     assert seen == [torch.float32] and logits.dtype == torch.bfloat16  # the convolutions and the head still run in bf16
+    model.eval()  # frozen BatchNorm is a fixed affine map: bf16 is fine there, and faster
+    with torch.no_grad(), Runtime(CPU, "bf16", True).autocast():
+        model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert seen == [torch.float32, torch.bfloat16]
     plain = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
     assert not plain.bn1._forward_pre_hooks
