@@ -32,6 +32,31 @@ def experiment(data_root: Path, output_dir: Path, **sections: Any) -> dict[str, 
     return raw
 
 
+def cli_with_patched_decoding(patch: str) -> str:
+    """A child process's script: run `patch` (with `data` = transferctl.data in scope, e.g. to slow down or
+    break data.open_rgb), then the real transferctl command line on sys.argv."""
+    return f"""import sys
+import transferctl.data as data
+{patch.strip()}
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
+def slow_decoding(seconds: float) -> str:
+    """A cli_with_patched_decoding patch: every image takes `seconds` longer to decode, so that a signal sent
+    after an epoch lands while the next one is still running."""
+    return f"""
+import time
+_open_rgb = data.open_rgb
+def slow_open_rgb(path):
+    time.sleep({seconds})
+    return _open_rgb(path)
+data.open_rgb = slow_open_rgb
+"""
+
+
 def write_experiment(path: Path, raw: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from helpers import experiment, write_experiment
+from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
 from transferctl.config import load_config
 from transferctl.distributed import Shard, per_rank_batch, shard_length, shard_of
 from transferctl.errors import ConfigError
@@ -36,34 +36,18 @@ MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 # A rank for the interruption test: the real CLI with image decoding slowed down, so that a signal sent after
 # the first epoch's row appears always lands while the second epoch is still running.
-SLOW_RANK = """
-import sys, time
-import transferctl.data as data
-_open_rgb = data.open_rgb
-def slow_open_rgb(path):
-    time.sleep(0.1)
-    return _open_rgb(path)
-data.open_rgb = slow_open_rgb
-from transferctl.cli import main
-sys.argv[0] = "transferctl"
-main()
-"""
-
+SLOW_RANK = cli_with_patched_decoding(slow_decoding(0.1))
 
 # A rank whose image decoding fails (`broken`) or never returns (`stuck`), on rank 1 only.
-FAULTY_RANK = """
-import os, sys, time
-import transferctl.data as data
+FAULTY_RANK = cli_with_patched_decoding("""
+import os, time
 def broken(path):
     raise OSError("the disk went away")
 def stuck(path):
     time.sleep(3600)
 if os.environ.get("RANK") == "1":
     data.open_rgb = {fault}
-from transferctl.cli import main
-sys.argv[0] = "transferctl"
-main()
-"""
+""")
 
 
 @pytest.fixture(scope="module", autouse=True)

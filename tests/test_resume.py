@@ -19,7 +19,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import experiment, write_experiment
+from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
 from transferctl.cli import app
 from transferctl.config import load_config
 from transferctl.errors import CheckpointError, TrainingInterrupted
@@ -39,20 +39,7 @@ MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 # The child process: the real CLI, with image decoding slowed down so that a signal sent after the first
 # epoch always lands while later epochs are still running.
-CHILD = """
-import sys, time
-import torch
-torch.set_num_threads(1)
-import transferctl.data as data
-_open_rgb = data.open_rgb
-def slow_open_rgb(path):
-    time.sleep(0.05)
-    return _open_rgb(path)
-data.open_rgb = slow_open_rgb
-from transferctl.cli import main
-sys.argv[0] = "transferctl"
-main()
-"""
+CHILD = cli_with_patched_decoding("import torch\ntorch.set_num_threads(1)\n" + slow_decoding(0.05))
 
 
 def raw_experiment(data: Path, runs: Path) -> dict[str, Any]:

@@ -304,13 +304,12 @@ class FeatureBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.sampler is None:
-            count = len(self.store.labels)
-            order, views = np.arange(count), np.zeros(count, dtype=np.int64)
+            order = np.arange(len(self.store.labels))
+            views = np.zeros_like(order)
         else:  # under torchrun, this rank's shard of the epoch's order
             pairs = np.asarray(list(self.sampler), dtype=np.int64).reshape(-1, 2)
             order, views = pairs[:, 0], pairs[:, 1] % self.store.views
-        count = len(order)
-        for start in range(0, count, self.batch_size):
+        for start in range(0, len(order), self.batch_size):
             index, view = order[start : start + self.batch_size], views[start : start + self.batch_size]
             features = np.ascontiguousarray(self.store.features[index, view])
             yield torch.from_numpy(features), torch.from_numpy(self.store.labels[index])
