@@ -1,6 +1,7 @@
 """Benchmark: transferctl against a plain PyTorch loop on the same data and model, in one run.
 
     python scripts/bench.py [--images 1000] [--fe-epochs 20] [--ft-epochs 2] [--device cpu|cuda]
+                            [--contenders plain-ft,raw-best-ft,transferctl-ft] [--repeat 3]
 
 CPU mode writes --images generated 224x224 images (8 shape classes, 80/20 train/val) and runs, each in its
 own process (so every peak-memory figure is its own):
@@ -17,6 +18,9 @@ own process (so every peak-memory figure is its own):
                paths cost, if any (one seed's noise is larger than the 1 point in question)
 
 and prints wall time, training images/s, peak RSS and final val accuracy, with ratios to the plain loops.
+`--contenders` runs a subset (ratios need their reference in it). `--repeat N` runs the contenders N times,
+interleaved (A B C A B C ...), and reports medians, each repeat's images/s alongside: a shared or throttled
+machine can be 30% slower for a minute, and interleaving spreads such spells over every contender.
 Weights are random (no pretrained weights offline), so accuracies are low; they are compared, not judged.
 
 `--device cuda` instead compares resnet50 training images/s in `transferctl train` (bf16, channels-last,
@@ -38,6 +42,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH = 32
+CPU_CONTENDERS = ("plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft", "accuracy-fp32", "accuracy-auto")
+CUDA_CONTENDERS = ("cuda-ceiling", "transferctl-cuda")
 LR = 1e-3
 # Random weights learn little in 2 epochs at 224 px, so accuracies there are chance-level noise. The accuracy
 # check instead trains long enough at 64 px, without augmentation, to learn the shapes: once in fp32 and once
@@ -54,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ft-epochs", type=int, default=2, help="full fine-tuning epochs (default 2: the second shows images decoded once)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temporary one)")
+    parser.add_argument("--contenders", default=None, help="comma-separated subset of the contenders (default: all of --device's)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the contenders this many times, interleaved; report medians (default 1)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one contender
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -235,46 +243,86 @@ def main(argv: list[str] | None = None) -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="transferctl-bench-"))
     data = write_data(work / "data", args.images)
-    names = ["cuda-ceiling", "transferctl-cuda"] if args.device == "cuda" else ["plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft", "accuracy-fp32", "accuracy-auto"]
+    names = chosen_contenders(args)
     print(f"# {len(list(data.rglob('*.png')))} images 224x224 in {data}; torch {torch.__version__}, {os.cpu_count()} CPUs, {load()}", file=sys.stderr)
-    results = {}
-    for name in names:
-        results[name] = run_contender(name, data, work, args)
-        print(f"  {name}: {json.dumps(results[name])}", file=sys.stderr)
-    print(table(results, args))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for repeat in range(args.repeat):
+        for name in names:
+            runs[name].append(run_contender(name, data, work, args))
+            print(f"  {name} ({repeat + 1}/{args.repeat}): {json.dumps(runs[name][-1])}", file=sys.stderr)
+    print(table({name: combined(results) for name, results in runs.items()}, args))
     print(f"# afterwards: {load()}")
 
 
+def chosen_contenders(args: argparse.Namespace) -> list[str]:
+    names = CUDA_CONTENDERS if args.device == "cuda" else CPU_CONTENDERS
+    if args.contenders is None:
+        return list(names)
+    chosen = [name.strip() for name in args.contenders.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in names]
+    if unknown:
+        raise SystemExit(f"--contenders: {', '.join(unknown)} unknown for --device {args.device}; choose from {', '.join(names)}")
+    return chosen
+
+
+def combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender's repeats as one row: median wall time, images/s and accuracy; the largest peak RSS."""
+    import statistics
+
+    result = dict(runs[-1])
+    for key in ("seconds", "images_per_second", "val_acc"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        result[key] = statistics.median(values) if values else None
+    result["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+    result["repeats"] = [run["images_per_second"] for run in runs]
+    return result
+
+
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    """One row per contender that ran; a ratio where its reference ran too."""
     lines = ["| run | wall s | train img/s | peak RSS MB | final val acc | ratio |", "| --- | --- | --- | --- | --- | --- |"]
-
-    def row(name: str, ratio: str) -> None:
-        r = results[name]
+    for name, r in results.items():
         acc = "-" if r["val_acc"] is None else f"{100 * r['val_acc']:.1f}%"
+        ratio = ratio_text(name, results, args)
+        if len(r.get("repeats", [])) > 1:
+            ratio += f" (median of {len(r['repeats'])}: " + ", ".join(f"{speed:.1f}" for speed in r["repeats"]) + " img/s)"
         lines.append(f"| {name} | {r['seconds']:.1f} | {r['images_per_second']:.1f} | {r['peak_rss_mb']:.0f} | {acc} | {ratio} |")
-
-    if args.device == "cuda":
-        row("cuda-ceiling", "1.00")
-        row("transferctl-cuda", f"{results['transferctl-cuda']['images_per_second'] / results['cuda-ceiling']['images_per_second']:.2f} of the ceiling (target >= 0.90)")
-        return "\n".join(lines)
-    fe, tfe = results["plain-fe"], results["transferctl-fe"]
-    row("plain-fe", "1.00")
-    row("transferctl-fe", f"{fe['seconds'] / tfe['seconds']:.1f}x faster ({args.fe_epochs} epochs; target >= 30x)")
-    ft, best, tft = results["plain-ft"], results["raw-best-ft"], results["transferctl-ft"]
-    row("plain-ft", "1.00")
-    row("raw-best-ft", f"{best['images_per_second'] / ft['images_per_second']:.2f}x plain img/s")
-    decoded = sum(r["seconds"] for r in tft["decoded_images"])
-    row("transferctl-ft", f"{tft['images_per_second'] / ft['images_per_second']:.2f}x plain img/s (target >= 2.4), "
-                          f"{tft['images_per_second'] / best['images_per_second']:.2f} of raw best (target >= 0.90); "
-                          f"decoding once took {decoded:.1f} s, outside the epochs")  # fmt: skip
-    fp32, fast = results["accuracy-fp32"], results["accuracy-auto"]
-    spread = "seeds: " + ", ".join(f"{100 * a:.1f}" for a in fp32["val_accs"])
-    row("accuracy-fp32", f"scratch, {ACCURACY_EPOCHS} epochs at {ACCURACY_SIZE} px, fp32, mean of {ACCURACY_SEEDS} seeds ({spread}; sd {100 * fp32['val_acc_sd']:.1f})")
-    spread = "seeds: " + ", ".join(f"{100 * a:.1f}" for a in fast["val_accs"])
-    row("accuracy-auto", f"the same with precision auto: {100 * (fast['val_acc'] - fp32['val_acc']):+.1f} points (target within 1; {spread}; "
-                         f"sd {100 * fast['val_acc_sd']:.1f}), {fast['images_per_second'] / fp32['images_per_second']:.2f}x img/s")  # fmt: skip
     return "\n".join(lines)
 
+
+def ratio_text(name: str, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    r = results[name]
+
+    def speed_over(reference: str) -> float | None:
+        return r["images_per_second"] / results[reference]["images_per_second"] if reference in results else None
+
+    if name in ("plain-fe", "plain-ft", "cuda-ceiling"):
+        return "1.00"
+    if name == "transferctl-cuda":
+        ceiling = speed_over("cuda-ceiling")
+        return "-" if ceiling is None else f"{ceiling:.2f} of the ceiling (target >= 0.90)"
+    if name == "transferctl-fe":
+        plain = results.get("plain-fe")
+        return "-" if plain is None else f"{plain['seconds'] / r['seconds']:.1f}x faster ({args.fe_epochs} epochs; target >= 30x)"
+    if name == "raw-best-ft":
+        plain = speed_over("plain-ft")
+        return "-" if plain is None else f"{plain:.2f}x plain img/s"
+    if name == "transferctl-ft":
+        parts = []
+        if (plain := speed_over("plain-ft")) is not None:
+            parts.append(f"{plain:.2f}x plain img/s (target >= 2.4)")
+        if (best := speed_over("raw-best-ft")) is not None:
+            parts.append(f"{best:.2f} of raw best (target >= 0.90)")
+        decoded = sum(d["seconds"] for d in r["decoded_images"])
+        return ", ".join(parts + [f"decoding once took {decoded:.1f} s, outside the epochs"])
+    seeds = f"seeds: {', '.join(f'{100 * a:.1f}' for a in r['val_accs'])}; sd {100 * r['val_acc_sd']:.1f}"
+    if name == "accuracy-fp32":
+        return f"scratch, {ACCURACY_EPOCHS} epochs at {ACCURACY_SIZE} px, fp32, mean of {ACCURACY_SEEDS} seeds ({seeds})"
+    fp32 = results.get("accuracy-fp32")
+    if fp32 is None:
+        return f"scratch with precision auto ({seeds})"
+    return (f"the same with precision auto: {100 * (r['val_acc'] - fp32['val_acc']):+.1f} points (target within 1; {seeds}), "
+            f"{r['images_per_second'] / fp32['images_per_second']:.2f}x img/s")  # fmt: skip
 
 if __name__ == "__main__":
     main()

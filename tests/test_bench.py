@@ -1,0 +1,67 @@
+"""scripts/bench.py's bookkeeping: which contenders run, how repeats become one row, ratios only with references.
+
+The contenders themselves train for minutes; the benchmark is run by hand (README, Performance).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(speed: float, seconds: float = 100.0, rss: float = 1000.0, **extra: Any) -> dict[str, Any]:
+    return {"seconds": seconds, "images_per_second": speed, "val_acc": 0.2, "peak_rss_mb": rss, **extra}
+
+
+def test_contenders_default_to_the_devices_and_keep_the_chosen_order(bench: ModuleType) -> None:
+    assert bench.chosen_contenders(bench.parse_args([])) == list(bench.CPU_CONTENDERS)
+    assert bench.chosen_contenders(bench.parse_args(["--device", "cuda"])) == list(bench.CUDA_CONTENDERS)
+    chosen = bench.chosen_contenders(bench.parse_args(["--contenders", "transferctl-ft, plain-ft"]))
+    assert chosen == ["transferctl-ft", "plain-ft"]
+
+
+def test_an_unknown_contender_is_named_with_the_choices(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit, match="cuda-ceiling unknown for --device cpu; choose from plain-fe"):
+        bench.chosen_contenders(bench.parse_args(["--contenders", "plain-ft,cuda-ceiling"]))
+
+
+def test_repeats_become_medians_and_the_largest_peak_memory(bench: ModuleType) -> None:
+    row = bench.combined([run(10.0, 90.0, 500.0), run(30.0, 70.0, 900.0), run(12.0, 80.0, 700.0)])
+    assert row["images_per_second"] == 12.0
+    assert row["seconds"] == 80.0
+    assert row["peak_rss_mb"] == 900.0
+    assert row["repeats"] == [10.0, 30.0, 12.0]
+
+
+def test_ratios_use_the_references_that_ran(bench: ModuleType) -> None:
+    args = bench.parse_args(["--contenders", "plain-ft,transferctl-ft", "--repeat", "2"])
+    decoded = {"decoded_images": [{"seconds": 1.5}, {"seconds": 0.5}]}
+    results = {
+        "plain-ft": bench.combined([run(10.0), run(12.0)]),
+        "transferctl-ft": bench.combined([run(26.0, **decoded), run(28.0, **decoded)]),
+    }
+    text = bench.table(results, args)
+    assert "2.45x plain img/s (target >= 2.4)" in text  # 27 / 11
+    assert "raw best" not in text  # raw-best-ft did not run
+    assert "decoding once took 2.0 s" in text
+    assert "(median of 2: 26.0, 28.0 img/s)" in text
+
+
+def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> None:
+    args = bench.parse_args(["--contenders", "transferctl-fe"])
+    text = bench.table({"transferctl-fe": bench.combined([run(5000.0)])}, args)
+    assert text.splitlines()[-1].endswith("| - |")
