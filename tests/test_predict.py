@@ -5,6 +5,7 @@ import math
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -141,3 +142,125 @@ def test_misspelt_device_and_precision_are_user_errors(run: Path, images: Path) 
     assert result.exit_code == 1 and "--device: 'gpu' is not a device" in result.stderr
     result = invoke("predict", run, images, "--precision", "fp8")
     assert result.exit_code == 1 and "--precision" in result.stderr
+
+
+# --------------------------------------------------------------------------- decoding ahead on threads
+
+
+class CountingPaths:
+    """An iterator of paths that counts how many were taken (as `find | predict -` hands them over)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths, self.taken = iter(paths), 0
+
+    def __iter__(self) -> CountingPaths:
+        return self
+
+    def __next__(self) -> str:
+        path = next(self._paths)
+        self.taken += 1
+        return path
+
+
+def pixel_predictor(decode_threads: int, transform_calls: list[str] | None = None, delay: float = 0.0):  # noqa: ANN201
+    """A Predictor whose 'model' scores each image by its mean colour; slower decoding for earlier files."""
+    import time
+
+    import torch
+    from PIL import Image
+
+    from transferctl.engine import Runtime
+    from transferctl.predict import Predictor
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        if transform_calls is not None:
+            transform_calls.append(image.filename if hasattr(image, "filename") else "")
+        time.sleep(delay)
+        return torch.as_tensor(list(image.resize((1, 1)).getpixel((0, 0))), dtype=torch.float32) / 255
+
+    model = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3) * 10)
+        model.bias.zero_()
+    return Predictor(model, ["r", "g", "b"], transform, Runtime(torch.device("cpu"), "fp32", False), 3, decode_threads)
+
+
+@pytest.fixture
+def many_images(tmp_path: Path) -> list[str]:
+    source = tiny_dataset(tmp_path / "many", n_classes=3, per_class=6, layout="flat")
+    paths = sorted(str(p) for p in source.glob("*/*.png"))
+    return paths + [str(tmp_path / "missing.png")] + paths[:3]
+
+
+def test_threads_give_the_same_records_in_input_order(many_images: list[str]) -> None:
+    alone = list(pixel_predictor(0).predict(many_images, batch_size=4))
+    threaded = list(pixel_predictor(3).predict(many_images, batch_size=4))
+    assert [r["path"] for r in threaded] == many_images
+    assert threaded == alone
+    assert threaded[len(many_images) - 4] == {"path": many_images[-4], "error": "no such file"}
+
+
+def test_decoding_runs_at_most_one_batch_ahead(many_images: list[str]) -> None:
+    import time
+
+    paths = CountingPaths(many_images)
+    records = pixel_predictor(2).predict(paths, batch_size=3)
+    next(records)
+    time.sleep(0.5)  # the reader thread takes what the bound lets it
+    # The first batch, the next one queued, and the one the reader holds until there is room.
+    assert paths.taken == 2 * 3 + 1 < len(many_images)
+    records.close()
+
+
+def test_a_waiting_input_does_not_hold_back_decoded_files(many_images: list[str]) -> None:
+    import threading
+
+    more = threading.Event()
+
+    def slow_input() -> Iterator[str]:  # two paths, then nothing until `more` (a `find` still searching)
+        yield from many_images[:2]
+        assert more.wait(timeout=30)
+        yield from many_images[2:4]
+
+    records = pixel_predictor(2).predict(slow_input(), batch_size=1)
+    assert [next(records)["path"] for _ in range(2)] == many_images[:2]
+    more.set()
+    assert [r["path"] for r in records] == many_images[2:4]
+
+
+def test_an_error_while_reading_the_paths_comes_after_the_paths_before_it(many_images: list[str]) -> None:
+    def failing_input() -> Iterator[str]:
+        yield many_images[0]
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    records = pixel_predictor(2).predict(failing_input(), batch_size=1)
+    assert next(records)["path"] == many_images[0]
+    with pytest.raises(UnicodeDecodeError):
+        next(records)
+
+
+def test_stopping_early_skips_files_not_yet_decoding(many_images: list[str]) -> None:
+    calls: list[str] = []
+    records = pixel_predictor(1, calls, delay=0.05).predict(many_images, batch_size=1)
+    next(records)
+    records.close()  # what --strict and a closed pipe do
+    assert len(calls) <= 3 < len(many_images)
+
+
+def test_a_bug_in_the_transform_is_not_an_error_record(many_images: list[str]) -> None:
+    predictor = pixel_predictor(2)
+
+    def broken(image: object) -> object:
+        raise KeyError("a bug, not a damaged file")
+
+    predictor.transform = broken
+    with pytest.raises(KeyError, match="a bug"):
+        list(predictor.predict(many_images, batch_size=4))
+
+
+def test_one_core_is_left_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferctl import predict
+
+    for cores, threads in ((1, 1), (2, 1), (4, 3), (64, 8)):
+        monkeypatch.setattr(predict.os, "cpu_count", lambda cores=cores: cores)
+        assert predict.default_decode_threads() == threads
