@@ -65,3 +65,11 @@ def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> N
     args = bench.parse_args(["--contenders", "transferctl-fe"])
     text = bench.table({"transferctl-fe": bench.combined([run(5000.0)])}, args)
     assert text.splitlines()[-1].endswith("| - |")
+
+
+def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
+    args = bench.parse_args(["--device", "cuda"])
+    results = {"cuda-ceiling": bench.combined([run(2000.0)]), "transferctl-cuda": bench.combined([run(1900.0)])}
+    rows = bench.table(results, args).splitlines()
+    assert rows[2].startswith("| cuda-ceiling |") and rows[2].endswith("| 1.00 |")
+    assert "0.95 of the ceiling (target >= 0.90)" in rows[3]
