@@ -129,6 +129,22 @@ def test_strict_stops_at_the_first_failure(run: Path, images: Path) -> None:
     assert len(records) == 4 and "error" in records[-1] and "--strict" in result.stderr
 
 
+def test_ctrl_c_while_waiting_for_paths_exits_130(run: Path, images: Path, heeded_sigint: None) -> None:
+    import signal
+
+    command = [sys.executable, "-m", "transferctl", "predict", str(run), "-", "--batch-size", "1", "--device", "cpu"]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        child.stdin.write(f"{images / '00.png'}\n")
+        child.stdin.flush()
+        assert json.loads(child.stdout.readline())["path"] == str(images / "00.png")  # stdin stays open
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+
+
 def test_usage_errors(run: Path, images: Path) -> None:
     assert invoke("predict", run).exit_code == 2
     assert invoke("predict", run, "-", images / "00.png").exit_code == 2
