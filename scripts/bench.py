@@ -64,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="run the contenders this many times, interleaved; report medians (default 1)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one contender
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
 
 
 # --------------------------------------------------------------------------- the plain loop

@@ -39,6 +39,12 @@ def test_an_unknown_contender_is_named_with_the_choices(bench: ModuleType) -> No
         bench.chosen_contenders(bench.parse_args(["--contenders", "plain-ft,cuda-ceiling"]))
 
 
+def test_repeat_needs_one_run_at_least(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeat", "0"])
+    assert "--repeat must be at least 1" in capsys.readouterr().err
+
+
 def test_repeats_become_medians_and_the_largest_peak_memory(bench: ModuleType) -> None:
     row = bench.combined([run(10.0, 90.0, 500.0), run(30.0, 70.0, 900.0), run(12.0, 80.0, 700.0)])
     assert row["images_per_second"] == 12.0
