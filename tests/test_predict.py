@@ -275,8 +275,10 @@ def test_a_bug_in_the_transform_is_not_an_error_record(many_images: list[str]) -
 
 
 def test_one_core_is_left_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     from transferctl import predict
 
     for cores, threads in ((1, 1), (2, 1), (4, 3), (64, 8)):
-        monkeypatch.setattr(predict.os, "cpu_count", lambda cores=cores: cores)
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert predict.default_decode_threads() == threads

@@ -426,6 +426,11 @@ def resolve_workers(setting: int | str, n_images: int) -> int:
         return int(setting)
     if n_images < 512:
         return 0
+    return spare_cores()
+
+
+def spare_cores() -> int:
+    """Cores for decoding images beside the model: all but one, which the model's own threads keep; at most 8."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 

@@ -9,7 +9,6 @@ becomes an error record in its place; it never stops the others.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from transferctl.data import list_images, open_rgb
+from transferctl.data import list_images, open_rgb, spare_cores
 
 DEFAULT_TOP_K = 5
 
@@ -80,8 +79,8 @@ def _put(ahead: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
 
 
 def default_decode_threads() -> int:
-    """One core is left to the model's own threads; one decoding thread already hides most of the decoding."""
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
+    """The data loaders' spare cores, and at least one thread: on one core it still overlaps file reads."""
+    return max(1, spare_cores())
 
 
 class Predictor:
