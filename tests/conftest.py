@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,15 @@ def isolated_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
         os.environ.pop("TORCH_HOME", None)
     else:
         os.environ["TORCH_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder shared by one test module and removed after it: a trained run weighs about 180 MB, and
+    keeping every module's run until the session ends once filled a CI machine's disk."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

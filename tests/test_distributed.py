@@ -60,8 +60,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("distributed")
+def config_file(module_tmp_path: Path) -> Path:
+    root = module_tmp_path
     # 12 training images (an even count: no padding, so every image counts once, as in one process) in 3
     # global batches of 4; 3 validation images, which two ranks share unevenly (2 + 1).
     data = tiny_dataset(root / "data", n_classes=3, per_class=5, layout="split")

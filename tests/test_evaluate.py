@@ -51,14 +51,14 @@ def invoke(*args: str):  # noqa: ANN201 - typer's Result
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
+def trained(module_tmp_path: Path) -> Path:
+    return train_tiny_run(module_tmp_path / "trained")
 
 
 @pytest.fixture(scope="module")
-def seven_class_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def seven_class_data(module_tmp_path: Path) -> Path:
     """7 classes, 6 images each, except cyan with 3 (three of its train images removed)."""
-    root = tiny_dataset(tmp_path_factory.mktemp("seven") / "data", n_classes=7, layout="split", test=True)
+    root = tiny_dataset(module_tmp_path / "seven" / "data", n_classes=7, layout="split", test=True)
     for path in sorted((root / "train" / "cyan").iterdir())[:3]:
         path.unlink()
     return root

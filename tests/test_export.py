@@ -21,8 +21,8 @@ from transferctl.train import train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export")
+def run_dir(module_tmp_path: Path) -> Path:
+    root = module_tmp_path
     data = tiny_dataset(root / "data", n_classes=3, layout="split")
     train(config_from_dict(experiment(data, root / "runs")), root / "run")
     return root / "run"

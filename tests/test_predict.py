@@ -52,9 +52,9 @@ def invoke(*args: object, input: str | None = None):  # noqa: ANN201 - typer's R
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(module_tmp_path: Path) -> Path:
     """A run that answers red (p = 0.665), green, blue for every image."""
-    base = tmp_path_factory.mktemp("predict")
+    base = module_tmp_path
     return constant_run(train_tiny_run(base, schedule=ONE_EPOCH), base / "constant", CLASSES, LOGITS)
 
 

@@ -222,13 +222,13 @@ def test_advice_case_names_both_facts() -> None:
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base_run(module_tmp_path: Path) -> Path:
     """A tiny base model: resnet18 trained for one epoch on three colours, shared by this module's tests."""
     from transferctl.config import config_from_dict
     from transferctl.synthetic import tiny_dataset
     from transferctl.train import train
 
-    folder = tmp_path_factory.mktemp("base")
+    folder = module_tmp_path
     data = tiny_dataset(folder / "data", n_classes=3, layout="split")
     schedule = [{"name": "all", "epochs": 1, "train": "all", "lr": 1.0e-2}]
     return Path(train(config_from_dict(experiment(data, folder / "runs", strategy="scratch", schedule=schedule)))["run_dir"])

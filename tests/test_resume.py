@@ -58,8 +58,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_dataset(tmp_path_factory.mktemp("resume") / "data", n_classes=3, layout="split")
+def data(module_tmp_path: Path) -> Path:
+    return tiny_dataset(module_tmp_path / "data", n_classes=3, layout="split")
 
 
 @pytest.fixture(scope="module")

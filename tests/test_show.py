@@ -17,8 +17,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("show"))
+def tiny_run(module_tmp_path: Path) -> Path:
+    return train_tiny_run(module_tmp_path)
 
 
 def test_json_of_a_finished_run(tiny_run: Path) -> None:
