@@ -84,3 +84,53 @@ def test_training_batchnorm_sees_fp32_under_cpu_bf16_autocast() -> None:
     assert seen == [torch.float32, torch.bfloat16]
     plain = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
     assert not plain.bn1._forward_pre_hooks
+
+
+# fp16 with loss scaling is for GPUs, but PyTorch's CPU autocast and GradScaler run the same code path:
+# these check transferctl's use of them on machines without one.
+FP16 = Runtime(CPU, "fp16", channels_last=False)
+
+
+def small_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+    )
+
+
+def sgd_with_schedule(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+
+def colour_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Images whose class is the brightest channel: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (count * 8,), generator=generator)
+    images = torch.rand(count * 8, 3, 12, 12, generator=generator)
+    images[torch.arange(labels.numel()), labels] += 1.0
+    return list(zip(images.split(8), labels.split(8)))
+
+
+def test_fp16_steps_whose_gradients_overflow_are_skipped_and_the_scale_drops(recwarn: pytest.WarningsRecorder) -> None:
+    model = small_classifier()
+    optimizer, scheduler = sgd_with_schedule(model)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # every scaled gradient overflows
+    engine.train_one_epoch(model, colour_batches(3), optimizer, scheduler, FP16, scaler)
+    assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0**97  # halved once per skipped step
+    assert scheduler.last_epoch == 3  # the schedule keeps its one step per batch
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]  # true of a skipped step, and noise
+
+
+def test_fp16_with_the_runs_grad_scaler_learns() -> None:
+    model = small_classifier()
+    optimizer, scheduler = sgd_with_schedule(model)
+    scaler = engine.make_grad_scaler(FP16)
+    assert scaler is not None and engine.make_grad_scaler(Runtime(CPU, "bf16", False)) is None
+    batches = colour_batches(6)
+    first = engine.train_one_epoch(model, batches, optimizer, scheduler, FP16, scaler)
+    for _ in range(4):
+        last = engine.train_one_epoch(model, batches, optimizer, scheduler, FP16, scaler)
+    assert last.loss < first.loss - 0.1 and last.accuracy > first.accuracy

@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
+from transferctl import engine
 from transferctl.cli import app
 from transferctl.config import load_config
 from transferctl.errors import CheckpointError, TrainingInterrupted
@@ -244,6 +245,24 @@ def test_interrupted_before_any_epoch_finished_starts_over(stopped: Path, refere
     resume(run)
 
     assert_same_run(run, reference)
+
+
+def test_an_fp16_run_resumes_with_its_grad_scaler(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, heeded_sigint: None) -> None:
+    """fp16 is for GPUs; PyTorch's CPU autocast and GradScaler take the same path, so the choice is patched."""
+    monkeypatch.setattr(engine, "choose_precision", lambda spec, device: "fp16")
+    schedule = [{"name": "all", "epochs": 3, "train": "all", "lr": 1.0e-2}]
+    config = write_experiment(tmp_path / "fp16.yaml", experiment(data, tmp_path / "runs", backbone={"name": "mobilenet_v3_small", "weights": "none"}, schedule=schedule))
+    train(load_config(config), tmp_path / "reference")
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(config), tmp_path / "run", StopAfter(1))
+    stopped = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert stopped is not None and stopped["scale"] < 2.0**16  # moved off its start: a fresh scaler differs
+
+    resume(tmp_path / "run")
+
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert final == torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)["scaler"]
 
 
 def test_a_stopped_run_keeps_its_completed_epochs_and_has_no_summary(stopped: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -186,13 +187,11 @@ def train_one_epoch(
             loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            _scaled_step(loss, optimizer, scheduler, scaler)
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
+            scheduler.step()
         # Accumulate on the device: calling .item() every batch would be a CPU-GPU sync point.
         total_loss += loss.detach() * labels.numel()
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -206,6 +205,21 @@ def train_one_epoch(
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"training loss became {mean_loss}")
     return EpochStats(mean_loss, float(correct) / max(seen, 1), seen, time.perf_counter() - start)
+
+
+def _scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """An fp16 step: the scaler skips the update when the scaled gradients overflowed and lowers the scale.
+
+    The schedule still advances, one step per batch as planned. PyTorch then warns that the scheduler
+    stepped before the optimizer, which is true of a skipped step and harmless: the warning is held back,
+    or most fp16 runs would print it, since the first steps usually overflow while the scale settles.
+    """
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        scheduler.step()
 
 
 @torch.no_grad()
