@@ -11,6 +11,8 @@ import yaml
 from helpers import experiment
 from transferctl.config import config_from_dict
 from transferctl.errors import CheckpointError, WeightsError
+from transferctl.inference import load_trained_model
+from transferctl.rundir import RunDir
 from transferctl.train import describe, prepare, train
 
 
@@ -108,3 +110,42 @@ def test_describe_shows_each_phase(tiny_split_data: Path, tmp_path: Path) -> Non
     assert head["train"] == ["head"] and head["trainable_params"] == 512 * 3 + 3
     assert body["lr"]["layer1"] == pytest.approx(body["lr"]["head"] * 0.1)
     assert plan["data"]["train"] == 12 and plan["data"]["classes"] == ["blue", "green", "red"]
+
+
+def train_plain_and_compiled(data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    plain = train(config_from_dict(experiment(data, tmp_path / "plain")))["run_dir"]
+    compiled = train(config_from_dict(experiment(data, tmp_path / "compiled", compile=True)))["run_dir"]
+    return Path(plain), Path(compiled)
+
+
+def assert_same_training(compiled: Path, plain: Path) -> None:
+    """Same losses and weights as without compile, and a checkpoint any uncompiled model loads."""
+    for mine, theirs in zip(RunDir(compiled).metrics(), RunDir(plain).metrics(), strict=True):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), (mine["global_epoch"], key)
+    weights = torch.load(compiled / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert weights.keys() == torch.load(plain / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
+    assert load_trained_model(compiled).classes == ["blue", "green", "red"]
+
+
+def test_compile_traces_the_model_and_trains_as_without_it(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.nn.Module.compile
+    compiled: list[str] = []
+
+    def compile_with_graph_capture_only(module: torch.nn.Module, **options: object) -> None:
+        compiled.append(type(module).__name__)
+        real_compile(module, backend="eager")  # Dynamo's tracing without Inductor's minute of codegen (slow test below)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_graph_capture_only)
+    counters.clear()
+    plain, fast = train_plain_and_compiled(tiny_split_data, tmp_path)
+    assert compiled == ["ResNet"] and counters["stats"]["unique_graphs"] >= 1  # the training steps ran traced graphs
+    assert_same_training(fast, plain)
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_trains_as_without_it(tiny_split_data: Path, tmp_path: Path) -> None:
+    plain, fast = train_plain_and_compiled(tiny_split_data, tmp_path)
+    assert_same_training(fast, plain)
