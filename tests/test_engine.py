@@ -65,25 +65,11 @@ def test_fast_paths_predict_what_fp32_predicts() -> None:
     assert (reduced.argmax(1) == reference.argmax(1)).float().mean() >= 0.8
 
 
-def test_training_batchnorm_sees_fp32_under_cpu_bf16_autocast() -> None:
-    seen: list[torch.dtype] = []
-
-    def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        seen.append(output.dtype)
-
-    model = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True))
-    model.bn1.register_forward_hook(record)
-    prepare_model(model, Runtime(CPU, "bf16", channels_last=True))  # preparing twice adds no second hook
-    assert len(model.bn1._forward_pre_hooks) == 1
-    with Runtime(CPU, "bf16", True).autocast():
-        logits = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
-    assert seen == [torch.float32] and logits.dtype == torch.bfloat16  # the convolutions and the head still run in bf16
-    model.eval()  # frozen BatchNorm is a fixed affine map: bf16 is fine there, and faster
-    with torch.no_grad(), Runtime(CPU, "bf16", True).autocast():
-        model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
-    assert seen == [torch.float32, torch.bfloat16]
-    plain = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
-    assert not plain.bn1._forward_pre_hooks
+def test_batchnorm_gets_fp32_input_only_under_cpu_bf16() -> None:
+    """Which layers, and why: tests/test_residual_sums.py."""
+    bf16 = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True))
+    fp32 = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
+    assert bf16.layer1[0].bn2._forward_pre_hooks and not fp32.layer1[0].bn2._forward_pre_hooks
 
 
 # fp16 with loss scaling is for GPUs, but PyTorch's CPU autocast and GradScaler run the same code path:

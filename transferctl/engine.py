@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from transferctl.errors import ConfigError, Problem
+from transferctl.residual_sums import batchnorm_in_fp32
 
 BatchCallback = Callable[[int, int, float], None]  # (batch index, batch count, running loss)
 
@@ -119,29 +120,6 @@ def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         # In place (nn.Module.compile): state_dict keys stay as they are, so checkpoints load anywhere.
         model.compile()
     return model
-
-
-def batchnorm_in_fp32(model: nn.Module) -> None:
-    """Feed training BatchNorm fp32 activations under CPU bf16 autocast, which leaves it bf16 ones otherwise.
-
-    Measured (scripts/bench.py's accuracy check, resnet18 from scratch, 8 epochs, 3 seeds): bf16 BatchNorm
-    in training mode ended 7.5 points below fp32 and trained visibly slower; with fp32 input every seed
-    matched or beat fp32. Its output stays fp32, so residual sums are fp32 too: casting it back to bf16 was
-    no faster and lost the accuracy again (60.0%). In eval mode BatchNorm is a fixed per-channel affine map
-    and stays in bf16: at 224 px the conversions would cost a quarter of the speed. On CUDA, cuDNN already
-    normalises in fp32.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not getattr(module, "_transferctl_fp32_input", False):
-            module.register_forward_pre_hook(_fp32_input)
-            module._transferctl_fp32_input = True  # type: ignore[assignment]
-
-
-def _fp32_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    first = args[0]
-    if module.training and isinstance(first, torch.Tensor) and first.dtype == torch.bfloat16:
-        return (first.float(), *args[1:])
-    return None
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
