@@ -184,7 +184,8 @@ def cuda_ceiling(steps: int = 30) -> dict[str, Any]:
 def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import os
 
-    os.environ["TRANSFERCTL_CACHE"] = str(work / f"cache-{name}")  # a fresh cache: nothing reused from earlier runs
+    # A fresh cache for every run, repeats included: features are computed, never reused from an earlier run.
+    os.environ["TRANSFERCTL_CACHE"] = tempfile.mkdtemp(prefix=f"cache-{name}-", dir=work)
     if name == "plain-fe":
         return plain_loop(data, args.fe_epochs, body_trains=False, fast=False)
     if name == "plain-ft":

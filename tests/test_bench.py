@@ -79,3 +79,16 @@ def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
     rows = bench.table(results, args).splitlines()
     assert rows[2].startswith("| cuda-ceiling |") and rows[2].endswith("| 1.00 |")
     assert "0.95 of the ceiling (target >= 0.90)" in rows[3]
+
+
+def test_every_run_computes_its_features_in_a_fresh_cache(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import os
+
+    caches: list[str] = []
+    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **options: caches.append(os.environ["TRANSFERCTL_CACHE"]) or run(20.0))
+    monkeypatch.setenv("TRANSFERCTL_CACHE", str(tmp_path / "outside"))
+    args = argparse.Namespace(fe_epochs=1, ft_epochs=1)
+    for _ in range(2):  # two repeats of one contender: the second must not reuse the first one's features
+        bench.contender("transferctl-fe", tmp_path / "data", tmp_path, args)
+    assert len(set(caches)) == 2 and all(Path(cache).parent == tmp_path and not any(Path(cache).iterdir()) for cache in caches)
