@@ -1,7 +1,7 @@
 """Benchmark: transferctl against a plain PyTorch loop on the same data and model, in one run.
 
     python scripts/bench.py [--images 1000] [--fe-epochs 20] [--ft-epochs 2] [--device cpu|cuda]
-                            [--contenders plain-ft,raw-best-ft,transferctl-ft] [--repeat 3]
+                            [--contenders plain-ft,raw-best-ft,transferctl-ft] [--repeat 3] [--seeds 3]
 
 CPU mode writes --images generated 224x224 images (8 shape classes, 80/20 train/val) and runs, each in its
 own process (so every peak-memory figure is its own):
@@ -14,7 +14,7 @@ own process (so every peak-memory figure is its own):
   raw-best-ft  the same loop with channels-last and bf16 autocast: the best a raw loop gets here
   transferctl-ft  `transferctl train` fine_tune: 1 head epoch (cached), then --ft-epochs of all layers
   accuracy-fp32, accuracy-auto  `transferctl train` from scratch at 64 px for 8 epochs without augmentation,
-               seeds 0-2, precision fp32 and auto (bf16 where the CPU has bf16 units): the accuracy the fast
+               seeds 0-2 (--seeds N: 0 to N-1), precision fp32 and auto (bf16 where the CPU has bf16 units): the accuracy the fast
                paths cost, if any (one seed's noise is larger than the 1 point in question)
 
 and prints wall time, training images/s, peak RSS and final val accuracy, with ratios to the plain loops.
@@ -62,11 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temporary one)")
     parser.add_argument("--contenders", default=None, help="comma-separated subset of the contenders (default: all of --device's)")
     parser.add_argument("--repeat", type=int, default=1, help="run the contenders this many times, interleaved; report medians (default 1)")
+    parser.add_argument("--seeds", type=int, default=ACCURACY_SEEDS, help=f"seeds of the accuracy check, from 0 (default {ACCURACY_SEEDS})")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one contender
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: the accuracy check reports their spread")
     return args
 
 
@@ -147,13 +150,13 @@ def transferctl_run(
             "feature_cache": summary["feature_cache"], "decoded_images": summary["decoded_images"]}  # fmt: skip
 
 
-def accuracy_check(data: Path, work: Path, precision: str) -> dict[str, Any]:
-    """Final val accuracy over ACCURACY_SEEDS seeds: one seed's noise is larger than the 1 point in question."""
+def accuracy_check(data: Path, work: Path, precision: str, seeds: int) -> dict[str, Any]:
+    """Final val accuracy over seeds 0 .. seeds-1: one seed's noise is larger than the 1 point in question."""
     import statistics
 
     schedule = [{"name": "all", "epochs": ACCURACY_EPOCHS, "train": "all", "lr": 2e-3}]
     runs = [transferctl_run(data, work, "scratch", schedule, precision=precision, image_size=ACCURACY_SIZE, augment="none", seed=seed)
-            for seed in range(ACCURACY_SEEDS)]  # fmt: skip
+            for seed in range(seeds)]  # fmt: skip
     accuracies = [run["val_acc"] for run in runs]
     return {"seconds": sum(run["seconds"] for run in runs), "images_per_second": statistics.mean(run["images_per_second"] for run in runs),
             "val_acc": statistics.mean(accuracies), "val_acc_sd": statistics.stdev(accuracies), "val_accs": accuracies}  # fmt: skip
@@ -198,7 +201,7 @@ def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> di
         schedule = [{"name": "head", "epochs": 1, "train": "head", "lr": LR}, {"name": "body", "epochs": args.ft_epochs, "train": "all", "lr": LR}]
         return transferctl_run(data, work, "fine_tune", schedule)
     if name.startswith("accuracy-"):  # the same seed in fp32 and in the fast paths: does bf16 cost accuracy?
-        return accuracy_check(data, work, name.removeprefix("accuracy-"))
+        return accuracy_check(data, work, name.removeprefix("accuracy-"), args.seeds)
     if name == "cuda-ceiling":
         return cuda_ceiling()
     if name == "transferctl-cuda":
@@ -211,7 +214,7 @@ def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> di
 
 def run_contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--only", name, "--data", str(data), "--work", str(work),
-               "--fe-epochs", str(args.fe_epochs), "--ft-epochs", str(args.ft_epochs)]  # fmt: skip
+               "--fe-epochs", str(args.fe_epochs), "--ft-epochs", str(args.ft_epochs), "--seeds", str(args.seeds)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -321,7 +324,7 @@ def ratio_text(name: str, results: dict[str, dict[str, Any]], args: argparse.Nam
         return ", ".join(parts + [f"decoding once took {decoded:.1f} s, outside the epochs"])
     seeds = f"seeds: {', '.join(f'{100 * a:.1f}' for a in r['val_accs'])}; sd {100 * r['val_acc_sd']:.1f}"
     if name == "accuracy-fp32":
-        return f"scratch, {ACCURACY_EPOCHS} epochs at {ACCURACY_SIZE} px, fp32, mean of {ACCURACY_SEEDS} seeds ({seeds})"
+        return f"scratch, {ACCURACY_EPOCHS} epochs at {ACCURACY_SIZE} px, fp32, mean of {len(r['val_accs'])} seeds ({seeds})"
     fp32 = results.get("accuracy-fp32")
     if fp32 is None:
         return f"scratch with precision auto ({seeds})"

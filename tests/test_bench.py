@@ -45,6 +45,28 @@ def test_repeat_needs_one_run_at_least(bench: ModuleType, capsys: pytest.Capture
     assert "--repeat must be at least 1" in capsys.readouterr().err
 
 
+def test_seeds_need_two_for_a_spread(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.parse_args([]).seeds == 3 and bench.parse_args(["--seeds", "6"]).seeds == 6
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seeds", "1"])
+    assert "--seeds must be at least 2" in capsys.readouterr().err
+
+
+def test_the_accuracy_check_trains_every_seed_and_passes_them_to_its_process(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    trained: list[int] = []
+    monkeypatch.setattr(bench, "transferctl_run", lambda *args, seed, **options: trained.append(seed) or run(20.0, val_acc=0.5 + seed / 100))
+    result = bench.contender("accuracy-auto", tmp_path / "data", tmp_path, argparse.Namespace(fe_epochs=1, ft_epochs=1, seeds=4))
+    assert trained == [0, 1, 2, 3] and result["val_accs"] == [0.5, 0.51, 0.52, 0.53]
+    assert "mean of 4 seeds" in bench.ratio_text("accuracy-fp32", {"accuracy-fp32": result}, bench.parse_args([]))
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **options: commands.append(command) or argparse.Namespace(returncode=0, stdout="{}"))
+    bench.run_contender("accuracy-auto", tmp_path / "data", tmp_path, bench.parse_args(["--seeds", "5"]))
+    assert commands[0][commands[0].index("--seeds") + 1] == "5"
+
+
 def test_repeats_become_medians_and_the_largest_peak_memory(bench: ModuleType) -> None:
     row = bench.combined([run(10.0, 90.0, 500.0), run(30.0, 70.0, 900.0), run(12.0, 80.0, 700.0)])
     assert row["images_per_second"] == 12.0
