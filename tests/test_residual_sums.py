@@ -79,6 +79,32 @@ class DataDependent(Residual):
         return self.into_conv(x) if x.sum() > 0 else x  # fx cannot trace a branch on a tensor's value
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BatchNorm subclass that holds its activation as a child module."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training))
+
+
+class BlockWithBatchNormAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm_then_conv, self.norm_then_sum = BatchNormAct(4), BatchNormAct(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm_then_sum(self.conv(self.norm_then_conv(self.conv(x))))
+
+
+def test_a_batchnorm_subclass_with_children_is_one_step() -> None:
+    model = BlockWithBatchNormAct()
+    assert names_of(model, batchnorms_feeding_sums(model)) == ["norm_then_sum"]
+
+
 def test_only_elementwise_steps_lead_to_a_sum() -> None:
     model = Residual()
     assert names_of(model, batchnorms_feeding_sums(model)) == ["through_activation", "into_method"]

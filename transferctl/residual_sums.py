@@ -70,11 +70,12 @@ def batchnorms_feeding_sums(model: nn.Module) -> list[nn.Module]:
 
 
 class _LeafModulesTracer(fx.Tracer):
-    """Treats every module without children as one opaque step (torchvision's StochasticDepth, for
-    one, cannot be traced inside), and traces through the containers that compose them."""
+    """Treats every BatchNorm layer, including subclasses with children (timm's BatchNormAct2d holds its
+    activation), and every module without children as one opaque step (torchvision's StochasticDepth,
+    for one, cannot be traced inside); traces through the containers that compose them."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return super().is_leaf_module(module, qualified_name) or next(module.children(), None) is None
+        return isinstance(module, _BatchNorm) or super().is_leaf_module(module, qualified_name) or next(module.children(), None) is None
 
 
 def _reaches_a_sum(start: fx.Node, modules: dict[str, nn.Module]) -> bool:
