@@ -65,11 +65,13 @@ def test_fast_paths_predict_what_fp32_predicts() -> None:
     assert (reduced.argmax(1) == reference.argmax(1)).float().mean() >= 0.8
 
 
-def test_batchnorm_gets_fp32_input_only_under_cpu_bf16() -> None:
+def test_batchnorm_gets_fp32_input_only_for_training_under_cpu_bf16() -> None:
     """Which layers, and why: tests/test_residual_sums.py."""
     bf16 = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True))
     fp32 = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
+    inference = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True), training=False)
     assert bf16.layer1[0].bn2._forward_pre_hooks and not fp32.layer1[0].bn2._forward_pre_hooks
+    assert not inference.layer1[0].bn2._forward_pre_hooks  # evaluate and predict never train BatchNorm
 
 
 # fp16 with loss scaling is for GPUs, but PyTorch's CPU autocast and GradScaler run the same code path:

@@ -142,7 +142,8 @@ def test_ctrl_c_while_waiting_for_paths_exits_130(run: Path, images: Path, heede
         _, stderr = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert child.returncode == 130, stderr  # once seen -6 (SIGABRT), not reproduced in 70 runs: keep what it said
+    assert "interrupted" in stderr and "Traceback" not in stderr
 
 
 def test_usage_errors(run: Path, images: Path) -> None:

@@ -110,11 +110,13 @@ def is_convolutional(model: nn.Module) -> bool:
     return total > 0 and convs / total > 0.3
 
 
-def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+def prepare_model(model: nn.Module, runtime: Runtime, training: bool = True) -> nn.Module:
+    """Move the model to the runtime's device and layout; for training under CPU bf16, also give the
+    BatchNorm layers whose output is summed fp32 input (residual_sums.py; inference never needs it)."""
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    if runtime.precision == "bf16" and runtime.device.type == "cpu":
+    if training and runtime.precision == "bf16" and runtime.device.type == "cpu":
         batchnorm_in_fp32(model)
     if runtime.compile:
         # In place (nn.Module.compile): state_dict keys stay as they are, so checkpoints load anywhere.

@@ -91,7 +91,7 @@ def inference_runtime(model: nn.Module, device: str, precision: str) -> tuple[nn
     """Choose the device and precision (as given on the command line) and move the model there."""
     check_runtime_options(device, precision)
     runtime = make_runtime(device, precision, model)
-    return prepare_model(model, runtime), runtime
+    return prepare_model(model, runtime, training=False), runtime
 
 
 def check_runtime_options(device: str, precision: str) -> None:
