@@ -65,6 +65,20 @@ def test_the_header_estimate_is_the_decoded_size(wide_images: Path) -> None:
     assert resized_size((30, 12), 20) == (20, 50) and resized_size((12, 30), 20) == (50, 20)
 
 
+def test_the_estimate_stops_reading_headers_once_over_the_budget(wide_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    paths = [path for path, _ in samples_of(wide_images)]
+    opened: list[Path] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *args: opened.append(path) or real_open(path, *args))
+    one = estimated_bytes(paths[:1], PRE.resize)
+    assert estimated_bytes(paths, PRE.resize, stop_above=one) > one and opened[1:] == paths[:2]  # the second passed it
+    dataset = ImageDataset(samples_of(wide_images), build_transform(PRE, "none", train=False))
+    opened.clear()
+    assert keep_decoded(dataset, PRE, budget_mb=0, workers=0) is None and len(opened) == 1
+
+
 def test_images_over_the_budget_are_not_kept(wide_images: Path) -> None:
     dataset = ImageDataset(samples_of(wide_images), build_transform(PRE, "none", train=False))
     assert keep_decoded(dataset, PRE, budget_mb=0, workers=0) is None and dataset.decoded is None

@@ -59,8 +59,12 @@ def resized_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     return short_side, int(short_side * width / height)
 
 
-def estimated_bytes(paths: list[Path], short_side: int) -> int:
-    """What the decoded images will take, from the files' headers alone (no pixels are decoded)."""
+def estimated_bytes(paths: list[Path], short_side: int, stop_above: float = float("inf")) -> int:
+    """What the decoded images will take, from the files' headers alone (no pixels are decoded).
+
+    Stops reading headers once the total passes `stop_above`: a dataset far over the budget, which is
+    where reading every header would take long, is told apart after the first budget's worth of images.
+    """
     from PIL import Image
 
     total = 0
@@ -71,6 +75,8 @@ def estimated_bytes(paths: list[Path], short_side: int) -> int:
         except OSError:
             continue  # decoding it names the file in a clear error
         total += height * width * CHANNELS
+        if total > stop_above:
+            break
     return total
 
 
@@ -111,8 +117,8 @@ def decode_all(samples: list[Sample], short_side: int, interpolation: str, worke
 def keep_decoded(dataset: ImageDataset, preprocessing: Any, budget_mb: int, workers: int) -> DecodedImages | None:
     """Decode a dataset's images once and keep them on it, when their estimated size fits `budget_mb`."""
     if dataset.decoded is None:
-        needed = estimated_bytes([path for path, _ in dataset.samples], preprocessing.resize)
-        if needed > budget_mb * 2**20:
+        budget = budget_mb * 2**20
+        if estimated_bytes([path for path, _ in dataset.samples], preprocessing.resize, stop_above=budget) > budget:
             return None
         dataset.decoded = decode_all(dataset.samples, preprocessing.resize, preprocessing.interpolation, workers)
     return dataset.decoded
