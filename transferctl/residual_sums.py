@@ -28,6 +28,7 @@ _SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _SUM_METHODS = {"add", "add_"}
 # Steps that end an elementwise path: their output is a new quantity (convolutions and linear layers
 # also cast their input to bf16 under autocast), so what follows them no longer sums this layer's output.
+# Everything else is walked through, functional pooling included: at worst a layer gets fp32 it needn't.
 _NOT_ELEMENTWISE = (
     nn.modules.conv._ConvNd,
     nn.Linear,
@@ -44,8 +45,8 @@ _NOT_ELEMENTWISE = (
 def batchnorm_in_fp32(model: nn.Module) -> None:
     """Feed fp32 activations to the training BatchNorm layers whose output is summed (see the module doc).
 
-    In eval mode a BatchNorm is a fixed per-channel affine map and stays in bf16. On CUDA, cuDNN already
-    normalises in fp32. Preparing a model twice adds no second hook.
+    For CPU bf16 training only (engine.prepare_model). In eval mode a BatchNorm is a fixed per-channel
+    affine map and stays in bf16. Preparing a model twice adds no second hook.
     """
     for module in batchnorms_feeding_sums(model):
         if not getattr(module, "_transferctl_fp32_input", False):
