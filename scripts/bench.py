@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no CUDA GPU on this machine (scripts/gpu_check.sh runs it on a lent one)")
     work = args.work or Path(tempfile.mkdtemp(prefix="transferctl-bench-"))
     data = write_data(work / "data", args.images)
     names = chosen_contenders(args)

@@ -114,3 +114,10 @@ def test_every_run_computes_its_features_in_a_fresh_cache(bench: ModuleType, tmp
     for _ in range(2):  # two repeats of one contender: the second must not reuse the first one's features
         bench.contender("transferctl-fe", tmp_path / "data", tmp_path, args)
     assert len(set(caches)) == 2 and all(Path(cache).parent == tmp_path and not any(Path(cache).iterdir()) for cache in caches)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_mode_without_a_gpu_says_so_in_one_line(bench: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--device cuda: PyTorch sees no CUDA GPU on this machine"):
+        bench.main(["--device", "cuda", "--work", str(tmp_path)])
+    assert not (tmp_path / "data").exists()  # refused before writing a thousand images

@@ -122,3 +122,15 @@ def test_fp16_with_the_runs_grad_scaler_learns() -> None:
     for _ in range(4):
         last = engine.train_one_epoch(model, batches, optimizer, scheduler, FP16, scaler)
     assert last.loss < first.loss - 0.1 and last.accuracy > first.accuracy
+
+
+def test_batches_go_to_a_gpu_without_blocking_and_stay_put_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's arguments, recorded on any machine: Tensor.to is stood in for, so no GPU is needed."""
+    copies: list[tuple[str, bool]] = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda tensor, device, non_blocking=False: copies.append((str(device), non_blocking)) or tensor)
+    images, labels = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    _to_device(images, labels, Runtime(torch.device("cuda"), "bf16", channels_last=True))
+    assert copies == [("cuda", True), ("cuda", True)]  # from pinned memory, overlapping the previous step
+    copies.clear()
+    _to_device(images, labels, Runtime(CPU, "fp32", channels_last=False))
+    assert copies == [("cpu", False), ("cpu", False)]

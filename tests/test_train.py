@@ -149,3 +149,14 @@ def test_compile_traces_the_model_and_trains_as_without_it(tiny_split_data: Path
 def test_compile_with_inductor_trains_as_without_it(tiny_split_data: Path, tmp_path: Path) -> None:
     plain, fast = train_plain_and_compiled(tiny_split_data, tmp_path)
     assert_same_training(fast, plain)
+
+
+def test_loaders_pin_memory_only_for_a_gpu(tiny_split_data: Path) -> None:
+    from transferctl.engine import Runtime
+    from transferctl.train import _loaders
+
+    config = config_from_dict(experiment(tiny_split_data, tiny_split_data.parent / "runs"))
+    loaded = prepare(config, load_weights=False)
+    for device, pinned in (("cuda", True), ("cpu", False)):
+        loaders = _loaders(config, loaded, Runtime(torch.device(device), "fp32", channels_last=True))
+        assert loaders["train"].pin_memory is pinned and loaders["val"].pin_memory is pinned

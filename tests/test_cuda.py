@@ -1,0 +1,52 @@
+"""On a CUDA GPU: bf16 (fp16 with loss scaling where bf16 is absent), fp16 asked for, and torch.compile, in
+real training runs. Skipped without a GPU; `bash scripts/gpu_check.sh` runs them on a lent one. The same
+code paths have CPU tests in test_engine.py, test_resume.py and test_train.py."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from helpers import experiment
+from transferctl.config import config_from_dict
+from transferctl.engine import make_runtime
+from transferctl.rundir import RunDir
+from transferctl.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def train_on_gpu(data: Path, runs: Path, **sections: object) -> dict:
+    return train(config_from_dict(experiment(data, runs, device="cuda", **sections)))
+
+
+def test_auto_precision_on_this_gpu() -> None:
+    runtime = make_runtime("cuda", "auto", torchvision.models.resnet18(num_classes=3))
+    assert runtime.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16") and runtime.channels_last
+
+
+def test_auto_precision_learns_the_tiny_colours(tiny_split_data: Path, tmp_path: Path) -> None:
+    schedule = [{"name": "all", "epochs": 6, "train": "all", "lr": 1e-3}]
+    summary = train_on_gpu(tiny_split_data, tmp_path / "runs", precision="auto", strategy="scratch", schedule=schedule)
+    assert summary["best_val_acc"] == pytest.approx(1.0)
+
+
+def test_fp16_trains_with_loss_scaling_and_keeps_the_scaler(tiny_split_data: Path, tmp_path: Path) -> None:
+    summary = train_on_gpu(tiny_split_data, tmp_path / "runs", precision="fp16")
+    rows = RunDir(Path(summary["run_dir"])).metrics()
+    assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) for row in rows)
+    scaler = torch.load(summary["checkpoints"]["last"], weights_only=True)["scaler"]
+    assert scaler is not None and 0 < scaler["scale"] <= 2.0**16
+
+
+def test_compile_trains_as_without_it(tiny_split_data: Path, tmp_path: Path) -> None:
+    plain = train_on_gpu(tiny_split_data, tmp_path / "plain", precision="fp32")
+    compiled = train_on_gpu(tiny_split_data, tmp_path / "compiled", precision="fp32", compile=True)
+    for mine, theirs in zip(RunDir(Path(compiled["run_dir"])).metrics(), RunDir(Path(plain["run_dir"])).metrics(), strict=True):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-2)  # kernels may sum in another order
+    weights = torch.load(compiled["checkpoints"]["last"], weights_only=True)["model"]
+    assert weights.keys() == torch.load(plain["checkpoints"]["last"], weights_only=True)["model"].keys()
