@@ -118,11 +118,11 @@ def train_plain_and_compiled(data: Path, tmp_path: Path) -> tuple[Path, Path]:
     return Path(plain), Path(compiled)
 
 
-def assert_same_training(compiled: Path, plain: Path) -> None:
-    """Same losses and weights as without compile, and a checkpoint any uncompiled model loads."""
+def assert_same_training(compiled: Path, plain: Path, rel: float = 1e-3) -> None:
+    """Same losses as without compile, to `rel`, and a checkpoint any uncompiled model loads."""
     for mine, theirs in zip(RunDir(compiled).metrics(), RunDir(plain).metrics(), strict=True):
         for key in ("train_loss", "val_loss", "val_acc"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), (mine["global_epoch"], key)
+            assert mine[key] == pytest.approx(theirs[key], rel=rel, abs=1e-4), (mine["global_epoch"], key)
     weights = torch.load(compiled / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert weights.keys() == torch.load(plain / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
     assert load_trained_model(compiled).classes == ["blue", "green", "red"]
@@ -148,7 +148,7 @@ def test_compile_traces_the_model_and_trains_as_without_it(tiny_split_data: Path
 @pytest.mark.slow
 def test_compile_with_inductor_trains_as_without_it(tiny_split_data: Path, tmp_path: Path) -> None:
     plain, fast = train_plain_and_compiled(tiny_split_data, tmp_path)
-    assert_same_training(fast, plain)
+    assert_same_training(fast, plain, rel=1e-2)  # Inductor fuses kernels and sums in another order
 
 
 def test_loaders_pin_memory_only_for_a_gpu(tiny_split_data: Path) -> None:
