@@ -4,11 +4,13 @@ weights: none, a new head and a forward pass at a small input size."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from transferctl import catalog
 from transferctl.backbones import build_backbone, cached_weights_path, torchvision_weights
 from transferctl.catalog import compact_groups, describe_backbone, list_backbones
 from transferctl.cli import app
@@ -73,3 +75,32 @@ def test_cli_json_and_table() -> None:
 def test_compact_groups() -> None:
     assert compact_groups(["embed", *[f"block{i}" for i in range(12)], "norm", "head"]) == "embed, block0..block11, norm, head"
     assert compact_groups(["stem", "layer1", "layer2", "head"]) == "stem, layer1..layer2, head"
+
+
+def test_a_second_listing_builds_no_model(isolated_feature_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = list_backbones("resnet1")
+    stored = json.loads((isolated_feature_cache / "backbones.json").read_text())
+    assert sorted(stored["facts"]) == ["resnet101", "resnet152", "resnet18", "wide_resnet101_2"] and stored["key"].startswith("torchvision ")
+
+    def no_build(name: str) -> None:
+        raise AssertionError(f"{name} was built again")
+
+    monkeypatch.setattr(catalog, "_meta_model", no_build)
+    assert list_backbones("resnet1") == first
+
+
+def test_facts_from_another_torchvision_or_a_damaged_file_are_built_again(isolated_feature_cache: Path) -> None:
+    path = isolated_feature_cache / "backbones.json"
+    first = list_backbones("resnet18")
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({"key": "torchvision 0.1", "facts": {"resnet18": {"params": 1, "layer_groups": ["x"]}}}))
+    assert list_backbones("resnet18") == first and json.loads(path.read_text()) == stored
+    path.write_text("{not json")
+    assert list_backbones("resnet18") == first and json.loads(path.read_text()) == stored
+
+
+def test_a_read_only_cache_folder_still_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("TRANSFERCTL_CACHE", str(blocked / "cache"))  # under a file: no folder can be made
+    assert list_backbones("resnet18")[0]["layer_groups"][-1] == "head"

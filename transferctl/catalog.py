@@ -4,10 +4,18 @@ Each model is built on the meta device (structure only: no memory, no initialisa
 is enough for its layer groups and, where the weights' metadata lacks it, its parameter count. Input size
 and ImageNet top-1 come from the weights' metadata; "cached" says whether each weights file is already in
 the torch hub cache, where training would look for it.
+
+Building all eighty models still takes seconds, so what comes from the built model (parameter count and
+layer groups) is kept in the cache folder, keyed by torchvision's version and this code's own source; the
+weights' metadata and whether they are cached are read afresh every time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,26 +26,74 @@ from transferctl.families import layer_groups
 
 def list_backbones(filter_text: str | None = None) -> list[dict[str, Any]]:
     names = [n for n in classification_models() if not filter_text or filter_text.lower() in n.lower()]
-    return [describe_backbone(name) for name in names]
+    built = _BuiltFacts.load()
+    rows = [describe_backbone(name, built.of(name)) for name in names]
+    built.save_if_changed()
+    return rows
 
 
-def describe_backbone(name: str) -> dict[str, Any]:
+def describe_backbone(name: str, built: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One model's row; `built` holds what _built_facts gives for it, when already known."""
     import torchvision
 
     try:
         weights = list(torchvision.models.get_model_weights(name))
     except (ValueError, KeyError):
         weights = []
-    model = _meta_model(name)
+    built = built or _built_facts(name)
     params = weights[0].meta.get("num_params") if weights else None
     default = preprocessing_of(weights[0]) if weights else None
     return {
         "name": name,
-        "params": int(params) if params else sum(p.numel() for p in model.parameters()),
+        "params": int(params) if params else built["params"],
         "input_size": default.crop if default else 224,
-        "layer_groups": [group for group, _ in layer_groups(name, model)],
+        "layer_groups": built["layer_groups"],
         "weights": [_weights_entry(w) for w in weights],
     }
+
+
+def _built_facts(name: str) -> dict[str, Any]:
+    model = _meta_model(name)
+    return {"params": sum(p.numel() for p in model.parameters()), "layer_groups": [group for group, _ in layer_groups(name, model)]}
+
+
+class _BuiltFacts:
+    """_built_facts of every model listed before, from the cache folder; models not there are built."""
+
+    def __init__(self, path: Path, key: str, facts: dict[str, Any]) -> None:
+        self.path, self.key, self.facts, self.changed = path, key, facts, False
+
+    @classmethod
+    def load(cls) -> _BuiltFacts:
+        import torchvision
+
+        from transferctl.feature_cache import cache_folder
+
+        modules = (sys.modules[__name__], sys.modules[layer_groups.__module__], sys.modules[classification_models.__module__])
+        sources = b"".join(Path(str(module.__file__)).read_bytes() for module in modules)  # the code that builds and groups
+        key = f"torchvision {torchvision.__version__}; {hashlib.blake2b(sources, digest_size=8).hexdigest()}"
+        path = cache_folder() / "backbones.json"
+        try:
+            stored = json.loads(path.read_text())
+            facts = stored["facts"] if stored.get("key") == key else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            facts = {}  # none yet, unreadable, or from another version: built again
+        return cls(path, key, facts)
+
+    def of(self, name: str) -> dict[str, Any]:
+        if name not in self.facts:
+            self.facts[name] = _built_facts(name)
+            self.changed = True
+        return self.facts[name]
+
+    def save_if_changed(self) -> None:
+        from transferctl.rundir import atomic_write_json
+
+        if self.changed:
+            try:
+                atomic_write_json(self.path, {"key": self.key, "facts": self.facts})
+            except OSError:
+                pass  # a read-only cache folder only costs the next listing its seconds
 
 
 def _weights_entry(weights: Any) -> dict[str, Any]:
