@@ -4,11 +4,14 @@
 
 `transferctl --help` and `transferctl runs` must not import torch; this prints their median wall time,
 that of `python -c "import torch"`, and the ratio (lower is better; well under 1 means torch stayed out).
+`transferctl backbones` does import torch and builds every model once: it is timed with an empty cache
+folder (one run) and then with the facts it kept there (median).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -18,14 +21,15 @@ import time
 from pathlib import Path
 
 
-def median_seconds(command: list[str], repeat: int) -> float:
-    subprocess.run(command, capture_output=True, check=True)  # warm the file cache once
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(command, capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def wall_seconds(command: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True, env=env)
+    return time.perf_counter() - start
+
+
+def median_seconds(command: list[str], repeat: int, env: dict[str, str] | None = None) -> float:
+    wall_seconds(command, env)  # warm the file cache once
+    return statistics.median(wall_seconds(command, env) for _ in range(repeat))
 
 
 def transferctl_command() -> list[str]:
@@ -42,12 +46,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per command (median reported)")
     args = parser.parse_args()
     cli = transferctl_command()
-    with tempfile.TemporaryDirectory() as empty_runs:
+    with tempfile.TemporaryDirectory() as empty_runs, tempfile.TemporaryDirectory() as cache:
+        fresh_cache = {**os.environ, "TRANSFERCTL_CACHE": cache}
         results = {
             "import torch": median_seconds([sys.executable, "-c", "import torch"], args.repeat),
             "transferctl --help": median_seconds([*cli, "--help"], args.repeat),
             "transferctl runs": median_seconds([*cli, "runs", empty_runs], args.repeat),
             "python (empty)": median_seconds([sys.executable, "-c", "pass"], args.repeat),
+            "backbones (first)": wall_seconds([*cli, "backbones"], fresh_cache),
+            "backbones (cached)": median_seconds([*cli, "backbones"], args.repeat, fresh_cache),
         }
     torch_time = results["import torch"]
     print(f"median of {args.repeat} runs each ({' '.join(cli)})")
