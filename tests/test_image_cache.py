@@ -58,6 +58,15 @@ def test_worker_processes_decode_the_same_pixels(wide_images: Path) -> None:
     assert torch.equal(here.pixels, there.pixels) and np.array_equal(here.shapes, there.shapes)
 
 
+@pytest.mark.parametrize("estimate", [0, 1000, 10**7])
+def test_a_wrong_size_estimate_still_gives_every_pixel(wide_images: Path, estimate: int) -> None:
+    samples = samples_of(wide_images)
+    exact = decode_all(samples, PRE.resize, PRE.interpolation, workers=0)
+    guessed = decode_all(samples, PRE.resize, PRE.interpolation, workers=0, expected_bytes=estimate)
+    assert torch.equal(exact.pixels, guessed.pixels) and np.array_equal(exact.offsets, guessed.offsets)
+    assert all(np.array_equal(np.asarray(exact.image(i)), np.asarray(guessed.image(i))) for i in range(len(samples)))
+
+
 def test_the_header_estimate_is_the_decoded_size(wide_images: Path) -> None:
     samples = samples_of(wide_images)
     decoded = decode_all(samples, PRE.resize, PRE.interpolation, workers=0)

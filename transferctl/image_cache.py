@@ -96,31 +96,42 @@ class _Decode:
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
 
-def decode_all(samples: list[Sample], short_side: int, interpolation: str, workers: int) -> DecodedImages:
-    """Decode every sample once, on `workers` processes (0: in this one)."""
+def decode_all(samples: list[Sample], short_side: int, interpolation: str, workers: int, expected_bytes: int | None = None) -> DecodedImages:
+    """Decode every sample once, on `workers` processes (0: in this one).
+
+    Each image goes straight into one buffer sized from the headers (`expected_bytes`, else estimated here),
+    so the peak is the cache itself rather than twice it; an estimate that falls short grows the buffer.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     started = time.perf_counter()
+    if expected_bytes is None:
+        expected_bytes = estimated_bytes([path for path, _ in samples], short_side)
+    pixels = torch.empty(expected_bytes, dtype=torch.uint8)
+    shapes = np.zeros((len(samples), 2), dtype=np.int64)
+    offsets = np.zeros(len(samples), dtype=np.int64)
     # Its own generator: workers' seeds must not come from the global RNG (a resumed run restored it).
     loader = DataLoader(_Decode(samples, short_side, interpolation), batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(0))
-    images = list(loader)
-    shapes = np.asarray([image.shape[:2] for image in images], dtype=np.int64).reshape(-1, 2)
-    sizes = shapes.prod(axis=1) * CHANNELS
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    pixels = torch.empty(int(sizes.sum()), dtype=torch.uint8)
-    for image, start, size in zip(images, offsets, sizes):
-        pixels[int(start) : int(start + size)] = image.reshape(-1)
-    return DecodedImages(pixels, shapes, offsets, time.perf_counter() - started)
+    used = 0
+    for index, image in enumerate(loader):
+        size = image.numel()
+        if used + size > pixels.numel():
+            pixels.resize_(max(used + size, pixels.numel() + pixels.numel() // 4))
+        pixels[used : used + size] = image.reshape(-1)
+        shapes[index], offsets[index] = image.shape[:2], used
+        used += size
+    return DecodedImages(pixels[:used], shapes, offsets, time.perf_counter() - started)
 
 
 def keep_decoded(dataset: ImageDataset, preprocessing: Any, budget_mb: int, workers: int) -> DecodedImages | None:
     """Decode a dataset's images once and keep them on it, when their estimated size fits `budget_mb`."""
     if dataset.decoded is None:
         budget = budget_mb * 2**20
-        if estimated_bytes([path for path, _ in dataset.samples], preprocessing.resize, stop_above=budget) > budget:
+        expected = estimated_bytes([path for path, _ in dataset.samples], preprocessing.resize, stop_above=budget)
+        if expected > budget:
             return None
-        dataset.decoded = decode_all(dataset.samples, preprocessing.resize, preprocessing.interpolation, workers)
+        dataset.decoded = decode_all(dataset.samples, preprocessing.resize, preprocessing.interpolation, workers, expected)
     return dataset.decoded
 
 
