@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,17 +14,31 @@ import pytest
 from transferctl.synthetic import tiny_dataset
 
 
+@contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set (None: remove) environment variables for a while, then put back what was there."""
+    saved = {name: os.environ.get(name) for name in values}
+    _set_environment(values)
+    try:
+        yield
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point TORCH_HOME at a temporary folder, so no test reads or fills the real weights cache."""
     home = tmp_path_factory.mktemp("torch_home")
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(home)
-    yield home
-    if previous is None:
-        os.environ.pop("TORCH_HOME", None)
-    else:
-        os.environ["TORCH_HOME"] = previous
+    with environment(TORCH_HOME=str(home)):
+        yield home
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +50,20 @@ def module_tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TRANSFERCTL_CACHE for what runs before a test's own fixtures: module-scoped fixtures train runs too."""
+    folder = tmp_path_factory.mktemp("transferctl-cache")
+    with environment(TRANSFERCTL_CACHE=str(folder), TRANSFERCTL_CACHE_MAX_MB=None):
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def isolated_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point TRANSFERCTL_CACHE at the test's own folder: no test reads or fills ~/.cache/transferctl."""
     folder = tmp_path / "transferctl-cache"
     monkeypatch.setenv("TRANSFERCTL_CACHE", str(folder))
+    monkeypatch.delenv("TRANSFERCTL_CACHE_MAX_MB", raising=False)  # the default limit, whatever this shell says
     return folder
 
 

@@ -67,12 +67,12 @@ class _BuiltFacts:
     def load(cls) -> _BuiltFacts:
         import torchvision
 
-        from transferctl.feature_cache import cache_folder
+        from transferctl.cache_folder import FACTS_FILE, cache_folder
 
         modules = (sys.modules[__name__], sys.modules[layer_groups.__module__], sys.modules[classification_models.__module__])
         sources = b"".join(Path(str(module.__file__)).read_bytes() for module in modules)  # the code that builds and groups
         key = f"torchvision {torchvision.__version__}; {hashlib.blake2b(sources, digest_size=8).hexdigest()}"
-        path = cache_folder() / "backbones.json"
+        path = cache_folder() / FACTS_FILE
         try:
             stored = json.loads(path.read_text())
             facts = stored["facts"] if stored.get("key") == key else {}

@@ -16,8 +16,8 @@ trains on those tensors alone, epochs costing milliseconds instead of a forward 
   features, keeps them in RAM when they fit `data.cache_memory_mb` (else memory-maps them) and saves them
   to the cache folder for the next run. Entries are keyed by backbone, a hash of its weights, the
   preprocessing, augmentation and view count, precision, and every file's path, size and mtime: any
-  change computes new ones. Old entries are never needed again once their key changes; delete the folder
-  at will.
+  change computes new ones. The folder is held under its size limit (cache_folder.py): each new file may
+  remove the least recently used ones; `transferctl cache` lists and clears them.
 - A dropout directly before the head (mobilenet, efficientnet, vgg classifiers) still trains in train mode
   on the cached features, as it would in a full forward pass.
 """
@@ -38,22 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferctl.cache_folder import LIMIT_ENV, describe, features_path, keep_under_limit, limit_bytes, mark_used
 from transferctl.data import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.distributed import active as distributed_active
 from transferctl.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
 from transferctl.engine import Runtime, logits_of
 
-CACHE_ENV = "TRANSFERCTL_CACHE"
 FORMAT = 2  # bump when what a cache file holds changes (2: view 0 is the clean view)
-
-
-def cache_folder() -> Path:
-    """$TRANSFERCTL_CACHE, else $XDG_CACHE_HOME/transferctl, else ~/.cache/transferctl."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "transferctl"
 
 
 def weights_digest(model: nn.Module, head_path: str) -> str:
@@ -110,6 +101,7 @@ class FeatureStore:
     location: str  # "memory" or the file
     reused: bool  # read from an earlier run's file
     seconds: float  # spent computing (0 when reused)
+    saved: Path | None = None  # the cache folder's file of these features, when there is one
 
     @property
     def views(self) -> int:
@@ -164,11 +156,12 @@ def load_or_compute(
     dataset = views.dataset
     labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
     key = spec.key(weights_digest(model, spec.head_path), dataset.samples)
-    path = cache_folder() / f"features-{key}.npy"
+    path = features_path(key)
     reused = _reuse(path, mode, budget_mb, (len(dataset), spec.views))
     if all_ranks_agree(reused is not None):  # under torchrun, every rank computes its part or none does
         assert reused is not None
-        return FeatureStore(reused[0], labels, reused[1], True, 0.0)
+        mark_used(path)
+        return FeatureStore(reused[0], labels, reused[1], True, 0.0, path)
     started = time.perf_counter()
     per_batch = spec.views * max(1, batch_size // spec.views)  # whole images: every batch holds all views of its images
     if not distributed_active():
@@ -176,7 +169,8 @@ def load_or_compute(
         array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path)
     else:
         array, location = _compute_sharded(model, spec, views, per_batch, workers, runtime, mode, path)
-    return FeatureStore(array, labels, location, False, time.perf_counter() - started)
+    saved = path if mode != "memory" and path.is_file() else None
+    return FeatureStore(array, labels, location, False, time.perf_counter() - started, saved)
 
 
 def _reuse(path: Path, mode: str, budget_mb: int, rows: tuple[int, int]) -> tuple[np.ndarray, str] | None:
@@ -346,6 +340,7 @@ class FrozenBodyShortcut:
         self.records: list[dict[str, Any]] = []  # one per build or reuse, for the summary
         self._built: tuple[str, dict[str, Any]] | None = None  # (body digest, feature loaders)
         self._unusable = False
+        self.cache_limit = limit_bytes()  # read now: a mistyped limit stops the run before any work
 
     def path_for(self, plan: Any) -> tuple[nn.Module, dict[str, Any]] | None:
         data = self.config.data
@@ -381,7 +376,25 @@ class FrozenBodyShortcut:
             store = stores[split]
             self.records.append({"phase": plan.name, "split": split, "views": store.views, "location": store.location,
                                  "reused": store.reused, "seconds": round(store.seconds, 3)})  # fmt: skip
+        if is_main():
+            self._file_away(stores)
         train, val = stores["train"], stores["val"]
         how = "reused" if train.reused and val.reused else f"computed in {train.seconds + val.seconds:.1f} s"
         self.notice(f"phase '{plan.name}': the backbone is frozen; training the head on cached features ({train.views} view(s) per image, {how}, {train.location})")
         return {split: FeatureBatches(stores[split], self.loaders[split].batch_size, self.loaders[split].sampler) for split in ("train", "val")}
+
+    def _file_away(self, stores: dict[str, FeatureStore]) -> None:
+        """Describe the feature files this build wrote, then hold the cache folder under its limit."""
+        for split, store in stores.items():
+            if store.saved is not None and not store.reused:
+                describe(store.saved, self._about(split, store))
+        removed = keep_under_limit(self.cache_limit, {store.saved for store in stores.values() if store.saved is not None})
+        if any(entry.kind == "features" for entry in removed):
+            megabytes = sum(entry.size for entry in removed) / 2**20
+            self.notice(f"cache folder over its limit (${LIMIT_ENV}): removed {len(removed)} least recently used file(s), {megabytes:.0f} MB")
+
+    def _about(self, split: str, store: FeatureStore) -> dict[str, Any]:
+        samples = self.loaders[split].dataset.samples
+        return {"backbone": self.backbone.name, "cut": self.backbone.cut, "split": split, "images": len(samples), "views": store.views,
+                "width": int(store.features.shape[2]), "data": os.path.commonpath([str(path.parent) for path, _ in samples]),
+                "augment": self.config.data.augment if split == "train" else "none", "precision": self.runtime.precision}  # fmt: skip

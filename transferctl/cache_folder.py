@@ -1,0 +1,188 @@
+"""The cache folder: where it is, what transferctl keeps in it, and holding it under a size limit. No torch here.
+
+It holds the frozen backbones' features (`features-<key>.npy`, with a `features-<key>.json` that says what
+they are features of), the facts `transferctl backbones` learnt (`backbones.json`), and, while a run is
+writing one, an unfinished `*.tmp-<pid>` file. Each new features file may push the folder past its limit
+(`$TRANSFERCTL_CACHE_MAX_MB`, default 10240): the least recently used features are then removed until it
+fits again, never the one just written. Files of any other name are never touched, so pointing the cache
+at a folder that holds something else loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transferctl.errors import ConfigError, Problem
+
+CACHE_ENV = "TRANSFERCTL_CACHE"
+LIMIT_ENV = "TRANSFERCTL_CACHE_MAX_MB"
+DEFAULT_LIMIT_MB = 10240
+FACTS_FILE = "backbones.json"
+UNFINISHED_GRACE_SECONDS = 600  # an unfinished file this recently written may belong to a run on another machine
+
+
+def cache_folder() -> Path:
+    """$TRANSFERCTL_CACHE, else $XDG_CACHE_HOME/transferctl, else ~/.cache/transferctl."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "transferctl"
+
+
+def limit_bytes() -> int | None:
+    """The folder's size limit from $TRANSFERCTL_CACHE_MAX_MB: megabytes, or `none` for no limit."""
+    text = os.environ.get(LIMIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_LIMIT_MB * 2**20
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        raise ConfigError(Problem(LIMIT_ENV, f"'{text}' is not a size in megabytes", "set a whole number such as 10240, or none for no limit"))
+    return int(text) * 2**20
+
+
+def features_path(key: str) -> Path:
+    return cache_folder() / f"features-{key}.npy"
+
+
+def about_path(features: Path) -> Path:
+    """The small JSON beside a features file that says what the features are of."""
+    return features.with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path
+    kind: str  # features | backbone facts | unfinished
+    size: int  # bytes, its description file included
+    last_used: float  # seconds since the epoch: a reuse touches the file
+    about: dict[str, Any]  # features: backbone, images, views, data; empty for the others
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "kind": self.kind, "megabytes": round(self.size / 2**20, 2), "last_used": self.last_used, **self.about}
+
+
+def entries(folder: Path | None = None) -> list[CacheEntry]:
+    """What transferctl keeps in the folder, least recently used first; nothing when there is no folder."""
+    folder = cache_folder() if folder is None else folder
+    try:
+        files = list(folder.iterdir())
+    except OSError:
+        return []
+    found = [entry for entry in map(_entry, files) if entry is not None]
+    return sorted(found, key=lambda entry: entry.last_used)
+
+
+def _entry(path: Path) -> CacheEntry | None:
+    name = path.name
+    try:
+        stat = path.stat()
+        if name.startswith("features-") and name.endswith(".npy"):
+            about = _read_about(about_path(path))
+            size = stat.st_size + (about_path(path).stat().st_size if about else 0)
+            return CacheEntry(path, "features", size, stat.st_mtime, about)
+        if name == FACTS_FILE:
+            return CacheEntry(path, "backbone facts", stat.st_size, stat.st_mtime, {})
+        if name.startswith("features-") and ".npy.tmp-" in name:
+            return CacheEntry(path, "unfinished", stat.st_size, stat.st_mtime, {})
+    except OSError:
+        return None  # removed meanwhile by another run
+    return None
+
+
+def _read_about(path: Path) -> dict[str, Any]:
+    try:
+        about = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return about if isinstance(about, dict) else {}
+
+
+def describe(features: Path, about: dict[str, Any]) -> None:
+    """Write what a features file holds beside it; the cache works without it, so failing to is no error."""
+    from transferctl.rundir import atomic_write_json
+
+    try:
+        atomic_write_json(about_path(features), about)
+    except OSError:
+        pass
+
+
+def mark_used(path: Path) -> None:
+    """Reusing an entry makes it the most recently used: the limit removes others first."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def is_abandoned(entry: CacheEntry, now: float | None = None) -> bool:
+    """An unfinished file whose run is gone: its process no longer exists here, and it has not grown lately."""
+    if entry.kind != "unfinished":
+        return False
+    if (now if now is not None else time.time()) - entry.last_used < UNFINISHED_GRACE_SECONDS:
+        return False
+    pid = entry.path.name.rpartition(".tmp-")[2]
+    return not (pid.isdigit() and _process_exists(int(pid)))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform that cannot tell: keep the file
+    return True
+
+
+def remove(entry: CacheEntry) -> bool:
+    """Delete an entry (and its description); False when it was gone already or cannot be deleted."""
+    try:
+        entry.path.unlink()
+    except OSError:
+        return False
+    if entry.kind == "features":
+        about_path(entry.path).unlink(missing_ok=True)
+    return True
+
+
+def keep_under_limit(limit: int | None, keep: set[Path], folder: Path | None = None) -> list[CacheEntry]:
+    """Remove abandoned unfinished files, then the least recently used features until the folder fits
+    `limit` (bytes; None: no limit); `keep` (the features this run uses) stays even when over. Returns
+    what was removed."""
+    present = entries(folder)
+    removed = [entry for entry in present if is_abandoned(entry) and remove(entry)]
+    remaining = [entry for entry in present if entry not in removed]
+    total = sum(entry.size for entry in remaining)
+    if limit is None:
+        return removed
+    for entry in remaining:
+        if total <= limit:
+            break
+        if entry.kind == "features" and entry.path not in keep and remove(entry):
+            removed.append(entry)
+            total -= entry.size
+    return removed
+
+
+def clear(older_than_days: float | None = None, folder: Path | None = None) -> list[CacheEntry]:
+    """Remove every entry (or those last used more than `older_than_days` ago), except unfinished files of
+    runs still writing them. Returns what was removed."""
+    now = time.time()
+    cutoff = now - older_than_days * 86400 if older_than_days is not None else None
+    removed = []
+    for entry in entries(folder):
+        if entry.kind == "unfinished" and not is_abandoned(entry, now):
+            continue
+        if cutoff is not None and entry.last_used > cutoff:
+            continue
+        if remove(entry):
+            removed.append(entry)
+    return removed
