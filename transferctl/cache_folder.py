@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ class CacheEntry:
     about: dict[str, Any]  # features: backbone, images, views, data; empty for the others
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "kind": self.kind, "megabytes": round(self.size / 2**20, 2), "last_used": self.last_used, **self.about}
+        used = datetime.fromtimestamp(self.last_used).isoformat(timespec="seconds")
+        return {"path": str(self.path), "kind": self.kind, "megabytes": round(self.size / 2**20, 2), "last_used": used, **self.about}
 
 
 def entries(folder: Path | None = None) -> list[CacheEntry]:
