@@ -15,8 +15,8 @@ trains on those tensors alone, epochs costing milliseconds instead of a forward 
   ~/.cache/transferctl); `auto` reuses a file from an earlier run if there is one, else computes the
   features, keeps them in RAM when they fit `data.cache_memory_mb` (else memory-maps them) and saves them
   to the cache folder for the next run. Entries are keyed by backbone, a hash of its weights, the
-  preprocessing, augmentation and view count, precision, and every file's path, size and mtime: any
-  change computes new ones. The folder is held under its size limit (cache_folder.py): each new file may
+  preprocessing, augmentation and view count, precision, the torch, torchvision and Pillow versions, and
+  every file's path, size and mtime: any change computes new ones. The folder is held under its size limit (cache_folder.py): each new file may
   remove the least recently used ones; `transferctl cache` lists and clears them.
 - A dropout directly before the head (mobilenet, efficientnet, vgg classifiers) still trains in train mode
   on the cached features, as it would in a full forward pass.
@@ -68,6 +68,15 @@ def files_fingerprint(samples: list[Sample]) -> list[list[Any]]:
     return rows
 
 
+def library_versions() -> dict[str, str]:
+    """What computes the features besides the weights: the network (torch), the resize and crop
+    (torchvision), the decoding and resampling (Pillow). An upgrade may move them, so it computes new ones."""
+    import PIL
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """What the features of one split depend on, besides the weights."""
@@ -83,7 +92,7 @@ class CacheSpec:
 
     def key(self, weights: str, samples: list[Sample]) -> str:
         parts = {
-            "format": FORMAT, "torch": torch.__version__, "backbone": self.backbone, "cut": self.cut, "head": self.head_path,
+            "format": FORMAT, "libraries": library_versions(), "backbone": self.backbone, "cut": self.cut, "head": self.head_path,
             "weights": weights, "preprocessing": self.preprocessing, "augment": self.augment, "views": self.views,
             # Augmented views are drawn from the run seed; without augmentation the seed changes nothing.
             "seed": self.seed if self.augment != "none" else None, "precision": self.precision,
