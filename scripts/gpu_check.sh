@@ -17,7 +17,7 @@ if ! "$PY" -c "import pydantic" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'capability', torch.cuda.is_available() and torch.cuda.get_device_capability())" | tee -a "$OUT/gpu.txt"
 status=0
 "$PY" -m pytest -rA tests/test_cuda.py tests/test_engine.py 2>&1 | tee "$OUT/tests.txt" || status=1
 "$PY" scripts/bench.py --device cuda 2>&1 | tee "$OUT/bench.txt" || status=1

@@ -26,6 +26,15 @@ def test_fp16_on_a_cpu_is_a_user_error() -> None:
         choose_precision("fp16", CPU)
 
 
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str) -> None:
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # emulated on a T4 or V100
+    assert choose_precision("auto", torch.device("cuda")) == expected
+    assert choose_precision("fp16", torch.device("cuda")) == "fp16"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_cuda_without_a_gpu_is_a_user_error() -> None:
     assert choose_device("auto").type in ("cpu", "mps")

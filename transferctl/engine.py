@@ -86,13 +86,21 @@ def cpu_has_bf16_units() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_bf16_units(device: torch.device) -> bool:
+    """Ampere (compute capability 8) and later multiply bf16 natively. torch.cuda.is_bf16_supported() also
+    says yes for older GPUs (T4, V100), which only emulate bf16, slower than fp16 with loss scaling."""
+    if torch.version.hip:
+        return True  # ROCm: PyTorch treats every supported AMD GPU as having bf16
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def choose_precision(spec: str, device: torch.device) -> str:
     if spec != "auto":
         if spec == "fp16" and device.type == "cpu":
             raise ConfigError(Problem("precision", "fp16 autocast is for GPUs", "use bf16 or fp32 on a CPU"))
         return spec
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_has_bf16_units(device) else "fp16"
     if device.type == "cpu" and cpu_has_bf16_units():
         return "bf16"
     return "fp32"
