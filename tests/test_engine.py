@@ -133,6 +133,29 @@ def test_fp16_with_the_runs_grad_scaler_learns() -> None:
     assert last.loss < first.loss - 0.1 and last.accuracy > first.accuracy
 
 
+def test_on_batch_hears_of_the_first_and_last_batches_and_one_per_interval() -> None:
+    model = small_classifier()
+    optimizer, scheduler = sgd_with_schedule(model)
+    heard: list[int] = []
+    engine.train_one_epoch(model, colour_batches(6), optimizer, scheduler, Runtime(CPU, "fp32", False), on_batch=lambda i, n, loss: heard.append(i), report_seconds=3600)
+    assert heard == [0, 5]  # not after every batch: on a GPU each read waits for the queued steps
+    heard.clear()
+    engine.train_one_epoch(model, colour_batches(6), optimizer, scheduler, Runtime(CPU, "fp32", False), on_batch=lambda i, n, loss: heard.append(i), report_seconds=0)
+    assert heard == list(range(6))
+
+
+def test_a_diverging_loss_still_stops_the_epoch_between_reports() -> None:
+    model = small_classifier()
+    optimizer, scheduler = sgd_with_schedule(model)
+    batches = colour_batches(4)
+    batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1])
+    with pytest.raises(engine.NonFiniteLossError, match="at batch 4 of 4"):  # noticed at the next report: the last batch
+        engine.train_one_epoch(model, batches, optimizer, scheduler, Runtime(CPU, "fp32", False), on_batch=lambda *args: None, report_seconds=3600)
+    fresh = small_classifier()
+    with pytest.raises(engine.NonFiniteLossError, match="training loss became nan"):  # no reports at all: the epoch's end
+        engine.train_one_epoch(fresh, batches, *sgd_with_schedule(fresh), Runtime(CPU, "fp32", False))
+
+
 def test_batches_go_to_a_gpu_without_blocking_and_stay_put_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The copy's arguments, recorded on any machine: Tensor.to is stood in for, so no GPU is needed."""
     copies: list[tuple[str, bool]] = []

@@ -20,6 +20,7 @@ from transferctl.errors import ConfigError, Problem
 from transferctl.residual_sums import batchnorm_in_fp32
 
 BatchCallback = Callable[[int, int, float], None]  # (batch index, batch count, running loss)
+REPORT_SECONDS = 0.2  # how often train_one_epoch reads the running loss for on_batch
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,15 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     on_batch: BatchCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    report_seconds: float = REPORT_SECONDS,
 ) -> EpochStats:
     """One pass over the batches; the model must already be in the phase's train/eval modes.
 
     should_stop is asked before every step: when it says yes, TrainingStopped abandons the epoch (the
     caller's last checkpoint is the state to go back to). A non-finite loss raises NonFiniteLossError.
+    on_batch hears of the first and last batches and of one every report_seconds in between: reading the
+    running loss waits for the GPU to finish every step queued so far, so doing it after every batch
+    would leave the GPU idle while the next step is being queued.
     """
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
@@ -166,6 +171,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen = 0
     batch_count = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
+    reported = start
     for index, (images, labels) in enumerate(batches):
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped before batch {index + 1} of {batch_count}")
@@ -184,8 +190,10 @@ def train_one_epoch(
         total_loss += loss.detach() * labels.numel()
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.numel()
-        if on_batch is not None:
-            running = float(total_loss) / seen  # a sync point anyway: stop at once if the loss diverged
+        now = time.perf_counter()
+        if on_batch is not None and (index == 0 or index + 1 == batch_count or now - reported >= report_seconds):
+            reported = now
+            running = float(total_loss) / seen  # a sync point anyway: stop now if the loss diverged
             if not math.isfinite(running):
                 raise NonFiniteLossError(f"training loss became {running} at batch {index + 1} of {batch_count}")
             on_batch(index, batch_count, running)
