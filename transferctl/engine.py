@@ -220,18 +220,21 @@ def _scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]], runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits (float32, on CPU) and labels of a loader, in loader order, in eval mode."""
+    """All logits (float32, on CPU) and labels of a loader, in loader order, in eval mode.
+
+    They stay on the device until the end: copying each batch's to the CPU would wait for the GPU every batch.
+    """
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in batches:
         images, labels_on_device = _to_device(images, torch.as_tensor(labels), runtime)
         with runtime.autocast():
             logits = logits_of(model(images))
-        all_logits.append(logits.float().cpu())
-        all_labels.append(labels_on_device.cpu())
+        all_logits.append(logits.float())
+        all_labels.append(labels_on_device)
     if not all_logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> EpochStats:
