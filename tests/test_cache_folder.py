@@ -147,6 +147,18 @@ def test_a_new_features_file_is_described_and_pushes_out_the_oldest(tiny_split_d
     assert any("removed 1 least recently used file(s), 1 MB" in line for line in notices.lines), notices.lines
 
 
+def test_a_reused_entry_without_a_description_gets_one(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
+    from test_cache import head_only
+
+    raw = head_only(tiny_split_data, tmp_path / "a", cache="disk", epochs=1)
+    train(config_from_dict(raw))
+    for about in isolated_feature_cache.glob("features-*.json"):
+        about.unlink()  # as an entry from before descriptions were written
+    summary = train(config_from_dict(raw))
+    assert all(record["reused"] for record in summary["feature_cache"])
+    assert sorted(entry.about["split"] for entry in cf.entries() if entry.kind == "features") == ["train", "val"]
+
+
 def test_a_mistyped_limit_stops_training_before_any_work(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_cache import head_only
 

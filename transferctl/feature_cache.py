@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.cache_folder import LIMIT_ENV, describe, features_path, keep_under_limit, limit_bytes, mark_used
+from transferctl.cache_folder import LIMIT_ENV, about_path, describe, features_path, keep_under_limit, limit_bytes, mark_used
 from transferctl.data import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.distributed import active as distributed_active
 from transferctl.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
@@ -395,7 +395,7 @@ class FrozenBodyShortcut:
     def _file_away(self, stores: dict[str, FeatureStore]) -> None:
         """Describe the feature files this build wrote, then hold the cache folder under its limit."""
         for split, store in stores.items():
-            if store.saved is not None and not store.reused:
+            if store.saved is not None and not (store.reused and about_path(store.saved).is_file()):  # older entries had none
                 describe(store.saved, self._about(split, store))
         removed = keep_under_limit(self.cache_limit, {store.saved for store in stores.values() if store.saved is not None})
         if any(entry.kind == "features" for entry in removed):
