@@ -1,6 +1,7 @@
 """On a CUDA GPU: bf16 (fp16 with loss scaling where bf16 is absent), fp16 asked for, and torch.compile, in
-real training runs. Skipped without a GPU; `bash scripts/gpu_check.sh` runs them on a lent one. The same
-code paths have CPU tests in test_engine.py, test_resume.py and test_train.py."""
+real training runs; evaluate and predict on the GPU against the CPU. Skipped without a GPU; `bash
+scripts/gpu_check.sh` runs them on a lent one. The same code paths have CPU tests in test_engine.py,
+test_resume.py and test_train.py."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ def test_compile_trains_as_without_it(tiny_split_data: Path, tmp_path: Path) -> 
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-2)  # kernels may sum in another order
     weights = torch.load(compiled["checkpoints"]["last"], weights_only=True)["model"]
     assert weights.keys() == torch.load(plain["checkpoints"]["last"], weights_only=True)["model"].keys()
+
+
+def test_evaluate_and_predict_on_the_gpu_agree_with_the_cpu(tiny_split_data: Path, tmp_path: Path) -> None:
+    from transferctl.evaluate import evaluate_run
+    from transferctl.predict import load_predictor
+
+    run = Path(train_on_gpu(tiny_split_data, tmp_path / "runs", precision="auto")["run_dir"])
+    on_gpu, on_cpu = (evaluate_run(run, "last", device=device, precision="fp32").report for device in ("cuda", "cpu"))
+    assert on_gpu["accuracy"] == pytest.approx(on_cpu["accuracy"]) and on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)
+    paths = sorted(str(path) for path in (tiny_split_data / "val").rglob("*.png"))
+    gpu_records, cpu_records = (list(load_predictor(run, "last", device, "fp32", 3).predict(paths, 4)) for device in ("cuda", "cpu"))
+    assert [r["label"] for r in gpu_records] == [r["label"] for r in cpu_records]
+    for mine, theirs in zip(gpu_records, cpu_records):
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-3)
