@@ -10,6 +10,7 @@ at a folder that holds something else loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -110,18 +111,14 @@ def describe(features: Path, about: dict[str, Any]) -> None:
     """Write what a features file holds beside it; the cache works without it, so failing to is no error."""
     from transferctl.rundir import atomic_write_json
 
-    try:
+    with contextlib.suppress(OSError):
         atomic_write_json(about_path(features), about)
-    except OSError:
-        pass
 
 
 def mark_used(path: Path) -> None:
     """Reusing an entry makes it the most recently used: the limit removes others first."""
-    try:
+    with contextlib.suppress(OSError):
         os.utime(path)
-    except OSError:
-        pass
 
 
 def is_abandoned(entry: CacheEntry, now: float | None = None) -> bool:
@@ -151,7 +148,8 @@ def remove(entry: CacheEntry) -> bool:
     except OSError:
         return False
     if entry.kind == "features":
-        about_path(entry.path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            about_path(entry.path).unlink(missing_ok=True)
     return True
 
 
