@@ -103,6 +103,18 @@ def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
     assert "0.95 of the ceiling (target >= 0.90)" in rows[3]
 
 
+def test_gpu_runs_default_to_more_images_and_epochs(bench: ModuleType) -> None:
+    cpu, cuda = bench.parse_args([]), bench.parse_args(["--device", "cuda"])
+    assert (cpu.images, cpu.ft_epochs) == (1000, 2) and (cuda.images, cuda.ft_epochs) == (bench.CUDA_IMAGES, 3)
+    assert bench.parse_args(["--device", "cuda", "--images", "50", "--ft-epochs", "1"]).images == 50
+
+
+def test_transferctl_on_the_gpu_is_timed_in_its_last_epoch(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **options: {**run(800.0), "epoch_speeds": [500.0, 1000.0, 1100.0]})
+    result = bench.contender("transferctl-cuda", tmp_path, tmp_path, bench.parse_args(["--device", "cuda"]))
+    assert result["images_per_second"] == 1100.0  # the first epochs include the workers' start and cuDNN's tuning
+
+
 def test_every_run_computes_its_features_in_a_fresh_cache(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
     import os

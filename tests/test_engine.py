@@ -156,6 +156,14 @@ def test_a_diverging_loss_still_stops_the_epoch_between_reports() -> None:
         engine.train_one_epoch(fresh, batches, *sgd_with_schedule(fresh), Runtime(CPU, "fp32", False))
 
 
+def test_cudnn_times_its_algorithms_only_for_gpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    engine.tune_backend(Runtime(CPU, "fp32", False))
+    assert torch.backends.cudnn.benchmark is False
+    engine.tune_backend(Runtime(torch.device("cuda"), "bf16", True))
+    assert torch.backends.cudnn.benchmark is True
+
+
 def test_batches_go_to_a_gpu_without_blocking_and_stay_put_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The copy's arguments, recorded on any machine: Tensor.to is stood in for, so no GPU is needed."""
     copies: list[tuple[str, bool]] = []

@@ -123,6 +123,7 @@ def prepare_model(model: nn.Module, runtime: Runtime, training: bool = True) -> 
     """Move the model to the runtime's device and layout; for training under CPU bf16, also give the
     BatchNorm layers whose output is summed fp32 input (residual_sums.py; inference never needs it)."""
     model.to(runtime.device)
+    tune_backend(runtime)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     if training and runtime.precision == "bf16" and runtime.device.type == "cpu":
@@ -131,6 +132,13 @@ def prepare_model(model: nn.Module, runtime: Runtime, training: bool = True) -> 
         # In place (nn.Module.compile): state_dict keys stay as they are, so checkpoints load anywhere.
         model.compile()
     return model
+
+
+def tune_backend(runtime: Runtime) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms for each input shape once and keep the fastest:
+    the batches' shape repeats all run long (a last, smaller batch adds one more shape)."""
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
