@@ -105,6 +105,17 @@ def test_unfinished_files_go_only_when_their_run_is_gone(isolated_feature_cache:
     assert [e.path for e in removed] == [gone] and alive.path.exists()
 
 
+def test_a_description_whose_features_were_deleted_by_hand_goes(isolated_feature_cache: Path) -> None:
+    folder = isolated_feature_cache
+    deleted = features(folder, "a", 0.1, used=60, about={"backbone": "resnet18"})
+    kept = features(folder, "b", 0.1, used=60, about={"backbone": "resnet50"})
+    deleted.unlink()
+    stray = [entry for entry in cf.entries() if entry.kind == "stray description"]
+    assert [entry.path for entry in stray] == [cf.about_path(deleted)]
+    assert [entry.path for entry in cf.keep_under_limit(None, keep=set())] == [cf.about_path(deleted)]
+    assert cf.about_path(kept).exists() and not cf.about_path(deleted).exists()
+
+
 def test_the_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cf.limit_bytes() == cf.DEFAULT_LIMIT_MB * MB
     monkeypatch.setenv(cf.LIMIT_ENV, "500")

@@ -1,11 +1,12 @@
 """The cache folder: where it is, what transferctl keeps in it, and holding it under a size limit. No torch here.
 
-It holds the frozen backbones' features (`features-<key>.npy`, with a `features-<key>.json` that says what
-they are features of), the facts `transferctl backbones` learnt (`backbones.json`), and, while a run is
-writing one, an unfinished `*.tmp-<pid>` file. Each new features file may push the folder past its limit
-(`$TRANSFERCTL_CACHE_MAX_MB`, default 10240): the least recently used features are then removed until it
-fits again, never the one just written. Files of any other name are never touched, so pointing the cache
-at a folder that holds something else loses nothing.
+It holds the frozen backbones' features (`features-<key>.npy`, with a `features-<key>.json` that says
+what they are features of), the facts `transferctl backbones` learnt (`backbones.json`), and, while a run
+is writing one, an unfinished `*.tmp-<pid>` file. A description whose features were deleted by hand is a
+stray, removed with the next features file saved. Each new features file may push the folder past its
+limit (`$TRANSFERCTL_CACHE_MAX_MB`, default 10240): the least recently used features are then removed
+until it fits again, never the one just written. Files of any other name are never touched, so pointing
+the cache at a folder that holds something else loses nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def about_path(features: Path) -> Path:
 @dataclass(frozen=True)
 class CacheEntry:
     path: Path
-    kind: str  # features | backbone facts | unfinished
+    kind: str  # features | backbone facts | unfinished | stray description
     size: int  # bytes, its description file included
     last_used: float  # seconds since the epoch: a reuse touches the file
     about: dict[str, Any]  # features: backbone, images, views, data; empty for the others
@@ -94,6 +95,8 @@ def _entry(path: Path) -> CacheEntry | None:
             return CacheEntry(path, "backbone facts", stat.st_size, stat.st_mtime, {})
         if name.startswith("features-") and ".npy.tmp-" in name:
             return CacheEntry(path, "unfinished", stat.st_size, stat.st_mtime, {})
+        if name.startswith("features-") and name.endswith(".json") and not path.with_suffix(".npy").exists():
+            return CacheEntry(path, "stray description", stat.st_size, stat.st_mtime, {})  # its features were deleted by hand
     except OSError:
         return None  # removed meanwhile by another run
     return None
@@ -153,12 +156,16 @@ def remove(entry: CacheEntry) -> bool:
     return True
 
 
+def is_leftover(entry: CacheEntry) -> bool:
+    """What nothing will use again: an abandoned unfinished file, or the description of deleted features."""
+    return entry.kind == "stray description" or is_abandoned(entry)
+
+
 def keep_under_limit(limit: int | None, keep: set[Path], folder: Path | None = None) -> list[CacheEntry]:
-    """Remove abandoned unfinished files, then the least recently used features until the folder fits
-    `limit` (bytes; None: no limit); `keep` (the features this run uses) stays even when over. Returns
-    what was removed."""
+    """Remove leftovers, then the least recently used features until the folder fits `limit` (bytes; None:
+    no limit); `keep` (the features this run uses) stays even when over. Returns what was removed."""
     present = entries(folder)
-    removed = [entry for entry in present if is_abandoned(entry) and remove(entry)]
+    removed = [entry for entry in present if is_leftover(entry) and remove(entry)]
     remaining = [entry for entry in present if entry not in removed]
     total = sum(entry.size for entry in remaining)
     if limit is None:
