@@ -11,7 +11,7 @@ import torch
 from helpers import experiment
 from transferctl.backbones import build_backbone
 from transferctl.config import BackboneConfig, config_from_dict
-from transferctl.errors import ConfigError
+from transferctl.errors import ConfigError, WeightsError
 from transferctl.inference import load_trained_model
 from transferctl.train import prepare, train
 
@@ -148,6 +148,78 @@ def test_unknown_timm_model_suggests_one() -> None:
     pytest.importorskip("timm")
     with pytest.raises(ConfigError, match="did you mean 'resnet18'"):
         build_backbone(BackboneConfig(name="timm:resnet81", weights="none"), 3, None)
+
+
+def without_hub_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of the variables that change how the Hub is reached, whatever this shell has set."""
+    for name in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, and huggingface_hub offline: no test downloads or reads real weights."""
+    pytest.importorskip("timm")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    without_hub_settings(monkeypatch)
+    return tmp_path / "hub"
+
+
+def test_timm_weights_neither_cached_nor_reachable_fail_at_once(empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    from transferctl import timm_backbones
+
+    monkeypatch.setattr(timm_backbones, "hub_reachable", lambda timeout=3.0: (False, "huggingface.co cannot be reached: Name or service not known"))
+    monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: pytest.fail("huggingface_hub would retry for 45 s"))
+    with pytest.raises(WeightsError, match=r"timm weights for resnet18 are not in the local cache and could not be downloaded "
+                                           r"\(huggingface.co cannot be reached: Name or service not known\)"):  # fmt: skip
+        build_backbone(BackboneConfig(name="timm:resnet18", weights="DEFAULT"), 3, None)
+
+
+def test_timm_weights_in_the_hub_cache_need_no_network(empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from transferctl import timm_backbones
+
+    repo = empty_hub_cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    pretrained = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file({name: tensor.contiguous() for name, tensor in pretrained.items()}, str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    monkeypatch.setattr(timm_backbones, "hub_reachable", lambda timeout=3.0: pytest.fail("cached weights need no network"))
+    backbone = build_backbone(BackboneConfig(name="timm:resnet18", weights="DEFAULT"), 3, None)
+    assert torch.equal(backbone.model.conv1.weight, pretrained["conv1.weight"])
+
+
+def test_the_hub_is_probed_only_where_a_connection_can_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from transferctl.timm_backbones import hub_reachable
+
+    without_hub_settings(monkeypatch)
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: pytest.fail("no connection attempt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() == (False, "HF_HUB_OFFLINE is set")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_reachable() == (True, "")  # behind a proxy only huggingface_hub can tell
+    monkeypatch.delenv("HTTPS_PROXY")
+    tried: list[tuple[str, int]] = []
+
+    def refused(address: tuple[str, int], timeout: float) -> None:
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    assert hub_reachable() == (False, "hub.example cannot be reached: Connection refused") and tried == [("hub.example", 8443)]
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: socket.socket())
+    assert hub_reachable() == (True, "")
 
 
 def test_without_timm_the_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,8 @@ def build_timm_backbone(config: BackboneConfig, num_classes: int, image_size: in
     hub = source.lower() != "none" and not source.startswith("run:") and not looks_like_weights_file(source)
     full_name = name if source in ("DEFAULT", "none") or not hub else f"{name}.{source}"
     _check_name(timm, name.split(".")[0])
+    if hub:
+        check_hub_weights_reachable(timm, full_name)
     model = _create(timm, full_name, hub, num_classes, image_size)
     head = _head_path(model)
     from_run = load_weights_on_top(model, head, source, config.name)
@@ -68,10 +70,66 @@ def _create(timm: Any, name: str, pretrained: bool, num_classes: int, image_size
     except (OSError, ValueError) as exc:  # offline: huggingface_hub or torch.hub could not fetch the file
         if not pretrained:
             raise
-        raise WeightsError(
-            Problem("backbone.weights", f"timm weights for {name} are not in the local cache and could not be downloaded ({type(exc).__name__})",
-                    f"on a machine with a network run: python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy the Hugging Face cache (~/.cache/huggingface) here; or use a weights file")
-        ) from None
+        raise not_downloadable(name, type(exc).__name__) from None
+
+
+def not_downloadable(name: str, reason: str) -> WeightsError:
+    return WeightsError(
+        Problem("backbone.weights", f"timm weights for {name} are not in the local cache and could not be downloaded ({reason})",
+                f"on a machine with a network run: python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy the Hugging Face cache (~/.cache/huggingface) here; or use a weights file")
+    )  # fmt: skip
+
+
+HUB_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm asks the Hugging Face Hub for, in turn
+
+
+def check_hub_weights_reachable(timm: Any, name: str) -> None:
+    """Weights that come from the Hugging Face Hub are either in its local cache or must be downloaded; when
+    neither can be, say so in a few seconds: huggingface_hub itself retries for about 45 s before it gives up."""
+    repo, files = _hub_weights(timm, name)
+    if repo is None or _in_hub_cache(repo, files):
+        return
+    reachable, reason = hub_reachable()
+    if not reachable:
+        raise not_downloadable(name, reason)
+
+
+def _hub_weights(timm: Any, name: str) -> tuple[str | None, tuple[str, ...]]:
+    """The Hub repository of a model's pretrained weights and the files timm would fetch; None when they
+    come from elsewhere (a URL, a local file) or the name is unknown (create_model says so better)."""
+    try:
+        config = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        return None, ()
+    if config is None or not config.hf_hub_id:
+        return None, ()
+    return config.hf_hub_id, (config.hf_hub_filename,) if config.hf_hub_filename else HUB_WEIGHTS_FILES
+
+
+def _in_hub_cache(repo: str, files: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, filename), str) for filename in files)
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether a connection to the Hub's host opens, and why not. Behind a proxy it cannot be told this way,
+    so the answer is yes and huggingface_hub finds out itself."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False, "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True, ""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return False, f"{host} cannot be reached: {exc.strerror or type(exc).__name__}"
+    return True, ""
 
 
 def _head_path(model: nn.Module) -> str:
