@@ -79,9 +79,10 @@ def library_versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """What the features of one split depend on, besides the weights."""
+    """What the features of one split depend on, besides its files."""
 
     backbone: str
+    weights: str  # weights_digest of the body
     cut: str | None
     head_path: str
     preprocessing: dict[str, Any]
@@ -90,10 +91,10 @@ class CacheSpec:
     seed: int
     precision: str
 
-    def key(self, weights: str, samples: list[Sample]) -> str:
+    def key(self, samples: list[Sample]) -> str:
         parts = {
             "format": FORMAT, "libraries": library_versions(), "backbone": self.backbone, "cut": self.cut, "head": self.head_path,
-            "weights": weights, "preprocessing": self.preprocessing, "augment": self.augment, "views": self.views,
+            "weights": self.weights, "preprocessing": self.preprocessing, "augment": self.augment, "views": self.views,
             # Augmented views are drawn from the run seed; without augmentation the seed changes nothing.
             "seed": self.seed if self.augment != "none" else None, "precision": self.precision,
             "files": files_fingerprint(samples),
@@ -164,7 +165,7 @@ def load_or_compute(
     """The features of `views` under `spec`: from the cache folder when an earlier run left them, else computed."""
     dataset = views.dataset
     labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
-    key = spec.key(weights_digest(model, spec.head_path), dataset.samples)
+    key = spec.key(dataset.samples)
     path = features_path(key)
     reused = _reuse(path, mode, budget_mb, (len(dataset), spec.views))
     if all_ranks_agree(reused is not None):  # under torchrun, every rank computes its part or none does
@@ -358,7 +359,7 @@ class FrozenBodyShortcut:
         digest = weights_digest(self.model, self.backbone.head_path)
         if self._built is None or self._built[0] != digest:
             try:
-                self._built = (digest, self._build(plan))
+                self._built = (digest, self._build(plan, digest))
             except HeadNotCacheable as exc:
                 self._unusable = True
                 self.notice(f"data.cache: {exc}; training with full forward passes")
@@ -372,10 +373,11 @@ class FrozenBodyShortcut:
         clean.decoded = dataset.decoded
         return clean
 
-    def _build(self, plan: Any) -> dict[str, Any]:
+    def _build(self, plan: Any, digest: str) -> dict[str, Any]:
         data, backbone = self.config.data, self.backbone
         views = data.cached_views if data.augment != "none" else 1
-        spec = CacheSpec(backbone.name, backbone.cut, backbone.head_path, backbone.preprocessing.to_dict(), data.augment, views, self.config.seed, self.runtime.precision)
+        spec = CacheSpec(backbone.name, digest, backbone.cut, backbone.head_path, backbone.preprocessing.to_dict(), data.augment, views,
+                         self.config.seed, self.runtime.precision)  # fmt: skip
         stores = {}
         for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1))):
             loader = self.loaders[split]
