@@ -13,6 +13,8 @@ own process (so every peak-memory figure is its own):
   plain-ft     the tutorial's fine-tuning loop, all layers, fp32 (--ft-epochs)
   raw-best-ft  the same loop with channels-last and bf16 autocast: the best a raw loop gets here
   transferctl-ft  `transferctl train` fine_tune: 1 head epoch (cached), then --ft-epochs of all layers
+  transferctl-ft-worker  the same with `num_workers: 1`: the crops made in a worker process, which on two
+               cores `num_workers: auto` no longer does
   accuracy-fp32, accuracy-auto  `transferctl train` from scratch at 64 px for 8 epochs without augmentation,
                seeds 0-2 (--seeds N: 0 to N-1), precision fp32 and auto (bf16 where the CPU has bf16 units): the accuracy the fast
                paths cost, if any (one seed's noise is larger than the 1 point in question)
@@ -44,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH = 32
-CPU_CONTENDERS = ("plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft", "accuracy-fp32", "accuracy-auto")
+CPU_CONTENDERS = ("plain-fe", "transferctl-fe", "plain-ft", "raw-best-ft", "transferctl-ft", "transferctl-ft-worker", "accuracy-fp32", "accuracy-auto")
 CUDA_CONTENDERS = ("cuda-ceiling", "transferctl-cuda")
 LR = 1e-3
 # Random weights learn little in 2 epochs at 224 px, so accuracies there are chance-level noise. The accuracy
@@ -146,7 +148,8 @@ def transferctl_run(
 
     raw = {
         "name": f"bench-{strategy}", "seed": options.get("seed", 0), "backbone": {"name": name, "weights": "none"},
-        "data": {"root": str(data), "batch_size": BATCH, "augment": options.get("augment", "standard"), "image_size": options.get("image_size")},
+        "data": {"root": str(data), "batch_size": BATCH, "augment": options.get("augment", "standard"), "image_size": options.get("image_size"),
+                 "num_workers": options.get("num_workers", "auto")},
         "strategy": strategy, "schedule": schedule, "device": device, "precision": options.get("precision", "auto"),
         "output": {"dir": str(work / "runs")},
     }  # fmt: skip
@@ -213,9 +216,10 @@ def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> di
         return plain_loop(data, args.ft_epochs, body_trains=True, fast=True)
     if name == "transferctl-fe":
         return transferctl_run(data, work, "feature_extract", [{"name": "head", "epochs": args.fe_epochs, "train": "head", "lr": LR}])
-    if name == "transferctl-ft":
+    if name in ("transferctl-ft", "transferctl-ft-worker"):
         schedule = [{"name": "head", "epochs": 1, "train": "head", "lr": LR}, {"name": "body", "epochs": args.ft_epochs, "train": "all", "lr": LR}]
-        return transferctl_run(data, work, "fine_tune", schedule)
+        # -worker: one data-loading worker process even on two cores, as before crops moved into the training process
+        return transferctl_run(data, work, "fine_tune", schedule, num_workers=1 if name.endswith("-worker") else "auto")
     if name.startswith("accuracy-"):  # the same seed in fp32 and in the fast paths: does bf16 cost accuracy?
         return accuracy_check(data, work, name.removeprefix("accuracy-"), args.seeds)
     if name == "cuda-ceiling":
@@ -336,6 +340,9 @@ def ratio_text(name: str, results: dict[str, dict[str, Any]], args: argparse.Nam
     if name == "raw-best-ft":
         plain = speed_over("plain-ft")
         return "-" if plain is None else f"{plain:.2f}x plain img/s"
+    if name == "transferctl-ft-worker":
+        inline = speed_over("transferctl-ft")
+        return "-" if inline is None else f"transferctl-ft is {1 / inline:.2f}x this"
     if name == "transferctl-ft":
         parts = []
         if (plain := speed_over("plain-ft")) is not None:

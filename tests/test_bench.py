@@ -89,6 +89,17 @@ def test_ratios_use_the_references_that_ran(bench: ModuleType) -> None:
     assert "(median of 2: 26.0, 28.0 img/s)" in text
 
 
+def test_the_worker_row_compares_with_transferctl_as_it_runs(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    options: list[object] = []
+    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **kwargs: options.append(kwargs["num_workers"]) or run(30.0))
+    bench.contender("transferctl-ft", tmp_path, tmp_path, bench.parse_args([]))
+    bench.contender("transferctl-ft-worker", tmp_path, tmp_path, bench.parse_args([]))
+    assert options == ["auto", 1]
+    decoded = {"decoded_images": [{"seconds": 1.0}]}
+    results = {"transferctl-ft": bench.combined([run(39.0, **decoded)]), "transferctl-ft-worker": bench.combined([run(30.0, **decoded)])}
+    assert bench.table(results, bench.parse_args([])).splitlines()[-1].endswith("| transferctl-ft is 1.30x this |")
+
+
 def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> None:
     args = bench.parse_args(["--contenders", "transferctl-fe"])
     text = bench.table({"transferctl-fe": bench.combined([run(5000.0)])}, args)

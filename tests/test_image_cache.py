@@ -132,3 +132,64 @@ def test_a_small_budget_decodes_every_epoch_and_says_so(tmp_path: Path) -> None:
     summary = full_passes(data, tmp_path / "runs", notices, cache_memory_mb=0)
     assert summary["decoded_images"] == []
     assert any("decoded train images need more than 0 MB" in line for line in notices.lines)
+
+
+# --------------------------------------------------------------------------- cropping in the training process
+
+
+def loaders_over(root: Path, workers: int) -> dict:
+    from transferctl.data import make_loader
+
+    samples = samples_of(root)
+    train_set = ImageDataset(samples, build_transform(PRE, "standard", train=True))
+    val_set = ImageDataset(samples, build_transform(PRE, "standard", train=False))
+    return {"train": make_loader(train_set, 3, True, workers, seed=5), "val": make_loader(val_set, 3, False, workers, seed=5)}
+
+
+def test_a_loader_without_workers_gives_the_same_batches(wide_images: Path) -> None:
+    from transferctl.data import set_loader_epoch, without_workers
+
+    loader = loaders_over(wide_images, workers=1)["train"]
+    inline = without_workers(loader)
+    assert inline.num_workers == 0 and inline.sampler is loader.sampler and inline.batch_size == loader.batch_size
+    set_loader_epoch(inline, 3)  # reaches the shared sampler: both now draw epoch 3's order and crops
+    for (a, la), (b, lb) in zip(loader, inline, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_kept_splits_are_cropped_in_this_process_only_when_asked(wide_images: Path, inline: bool) -> None:
+    from transferctl.image_cache import DecodeOnce
+
+    loaders = loaders_over(wide_images, workers=1)
+    notices = Notices()
+    data = config_from_dict(experiment(wide_images, wide_images / "runs")).data
+    once = DecodeOnce(data.model_copy(update={"cache_memory_mb": 1}), PRE, loaders, notices.notice, inline=inline)
+    once.prepare()
+    assert [loaders[split].num_workers for split in ("train", "val")] == ([0, 0] if inline else [1, 1])
+    assert [record["workers"] for record in once.records] == ([0, 0] if inline else [1, 1])
+    assert ("cropped in this process" in notices.lines[-1]) is inline
+
+
+def test_a_split_not_kept_keeps_its_workers(wide_images: Path) -> None:
+    from transferctl.image_cache import DecodeOnce
+
+    loaders = loaders_over(wide_images, workers=1)
+    data = config_from_dict(experiment(wide_images, wide_images / "runs")).data
+    DecodeOnce(data.model_copy(update={"cache_memory_mb": 0}), PRE, loaders, Notices().notice, inline=True).prepare()
+    assert [loaders[split].num_workers for split in ("train", "val")] == [1, 1]  # decoded every epoch: a worker helps
+
+
+def test_crops_go_inline_only_for_cpu_training_on_two_cores_with_automatic_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    from transferctl.engine import Runtime
+    from transferctl.train import crops_inline
+
+    automatic = config_from_dict(experiment(tmp_path, tmp_path / "runs", data={"num_workers": "auto"}))
+    fixed = config_from_dict(experiment(tmp_path, tmp_path / "runs", data={"num_workers": 1}))
+    cpu, gpu = Runtime(torch.device("cpu"), "bf16", True), Runtime(torch.device("cuda"), "bf16", True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert crops_inline(automatic, cpu) and not crops_inline(fixed, cpu) and not crops_inline(automatic, gpu)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert not crops_inline(automatic, cpu)  # more cores: measured nowhere yet, so workers as before

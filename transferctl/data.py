@@ -404,6 +404,15 @@ class EpochSampler:
         return iter(shard_of(list(zip(order.tolist(), seeds[order].tolist())), self.shard, self.pad))
 
 
+def without_workers(loader: Any) -> Any:
+    """The same loader, its batches made in this process: same dataset, batch size, sampler (the same
+    EpochSampler object, so set_loader_epoch still reaches it), generator and pinning."""
+    from torch.utils.data import DataLoader
+
+    sampler = loader.sampler if isinstance(loader.sampler, EpochSampler) else None
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=0, generator=loader.generator, pin_memory=loader.pin_memory)
+
+
 def set_loader_epoch(loader: Any, epoch: int) -> None:
     """Make the next pass over a shuffling loader the one for `epoch` (global, counted from 1)."""
     if isinstance(loader.sampler, EpochSampler):

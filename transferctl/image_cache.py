@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from transferctl.data import ImageDataset, Sample, decode, resized_short_side
+from transferctl.data import ImageDataset, Sample, decode, resized_short_side, without_workers
 
 CHANNELS = 3
 
@@ -137,10 +137,15 @@ def keep_decoded(dataset: ImageDataset, preprocessing: Any, budget_mb: int, work
 
 class DecodeOnce:
     """Before the first epoch that runs the backbone on images, keeps each split's decoded images in memory
-    when they fit; `records` says what was kept, for the run's summary."""
+    when they fit; `records` says what was kept, for the run's summary.
 
-    def __init__(self, data: Any, preprocessing: Any, loaders: dict[str, Any], notice: Any) -> None:
-        self.data, self.preprocessing, self.loaders, self.notice = data, preprocessing, loaders, notice
+    With `inline`, a split kept in memory is then cropped and normalised in the training process itself
+    (its loader in `loaders` is replaced by one without workers): for CPU training on two cores, where the
+    one worker process competes with the model's two threads for the cores (scripts/bench.py measured it).
+    """
+
+    def __init__(self, data: Any, preprocessing: Any, loaders: dict[str, Any], notice: Any, inline: bool = False) -> None:
+        self.data, self.preprocessing, self.loaders, self.notice, self.inline = data, preprocessing, loaders, notice, inline
         self.records: list[dict[str, Any]] = []
         self._done = data.cache == "off"
 
@@ -154,7 +159,12 @@ class DecodeOnce:
             if decoded is None:
                 self.notice(f"data.cache_memory_mb: the decoded {split} images need more than {self.data.cache_memory_mb} MB; decoding them every epoch")
                 continue
-            self.records.append({"split": split, "images": len(decoded), "megabytes": round(decoded.megabytes, 1), "seconds": round(decoded.seconds, 3)})
+            inline = self.inline and loader.num_workers > 0
+            if inline:
+                self.loaders[split] = without_workers(loader)
+            self.records.append({"split": split, "images": len(decoded), "megabytes": round(decoded.megabytes, 1), "seconds": round(decoded.seconds, 3),
+                                 "workers": 0 if inline else loader.num_workers})  # fmt: skip
         if self.records:
             kept = ", ".join(f"{r['split']} {r['images']} ({r['megabytes']:.0f} MB)" for r in self.records)
-            self.notice(f"decoded images kept in memory for the next epochs: {kept}, in {sum(r['seconds'] for r in self.records):.1f} s")
+            where = "; cropped in this process, beside the model's threads" if self.inline and not any(r["workers"] for r in self.records) else ""
+            self.notice(f"decoded images kept in memory for the next epochs: {kept}, in {sum(r['seconds'] for r in self.records):.1f} s{where}")

@@ -30,6 +30,7 @@ from transferctl.data import (
     make_loader,
     resolve_workers,
     set_loader_epoch,
+    spare_cores,
     worker_error,
 )
 from transferctl.distributed import TrainingModule, agreed_stop, device_spec, from_main, is_main, per_rank_batch, process_group, reduce_stats, shard
@@ -212,6 +213,12 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     }
 
 
+def crops_inline(config: ExperimentConfig, runtime: Runtime) -> bool:
+    """Whether images kept decoded are cropped in the training process rather than in a worker: on a
+    two-core CPU, where the worker would take a core from the model's two threads. Only `num_workers: auto`."""
+    return runtime.device.type == "cpu" and config.data.num_workers == "auto" and spare_cores() == 1
+
+
 def write_run_header(run: RunDir, experiment: Experiment, runtime: Runtime, **env_extra: Any) -> None:
     run.write_text("config.yaml", dump_yaml(config_to_dict(experiment.config)))
     run.write_json("classes.json", experiment.splits.classes)
@@ -261,7 +268,7 @@ class _Trainer:
         self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
         self.loaders = session.loaders
         self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice)
-        self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice)
+        self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice, crops_inline(self.config, self.runtime))
         self.run_dir = run
         self.observer = observer
         self.start = start
