@@ -110,12 +110,18 @@ def _read_about(path: Path) -> dict[str, Any]:
     return about if isinstance(about, dict) else {}
 
 
-def describe(features: Path, about: dict[str, Any]) -> None:
-    """Write what a features file holds beside it; the cache works without it, so failing to is no error."""
+def save_json(path: Path, data: Any) -> None:
+    """Write a cache file whole or not at all; a read-only or full cache folder is no error, it only costs
+    the next run the work the file would have saved."""
     from transferctl.rundir import atomic_write_json
 
     with contextlib.suppress(OSError):
-        atomic_write_json(about_path(features), about)
+        atomic_write_json(path, data)
+
+
+def describe(features: Path, about: dict[str, Any]) -> None:
+    """Write what a features file holds beside it (the cache works without it)."""
+    save_json(about_path(features), about)
 
 
 def mark_used(path: Path) -> None:

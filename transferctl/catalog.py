@@ -87,13 +87,10 @@ class _BuiltFacts:
         return self.facts[name]
 
     def save_if_changed(self) -> None:
-        from transferctl.rundir import atomic_write_json
+        from transferctl.cache_folder import save_json
 
         if self.changed:
-            try:
-                atomic_write_json(self.path, {"key": self.key, "facts": self.facts})
-            except OSError:
-                pass  # a read-only cache folder only costs the next listing its seconds
+            save_json(self.path, {"key": self.key, "facts": self.facts})
 
 
 def _weights_entry(weights: Any) -> dict[str, Any]:

@@ -16,8 +16,9 @@ trains on those tensors alone, epochs costing milliseconds instead of a forward 
   features, keeps them in RAM when they fit `data.cache_memory_mb` (else memory-maps them) and saves them
   to the cache folder for the next run. Entries are keyed by backbone, a hash of its weights, the
   preprocessing, augmentation and view count, precision, the torch, torchvision and Pillow versions, and
-  every file's path, size and mtime: any change computes new ones. The folder is held under its size limit (cache_folder.py): each new file may
-  remove the least recently used ones; `transferctl cache` lists and clears them.
+  every file's path, size and mtime: any change computes new ones. The folder is held under its size
+  limit (cache_folder.py): each new file may remove the least recently used ones; `transferctl cache`
+  lists and clears them.
 - A dropout directly before the head (mobilenet, efficientnet, vgg classifiers) still trains in train mode
   on the cached features, as it would in a full forward pass.
 """
