@@ -33,15 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def interleaved(settings: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """images/s of every setting, each round running them all in turn (so drifting speed hits all alike)."""
+def interleaved(settings: dict[str, Callable[[], float]], rounds: int, unit: str = "img/s") -> dict[str, list[float]]:
+    """The speed (in unit) of every setting, each round running them all in turn (so drifting speed hits all alike)."""
     speeds: dict[str, list[float]] = {name: [] for name in settings}
     for measure in settings.values():
         measure()  # warm-up: oneDNN picks and caches its kernels on the first pass
     for _ in range(rounds):
         for name, measure in settings.items():
             speeds[name].append(measure())
-            print(f"{name}: {speeds[name][-1]:.1f} img/s", file=sys.stderr)
+            print(f"{name}: {speeds[name][-1]:.1f} {unit}", file=sys.stderr)
     return speeds
 
 
@@ -114,11 +114,11 @@ def predict_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]
     return settings
 
 
-def table(what: str, speeds: dict[str, list[float]]) -> str:
+def table(what: str, speeds: dict[str, list[float]], unit: str = "images/s") -> str:
     """A markdown table; the first setting is the reference of the ratios."""
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     reference = next(iter(medians.values()))
-    lines = [f"| {what} | images/s (median) | per round | ratio |", "| --- | --- | --- | --- |"]
+    lines = [f"| {what} | {unit} (median) | per round | ratio |", "| --- | --- | --- | --- |"]
     for name, median in medians.items():
         lines.append(f"| {name} | {median:.1f} | {', '.join(f'{v:.1f}' for v in speeds[name])} | {median / reference:.2f}x |")
     return "\n".join(lines)

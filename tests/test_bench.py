@@ -15,12 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_script("bench")
 
 
 def run(speed: float, seconds: float = 100.0, rss: float = 1000.0, **extra: Any) -> dict[str, Any]:
@@ -144,3 +148,17 @@ def test_cuda_mode_without_a_gpu_says_so_in_one_line(bench: ModuleType, tmp_path
     with pytest.raises(SystemExit, match="--device cuda: PyTorch sees no CUDA GPU on this machine"):
         bench.main(["--device", "cuda", "--work", str(tmp_path)])
     assert not (tmp_path / "data").exists()  # refused before writing a thousand images
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_the_optimizer_benchmark_compares_the_fused_step_with_torchs_per_tensor_loop(name: str) -> None:
+    import torchvision
+
+    bench_optimizer = load_script("bench_optimizer")
+    model = torchvision.models.resnet18(weights=None, num_classes=bench_optimizer.CLASSES)
+    fused = bench_optimizer.fine_tuning_optimizer(model, name, fused=True)
+    per_tensor = bench_optimizer.fine_tuning_optimizer(model, name, fused=False)
+    assert all(group["fused"] for group in fused.param_groups)
+    assert not any(group["fused"] or group["foreach"] for group in per_tensor.param_groups)
+    names = [group["name"] for group in fused.param_groups]
+    assert {"stem", "layer4", "head", "head/no_decay"} <= set(names)  # every layer group, as fine-tuning trains them

@@ -95,8 +95,8 @@ def small_classifier() -> torch.nn.Module:
     )
 
 
-def sgd_with_schedule(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+def sgd_with_schedule(model: torch.nn.Module, fused: bool | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
 
 
@@ -109,9 +109,11 @@ def colour_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(images.split(8), labels.split(8)))
 
 
-def test_fp16_steps_whose_gradients_overflow_are_skipped_and_the_scale_drops(recwarn: pytest.WarningsRecorder) -> None:
+# A fused optimizer (phases.build_optimizer's choice) checks the scaler's overflow flag inside its own kernel.
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_steps_whose_gradients_overflow_are_skipped_and_the_scale_drops(recwarn: pytest.WarningsRecorder, fused: bool) -> None:
     model = small_classifier()
-    optimizer, scheduler = sgd_with_schedule(model)
+    optimizer, scheduler = sgd_with_schedule(model, fused)
     before = [parameter.detach().clone() for parameter in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # every scaled gradient overflows
     engine.train_one_epoch(model, colour_batches(3), optimizer, scheduler, FP16, scaler)
@@ -121,9 +123,10 @@ def test_fp16_steps_whose_gradients_overflow_are_skipped_and_the_scale_drops(rec
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]  # true of a skipped step, and noise
 
 
-def test_fp16_with_the_runs_grad_scaler_learns() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_with_the_runs_grad_scaler_learns(fused: bool) -> None:
     model = small_classifier()
-    optimizer, scheduler = sgd_with_schedule(model)
+    optimizer, scheduler = sgd_with_schedule(model, fused)
     scaler = engine.make_grad_scaler(FP16)
     assert scaler is not None and engine.make_grad_scaler(Runtime(CPU, "bf16", False)) is None
     batches = colour_batches(6)

@@ -16,6 +16,7 @@ from transferctl.phases import (
     build_optimizer,
     build_scheduler,
     describe_phase,
+    fused_step_fits,
     lr_factor,
     optimizer_param_groups,
     parameters_by_group,
@@ -148,6 +149,37 @@ def test_biases_and_norm_weights_get_no_weight_decay() -> None:
         expected = 0.0 if group["name"].endswith("/no_decay") else 0.05
         assert group["weight_decay"] == expected
         assert all((p.ndim <= 1) == group["name"].endswith("/no_decay") for p in group["params"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_the_fused_step_makes_the_same_updates_as_the_per_tensor_one(name: str) -> None:
+    # The same gradients go to both: recomputed ones would differ by rounding, which Adam's step can turn
+    # into a sign flip where a gradient is near zero.
+    config = config_from_dict({"data": {"root": "d"}, "optimizer": {"name": name, "weight_decay": 0.05}}).optimizer
+    updated = []
+    for fused in (True, False):
+        model, groups = small_resnet()
+        optimizer = build_optimizer(config, optimizer_param_groups(model, groups, plan(tuple(GROUPS), lr=0.01), 0.05))
+        assert optimizer.defaults["fused"]
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            for parameter in model.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        updated.append(snapshot(model))
+    assert updated[0].keys() == updated[1].keys()
+    for key, tensor in updated[0].items():
+        torch.testing.assert_close(tensor, updated[1][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_no_fused_step_for_parameters_torch_has_no_fused_kernel_for() -> None:
+    on_meta = [{"params": [nn.Parameter(torch.zeros(3, device="meta"))], "lr": 0.1}]
+    whole_numbers = [{"params": [nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)], "lr": 0.1}]
+    assert fused_step_fits(torch.optim.AdamW, [{"params": [nn.Parameter(torch.zeros(3))], "lr": 0.1}])
+    assert not fused_step_fits(torch.optim.AdamW, on_meta)
+    assert not fused_step_fits(torch.optim.AdamW, whole_numbers)
 
 
 def test_parameters_by_group_refuses_an_orphan_parameter() -> None:

@@ -6,6 +6,7 @@ state, no parameter group appears mid-run, and resuming needs only (phase, epoch
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -175,12 +176,35 @@ def group_lrs(plan: PhasePlan, group_names: list[str]) -> dict[str, float]:
     return lrs
 
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+# Devices on which torch's fused Adam, AdamW and SGD steps all exist (CPU from torch 2.4).
+FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+
+
 def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The configured optimizer, with its fused step where torch has one for these parameters.
+
+    A fused step updates a whole parameter group in one kernel. Without it, a CPU step runs a few small
+    ops per tensor: resnet18's AdamW step takes 22 ms where the fused one takes 6 on two cores
+    (scripts/bench_optimizer.py), and a training step there is 700 ms. The update is the same up to rounding.
+    """
+    optimizer_class = OPTIMIZERS[config.name]
+    options: dict[str, Any] = {"lr": param_groups[0]["lr"]}
     if config.name == "sgd":
-        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=config.momentum, nesterov=config.momentum > 0)
-    if config.name == "adam":
-        return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"])
-    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"])
+        options.update(momentum=config.momentum, nesterov=config.momentum > 0)
+    if fused_step_fits(optimizer_class, param_groups):
+        options["fused"] = True
+    return optimizer_class(param_groups, **options)
+
+
+def fused_step_fits(optimizer_class: type[torch.optim.Optimizer], param_groups: list[dict[str, Any]]) -> bool:
+    """Whether this torch has a fused step of the optimizer for parameters on these devices and dtypes."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if "fused" not in inspect.signature(optimizer_class).parameters:
+        return False
+    devices = FUSED_DEVICE_TYPES.intersection(_get_fused_kernels_supported_devices())
+    return all(p.device.type in devices and p.is_floating_point() for group in param_groups for p in group["params"])
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
