@@ -185,8 +185,8 @@ def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]])
     """The configured optimizer, with its fused step where torch has one for these parameters.
 
     A fused step updates a whole parameter group in one kernel. Without it, a CPU step runs a few small
-    ops per tensor: resnet18's AdamW step takes 22 ms where the fused one takes 6 on two cores
-    (scripts/bench_optimizer.py), and a training step there is 700 ms. The update is the same up to rounding.
+    ops per tensor: resnet18's AdamW step took 24 ms where the fused one took 5.5 on two cores
+    (scripts/bench_optimizer.py), of a training step of about 650 ms. The update is the same up to rounding.
     """
     optimizer_class = OPTIMIZERS[config.name]
     options: dict[str, Any] = {"lr": param_groups[0]["lr"]}
