@@ -17,6 +17,7 @@ from transferctl.phases import (
     build_scheduler,
     describe_phase,
     fused_step_fits,
+    load_optimizer_state,
     lr_factor,
     optimizer_param_groups,
     parameters_by_group,
@@ -180,6 +181,26 @@ def test_no_fused_step_for_parameters_torch_has_no_fused_kernel_for() -> None:
     assert fused_step_fits(torch.optim.AdamW, [{"params": [nn.Parameter(torch.zeros(3))], "lr": 0.1}])
     assert not fused_step_fits(torch.optim.AdamW, on_meta)
     assert not fused_step_fits(torch.optim.AdamW, whole_numbers)
+
+
+@pytest.mark.parametrize(("saved_fused", "here_fused"), [(None, True), (True, False)])
+def test_a_resumed_optimizer_keeps_the_step_kind_chosen_here(saved_fused: bool | None, here_fused: bool) -> None:
+    # (None, True): a checkpoint from before fused steps; (True, False): one from a machine that had them.
+    model, groups = small_resnet()
+    config = config_from_dict({"data": {"root": "d"}}).optimizer
+    saved = build_optimizer(config, optimizer_param_groups(model, groups, plan(tuple(GROUPS)), 1e-4))
+    for group in saved.param_groups:
+        group["fused"] = saved_fused
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    saved.step()
+    here = build_optimizer(config, optimizer_param_groups(model, groups, plan(tuple(GROUPS)), 1e-4))
+    for group in here.param_groups:
+        group["fused"] = here_fused
+    load_optimizer_state(here, saved.state_dict())
+    assert all(group["fused"] is here_fused for group in here.param_groups)
+    here.step()  # the step counters sit where this kind of step expects them
+    assert all(float(here.state[p]["step"]) == 2 for p in model.parameters())
 
 
 def test_parameters_by_group_refuses_an_orphan_parameter() -> None:

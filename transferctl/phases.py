@@ -207,6 +207,17 @@ def fused_step_fits(optimizer_class: type[torch.optim.Optimizer], param_groups: 
     return all(p.device.type in devices and p.is_floating_point() for group in param_groups for p in group["params"])
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A checkpoint's optimizer state, keeping the step kind (fused or not) build_optimizer chose here.
+
+    load_state_dict takes every group setting from the checkpoint, and one written on another device or by
+    another torch may name a fused step this one lacks, or lack one it has. The choice goes into the state
+    before loading, because loading places the step counters where that kind of step expects them.
+    """
+    groups = [{**saved, "fused": current.get("fused")} for saved, current in zip(state["param_groups"], optimizer.param_groups, strict=True)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of each group's base lr at an optimizer step: linear warm-up, then constant or cosine."""
     if warmup_steps > 0 and step < warmup_steps:

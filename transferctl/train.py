@@ -61,6 +61,7 @@ from transferctl.phases import (
     build_optimizer,
     build_scheduler,
     describe_phase,
+    load_optimizer_state,
     optimizer_param_groups,
     plan_phases,
     set_train_mode,
@@ -316,7 +317,7 @@ class _Trainer:
                 stage = stage_at(stages, epoch)
                 optimizer, scheduler = self._stage_optimizer(stage)
                 if start is not None and epoch == first_epoch and epoch > stage.first_epoch:
-                    optimizer.load_state_dict(start.optimizer)  # resumed in the middle of this stage
+                    load_optimizer_state(optimizer, start.optimizer)  # resumed in the middle of this stage
                     scheduler.load_state_dict(start.scheduler)
                 if len(stages) > 1 and stage.first_epoch == epoch:
                     self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
