@@ -47,7 +47,7 @@ def fine_tuning_optimizer(model: Any, name: str, fused: bool) -> Any:
 
     config = config_from_dict({"data": {"root": "d"}, "strategy": "fine_tune", "optimizer": {"name": name}})
     groups = layer_groups("resnet18", model)
-    body_phase = plan_phases(config, [name for name, _ in groups])[-1]
+    body_phase = plan_phases(config, [group_name for group_name, _ in groups])[-1]
     optimizer = build_optimizer(config.optimizer, optimizer_param_groups(model, groups, body_phase, config.optimizer.weight_decay))
     for group in optimizer.param_groups:
         group["fused"] = fused
