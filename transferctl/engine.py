@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferctl.allocator import keep_freed_memory
 from transferctl.errors import ConfigError, Problem
 from transferctl.residual_sums import batchnorm_in_fp32
 
@@ -120,12 +121,15 @@ def is_convolutional(model: nn.Module) -> bool:
 
 
 def prepare_model(model: nn.Module, runtime: Runtime, training: bool = True) -> nn.Module:
-    """Move the model to the runtime's device and layout; for training under CPU bf16, also give the
-    BatchNorm layers whose output is summed fp32 input (residual_sums.py; inference never needs it)."""
+    """Move the model to the runtime's device and layout. For CPU training, keep freed memory in the process
+    (allocator.py); under CPU bf16, also give the BatchNorm layers whose output is summed fp32 input
+    (residual_sums.py; inference never needs it)."""
     model.to(runtime.device)
     tune_backend(runtime)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
+    if training and runtime.device.type == "cpu":
+        keep_freed_memory()  # allocator.py: a step's buffers are reused, not mapped and zeroed again
     if training and runtime.precision == "bf16" and runtime.device.type == "cpu":
         batchnorm_in_fp32(model)
     if runtime.compile:
