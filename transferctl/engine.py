@@ -130,8 +130,8 @@ def prepare_model(model: nn.Module, runtime: Runtime, training: bool = True) -> 
         model.to(memory_format=torch.channels_last)
     if training and runtime.device.type == "cpu":
         keep_freed_memory()  # allocator.py: a step's buffers are reused, not mapped and zeroed again
-    if training and runtime.precision == "bf16" and runtime.device.type == "cpu":
-        batchnorm_in_fp32(model)
+        if runtime.precision == "bf16":
+            batchnorm_in_fp32(model)
     if runtime.compile:
         # In place (nn.Module.compile): state_dict keys stay as they are, so checkpoints load anywhere.
         model.compile()
