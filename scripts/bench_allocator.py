@@ -3,8 +3,8 @@
     python scripts/bench_allocator.py [--pairs 6] [--steps 12] [--batch 32] [--size 224]
 
 The setting lasts for a process's life, so every measurement is its own child process: transferctl's
-training step (engine.prepare_model, then engine.train_one_epoch on a fixed batch; resnet18, precision
-auto, the fine-tuning optimizer) for --steps steps after two warm-up steps, once as transferctl runs it
+training step (bench_optimizer.training_steps: engine.prepare_model, then engine.train_one_epoch on a fixed
+batch; resnet18, precision auto, the fine-tuning optimizer) for --steps steps after two warm-up steps, once as transferctl runs it
 ("kept") and once with allocator.keep_freed_memory switched off ("returned", glibc's default). Each pair
 runs both, the order alternating from pair to pair, so drifting speed hits both alike. Prints each
 setting's median images/s, page faults per step and peak RSS, every child's images/s, and the ratio.
@@ -37,30 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def child(setting: str, args: argparse.Namespace) -> dict[str, float]:
     import resource
-    import time
 
-    import torch
-    import torchvision
-
-    from bench_optimizer import fine_tuning_optimizer
+    from bench_optimizer import training_steps
     from transferctl import engine
-    from transferctl.config import SchedulerConfig
-    from transferctl.phases import build_scheduler
 
     if setting == "returned":
         engine.keep_freed_memory = lambda: False
-    model = torchvision.models.resnet18(weights=None, num_classes=8)
-    runtime = engine.make_runtime("cpu", "auto", model)
-    model = engine.prepare_model(model, runtime).train()
-    optimizer = fine_tuning_optimizer(model, "adamw", fused=True)
-    scheduler = build_scheduler(optimizer, SchedulerConfig(name="constant"), 1, args.steps + 2)
-    generator = torch.Generator().manual_seed(0)
-    batch = (torch.rand(args.batch, 3, args.size, args.size, generator=generator), torch.randint(0, 8, (args.batch,), generator=generator))
-    engine.train_one_epoch(model, [batch] * 2, optimizer, scheduler, runtime)
+    run = training_steps(fused=True, batch=args.batch, size=args.size)
+    run(2)  # warm-up: oneDNN picks its kernels, the heap grows to its working size
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    started = time.perf_counter()
-    engine.train_one_epoch(model, [batch] * args.steps, optimizer, scheduler, runtime)
-    seconds = time.perf_counter() - started
+    seconds = run(args.steps)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"images_per_second": args.steps * args.batch / seconds, "faults_per_step": (usage.ru_minflt - faults) / args.steps,
             "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip

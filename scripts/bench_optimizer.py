@@ -72,7 +72,8 @@ def optimizer_speed(name: str, fused: bool, steps: int) -> Callable[[], float]:
     return measure
 
 
-def training_speed(fused: bool, batch: int, size: int, steps: int) -> Callable[[], float]:
+def training_steps(fused: bool, batch: int, size: int) -> Callable[[int], float]:
+    """A function that runs that many of transferctl's training steps on one fixed batch and returns their seconds."""
     import torch
     import torchvision
 
@@ -84,16 +85,21 @@ def training_speed(fused: bool, batch: int, size: int, steps: int) -> Callable[[
     runtime = make_runtime("cpu", "auto", model)
     model = prepare_model(model, runtime).train()
     optimizer = fine_tuning_optimizer(model, "adamw", fused)
-    scheduler = build_scheduler(optimizer, SchedulerConfig(name="constant"), 1, steps)
+    scheduler = build_scheduler(optimizer, SchedulerConfig(name="constant"), 1, 1)  # constant: its length does not matter
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(batch, 3, size, size, generator=generator), torch.randint(0, CLASSES, (batch,), generator=generator))] * steps
+    images = (torch.rand(batch, 3, size, size, generator=generator), torch.randint(0, CLASSES, (batch,), generator=generator))
 
-    def measure() -> float:
+    def run(steps: int) -> float:
         started = time.perf_counter()
-        train_one_epoch(model, batches, optimizer, scheduler, runtime)
-        return steps * batch / (time.perf_counter() - started)
+        train_one_epoch(model, [images] * steps, optimizer, scheduler, runtime)
+        return time.perf_counter() - started
 
-    return measure
+    return run
+
+
+def training_speed(fused: bool, batch: int, size: int, steps: int) -> Callable[[], float]:
+    run = training_steps(fused, batch, size)
+    return lambda: steps * batch / run(steps)
 
 
 def main(argv: list[str] | None = None) -> None:
