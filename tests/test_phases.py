@@ -203,6 +203,37 @@ def test_a_resumed_optimizer_keeps_the_step_kind_chosen_here(saved_fused: bool |
     assert all(float(here.state[p]["step"]) == 2 for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_resumed_fused_step_is_right_whatever_layout_its_state_was_saved_in(name: str) -> None:
+    # torch's fused CPU step pairs a channels-last parameter with contiguous moments element by element
+    # in memory order, silently wrong; load_optimizer_state gives the state the parameter's layout.
+    config = config_from_dict({"data": {"root": "d"}, "optimizer": {"name": name}}).optimizer
+    results = []
+    for saved_layout in (torch.channels_last, torch.contiguous_format):
+        model, groups = small_resnet()
+        model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(config, optimizer_param_groups(model, groups, plan(tuple(GROUPS)), 0.0))
+        generator = torch.Generator().manual_seed(3)
+        gradients = {p: torch.randn(p.shape, generator=generator).contiguous(memory_format=torch.channels_last) if p.ndim == 4 else torch.randn(p.shape, generator=generator) for p in model.parameters()}
+        for parameter in model.parameters():
+            parameter.grad = gradients[parameter]
+        optimizer.step()
+        state = optimizer.state_dict()
+        for per_parameter in state["state"].values():
+            for key, value in per_parameter.items():
+                if isinstance(value, torch.Tensor) and value.ndim == 4:
+                    per_parameter[key] = value.contiguous(memory_format=saved_layout)
+        resumed = build_optimizer(config, optimizer_param_groups(model, groups, plan(tuple(GROUPS)), 0.0))
+        assert resumed.defaults["fused"]
+        load_optimizer_state(resumed, state)
+        for parameter in model.parameters():
+            parameter.grad = gradients[parameter] * 2 + 1  # unlike the first: the moments matter
+        resumed.step()
+        results.append(snapshot(model))
+    for key, tensor in results[0].items():
+        torch.testing.assert_close(results[1][key], tensor, msg=key)
+
+
 def test_parameters_by_group_refuses_an_orphan_parameter() -> None:
     model, groups = small_resnet()
     with pytest.raises(ValueError, match="layer2"):

@@ -216,6 +216,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     """
     groups = [{**saved, "fused": current.get("fused")} for saved, current in zip(state["param_groups"], optimizer.param_groups, strict=True)]
     optimizer.load_state_dict({**state, "param_groups": groups})
+    match_parameter_layouts(optimizer)
+
+
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments, SGD's momentum) its parameter's memory layout.
+
+    torch's fused CPU step walks a parameter and its state as one flat run of memory: with a channels-last
+    parameter and contiguous moments it pairs the wrong elements, silently. A state saved in another
+    layout than this process gives its parameters would otherwise resume into wrong updates.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
