@@ -151,7 +151,7 @@ def transferctl_run(
         "data": {"root": str(data), "batch_size": BATCH, "augment": options.get("augment", "standard"), "image_size": options.get("image_size"),
                  "num_workers": options.get("num_workers", "auto")},
         "strategy": strategy, "schedule": schedule, "device": device, "precision": options.get("precision", "auto"),
-        "output": {"dir": str(work / "runs")},
+        "output": {"dir": str(work / "runs"), **options.get("output", {})},
     }  # fmt: skip
     started = time.perf_counter()
     summary = train(config_from_dict(raw))

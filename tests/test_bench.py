@@ -162,3 +162,29 @@ def test_the_optimizer_benchmark_compares_the_fused_step_with_torchs_per_tensor_
     assert not any(group["fused"] or group["foreach"] for group in per_tensor.param_groups)
     names = [group["name"] for group in fused.param_groups]
     assert {"stem", "layer4", "head", "head/no_decay"} <= set(names)  # every layer group, as fine-tuning trains them
+
+
+def test_the_checkpoint_benchmark_changes_only_when_checkpoints_are_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferctl.rundir import RunDir
+
+    bench_checkpoints = load_script("bench_checkpoints")
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fake_run(*args: Any, **options: Any) -> dict[str, Any]:
+        calls.append((args, options))
+        RunDir(tmp_path).save_checkpoint("last", {"epoch": len(calls)})
+        RunDir(tmp_path).write_json("summary.json", {})  # not a checkpoint: not counted
+        return run(1.0)
+
+    monkeypatch.setattr(bench_checkpoints, "transferctl_run", fake_run)
+    real_write = RunDir._write
+    per_run: dict[str, tuple[int, int]] = {}
+    with bench_checkpoints.CheckpointWrites() as writes:
+        for seconds in (0, 30):
+            bench_checkpoints.feature_extract_run(tmp_path / "data", tmp_path, 3, seconds, writes, per_run)()
+    assert RunDir._write is real_write
+    (first_args, first), (second_args, second) = calls
+    assert first_args == second_args and first == {"output": {"checkpoint_seconds": 0}} and second == {"output": {"checkpoint_seconds": 30}}
+    assert first_args[3] == [{"name": "head", "epochs": 3, "train": "head", "lr": bench_checkpoints.LR}]
+    size = (tmp_path / "checkpoints" / "last.pt").stat().st_size
+    assert per_run == {"checkpoint_seconds: 0": (1, size), "checkpoint_seconds: 30": (1, size)}

@@ -56,11 +56,11 @@ def test_unknown_field_suggests_the_close_name(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
-    text = "data: {root: d, batch_size: 0}\nschedule:\n  - {name: a, epochs: -1, lr: 0}\nstrategy: fine_tun\n"
+    text = "data: {root: d, batch_size: 0}\nschedule:\n  - {name: a, epochs: -1, lr: 0}\nstrategy: fine_tun\noutput: {checkpoint_seconds: -1}\n"
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     joined = "\n".join(messages(caught.value))
-    for where in ("data.batch_size", "schedule[0].epochs", "schedule[0].lr", "strategy"):
+    for where in ("data.batch_size", "schedule[0].epochs", "schedule[0].lr", "strategy", "output.checkpoint_seconds"):
         assert where in joined
 
 

@@ -43,9 +43,11 @@ MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc")
 CHILD = cli_with_patched_decoding("import torch\ntorch.set_num_threads(1)\n" + slow_decoding(0.05))
 
 
-def raw_experiment(data: Path, runs: Path) -> dict[str, Any]:
+def raw_experiment(data: Path, runs: Path, checkpoint_seconds: float = 0) -> dict[str, Any]:
     # mobilenet_v3_small: BatchNorm statistics and dropout (the RNG state matters), and fast on a CPU.
-    return experiment(data, runs, backbone={"name": "mobilenet_v3_small", "weights": "none"}, schedule=SCHEDULE, data={"augment": "standard"})
+    # checkpoint_seconds 0: every epoch is written at once, so that a kill -9 after any epoch keeps it.
+    return experiment(data, runs, backbone={"name": "mobilenet_v3_small", "weights": "none"}, schedule=SCHEDULE, data={"augment": "standard"},
+                      output={"checkpoint_seconds": checkpoint_seconds})  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -225,6 +227,53 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_resume_finishes_the_run(c
     assert_same_run(run, reference)
 
 
+# --------------------------------------------------------------------------- checkpoints held between writes
+
+
+class StopInSecondEpoch(SilentObserver):
+    """A Ctrl-C after the first step of global epoch 2: that step has changed the model since epoch 1 ended."""
+
+    def __init__(self) -> None:
+        self.epochs = 0
+
+    def batch_done(self, index: int, count: int, running_loss: float) -> None:
+        if self.epochs == 1 and index == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.epochs += 1
+
+
+def test_a_stop_writes_the_epoch_held_in_memory_and_resume_matches_an_uninterrupted_run(data: Path, reference: Path, tmp_path: Path, heeded_sigint: None) -> None:
+    config_file = write_experiment(tmp_path / "experiment.yaml", raw_experiment(data, tmp_path / "runs", checkpoint_seconds=3600))
+    run = tmp_path / "run"
+
+    with pytest.raises(TrainingInterrupted, match="during phase 'head' epoch 2"):
+        train(load_config(config_file), run, StopInSecondEpoch())
+
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["global_epoch"] == 1
+    assert [r["global_epoch"] for r in rows(run)] == [1]
+    resume(run)
+    assert_same_run(run, reference)
+
+
+def test_within_a_phase_checkpoints_wait_for_the_interval_and_end_up_the_same(data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[tuple[str, int]] = []
+    real = RunDir.save_checkpoint
+    monkeypatch.setattr(RunDir, "save_checkpoint", lambda run, kind, payload: writes.append((kind, payload["global_epoch"])) or real(run, kind, payload))
+    config_file = write_experiment(tmp_path / "experiment.yaml", raw_experiment(data, tmp_path / "runs", checkpoint_seconds=3600))
+
+    train(load_config(config_file), tmp_path / "run")
+
+    assert [epoch for kind, epoch in writes if kind == "last"] == [2, 4]  # the ends of the two phases
+    assert_same_run(tmp_path / "run", reference)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    expected = torch.load(reference / "checkpoints" / "best.pt", weights_only=True)
+    assert best["global_epoch"] == expected["global_epoch"]
+    for name, tensor in expected["model"].items():
+        assert torch.allclose(best["model"][name].float(), tensor.float(), rtol=1e-4, atol=1e-6), name
+
+
 def test_resume_drops_rows_of_an_epoch_that_was_cut_short(stopped: Path, reference: Path, tmp_path: Path) -> None:
     run = copy_run(stopped, tmp_path)
     torn = rows(run) + [{**rows(run)[-1], "global_epoch": 3, "phase": "body", "epoch": 1}]
@@ -333,8 +382,10 @@ def test_incompatible_config_changes_are_refused(stopped: Path, tmp_path: Path, 
 
 
 def test_incompatibilities_allow_the_device_and_phases_not_yet_started() -> None:
-    trained = {"device": "cuda", "data": {"num_workers": 4, "batch_size": 8}, "schedule": [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 5}]}
-    now = {"device": "cpu", "data": {"num_workers": 0, "batch_size": 8}, "schedule": [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 9}, {"name": "c", "epochs": 1}]}
+    trained = {"device": "cuda", "data": {"num_workers": 4, "batch_size": 8}, "output": {"checkpoint_seconds": 30},
+               "schedule": [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 5}]}  # fmt: skip
+    now = {"device": "cpu", "data": {"num_workers": 0, "batch_size": 8}, "output": {"checkpoint_seconds": 0},
+           "schedule": [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 9}, {"name": "c", "epochs": 1}]}  # fmt: skip
 
     assert incompatibilities(trained, now, phases_started=1, where="config.yaml") == []
     (problem,) = incompatibilities(trained, now, phases_started=2, where="config.yaml")

@@ -121,6 +121,11 @@ class EarlyStoppingConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs"), description="runs go to <dir>/<name>-<YYYYmmdd-HHMMSS>; relative to the experiment file")
+    checkpoint_seconds: float = Field(
+        30.0, ge=0,
+        description="checkpoints and metric files are written at the end of every phase and, within a phase, after the first epoch "
+                    "that ends this many seconds after the last write (0: after every epoch); stopping writes the last finished epoch",
+    )  # fmt: skip
 
 
 class LoggingConfig(_Section):

@@ -30,7 +30,7 @@ from transferctl.train import (
 )
 
 # Fields a resume may change: none of them changes what the next epoch computes on a CPU.
-CHANGEABLE = ("name", "device", "precision", "output.dir", "data.root", "data.num_workers", "data.on_bad_image", "early_stopping.patience", "logging.tensorboard")
+CHANGEABLE = ("name", "device", "precision", "output.dir", "output.checkpoint_seconds", "data.root", "data.num_workers", "data.on_bad_image", "early_stopping.patience", "logging.tensorboard")
 RESUME_STATE = ("optimizer", "scheduler", "rng", "rows", "phase_done", "stale", "config", "phase_index", "epoch")
 
 

@@ -1,8 +1,8 @@
 """train(config) -> summary: data, backbone and phases composed into a run directory.
 
-Every epoch ends with a checkpoint (checkpoints/last.pt) that holds all an uninterrupted run would carry
-into the next epoch: model, optimizer, scheduler, grad scaler, early-stopping state, best row, metric rows
-and random-number-generator states. The shuffle order and augmentations of an epoch depend only on
+Every epoch ends with a checkpoint (checkpoints/last.pt, written at once or soon after: checkpointing.py)
+that holds all an uninterrupted run would carry into the next epoch: model, optimizer, scheduler, grad
+scaler, early-stopping state, best row, metric rows and random-number-generator states. The shuffle order and augmentations of an epoch depend only on
 (seed, global epoch), so resuming from last.pt (resume.py) continues exactly as if nothing had happened.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from transferctl import __version__
 from transferctl.backbones import Backbone, build_backbone
+from transferctl.checkpointing import CheckpointSaver
 from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml
 from transferctl.data import (
     DatasetSplits,
@@ -49,7 +50,7 @@ from transferctl.engine import (
     seed_everything,
     train_one_epoch,
 )
-from transferctl.errors import CheckpointError, DataError, Problem, TrainingError, TrainingInterrupted
+from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
 from transferctl.feature_cache import FrozenBodyShortcut
 from transferctl.image_cache import DecodeOnce
 from transferctl.interrupts import StopRequest, stop_on_signals
@@ -271,6 +272,7 @@ class _Trainer:
         self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice)
         self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice, crops_inline(self.config, self.runtime))
         self.run_dir = run
+        self.saver = CheckpointSaver(run, self.config.output.checkpoint_seconds, f"free disk space, then: {resume_command(run.path)}")
         self.observer = observer
         self.start = start
         self.rows: list[dict[str, Any]] = list(start.rows) if start else []
@@ -294,6 +296,8 @@ class _Trainer:
                     self._run_phase(plan, start if resuming else None)
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; atomic writes left every file whole
                 raise self._interrupted(*self.position) from None
+            finally:
+                self.saver.flush()  # stopped, diverged or failed: the last finished epoch still reaches the disk
         summary = self._summary()
         self.run_dir.write_json("summary.json", summary)
         return summary
@@ -375,7 +379,7 @@ class _Trainer:
 
     def _diverged(self, plan: PhasePlan, epoch: int, what: str) -> TrainingError:
         last = self.run_dir.checkpoints / "last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch finished, so no checkpoint was written"
+        kept = f"the last good checkpoint is {last}" if self.rows else "no epoch finished, so no checkpoint was written"
         hint = f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again"
         if self.rows and self.rows[-1]["phase_index"] < plan.index:
             # The phase had not saved an epoch yet, so a resume may still change its learning rate.
@@ -426,32 +430,28 @@ class _Trainer:
         return row[metric] > than[metric]
 
     def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, state: _PhaseState, optimizer: Any, scheduler: Any, scaler: Any) -> None:
-        """best.pt, then last.pt, then the metric files: whatever a crash cuts short, last.pt is the truth
-        (a resume rewrites the metrics from it, and recomputes an epoch whose last.pt was not written)."""
+        """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
+        last.pt with all a resume needs. The saver writes them now or soon (checkpointing.py)."""
         self.rows.append(row)
         improved = self.best is None or self._better(row, self.best)
         if improved:
             self.best = row
+        if not self.run_dir.writer:
+            return
         payload = self._payload(plan, epoch)
-        try:
-            if improved:
-                self.run_dir.save_checkpoint("best", payload)
-            payload.update(
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                rng=rng_states(),
-                phase_done=done,
-                phase_best=dict(state.best) if state.best else None,
-                stale=state.stale,
-                rows=[dict(r) for r in self.rows],
-                elapsed=self._elapsed(),
-            )
-            self.run_dir.save_checkpoint("last", payload)
-            self.run_dir.write_metrics(self.rows)
-        except CheckpointError as exc:
-            hint = f"free disk space, then: {resume_command(self.run_dir.path)}"
-            raise CheckpointError(*(Problem(p.where, p.message, hint) for p in exc.problems)) from None
+        last = {
+            **payload,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_states(),
+            "phase_done": done,
+            "phase_best": dict(state.best) if state.best else None,
+            "stale": state.stale,
+            "rows": [dict(r) for r in self.rows],
+            "elapsed": self._elapsed(),
+        }
+        self.saver.save(last, payload if improved else None, self.saver.is_due(done))
 
     def _payload(self, plan: PhasePlan, epoch: int) -> dict[str, Any]:
         backbone = self.experiment.backbone
