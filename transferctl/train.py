@@ -2,8 +2,9 @@
 
 Every epoch ends with a checkpoint (checkpoints/last.pt, written at once or soon after: checkpointing.py)
 that holds all an uninterrupted run would carry into the next epoch: model, optimizer, scheduler, grad
-scaler, early-stopping state, best row, metric rows and random-number-generator states. The shuffle order and augmentations of an epoch depend only on
-(seed, global epoch), so resuming from last.pt (resume.py) continues exactly as if nothing had happened.
+scaler, early-stopping state, best row, metric rows and random-number-generator states. The shuffle order
+and augmentations of an epoch depend only on (seed, global epoch), so resuming from last.pt (resume.py)
+continues exactly as if nothing had happened.
 """
 
 from __future__ import annotations
