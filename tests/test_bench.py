@@ -81,7 +81,7 @@ def test_repeats_become_medians_and_the_largest_peak_memory(bench: ModuleType) -
 
 def test_ratios_use_the_references_that_ran(bench: ModuleType) -> None:
     args = bench.parse_args(["--contenders", "plain-ft,transferctl-ft", "--repeat", "2"])
-    decoded = {"decoded_images": [{"seconds": 1.5}, {"seconds": 0.5}]}
+    decoded = {"decoded_images": [{"seconds": 1.5}, {"seconds": 0.5}], "data_waits": [0.04, 0.06]}
     results = {
         "plain-ft": bench.combined([run(10.0), run(12.0)]),
         "transferctl-ft": bench.combined([run(26.0, **decoded), run(28.0, **decoded)]),
@@ -90,6 +90,7 @@ def test_ratios_use_the_references_that_ran(bench: ModuleType) -> None:
     assert "2.45x plain img/s (target >= 2.4)" in text  # 27 / 11
     assert "raw best" not in text  # raw-best-ft did not run
     assert "decoding once took 2.0 s" in text
+    assert "waited for data up to 6% of an epoch" in text
     assert "(median of 2: 26.0, 28.0 img/s)" in text
 
 
@@ -99,7 +100,7 @@ def test_the_worker_row_compares_with_transferctl_as_it_runs(bench: ModuleType, 
     bench.contender("transferctl-ft", tmp_path, tmp_path, bench.parse_args([]))
     bench.contender("transferctl-ft-worker", tmp_path, tmp_path, bench.parse_args([]))
     assert options == ["auto", 1]
-    decoded = {"decoded_images": [{"seconds": 1.0}]}
+    decoded = {"decoded_images": [{"seconds": 1.0}], "data_waits": [0.05]}
     results = {"transferctl-ft": bench.combined([run(39.0, **decoded)]), "transferctl-ft-worker": bench.combined([run(30.0, **decoded)])}
     assert bench.table(results, bench.parse_args([])).splitlines()[-1].endswith("| transferctl-ft is 1.30x this |")
 
@@ -112,10 +113,10 @@ def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> N
 
 def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
     args = bench.parse_args(["--device", "cuda"])
-    results = {"cuda-ceiling": bench.combined([{**run(2000.0), "precision": "fp16"}]), "transferctl-cuda": bench.combined([run(1900.0)])}
+    results = {"cuda-ceiling": bench.combined([{**run(2000.0), "precision": "fp16"}]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123)])}
     rows = bench.table(results, args).splitlines()
     assert rows[2].startswith("| cuda-ceiling |") and rows[2].endswith("| 1.00 (fp16, one batch already on the GPU) |")
-    assert "0.95 of the ceiling (target >= 0.90)" in rows[3]
+    assert "0.95 of the ceiling (target >= 0.90), waited for data 12% of the epoch" in rows[3]
 
 
 def test_gpu_runs_default_to_more_images_and_epochs(bench: ModuleType) -> None:
@@ -125,9 +126,10 @@ def test_gpu_runs_default_to_more_images_and_epochs(bench: ModuleType) -> None:
 
 
 def test_transferctl_on_the_gpu_is_timed_in_its_last_epoch(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **options: {**run(800.0), "epoch_speeds": [500.0, 1000.0, 1100.0]})
+    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **options: {**run(800.0), "epoch_speeds": [500.0, 1000.0, 1100.0], "data_waits": [0.5, 0.2, 0.1]})
     result = bench.contender("transferctl-cuda", tmp_path, tmp_path, bench.parse_args(["--device", "cuda"]))
     assert result["images_per_second"] == 1100.0  # the first epochs include the workers' start and cuDNN's tuning
+    assert result["data_wait"] == 0.1
 
 
 def test_every_run_computes_its_features_in_a_fresh_cache(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -171,7 +171,7 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
         rows = torch.arange(7, dtype=torch.float32).unsqueeze(1)  # 7 rows: rank 0 has 4, rank 1 has 3
         gathered = gather_shards(rows[rank::2], total=7)
         agreed = (all_ranks_agree(True), all_ranks_agree(rank == 0))
-        stats = reduce_stats(EpochStats(loss=1.0 + rank, accuracy=0.5 * rank, images=2 - rank, seconds=1.0 + rank))
+        stats = reduce_stats(EpochStats(loss=1.0 + rank, accuracy=0.5 * rank, images=2 - rank, seconds=1.0 + rank, data_seconds=0.5 - 0.25 * rank))
         try:
             from_main(_missing_root)
             copied = ""
@@ -183,7 +183,7 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
         first = stepped()
         same, reduced = stepped() is first, first.module is model
         model[0].requires_grad_(True)
-        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds), copied, same, reduced, stepped() is not first, agreed))
+        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds, stats.data_seconds), copied, same, reduced, stepped() is not first, agreed))
     finally:
         dist.destroy_process_group()
 
@@ -203,7 +203,7 @@ def test_collective_helpers_across_two_ranks(tmp_path: Path) -> None:
         gathered, stats, copied, same, wrapped_model, rewrapped, agreed = got[rank]
         assert agreed == (True, False)  # false as soon as one rank says no
         assert gathered == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # back in order on every rank
-        assert stats == pytest.approx((4.0 / 3, 0.5 / 3, 3, 2.0))  # sums over images, the slowest rank's time
+        assert stats == pytest.approx((4.0 / 3, 0.5 / 3, 3, 2.0, 0.5))  # sums over images, the slowest rank's times
         assert copied.startswith("data.root: no such folder") and copied.endswith(f"echoed={rank == 1}")
         assert same and wrapped_model and rewrapped  # DDP rebuilt only when what trains changed
 

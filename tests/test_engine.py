@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Iterator
+
 import pytest
 import torch
 import torchvision
@@ -145,6 +148,31 @@ def test_on_batch_hears_of_the_first_and_last_batches_and_one_per_interval() -> 
     heard.clear()
     engine.train_one_epoch(model, colour_batches(6), optimizer, scheduler, Runtime(CPU, "fp32", False), on_batch=lambda i, n, loss: heard.append(i), report_seconds=0)
     assert heard == list(range(6))
+
+
+class SlowBatches:
+    """Batches that take `delay` seconds each to arrive, as from a loader that does not keep up."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], delay: float) -> None:
+        self.batches, self.delay = batches, delay
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_an_epoch_reports_the_time_it_waited_for_its_batches() -> None:
+    model = small_classifier()
+    optimizer, scheduler = sgd_with_schedule(model)
+    runtime = Runtime(CPU, "fp32", False)
+    slow = engine.train_one_epoch(model, SlowBatches(colour_batches(4), 0.05), optimizer, scheduler, runtime)
+    ready = engine.train_one_epoch(model, colour_batches(4), optimizer, scheduler, runtime)
+    assert 0.2 <= slow.data_seconds <= slow.seconds
+    assert 0.0 <= ready.data_seconds < slow.data_seconds
 
 
 def test_a_diverging_loss_still_stops_the_epoch_between_reports() -> None:

@@ -209,7 +209,8 @@ def reduce_stats(stats: Any) -> Any:
     """One epoch's EpochStats summed over ranks: the mean loss and accuracy over every rank's images.
 
     Sums of loss and of correct predictions are reduced, never means, so the result equals one process's
-    over the same images; a rank without images adds nothing. Seconds are the slowest rank's.
+    over the same images; a rank without images adds nothing. Seconds (and seconds waiting for data) are
+    the slowest rank's.
     """
     if not active():
         return stats
@@ -224,12 +225,13 @@ def reduce_stats(stats: Any) -> Any:
         dtype=torch.float64,
     )
     dist.all_reduce(sums)
-    slowest = torch.tensor([stats.seconds], dtype=torch.float64)
+    slowest = torch.tensor([stats.seconds, stats.data_seconds], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    seconds, data_seconds = slowest.tolist()
     loss_sum, correct, images = sums.tolist()
     if images == 0:
-        return EpochStats(float("nan"), float("nan"), 0, float(slowest))
-    return EpochStats(loss_sum / images, correct / images, int(images), float(slowest))
+        return EpochStats(float("nan"), float("nan"), 0, seconds, data_seconds)
+    return EpochStats(loss_sum / images, correct / images, int(images), seconds, data_seconds)
 
 
 def wrap_for_training(model: Any, device: Any) -> Any:

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class EpochStats:
     accuracy: float
     images: int
     seconds: float
+    data_seconds: float = 0.0  # of `seconds`, spent waiting for the next batch (training only)
 
     @property
     def images_per_second(self) -> float:
@@ -184,7 +185,8 @@ def train_one_epoch(
     seen = 0
     batch_count = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
     reported = start
-    for index, (images, labels) in enumerate(batches):
+    waiting = WaitTimer(batches)
+    for index, (images, labels) in enumerate(waiting):
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped before batch {index + 1} of {batch_count}")
         images, labels = _to_device(images, labels, runtime)
@@ -212,7 +214,29 @@ def train_one_epoch(
     mean_loss = float(total_loss) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"training loss became {mean_loss}")
-    return EpochStats(mean_loss, float(correct) / max(seen, 1), seen, time.perf_counter() - start)
+    return EpochStats(mean_loss, float(correct) / max(seen, 1), seen, time.perf_counter() - start, waiting.seconds)
+
+
+class WaitTimer:
+    """Iterates like `items`, adding up the time spent waiting for each next item in `seconds`.
+
+    For a training loop that is the time the model waited for data: decoding and augmenting in this process
+    (no workers), or workers that do not keep up. On a GPU the steps run asynchronously, so a model that is
+    the bottleneck makes the loop wait at its sync points instead, never here.
+    """
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.seconds = items, 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator, end = iter(self.items), object()
+        while True:
+            asked = time.perf_counter()
+            item = next(iterator, end)
+            self.seconds += time.perf_counter() - asked
+            if item is end:
+                return
+            yield item
 
 
 def _scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> None:

@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 METRIC_COLUMNS = (
     "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
-    "val_loss", "val_acc", "seconds", "images_per_second",
+    "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds",
 )  # fmt: skip
 
 

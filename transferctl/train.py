@@ -412,6 +412,7 @@ class _Trainer:
             "val_acc": val.accuracy,
             "seconds": round(stats.seconds + val.seconds, 3),
             "images_per_second": round(stats.images_per_second, 1),
+            "data_seconds": round(stats.data_seconds, 3),  # of the training's seconds, waiting for batches
         }
 
     def _early_stop(self, plan: PhasePlan, state: _PhaseState, row: dict[str, Any]) -> bool:
@@ -490,6 +491,7 @@ class _Trainer:
             "epochs": len(self.rows),
             "seconds": round(self._elapsed(), 2),
             "train_seconds": round(train_seconds, 2),
+            "data_seconds": round(sum(r.get("data_seconds", 0.0) for r in self.rows), 2),  # rows of older runs lack it
             "images_per_second": round(mean_speed, 1),
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
