@@ -89,7 +89,7 @@ def test_training_writes_epoch_scalars_and_evaluate_adds_the_confusion_matrix(ti
     result = runner.invoke(app, ["train", str(config), "--run-dir", str(run), "--quiet"])
     assert result.exit_code == 0, result.output
     found = scalars(run / "tensorboard")
-    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "speed/images_per_second"):
+    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "speed/images_per_second", "speed/data_seconds"):
         assert [step for step, _ in found[tag]] == [1, 2], tag
     assert [step for step, _ in found["lr/head"]] == [1, 2]
     # phase 1 trains the head only; phase 2 every group, the body at lr x 0.1

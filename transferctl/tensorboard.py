@@ -29,6 +29,7 @@ EPOCH_SCALARS = {  # metric row field -> TensorBoard tag
     "train_acc": "accuracy/train",
     "val_acc": "accuracy/val",
     "images_per_second": "speed/images_per_second",
+    "data_seconds": "speed/data_seconds",
 }
 
 
