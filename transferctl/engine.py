@@ -222,7 +222,7 @@ class WaitTimer:
 
     For a training loop that is the time the model waited for data: decoding and augmenting in this process
     (no workers), or workers that do not keep up. On a GPU the steps run asynchronously, so a model that is
-    the bottleneck makes the loop wait at its sync points instead, never here.
+    the bottleneck makes the loop wait at its sync points instead, while the workers fill their queue.
     """
 
     def __init__(self, items: Iterable[Any]) -> None:
