@@ -35,12 +35,13 @@ def test_json_of_a_finished_run(tiny_run: Path) -> None:
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert shown["best"]["val_acc"] == summary["best_val_acc"] and shown["best"]["epoch"] == summary["best_epoch"]
     assert shown["timing"]["epochs"] == 2 and shown["timing"]["device"] == "cpu" and shown["timing"]["seconds"] == summary["seconds"]
+    assert shown["timing"]["data_seconds"] == summary["data_seconds"]
 
 
 def test_rich_output_names_the_parts(tiny_run: Path) -> None:
     result = runner.invoke(app, ["show", str(tiny_run)])
     assert result.exit_code == 0, result.output
-    for text in ("changed from the defaults", "backbone.weights", "phases", "head only", "best: val_acc", "time: 2 epochs"):
+    for text in ("changed from the defaults", "backbone.weights", "phases", "head only", "best: val_acc", "time: 2 epochs", "of it waiting for data"):
         assert text in result.stderr
     assert result.stdout == ""
 
@@ -66,7 +67,14 @@ def test_unfinished_run_is_shown_from_its_metrics(tmp_path: Path) -> None:
     assert [(p["epochs_run"], p["epochs"]) for p in shown["phases"]] == [(3, 3), (1, 5)]  # fine_tune's default schedule
     assert shown["best"] == {"metric": "val_acc", "val_acc": 0.7, "val_loss": pytest.approx(0.3), "epoch": 2, "phase": "head", "final_val_acc": 0.65}
     assert shown["timing"]["seconds"] is None and shown["timing"]["train_seconds"] == 8.0
+    assert shown["timing"]["data_seconds"] is None  # rows written before they recorded it
     assert [c["field"] for c in shown["changed"]] == ["name"]
+
+
+def test_an_unfinished_run_adds_up_its_rows_time_waiting_for_data(tmp_path: Path) -> None:
+    config = {"name": "x", "data": {"root": str(tmp_path)}, "strategy": "fine_tune"}
+    rows = [{**row(0, 1, 0.5, 1), "data_seconds": 0.25}, {**row(0, 2, 0.7, 2), "data_seconds": 0.5}]
+    assert show_run(write_run(tmp_path / "run", config, rows))["timing"]["data_seconds"] == 0.75
 
 
 def test_strategy_default_schedule_is_not_a_change() -> None:

@@ -78,7 +78,8 @@ def _results(shown: dict[str, Any]) -> list[str]:
     wall = f"{timing['seconds']:.1f}s in all, " if isinstance(timing["seconds"], (int, float)) else ""
     speed = f", {timing['images_per_second']:.0f} images/s" if isinstance(timing["images_per_second"], (int, float)) else ""
     where = ", ".join(str(part) for part in (timing["device"], timing["precision"], timing["gpu"], f"torch {timing['torch']}" if timing["torch"] else None) if part)
-    lines.append(f"[bold]time:[/] {timing['epochs']} epochs, {wall}{timing['train_seconds']:.1f}s training{speed}" + (f" on {escape(where)}" if where else ""))
+    waited = f" ({timing['data_seconds']:.1f}s of it waiting for data)" if isinstance(timing.get("data_seconds"), (int, float)) else ""
+    lines.append(f"[bold]time:[/] {timing['epochs']} epochs, {wall}{timing['train_seconds']:.1f}s training{waited}{speed}" + (f" on {escape(where)}" if where else ""))
     return lines
 
 
