@@ -1,12 +1,16 @@
 """On a CUDA GPU: bf16 (fp16 with loss scaling where bf16 is absent), fp16 asked for, and torch.compile, in
-real training runs; evaluate and predict on the GPU against the CPU. Skipped without a GPU; `bash
+real training runs; evaluate and predict on the GPU against the CPU; a resume from an epoch held in memory
+(its optimizer state copied to the CPU) into the fused CUDA step. Skipped without a GPU; `bash
 scripts/gpu_check.sh` runs them on a lent one. The same code paths have CPU tests in test_engine.py,
 test_resume.py and test_train.py."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +19,10 @@ import torchvision
 from helpers import experiment
 from transferctl.config import config_from_dict
 from transferctl.engine import make_runtime
+from transferctl.errors import TrainingInterrupted
+from transferctl.resume import resume
 from transferctl.rundir import RunDir
-from transferctl.train import train
+from transferctl.train import SilentObserver, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,3 +71,27 @@ def test_evaluate_and_predict_on_the_gpu_agree_with_the_cpu(tiny_split_data: Pat
     assert [r["label"] for r in gpu_records] == [r["label"] for r in cpu_records]
     for mine, theirs in zip(gpu_records, cpu_records):
         assert mine["score"] == pytest.approx(theirs["score"], abs=1e-3)
+
+
+class StopAfterSecondEpoch(SilentObserver):
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        if row["global_epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_run_stopped_in_an_epoch_held_in_memory_resumes_on_the_gpu(tiny_split_data: Path, tmp_path: Path, heeded_sigint: None) -> None:
+    # Held epochs are copied to the CPU (checkpointing.py); the fused CUDA step must get its state back on the GPU.
+    schedule = [{"name": "all", "epochs": 4, "train": "all", "lr": 1e-3}]
+    raw = experiment(tiny_split_data, tmp_path / "runs", device="cuda", precision="fp32", strategy="scratch", schedule=schedule, output={"checkpoint_seconds": 3600})
+    train(config_from_dict(raw), tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted):
+        train(config_from_dict(raw), tmp_path / "cut", StopAfterSecondEpoch())
+    held = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert held["global_epoch"] == 2 and all(t.device.type == "cpu" for s in held["optimizer"]["state"].values() for t in s.values())
+
+    resume(tmp_path / "cut")
+
+    resumed, whole = RunDir(tmp_path / "cut").metrics(), RunDir(tmp_path / "whole").metrics()
+    assert [r["global_epoch"] for r in resumed] == [1, 2, 3, 4]
+    for mine, theirs in zip(resumed, whole, strict=True):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-2)  # cuDNN may sum in another order
