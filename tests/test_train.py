@@ -13,7 +13,7 @@ from transferctl.config import config_from_dict
 from transferctl.errors import CheckpointError, WeightsError
 from transferctl.inference import load_trained_model
 from transferctl.rundir import RunDir
-from transferctl.train import describe, prepare, train
+from transferctl.train import SilentObserver, describe, prepare, train
 
 
 def test_a_run_directory_holds_everything_it_promises(tiny_split_data: Path, tmp_path: Path) -> None:
@@ -162,3 +162,64 @@ def test_loaders_pin_memory_only_for_a_gpu(tiny_split_data: Path) -> None:
     for device, pinned in (("cuda", True), ("cpu", False)):
         loaders = _loaders(config, loaded, Runtime(torch.device(device), "fp32", channels_last=True))
         assert loaders["train"].pin_memory is pinned and loaders["val"].pin_memory is pinned
+
+
+class Notices(SilentObserver):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def notice(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def waited_for_images(notices: Notices) -> list[str]:
+    return [line for line in notices.lines if "training waited for images" in line]
+
+
+def test_a_run_whose_training_waits_for_images_says_once_what_may_help(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from transferctl import data, train as train_module
+
+    real_open = data.open_rgb
+
+    def slow_open(path: Path) -> object:
+        time.sleep(0.02)
+        return real_open(path)
+
+    monkeypatch.setattr(data, "open_rgb", slow_open)
+    monkeypatch.setattr(train_module, "DATA_WAIT_MIN_SECONDS", 0.0)  # tiny epochs: judge them anyway
+    monkeypatch.setattr(train_module, "spare_cores", lambda: 3)
+    notices = Notices()
+    schedule = [{"name": "all", "epochs": 2, "train": "all", "lr": 1e-3}]
+    # cache off: every epoch decodes its 12 images again in this process (no workers), 20 ms each
+    train(config_from_dict(experiment(tiny_split_data, tmp_path / "runs", strategy="scratch", schedule=schedule, data={"cache": "off"})), observer=notices)
+    (line,) = waited_for_images(notices)  # once a run, not every epoch
+    assert line.startswith("phase 'all' epoch 1: training waited for images ") and line.endswith("more data.num_workers may help (now 0; 3 cores could prepare images)")
+
+
+def test_epochs_on_cached_features_never_say_they_waited_for_images(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferctl import train as train_module
+
+    monkeypatch.setattr(train_module, "DATA_WAIT_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(train_module, "DATA_WAIT_SHARE", 0.0)  # any wait at all would be told
+    notices = Notices()
+    schedule = [{"name": "head", "epochs": 2, "train": "head", "lr": 1e-3}]
+    train(config_from_dict(experiment(tiny_split_data, tmp_path / "runs", strategy="feature_extract", schedule=schedule)), observer=notices)
+    assert waited_for_images(notices) == []
+
+
+@pytest.mark.parametrize(
+    ("workers", "kept", "cache", "advice"),
+    [
+        (1, True, "auto", "more data.num_workers may help (now 1; 3 cores could prepare images)"),
+        (3, False, "auto", "raise data.cache_memory_mb, so that the decoded images are kept in memory instead of decoded every epoch"),
+        (3, False, "off", "set data.cache: auto, so that the decoded images are kept in memory instead of decoded every epoch"),
+        (3, True, "auto", "every spare core already prepares images from the decoded ones in memory"),
+    ],
+)
+def test_data_wait_advice_goes_from_more_workers_to_keeping_images(workers: int, kept: bool, cache: str, advice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferctl import train as train_module
+
+    monkeypatch.setattr(train_module, "spare_cores", lambda: 3)
+    assert train_module.data_wait_advice(workers, kept, cache) == advice

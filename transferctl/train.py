@@ -216,6 +216,20 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     }
 
 
+DATA_WAIT_SHARE = 0.3  # of an epoch's training time spent waiting for images: above it, a notice says what may help
+DATA_WAIT_MIN_SECONDS = 2.0  # shorter epochs are too noisy to judge
+
+
+def data_wait_advice(workers: int, images_kept: bool, cache: str) -> str:
+    """What may make images arrive faster, in the order worth trying."""
+    if workers < spare_cores():
+        return f"more data.num_workers may help (now {workers}; {spare_cores()} cores could prepare images)"
+    if not images_kept:
+        setting = "raise data.cache_memory_mb" if cache != "off" else "set data.cache: auto"
+        return f"{setting}, so that the decoded images are kept in memory instead of decoded every epoch"
+    return "every spare core already prepares images from the decoded ones in memory"
+
+
 def crops_inline(config: ExperimentConfig, runtime: Runtime) -> bool:
     """Whether images kept decoded are cropped in the training process rather than in a worker: on a
     two-core CPU, where the worker would take a core from the model's two threads. Only `num_workers: auto`."""
@@ -282,6 +296,7 @@ class _Trainer:
         self.started = time.perf_counter()
         self.stop = StopRequest()
         self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
+        self.data_wait_told = False
 
     def run(self) -> dict[str, Any]:
         start = self.start
@@ -333,6 +348,8 @@ class _Trainer:
             lrs = _current_lrs(optimizer)
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
             stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached)
+            if cached is None:
+                self._notice_data_wait(plan, epoch, stats)
             val = self._evaluate(plan, epoch, cached)
             row = self._row(plan, epoch, lrs, stats, val)
             done = self._early_stop(plan, state, row) or epoch == plan.epochs
@@ -340,6 +357,18 @@ class _Trainer:
             self.observer.epoch_done(row)
             if done:
                 break
+
+    def _notice_data_wait(self, plan: PhasePlan, epoch: int, stats: EpochStats) -> None:
+        """Once a run: say when training spent much of an epoch waiting for images, and what may help. Not
+        where kept images are cropped in the training process on purpose (two cores: crops_inline)."""
+        if self.data_wait_told or stats.seconds < DATA_WAIT_MIN_SECONDS or stats.data_seconds < DATA_WAIT_SHARE * stats.seconds:
+            return
+        kept = any(record["split"] == "train" for record in self.decode_once.records)
+        if kept and self.decode_once.inline:
+            return
+        self.data_wait_told = True
+        advice = data_wait_advice(self.loaders["train"].num_workers, kept, self.config.data.cache)
+        self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training waited for images {stats.data_seconds / stats.seconds:.0%} of the time; {advice}")
 
     def _decode_once(self) -> None:
         try:
