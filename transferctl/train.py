@@ -297,6 +297,7 @@ class _Trainer:
         self.stop = StopRequest()
         self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
         self.data_wait_told = False
+        self.full_epochs = 0  # epochs that ran the backbone on images (not on cached features)
 
     def run(self) -> dict[str, Any]:
         start = self.start
@@ -349,6 +350,7 @@ class _Trainer:
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
             stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached)
             if cached is None:
+                self.full_epochs += 1
                 self._notice_data_wait(plan, epoch, stats)
             val = self._evaluate(plan, epoch, cached)
             row = self._row(plan, epoch, lrs, stats, val)
@@ -359,9 +361,10 @@ class _Trainer:
                 break
 
     def _notice_data_wait(self, plan: PhasePlan, epoch: int, stats: EpochStats) -> None:
-        """Once a run: say when training spent much of an epoch waiting for images, and what may help. Not
-        where kept images are cropped in the training process on purpose (two cores: crops_inline)."""
-        if self.data_wait_told or stats.seconds < DATA_WAIT_MIN_SECONDS or stats.data_seconds < DATA_WAIT_SHARE * stats.seconds:
+        """Once a run: say when training spent much of an epoch waiting for images, and what may help. Not in
+        the first such epoch, whose wait includes starting the loader's workers, nor where kept images are
+        cropped in the training process on purpose (two cores: crops_inline)."""
+        if self.data_wait_told or self.full_epochs < 2 or stats.seconds < DATA_WAIT_MIN_SECONDS or stats.data_seconds < DATA_WAIT_SHARE * stats.seconds:
             return
         kept = any(record["split"] == "train" for record in self.decode_once.records)
         if kept and self.decode_once.inline:
