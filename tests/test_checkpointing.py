@@ -33,7 +33,7 @@ def test_an_epoch_that_is_not_due_is_written_by_flush_as_it_was(tmp_path: Path) 
     weight = torch.zeros(2, 3)
     last, best = epoch_payloads(1, weight)
 
-    saver.save(last, best, due=False)
+    saver.save(last, best, phase_done=False)
     weight += 1  # the next epoch's steps change the model in place
 
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
@@ -46,11 +46,11 @@ def test_an_epoch_that_is_not_due_is_written_by_flush_as_it_was(tmp_path: Path) 
 def test_the_held_best_epoch_is_written_with_a_later_epoch_that_is_due(tmp_path: Path) -> None:
     saver = CheckpointSaver(RunDir(tmp_path), 3600, HINT)
     weight = torch.zeros(2, 3)
-    saver.save(*epoch_payloads(1, weight), due=False)  # the best epoch, held
+    saver.save(*epoch_payloads(1, weight), phase_done=False)  # the best epoch, held
     weight += 1
     last, _ = epoch_payloads(2, weight)
 
-    saver.save(last, None, due=True)  # not better, but the phase ends
+    saver.save(last, None, phase_done=True)  # not better, but the phase ends
 
     assert written(tmp_path, "best")["epoch"] == 1 and torch.equal(written(tmp_path, "best")["model"]["fc.weight"], torch.zeros(2, 3))
     assert written(tmp_path, "last")["epoch"] == 2 and torch.equal(written(tmp_path, "last")["model"]["fc.weight"], torch.ones(2, 3))
@@ -65,8 +65,8 @@ def test_a_written_best_epoch_is_not_written_again(tmp_path: Path, monkeypatch: 
     real = RunDir.save_checkpoint
     monkeypatch.setattr(RunDir, "save_checkpoint", lambda run, kind, payload: saves.append((kind, payload["epoch"])) or real(run, kind, payload))
 
-    saver.save(*epoch_payloads(1, torch.zeros(1)), due=True)
-    saver.save(epoch_payloads(2, torch.ones(1))[0], None, due=False)
+    saver.save(*epoch_payloads(1, torch.zeros(1)), phase_done=True)
+    saver.save(epoch_payloads(2, torch.ones(1))[0], None, phase_done=False)
     saver.flush()
 
     assert saves == [("best", 1), ("last", 1), ("last", 2)]
@@ -97,7 +97,7 @@ def test_a_failed_write_names_the_file_and_says_what_to_do(tmp_path: Path, monke
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     saver = CheckpointSaver(RunDir(tmp_path), 3600, HINT)
-    saver.save(*epoch_payloads(1, torch.zeros(1)), due=False)
+    saver.save(*epoch_payloads(1, torch.zeros(1)), phase_done=False)
     monkeypatch.setattr(os, "fsync", full_disk)
 
     with pytest.raises(CheckpointError) as info:

@@ -44,11 +44,11 @@ class CheckpointSaver:
     def is_due(self, phase_done: bool) -> bool:
         return phase_done or time.perf_counter() - self.saved_at >= self.interval
 
-    def save(self, last: dict[str, Any], best: dict[str, Any] | None, due: bool) -> None:
+    def save(self, last: dict[str, Any], best: dict[str, Any] | None, phase_done: bool) -> None:
         """One epoch's checkpoints; `best` only when the epoch is the best so far. Written now when due,
         else kept as copies (the tensors `last` and `best` share are copied once)."""
         earlier_best = self._unsaved.best if self._unsaved is not None else None
-        if due:
+        if self.is_due(phase_done):
             self._unsaved = None
             self._write(last, best if best is not None else earlier_best)
             return

@@ -485,7 +485,7 @@ class _Trainer:
             "rows": [dict(r) for r in self.rows],
             "elapsed": self._elapsed(),
         }
-        self.saver.save(last, payload if improved else None, self.saver.is_due(done))
+        self.saver.save(last, payload if improved else None, phase_done=done)
 
     def _payload(self, plan: PhasePlan, epoch: int) -> dict[str, Any]:
         backbone = self.experiment.backbone
