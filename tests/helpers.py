@@ -60,3 +60,18 @@ data.open_rgb = slow_open_rgb
 def write_experiment(path: Path, raw: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
+
+
+def record_checkpoint_writes(monkeypatch: Any, key: str) -> list[tuple[str, Any]]:
+    """(kind, payload[key]) of every checkpoint RunDir writes from now on, in order; the files are still written."""
+    from transferctl.rundir import RunDir
+
+    writes: list[tuple[str, Any]] = []
+    real = RunDir.save_checkpoint
+
+    def recorded(run: RunDir, kind: str, payload: dict[str, Any]) -> Path:
+        writes.append((kind, payload[key]))
+        return real(run, kind, payload)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", recorded)
+    return writes

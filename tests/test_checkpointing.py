@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import record_checkpoint_writes
 from transferctl.checkpointing import CheckpointSaver, detached_copy
 from transferctl.errors import CheckpointError
 from transferctl.rundir import RunDir
@@ -61,9 +62,7 @@ def test_the_held_best_epoch_is_written_with_a_later_epoch_that_is_due(tmp_path:
 
 def test_a_written_best_epoch_is_not_written_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saver = CheckpointSaver(RunDir(tmp_path), 3600, HINT)
-    saves: list[tuple[str, int]] = []
-    real = RunDir.save_checkpoint
-    monkeypatch.setattr(RunDir, "save_checkpoint", lambda run, kind, payload: saves.append((kind, payload["epoch"])) or real(run, kind, payload))
+    saves = record_checkpoint_writes(monkeypatch, "epoch")
 
     saver.save(*epoch_payloads(1, torch.zeros(1)), phase_done=True)
     saver.save(epoch_payloads(2, torch.ones(1))[0], None, phase_done=False)

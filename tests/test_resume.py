@@ -19,7 +19,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
+from helpers import cli_with_patched_decoding, experiment, record_checkpoint_writes, slow_decoding, write_experiment
 from transferctl import engine
 from transferctl.cli import app
 from transferctl.config import load_config
@@ -258,9 +258,7 @@ def test_a_stop_writes_the_epoch_held_in_memory_and_resume_matches_an_uninterrup
 
 
 def test_within_a_phase_checkpoints_wait_for_the_interval_and_end_up_the_same(data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: list[tuple[str, int]] = []
-    real = RunDir.save_checkpoint
-    monkeypatch.setattr(RunDir, "save_checkpoint", lambda run, kind, payload: writes.append((kind, payload["global_epoch"])) or real(run, kind, payload))
+    writes = record_checkpoint_writes(monkeypatch, "global_epoch")
     config_file = write_experiment(tmp_path / "experiment.yaml", raw_experiment(data, tmp_path / "runs", checkpoint_seconds=3600))
 
     train(load_config(config_file), tmp_path / "run")
