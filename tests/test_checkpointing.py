@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import record_checkpoint_writes
-from transferctl.checkpointing import CheckpointSaver, detached_copy
+from transferctl.checkpointing import CheckpointSaver, on_cpu
 from transferctl.errors import CheckpointError
 from transferctl.rundir import RunDir
 
@@ -76,12 +76,30 @@ def test_held_copies_share_what_the_payloads_share() -> None:
     last, best = epoch_payloads(1, weight)
     copies: dict[int, torch.Tensor] = {}
 
-    last_copy, best_copy = detached_copy(last, copies), detached_copy(best, copies)
+    last_copy, best_copy = on_cpu(last, copies, always_copy=True), on_cpu(best, copies, always_copy=True)
 
     assert last_copy["model"]["fc.weight"] is best_copy["model"]["fc.weight"]  # copied once
     assert last_copy["model"]["fc.weight"] is not weight
-    assert last_copy["model"]["fc.weight"].is_contiguous(memory_format=torch.channels_last)  # layout kept
-    assert detached_copy({"python": (3, (1, 2), None), "numpy": ["MT19937", [1, 2], 0]}) == {"python": (3, (1, 2), None), "numpy": ["MT19937", [1, 2], 0]}
+    assert last_copy["model"]["fc.weight"].is_contiguous()  # checkpoints hold the default layout
+    assert on_cpu({"python": (3, (1, 2), None), "numpy": ["MT19937", [1, 2], 0]}, {}) == {"python": (3, (1, 2), None), "numpy": ["MT19937", [1, 2], 0]}
+
+
+def test_only_tensors_in_another_layout_are_converted_for_a_write() -> None:
+    plain, channels_last = torch.zeros(3), torch.zeros(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+
+    converted = on_cpu({"plain": plain, "conv": channels_last}, {})
+
+    assert converted["plain"].data_ptr() == plain.data_ptr()  # not copied
+    assert converted["conv"].is_contiguous() and torch.equal(converted["conv"], channels_last)
+
+
+def test_a_written_checkpoint_holds_the_default_layout(tmp_path: Path) -> None:
+    weight = torch.arange(48.0).reshape(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+
+    CheckpointSaver(RunDir(tmp_path), 3600, HINT).save(*epoch_payloads(1, weight), phase_done=True)
+
+    saved = written(tmp_path, "last")["model"]["fc.weight"]
+    assert saved.is_contiguous() and torch.equal(saved, weight)
 
 
 def test_writes_are_due_at_a_phase_end_or_after_the_interval(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from transferctl.rundir import (
     claim_run_dir,
     create_run_dir,
     load_run_checkpoint,
+    total_data_seconds,
 )
 
 NOW = datetime(2024, 3, 9, 7, 5, 3)
@@ -344,3 +345,9 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path, wr
 
     assert str(path) in str(info.value)
     assert not marker.exists()
+
+
+def test_waiting_time_adds_up_the_rows_that_recorded_it() -> None:
+    # A run resumed from an older transferctl's checkpoint has rows without data_seconds.
+    assert total_data_seconds([{"seconds": 3.0}, {"data_seconds": 0.25}, {"data_seconds": 0.5}]) == 0.75
+    assert total_data_seconds([{"seconds": 3.0}]) is None

@@ -45,16 +45,17 @@ class CheckpointSaver:
         return phase_done or time.perf_counter() - self.saved_at >= self.interval
 
     def save(self, last: dict[str, Any], best: dict[str, Any] | None, phase_done: bool) -> None:
-        """One epoch's checkpoints; `best` only when the epoch is the best so far. Written now when due,
-        else kept as copies (the tensors `last` and `best` share are copied once)."""
+        """One epoch's checkpoints; `best` only when the epoch is the best so far. Their tensors may be the
+        live model's and optimizer's: written now when due, else kept as copies (a tensor `last` and `best`
+        share is copied once)."""
         earlier_best = self._unsaved.best if self._unsaved is not None else None
         if self.is_due(phase_done):
             self._unsaved = None
             self._write(last, best if best is not None else earlier_best)
             return
         copies: dict[int, torch.Tensor] = {}
-        best = detached_copy(best, copies) if best is not None else earlier_best
-        self._unsaved = _Unsaved(detached_copy(last, copies), best)
+        best = on_cpu(best, copies, always_copy=True) if best is not None else earlier_best
+        self._unsaved = _Unsaved(on_cpu(last, copies, always_copy=True), best)
 
     def flush(self) -> None:
         """Write the epoch held in memory, if any."""
@@ -65,29 +66,31 @@ class CheckpointSaver:
     def _write(self, last: dict[str, Any], best: dict[str, Any] | None) -> None:
         """best.pt, then last.pt, then the metric files: whatever a crash cuts short, last.pt is the truth
         (a resume rewrites the metrics from it, and recomputes the epochs after it)."""
+        copies: dict[int, torch.Tensor] = {}
         try:
             if best is not None:
-                self.run_dir.save_checkpoint("best", best)
-            self.run_dir.save_checkpoint("last", last)
+                self.run_dir.save_checkpoint("best", on_cpu(best, copies))
+            self.run_dir.save_checkpoint("last", on_cpu(last, copies))
             self.run_dir.write_metrics(last["rows"])
         except CheckpointError as exc:
             raise CheckpointError(*(Problem(p.where, p.message, self.hint) for p in exc.problems)) from None
         self.saved_at = time.perf_counter()
 
 
-def detached_copy(value: Any, copies: dict[int, torch.Tensor] | None = None) -> Any:
-    """A copy of a nested state (dicts, lists, tuples) that training cannot change: every tensor copied to
-    the CPU, once, however often it appears (`copies`, by identity), in its own memory layout (a fused
-    optimizer step reads its state in the layout of the parameter: see phases.load_optimizer_state)."""
-    copies = {} if copies is None else copies
+def on_cpu(value: Any, copies: dict[int, torch.Tensor], always_copy: bool = False) -> Any:
+    """A nested state (dicts, lists, tuples) with every tensor on the CPU in the default, contiguous layout:
+    what a checkpoint holds, whatever the device and layout training used (a resume gives optimizer state
+    its parameter's layout again: phases.load_optimizer_state). A tensor already so is itself, unless
+    `always_copy`: then every tensor is a copy that training cannot change. A tensor met again (`copies`,
+    by identity) is converted once."""
     if isinstance(value, torch.Tensor):
         if id(value) not in copies:
-            copies[id(value)] = value.detach().to("cpu", copy=True)
+            copies[id(value)] = value.detach().to("cpu", copy=always_copy, memory_format=torch.contiguous_format)
         return copies[id(value)]
     if isinstance(value, dict):
-        return {key: detached_copy(item, copies) for key, item in value.items()}
+        return {key: on_cpu(item, copies, always_copy) for key, item in value.items()}
     if isinstance(value, list):
-        return [detached_copy(item, copies) for item in value]
+        return [on_cpu(item, copies, always_copy) for item in value]
     if isinstance(value, tuple):
-        return tuple(detached_copy(item, copies) for item in value)
+        return tuple(on_cpu(item, copies, always_copy) for item in value)
     return value

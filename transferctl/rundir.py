@@ -32,6 +32,12 @@ METRIC_COLUMNS = (
 )  # fmt: skip
 
 
+def total_data_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """The metric rows' time spent waiting for batches; None when no row has it (written before rows recorded it)."""
+    waits = [row["data_seconds"] for row in rows if isinstance(row.get("data_seconds"), (int, float))]
+    return round(sum(waits), 2) if waits else None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkstemp: it makes 0600 files and the rename keeps that mode; 0o666 honours the umask.

@@ -13,6 +13,7 @@ from typing import Any
 
 from transferctl.errors import CheckpointError, Problem
 from transferctl.runs import describe_run, metric_rows, read_json_mapping, read_run_config
+from transferctl.rundir import total_data_seconds
 
 # Paths differ from run to run by nature; show names them in its header instead of as changes.
 NOT_COMPARED = ("data.root", "output.dir")
@@ -133,19 +134,13 @@ def _timing(summary: dict[str, Any], rows: list[dict[str, Any]], env: dict[str, 
         "epochs": summary.get("epochs", len(rows)),
         "seconds": summary.get("seconds"),  # wall time, set up included; None until the run finishes
         "train_seconds": summary.get("train_seconds", round(sum(row.get("seconds") or 0.0 for row in rows), 2)),
-        "data_seconds": summary.get("data_seconds", _data_seconds(rows)),  # of train_seconds, waiting for batches
+        "data_seconds": summary.get("data_seconds", total_data_seconds(rows)),  # of train_seconds, waiting for batches
         "images_per_second": summary.get("images_per_second", round(sum(speeds) / len(speeds), 1) if speeds else None),
         "device": summary.get("device", env.get("device")),
         "precision": summary.get("precision", env.get("precision")),
         "torch": env.get("torch"),
         "gpu": env.get("gpu"),
     }
-
-
-def _data_seconds(rows: list[dict[str, Any]]) -> float | None:
-    """The rows' time waiting for data; None for runs written before rows recorded it."""
-    waits = [row["data_seconds"] for row in rows if isinstance(row.get("data_seconds"), (int, float))]
-    return round(sum(waits), 2) if waits else None
 
 
 def _optional_json(path: Path) -> Any:

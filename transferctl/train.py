@@ -70,7 +70,7 @@ from transferctl.phases import (
     stage_at,
     stages_of,
 )
-from transferctl.rundir import RunDir, claim_run_dir, create_run_dir
+from transferctl.rundir import RunDir, claim_run_dir, create_run_dir, total_data_seconds
 
 CHECKPOINT_FORMAT = 2  # 2: last.pt carries everything resume needs (rows, early-stopping state, ...)
 
@@ -491,7 +491,7 @@ class _Trainer:
         backbone = self.experiment.backbone
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.model.state_dict().items()},
+            "model": self.model.state_dict(),  # live tensors: the saver copies or converts them (checkpointing.on_cpu)
             "classes": list(self.experiment.splits.classes),
             "backbone": {"name": backbone.name, "weights": backbone.weights, "head": backbone.head_path, "cut": self.config.backbone.cut},
             "preprocessing": backbone.preprocessing.to_dict(),
@@ -523,7 +523,7 @@ class _Trainer:
             "epochs": len(self.rows),
             "seconds": round(self._elapsed(), 2),
             "train_seconds": round(train_seconds, 2),
-            "data_seconds": round(sum(r.get("data_seconds", 0.0) for r in self.rows), 2),  # rows of older runs lack it
+            "data_seconds": total_data_seconds(self.rows),
             "images_per_second": round(mean_speed, 1),
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
