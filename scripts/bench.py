@@ -27,8 +27,9 @@ Weights are random (no pretrained weights offline), so accuracies are low; they 
 
 `--device cuda` instead compares resnet50 training images/s in `transferctl train` (precision auto: bf16,
 or fp16 with loss scaling on GPUs that only emulate bf16; channels-last, pinned memory; the last of 3
-epochs over 4,000 images by default) with a synthetic-data ceiling: the same model, precision and step on
-one batch already on the GPU, after 5 warm-up steps.
+epochs over 4,000 images by default) with a synthetic-data ceiling: the same model, precision and step
+(channels-last, cuDNN's autotuning, the fused AdamW step) on one batch already on the GPU, after 5 warm-up
+steps.
 """
 
 from __future__ import annotations
@@ -177,23 +178,31 @@ def accuracy_check(data: Path, work: Path, precision: str, seeds: int) -> dict[s
             "val_acc": statistics.mean(accuracies), "val_acc_sd": statistics.stdev(accuracies), "val_accs": accuracies}  # fmt: skip
 
 
-def cuda_ceiling(steps: int = 30) -> dict[str, Any]:
-    """resnet50 training steps on one batch already on the GPU: what the model alone can do, in the
-    precision `precision: auto` picks on this GPU (bf16, or fp16 with loss scaling where bf16 is emulated)."""
+def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: int = BATCH, size: int = 224) -> dict[str, Any]:
+    """resnet50 training steps on one batch already on the GPU: what the model alone can do, with the step
+    `transferctl train` takes there: the precision `precision: auto` picks on this GPU (bf16, or fp16 with
+    loss scaling where bf16 is emulated), channels-last, cuDNN's autotuning, the fused AdamW step, as many
+    classes as the data. (device, batch and size let a test run it on a CPU.)"""
     import torch
     import torchvision
 
-    from transferctl.engine import make_grad_scaler, make_runtime
+    from transferctl.config import OptimizerConfig
+    from transferctl.engine import make_grad_scaler, make_runtime, tune_backend
+    from transferctl.phases import build_optimizer
+    from transferctl.synthetic import SOURCE_CLASSES
 
-    model = torchvision.models.resnet50(weights=None).cuda().to(memory_format=torch.channels_last)
-    runtime = make_runtime("cuda", "auto", model)
-    scaler = make_grad_scaler(runtime) or torch.amp.GradScaler("cuda", enabled=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    images = torch.randn(BATCH, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 8, (BATCH,), device="cuda")
-    for step in range(steps + 5):
-        if step == 5:
-            torch.cuda.synchronize()
+    classes = len(SOURCE_CLASSES)
+    model = torchvision.models.resnet50(weights=None, num_classes=classes).to(device).to(memory_format=torch.channels_last)
+    runtime = make_runtime(device, "auto", model)
+    tune_backend(runtime)
+    scaler = make_grad_scaler(runtime) or torch.amp.GradScaler(runtime.device.type, enabled=False)
+    optimizer = build_optimizer(OptimizerConfig(), [{"params": list(model.parameters()), "lr": LR}])
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    synchronize = torch.cuda.synchronize if runtime.device.type == "cuda" else lambda: None
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize()
             started = time.perf_counter()
         with runtime.autocast():
             loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
@@ -201,9 +210,10 @@ def cuda_ceiling(steps: int = 30) -> dict[str, Any]:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - started, "images_per_second": steps * BATCH / (time.perf_counter() - started), "val_acc": None,
-            "precision": runtime.precision}  # fmt: skip
+    synchronize()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images_per_second": steps * batch / seconds, "val_acc": None, "precision": runtime.precision,
+            "fused_step": bool(optimizer.defaults.get("fused"))}  # fmt: skip
 
 
 def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -334,7 +344,8 @@ def ratio_text(name: str, results: dict[str, dict[str, Any]], args: argparse.Nam
     if name in ("plain-fe", "plain-ft"):
         return "1.00"
     if name == "cuda-ceiling":
-        return f"1.00 ({r.get('precision', '?')}, one batch already on the GPU)"
+        fused = ", fused AdamW" if r.get("fused_step") else ""
+        return f"1.00 ({r.get('precision', '?')}{fused}, one batch already on the GPU)"
     if name == "transferctl-cuda":
         ceiling = speed_over("cuda-ceiling")
         waited = f"waited for data {100 * r['data_wait']:.0f}% of the epoch"

@@ -113,10 +113,24 @@ def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> N
 
 def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
     args = bench.parse_args(["--device", "cuda"])
-    results = {"cuda-ceiling": bench.combined([{**run(2000.0), "precision": "fp16"}]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123)])}
+    results = {"cuda-ceiling": bench.combined([{**run(2000.0), "precision": "fp16", "fused_step": True}]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123)])}
     rows = bench.table(results, args).splitlines()
-    assert rows[2].startswith("| cuda-ceiling |") and rows[2].endswith("| 1.00 (fp16, one batch already on the GPU) |")
+    assert rows[2].startswith("| cuda-ceiling |") and rows[2].endswith("| 1.00 (fp16, fused AdamW, one batch already on the GPU) |")
     assert "0.95 of the ceiling (target >= 0.90), waited for data 12% of the epoch" in rows[3]
+
+
+def test_the_ceiling_takes_transferctls_step(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never run anywhere but on a lent GPU otherwise: here on the CPU, tiny, so a slip shows before then.
+    import torch
+
+    from transferctl import engine
+
+    tuned: list[str] = []
+    monkeypatch.setattr(engine, "tune_backend", lambda runtime: tuned.append(runtime.device.type))
+    ceiling = bench.cuda_ceiling("cpu", steps=2, warmup=1, batch=2, size=32)
+
+    assert ceiling["images_per_second"] > 0 and ceiling["fused_step"] and tuned == ["cpu"]
+    assert ceiling["precision"] == engine.choose_precision("auto", torch.device("cpu"))
 
 
 def test_gpu_runs_default_to_more_images_and_epochs(bench: ModuleType) -> None:
