@@ -29,7 +29,7 @@ Weights are random (no pretrained weights offline), so accuracies are low; they 
 or fp16 with loss scaling on GPUs that only emulate bf16; channels-last, pinned memory; the last of 3
 epochs over 4,000 images by default) with a synthetic-data ceiling: the same model, precision and step
 (channels-last, cuDNN's autotuning, the fused AdamW step) on one batch already on the GPU, after 5 warm-up
-steps.
+steps; and the same steps with each batch copied in from pinned memory, as float32 and as uint8.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -178,11 +178,18 @@ def accuracy_check(data: Path, work: Path, precision: str, seeds: int) -> dict[s
             "val_acc": statistics.mean(accuracies), "val_acc_sd": statistics.stdev(accuracies), "val_accs": accuracies}  # fmt: skip
 
 
-def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: int = BATCH, size: int = 224) -> dict[str, Any]:
+def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: int = BATCH, size: int = 224, rounds: int = 3) -> dict[str, Any]:
     """resnet50 training steps on one batch already on the GPU: what the model alone can do, with the step
     `transferctl train` takes there: the precision `precision: auto` picks on this GPU (bf16, or fp16 with
     loss scaling where bf16 is emulated), channels-last, cuDNN's autotuning, the fused AdamW step, as many
-    classes as the data. (device, batch and size let a test run it on a CPU.)"""
+    classes as the data. (device, batch and size let a test run it on a CPU.)
+
+    The same steps are also timed with each batch first copied in from pinned memory: as float32, as
+    transferctl's loaders send it, and as uint8 normalised on the GPU, as timm's PrefetchLoader does. Copies
+    queue on the stream the steps run on, so a GPU that is the bottleneck pays for them; these two say
+    whether sending uint8 batches (a quarter of the bytes) is worth building. Interleaved, `rounds` times."""
+    import statistics
+
     import torch
     import torchvision
 
@@ -197,23 +204,44 @@ def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: 
     tune_backend(runtime)
     scaler = make_grad_scaler(runtime) or torch.amp.GradScaler(runtime.device.type, enabled=False)
     optimizer = build_optimizer(OptimizerConfig(), [{"params": list(model.parameters()), "lr": LR}])
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    on_gpu = runtime.device.type == "cuda"
+    host = torch.randn(batch, 3, size, size)
+    host_uint8 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    if on_gpu:
+        host, host_uint8 = host.pin_memory(), host_uint8.pin_memory()
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255.0
+    resident = host.to(device).contiguous(memory_format=torch.channels_last)
+    batches: dict[str, Callable[[], Any]] = {
+        "resident": lambda: resident,
+        "float32": lambda: host.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+        "uint8": lambda: ((host_uint8.to(device, non_blocking=True).float() - mean) / std).contiguous(memory_format=torch.channels_last),
+    }
     labels = torch.randint(0, classes, (batch,), device=device)
-    synchronize = torch.cuda.synchronize if runtime.device.type == "cuda" else lambda: None
-    for step in range(warmup + steps):
-        if step == warmup:
-            synchronize()
-            started = time.perf_counter()
-        with runtime.autocast():
-            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    synchronize()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "images_per_second": steps * batch / seconds, "val_acc": None, "precision": runtime.precision,
-            "fused_step": bool(optimizer.defaults.get("fused"))}  # fmt: skip
+    synchronize = torch.cuda.synchronize if on_gpu else lambda: None
+
+    def seconds_of(next_batch: Callable[[], Any]) -> float:
+        for step in range(warmup + steps):
+            if step == warmup:
+                synchronize()
+                started = time.perf_counter()
+            with runtime.autocast():
+                loss = torch.nn.functional.cross_entropy(model(next_batch()).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        synchronize()
+        return time.perf_counter() - started
+
+    timings: dict[str, list[float]] = {name: [] for name in batches}
+    for _ in range(rounds):
+        for name, next_batch in batches.items():
+            timings[name].append(seconds_of(next_batch))
+    seconds = {name: statistics.median(times) for name, times in timings.items()}
+    return {"seconds": sum(timings["resident"]), "images_per_second": steps * batch / seconds["resident"], "val_acc": None,
+            "precision": runtime.precision, "fused_step": bool(optimizer.defaults.get("fused")),
+            "copied_float32": seconds["resident"] / seconds["float32"], "copied_uint8": seconds["resident"] / seconds["uint8"]}  # fmt: skip
 
 
 def contender(name: str, data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -345,7 +373,8 @@ def ratio_text(name: str, results: dict[str, dict[str, Any]], args: argparse.Nam
         return "1.00"
     if name == "cuda-ceiling":
         fused = ", fused AdamW" if r.get("fused_step") else ""
-        return f"1.00 ({r.get('precision', '?')}{fused}, one batch already on the GPU)"
+        copied = f"; with each batch copied in: float32 {r['copied_float32']:.2f}, uint8 normalised on the GPU {r['copied_uint8']:.2f}" if "copied_uint8" in r else ""
+        return f"1.00 ({r.get('precision', '?')}{fused}, one batch already on the GPU{copied})"
     if name == "transferctl-cuda":
         ceiling = speed_over("cuda-ceiling")
         waited = f"waited for data {100 * r['data_wait']:.0f}% of the epoch"

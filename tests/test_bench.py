@@ -113,9 +113,11 @@ def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> N
 
 def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
     args = bench.parse_args(["--device", "cuda"])
-    results = {"cuda-ceiling": bench.combined([{**run(2000.0), "precision": "fp16", "fused_step": True}]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123)])}
+    ceiling = {**run(2000.0), "precision": "fp16", "fused_step": True, "copied_float32": 0.941, "copied_uint8": 0.987}
+    results = {"cuda-ceiling": bench.combined([ceiling]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123)])}
     rows = bench.table(results, args).splitlines()
-    assert rows[2].startswith("| cuda-ceiling |") and rows[2].endswith("| 1.00 (fp16, fused AdamW, one batch already on the GPU) |")
+    assert rows[2].startswith("| cuda-ceiling |")
+    assert rows[2].endswith("| 1.00 (fp16, fused AdamW, one batch already on the GPU; with each batch copied in: float32 0.94, uint8 normalised on the GPU 0.99) |")
     assert "0.95 of the ceiling (target >= 0.90), waited for data 12% of the epoch" in rows[3]
 
 
@@ -127,9 +129,10 @@ def test_the_ceiling_takes_transferctls_step(bench: ModuleType, monkeypatch: pyt
 
     tuned: list[str] = []
     monkeypatch.setattr(engine, "tune_backend", lambda runtime: tuned.append(runtime.device.type))
-    ceiling = bench.cuda_ceiling("cpu", steps=2, warmup=1, batch=2, size=32)
+    ceiling = bench.cuda_ceiling("cpu", steps=2, warmup=1, batch=2, size=32, rounds=1)
 
     assert ceiling["images_per_second"] > 0 and ceiling["fused_step"] and tuned == ["cpu"]
+    assert ceiling["copied_float32"] > 0 and ceiling["copied_uint8"] > 0
     assert ceiling["precision"] == engine.choose_precision("auto", torch.device("cpu"))
 
 
