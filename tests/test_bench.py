@@ -114,11 +114,11 @@ def test_a_contender_without_its_reference_gets_no_ratio(bench: ModuleType) -> N
 def test_the_cuda_rows_compare_with_the_ceiling(bench: ModuleType) -> None:
     args = bench.parse_args(["--device", "cuda"])
     ceiling = {**run(2000.0), "precision": "fp16", "fused_step": True, "copied_float32": 0.941, "copied_uint8": 0.987}
-    results = {"cuda-ceiling": bench.combined([ceiling]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123)])}
+    results = {"cuda-ceiling": bench.combined([ceiling]), "transferctl-cuda": bench.combined([run(1900.0, data_wait=0.123, steady_speed=1960.0)])}
     rows = bench.table(results, args).splitlines()
     assert rows[2].startswith("| cuda-ceiling |")
     assert rows[2].endswith("| 1.00 (fp16, fused AdamW, one batch already on the GPU; with each batch copied in: float32 0.94, uint8 normalised on the GPU 0.99) |")
-    assert "0.95 of the ceiling (target >= 0.90), waited for data 12% of the epoch" in rows[3]
+    assert "0.95 of the ceiling (target >= 0.90); after the epoch's first batch: 0.98, waited for data 12% of the epoch" in rows[3]
 
 
 def test_the_ceiling_takes_transferctls_step(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,10 +143,32 @@ def test_gpu_runs_default_to_more_images_and_epochs(bench: ModuleType) -> None:
 
 
 def test_transferctl_on_the_gpu_is_timed_in_its_last_epoch(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **options: {**run(800.0), "epoch_speeds": [500.0, 1000.0, 1100.0], "data_waits": [0.5, 0.2, 0.1]})
+    epochs = {"epoch_speeds": [500.0, 1000.0, 1100.0], "data_waits": [0.5, 0.2, 0.1], "steady_speeds": [None, 1200.0, 1150.0]}
+    monkeypatch.setattr(bench, "transferctl_run", lambda *args, **options: {**run(800.0), **epochs})
     result = bench.contender("transferctl-cuda", tmp_path, tmp_path, bench.parse_args(["--device", "cuda"]))
     assert result["images_per_second"] == 1100.0  # the first epochs include the workers' start and cuDNN's tuning
-    assert result["data_wait"] == 0.1
+    assert (result["data_wait"], result["steady_speed"]) == (0.1, 1150.0)
+
+
+def test_the_batch_clock_times_an_epoch_from_its_first_report_to_its_last(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    clock = bench.batch_clock()
+    times = iter([10.0, 10.5, 12.0, 20.0])
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(times)))
+    for index in (0, 40, 99):
+        clock.batch_done(index, 100, 1.0)
+    clock.epoch_done({})
+    clock.batch_done(0, 1, 1.0)  # an epoch of one batch: no span to time
+    clock.epoch_done({})
+
+    assert clock.steady_speeds == [pytest.approx(99 * bench.BATCH / 2.0), None]
+
+
+def test_a_real_run_gives_every_epoch_its_speeds(bench: ModuleType, tiny_split_data: Path, tmp_path: Path) -> None:
+    schedule = [{"name": "head", "epochs": 1, "train": "head", "lr": 1e-3}, {"name": "all", "epochs": 2, "train": "all", "lr": 1e-3}]
+    result = bench.transferctl_run(tiny_split_data, tmp_path, "fine_tune", schedule, image_size=32, augment="none", output={"checkpoint_seconds": 3600})
+    assert len(result["epoch_speeds"]) == len(result["data_waits"]) == len(result["steady_speeds"]) == 2  # the head epoch left out
 
 
 def test_every_run_computes_its_features_in_a_fresh_cache(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
