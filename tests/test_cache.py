@@ -13,6 +13,7 @@ from transferctl.backbones import Preprocessing
 from transferctl.config import config_from_dict
 from transferctl.data import EpochSampler, ImageDataset, build_transform, discover
 from transferctl.distributed import Shard
+from transferctl.errors import ConfigError
 from transferctl.feature_cache import FeatureBatches, FeatureStore, Views, head_for_features
 from transferctl.train import train
 
@@ -92,6 +93,21 @@ def test_auto_keeps_small_features_in_memory_and_saves_them(tiny_split_data: Pat
     assert len(list(isolated_feature_cache.glob("features-*.npy"))) == 2
     over_budget, _, _ = run(head_only(tiny_split_data, tmp_path / "b", epochs=1, cache_memory_mb=0))
     assert all(r["reused"] and r["location"].endswith(".npy") for r in over_budget["feature_cache"])
+
+
+def test_a_cache_folder_that_cannot_be_one_costs_auto_only_the_reuse(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
+    isolated_feature_cache.write_text("a file where the folder should be")
+    summary, _, _ = run(head_only(tiny_split_data, tmp_path / "a", epochs=1))
+    assert [r["location"] for r in summary["feature_cache"]] == ["memory", "memory"]
+
+
+def test_a_disk_cache_that_cannot_be_written_is_a_one_line_error(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
+    isolated_feature_cache.write_text("a file where the folder should be")
+    with pytest.raises(ConfigError) as caught:
+        train(config_from_dict(head_only(tiny_split_data, tmp_path / "d", epochs=1, cache="disk")))
+    message = str(caught.value)
+    assert f"{isolated_feature_cache}: the feature cache" in message and "it is not a folder" in message
+    assert "$TRANSFERCTL_CACHE" in message and "data.cache: memory" in message
 
 
 def test_unfrozen_phases_switch_back_to_full_passes(tiny_split_data: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ trains on those tensors alone, epochs costing milliseconds instead of a forward 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,11 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.cache_folder import LIMIT_ENV, about_path, describe, features_path, keep_under_limit, limit_bytes, mark_used
+from transferctl.cache_folder import CACHE_ENV, LIMIT_ENV, about_path, describe, features_path, keep_under_limit, limit_bytes, mark_used
 from transferctl.data import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.distributed import active as distributed_active
 from transferctl.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
 from transferctl.engine import Runtime, logits_of
+from transferctl.errors import ConfigError, Problem
 
 FORMAT = 2  # bump when what a cache file holds changes (2: view 0 is the clean view)
 
@@ -262,17 +264,28 @@ def _compute(model: nn.Module, spec: CacheSpec, loader: Any, count: int, runtime
 
 
 def _allocate(mode: str, budget_mb: int, shape: tuple[int, int, int], temp: Path) -> tuple[np.ndarray, str]:
-    fits = math.prod(shape) * 4 <= budget_mb * 2**20
-    if mode == "memory" or (mode == "auto" and fits):
+    size = math.prod(shape) * 4
+    if mode == "memory" or (mode == "auto" and size <= budget_mb * 2**20):
         return np.empty(shape, dtype=np.float32), "memory"
-    temp.parent.mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=shape), str(temp)
+    try:
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=shape), str(temp)
+    except OSError as exc:
+        raise _unwritable(temp.parent, exc, size) from None
+
+
+def _unwritable(folder: Path, exc: OSError, size: int) -> ConfigError:
+    """Features that must go to disk (data.cache: disk, or too large for data.cache_memory_mb) and cannot."""
+    reason = "it is not a folder" if folder.exists() and not folder.is_dir() else exc.strerror or str(exc)
+    return ConfigError(Problem(str(folder), f"the feature cache ({size / 2**20:.1f} MB) cannot be written there: {reason}",
+                               f"point ${CACHE_ENV} at a writable folder with room, or set data.cache: memory or a larger data.cache_memory_mb"))  # fmt: skip
 
 
 def _persist(array: np.ndarray, location: str, mode: str, path: Path, temp: Path) -> tuple[np.ndarray, str]:
     """Move a finished cache file into place (atomically: a concurrent run sees the whole file or none)."""
     if mode == "memory":
         return array, location
+    size = array.nbytes
     try:
         if location == "memory":
             temp.parent.mkdir(parents=True, exist_ok=True)
@@ -282,11 +295,12 @@ def _persist(array: np.ndarray, location: str, mode: str, path: Path, temp: Path
             array.flush()  # type: ignore[attr-defined]
             del array
         os.replace(temp, path)
-    except OSError:
-        temp.unlink(missing_ok=True)  # a full disk or read-only cache folder only costs the reuse
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # the folder may not even be one
+            temp.unlink(missing_ok=True)
         if location != "memory":
-            raise
-        return array, location
+            raise _unwritable(path.parent, exc, size) from None
+        return array, location  # kept in memory, the features only miss the next run's reuse
     if location == "memory":
         return array, location
     return np.load(path, mmap_mode="r"), str(path)
