@@ -45,6 +45,16 @@ def test_cuda_without_a_gpu_is_a_user_error() -> None:
         choose_device("cuda")
 
 
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nowhere/g++"))
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match=r"compile: torch.compile on the CPU needs a C\+\+ compiler: .*/nowhere/g\+\+.*set compile: false"):
+        make_runtime("cpu", "fp32", model, compile=True)
+    assert not make_runtime("cpu", "fp32", model).compile  # not asked: not checked
+
+
 def test_channels_last_only_for_convolutional_networks() -> None:
     assert is_convolutional(torchvision.models.resnet18(num_classes=3))
     transformer = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=64, mlp_dim=256, num_classes=3)

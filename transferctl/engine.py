@@ -111,7 +111,24 @@ def choose_precision(spec: str, device: torch.device) -> str:
 
 def make_runtime(device_spec: str, precision_spec: str, model: nn.Module, compile: bool = False) -> Runtime:
     device = choose_device(device_spec)
+    if compile and device.type == "cpu":
+        check_cpp_compiler()
     return Runtime(device, choose_precision(precision_spec, device), channels_last=is_convolutional(model), compile=compile)
+
+
+def check_cpp_compiler() -> None:
+    """torch.compile's CPU kernels are C++ that inductor builds during the first step: without a working
+    compiler (slim container images have none) that step fails deep inside torch. Ask before training."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:  # a torch that builds its kernels otherwise: compiling will say what it lacks
+        return
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as exc:
+        found = str(exc).strip().splitlines()[0] if str(exc).strip() else "no working C++ compiler found"
+        raise ConfigError(Problem("compile", f"torch.compile on the CPU needs a C++ compiler: {found}", "install g++ or point $CXX at a compiler, or set compile: false")) from None
 
 
 def is_convolutional(model: nn.Module) -> bool:
