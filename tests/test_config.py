@@ -155,6 +155,17 @@ def test_bad_device_is_rejected(device: str) -> None:
         config_from_dict({"data": {"root": "d"}, "device": device})
 
 
+@pytest.mark.parametrize("workers", [-1, "many", True, 1.5])
+def test_bad_worker_counts_get_one_message(workers: object) -> None:
+    with pytest.raises(ConfigError, match=r"data\.num_workers: must be 'auto' or a number >= 0"):
+        config_from_dict({"data": {"root": "d", "num_workers": workers}})
+
+
+@pytest.mark.parametrize(("workers", "taken"), [("auto", "auto"), (0, 0), (3, 3), ("2", 2)])
+def test_worker_counts_are_auto_or_a_number(workers: object, taken: object) -> None:
+    assert config_from_dict({"data": {"root": "d", "num_workers": workers}}).data.num_workers == taken
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "data: {root: images}\nstrategy: fine_tune\n"))
     text = dump_yaml(config_to_dict(config))

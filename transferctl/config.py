@@ -68,12 +68,15 @@ class DataConfig(_Section):
     )
     cache_memory_mb: int = Field(1024, ge=0, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
 
-    @field_validator("num_workers")
+    @field_validator("num_workers", mode="before")
     @classmethod
-    def _workers_not_negative(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be 'auto' or a number >= 0")
-        return value
+    def _workers_auto_or_a_count(cls, value: Any) -> Any:
+        """One message for every wrong value (pydantic's own would name only one of the two kinds)."""
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        raise ValueError("must be 'auto' or a number >= 0")
 
 
 class PlateauConfig(_Section):
