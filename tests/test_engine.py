@@ -45,13 +45,14 @@ def test_cuda_without_a_gpu_is_a_user_error() -> None:
         choose_device("cuda")
 
 
-def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_user_error() -> None:
     from torch._inductor import config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nowhere/g++"))
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ConfigError, match=r"compile: torch.compile on the CPU needs a C\+\+ compiler: .*/nowhere/g\+\+.*set compile: false"):
+    # Inductor's own patch: monkeypatch would delete the setting afterwards (it sees a class attribute).
+    with inductor.patch({"cpp.cxx": (None, "/nowhere/g++")}), pytest.raises(ConfigError, match=r"compile: torch.compile on the CPU needs a C\+\+ compiler: .*/nowhere/g\+\+.*set compile: false"):
         make_runtime("cpu", "fp32", model, compile=True)
+    assert inductor.cpp.cxx != (None, "/nowhere/g++")
     assert not make_runtime("cpu", "fp32", model).compile  # not asked: not checked
 
 
