@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,6 +110,27 @@ def test_a_disk_cache_that_cannot_be_written_is_a_one_line_error(tiny_split_data
     message = str(caught.value)
     assert f"{isolated_feature_cache}: the feature cache" in message and "it is not a folder" in message
     assert "$TRANSFERCTL_CACHE" in message and "data.cache: memory" in message
+
+
+def no_fallocate(code: int) -> Any:
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fallocate
+
+
+def test_a_disk_cache_without_room_stops_before_writing_into_its_mapping(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk under a memory-mapped file would otherwise kill the process with SIGBUS mid-write.
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate(errno.ENOSPC), raising=False)
+    with pytest.raises(ConfigError, match="cannot be written there: No space left on device"):
+        train(config_from_dict(head_only(tiny_split_data, tmp_path / "d", epochs=1, cache="disk")))
+    assert not list(isolated_feature_cache.glob("*.tmp-*"))
+
+
+def test_a_file_system_without_fallocate_still_caches_on_disk(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate(errno.EOPNOTSUPP), raising=False)
+    summary, _, _ = run(head_only(tiny_split_data, tmp_path / "d", epochs=1, cache="disk"))
+    assert summary["feature_cache"][0]["location"].endswith(".npy")
 
 
 def test_unfrozen_phases_switch_back_to_full_passes(tiny_split_data: Path, tmp_path: Path) -> None:

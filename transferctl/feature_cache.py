@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -269,9 +270,27 @@ def _allocate(mode: str, budget_mb: int, shape: tuple[int, int, int], temp: Path
         return np.empty(shape, dtype=np.float32), "memory"
     try:
         temp.parent.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=shape), str(temp)
+        array = np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=shape)
+        _reserve(temp)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
         raise _unwritable(temp.parent, exc, size) from None
+    return array, str(temp)
+
+
+def _reserve(path: Path) -> None:
+    """Claim a memory-mapped file's blocks now: the file is sparse, and a disk that fills up while the
+    features are written into the mapping kills the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with path.open("r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            # A file system without fallocate: the mapping works, unreserved.
 
 
 def _unwritable(folder: Path, exc: OSError, size: int) -> ConfigError:
