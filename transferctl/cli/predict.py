@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from rich.markup import escape
 
-from transferctl.cli import app, err, user_errors
+from transferctl.cli import EXIT_INTERRUPTED, app, err, user_errors
 from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg
 
 
@@ -34,7 +35,7 @@ def predict(
     if "-" in paths and len(paths) > 1:
         raise typer.BadParameter("'-' (read paths from stdin) must be the only path", param_hint="PATHS")
     failed = done = 0
-    with user_errors():
+    with user_errors(), _leaving_at_once_on_ctrl_c(paths == ["-"]):
         predictor = load_predictor(run_dir, checkpoint, device, precision, top_k)
         inputs = read_path_lines(sys.stdin) if paths == ["-"] else iter(paths)
         for record in predictor.predict(expand_paths(inputs), batch_size):
@@ -49,6 +50,26 @@ def predict(
     if failed:
         err.print(f"{failed} of {done} inputs could not be read")
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _leaving_at_once_on_ctrl_c(reading_stdin: bool) -> Iterator[None]:
+    """Ctrl-C while paths come from stdin: say so and exit 130 without Python's teardown.
+
+    The thread that reads stdin is blocked in read() and cannot be stopped. Left alive, it wakes into the
+    interpreter's teardown when the input closes, and once that ended the process in SIGABRT ("terminate
+    called without an active exception") instead of 130. Everything printed is flushed first.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not reading_stdin:
+            raise
+        err.print("[yellow]interrupted[/]")
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _write_line(record: dict[str, object]) -> None:
