@@ -220,8 +220,9 @@ def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: 
     import torch
     import torchvision
 
+    from transferctl.backbones import IMAGENET_MEAN, IMAGENET_STD
     from transferctl.config import OptimizerConfig
-    from transferctl.engine import make_grad_scaler, make_runtime, tune_backend
+    from transferctl.engine import Uint8Normalizer, make_grad_scaler, make_runtime, tune_backend
     from transferctl.phases import build_optimizer
     from transferctl.synthetic import SOURCE_CLASSES
 
@@ -236,13 +237,12 @@ def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: 
     host_uint8 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     if on_gpu:
         host, host_uint8 = host.pin_memory(), host_uint8.pin_memory()
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255.0
+    normalized = Uint8Normalizer(IMAGENET_MEAN, IMAGENET_STD, runtime)  # what recommend's features already send
     resident = host.to(device).contiguous(memory_format=torch.channels_last)
     batches: dict[str, Callable[[], Any]] = {
         "resident": lambda: resident,
         "float32": lambda: host.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-        "uint8": lambda: ((host_uint8.to(device, non_blocking=True).float() - mean) / std).contiguous(memory_format=torch.channels_last),
+        "uint8": lambda: normalized(host_uint8),
     }
     labels = torch.randint(0, classes, (batch,), device=device)
     synchronize = torch.cuda.synchronize if on_gpu else lambda: None

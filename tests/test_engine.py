@@ -56,6 +56,18 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_user_error() -> None:
     assert not make_runtime("cpu", "fp32", model).compile  # not asked: not checked
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_uint8_batches_are_normalised_as_torchvision_normalises_images(channels_last: bool) -> None:
+    from torchvision import transforms as T
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = engine.Uint8Normalizer(mean, std, Runtime(CPU, "fp32", channels_last))(images)
+    expected = torch.stack([T.Normalize(mean, std)(image.float() / 255.0) for image in images])
+    torch.testing.assert_close(batch, expected)
+    assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_channels_last_only_for_convolutional_networks() -> None:
     assert is_convolutional(torchvision.models.resnet18(num_classes=3))
     transformer = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=64, mlp_dim=256, num_classes=3)

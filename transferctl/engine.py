@@ -163,6 +163,21 @@ def tune_backend(runtime: Runtime) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+class Uint8Normalizer:
+    """uint8 image batches (N, 3, H, W) to the model's input on the runtime's device: float, normalised by the
+    weights' mean and std (given on the 0-1 scale), channels-last where the runtime is. A uint8 batch is a
+    quarter of the bytes of a float32 one on its way to the device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.mean = torch.tensor(mean, device=runtime.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=runtime.device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = (images.to(self.runtime.device, non_blocking=True).float() - self.mean) / self.std
+        return batch.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else batch
+
+
 def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     non_blocking = runtime.device.type == "cuda"
     images = images.to(runtime.device, non_blocking=non_blocking)

@@ -20,7 +20,7 @@ from torch import nn
 from transferctl.backbones import Backbone, Preprocessing, build_backbone, replace_head, torchvision_weights
 from transferctl.config import BackboneConfig, looks_like_weights_file
 from transferctl.cut import cut_points, layout_of, pool, stage_hooks, tap_path
-from transferctl.engine import Runtime
+from transferctl.engine import Runtime, Uint8Normalizer
 from transferctl.errors import DataError, Problem
 
 
@@ -162,13 +162,10 @@ def extract(network: ProbeNetwork, images: torch.Tensor, runtime: Runtime, batch
     handles.append(model.get_submodule(network.backbone.head_path).register_forward_pre_hook(head_input))
     predictions: list[torch.Tensor] = []
     pre = network.backbone.preprocessing
-    mean = torch.tensor(pre.mean, device=runtime.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pre.std, device=runtime.device).view(1, 3, 1, 1) * 255.0
+    normalized = Uint8Normalizer(pre.mean, pre.std, runtime)
     try:
         for start in range(0, len(images), batch_size):
-            batch = (images[start : start + batch_size].to(runtime.device).float() - mean) / std
-            if runtime.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = normalized(images[start : start + batch_size])
             with runtime.autocast():
                 output = model(batch)
             if network.source_classes is not None:
