@@ -35,6 +35,7 @@ steps; and the same steps with each batch copied in from pinned memory, as float
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -312,6 +313,19 @@ def run_contender(name: str, data: Path, work: Path, args: argparse.Namespace) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def scratch_folder(prefix: str, given: Path | None = None) -> Iterator[Path]:
+    """Where a benchmark writes its images and runs: the folder given, which stays, or a temporary one that is
+    removed when the benchmark ends, by an error or Ctrl-C too. Benchmarks write 0.1-1.3 GB each, and folders
+    left behind once filled the disk the test suite then ran on."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield Path(folder)
+
+
 def write_data(root: Path, images: int) -> Path:
     from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
 
@@ -341,15 +355,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: PyTorch sees no CUDA GPU on this machine (scripts/gpu_check.sh runs it on a lent one)")
-    work = args.work or Path(tempfile.mkdtemp(prefix="transferctl-bench-"))
-    data = write_data(work / "data", args.images)
     names = chosen_contenders(args)
-    print(f"# {len(list(data.rglob('*.png')))} images 224x224 in {data}; torch {torch.__version__}, {os.cpu_count()} CPUs, {load()}", file=sys.stderr)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for repeat in range(args.repeat):
-        for name in names:
-            runs[name].append(run_contender(name, data, work, args))
-            print(f"  {name} ({repeat + 1}/{args.repeat}): {json.dumps(runs[name][-1])}", file=sys.stderr)
+    with scratch_folder("transferctl-bench-", args.work) as work:
+        data = write_data(work / "data", args.images)
+        print(f"# {len(list(data.rglob('*.png')))} images 224x224 in {data}; torch {torch.__version__}, {os.cpu_count()} CPUs, {load()}", file=sys.stderr)
+        for repeat in range(args.repeat):
+            for name in names:
+                runs[name].append(run_contender(name, data, work, args))
+                print(f"  {name} ({repeat + 1}/{args.repeat}): {json.dumps(runs[name][-1])}", file=sys.stderr)
     print(table({name: combined(results) for name, results in runs.items()}, args))
     print(f"# afterwards: {load()}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +23,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LR, transferctl_run, write_data  # noqa: E402
+from bench import LR, scratch_folder, transferctl_run, write_data  # noqa: E402
 from bench_inference import interleaved, table  # noqa: E402
 
 
@@ -78,11 +77,10 @@ def feature_extract_run(data: Path, work: Path, epochs: int, checkpoint_seconds:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="transferctl-bench-checkpoints-"))
-    os.environ["TRANSFERCTL_CACHE"] = str(work / "cache")  # shared: every run reuses the features the warm-up computed
-    data = write_data(work / "data", args.images)
     per_run: dict[str, tuple[int, int]] = {}
-    with CheckpointWrites() as writes:
+    with scratch_folder("transferctl-bench-checkpoints-") as work, CheckpointWrites() as writes:
+        os.environ["TRANSFERCTL_CACHE"] = str(work / "cache")  # shared: every run reuses the features the warm-up computed
+        data = write_data(work / "data", args.images)
         settings = {f"checkpoint_seconds: {seconds:g}": feature_extract_run(data, work, args.epochs, seconds, writes, per_run) for seconds in (0, 30)}
         speeds = interleaved(settings, args.rounds, unit="runs/min")
     print(f"# feature_extract, resnet18, {args.images} images, {args.epochs} head epochs on cached features, {args.rounds} interleaved rounds")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -92,7 +91,7 @@ def model_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     return settings
 
 
-def predict_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
+def predict_settings(args: argparse.Namespace, work: Path) -> dict[str, Callable[[], float]]:
     import torchvision
 
     from transferctl.backbones import Preprocessing
@@ -101,8 +100,7 @@ def predict_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]
     from transferctl.predict import Predictor
     from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
 
-    root = write_image_folder(Path(tempfile.mkdtemp(prefix="transferctl-bench-inference-")) / "images", SOURCE_CLASSES,
-                              max(1, args.images // len(SOURCE_CLASSES)), 320, seed=0, layout="flat")  # fmt: skip
+    root = write_image_folder(work / "images", SOURCE_CLASSES, max(1, args.images // len(SOURCE_CLASSES)), 320, seed=0, layout="flat")
     paths = sorted(str(p) for p in root.rglob("*.png"))
     transform = eval_transform(Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     settings = {}
@@ -127,7 +125,10 @@ def table(what: str, speeds: dict[str, list[float]], unit: str = "images/s") -> 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model = interleaved(model_settings(args), args.rounds)
-    predict = interleaved(predict_settings(args), args.rounds)
+    from bench import scratch_folder  # beside this script: run it as scripts/bench_inference.py
+
+    with scratch_folder("transferctl-bench-inference-") as work:
+        predict = interleaved(predict_settings(args, work), args.rounds)
     print(f"# resnet18, 224 px, batch {args.batch}, {args.rounds} interleaved rounds")
     print(table("model alone", model))
     print(f"\n# predict end to end: {args.images} PNGs of 320 px, decoded ahead on the default threads")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench import scratch_folder  # beside this script: run it as scripts/bench_predict.py
+
+    args = parse_args(argv)
+    with scratch_folder("transferctl-bench-predict-") as work:
+        compare_decoding(args, work)
+
+
+def compare_decoding(args: argparse.Namespace, work: Path) -> None:
     import torchvision
 
     from transferctl.backbones import Preprocessing
@@ -36,11 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     from transferctl.inference import eval_transform
     from transferctl.predict import Predictor, default_decode_threads
     from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
-    from bench_inference import interleaved, predict_speed, table  # beside this script: run it as scripts/bench_predict.py
+    from bench_inference import interleaved, predict_speed, table
 
-    args = parse_args(argv)
-    root = write_image_folder(Path(tempfile.mkdtemp(prefix="transferctl-bench-predict-")) / "images", SOURCE_CLASSES,
-                              max(1, args.images // len(SOURCE_CLASSES)), args.size, seed=0, layout="flat")  # fmt: skip
+    root = write_image_folder(work / "images", SOURCE_CLASSES, max(1, args.images // len(SOURCE_CLASSES)), args.size, seed=0, layout="flat")
     paths = sorted(str(p) for p in root.rglob("*.png"))
     model = torchvision.models.resnet18(weights=None, num_classes=len(SOURCE_CLASSES))
     runtime = make_runtime("cpu", "auto", model)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,19 +32,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
     args = parser.parse_args()
-    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="transferctl-empty-hf-")  # before huggingface_hub reads it
+    from bench import scratch_folder  # beside this script: run it as scripts/bench_timm_offline.py
+
+    with scratch_folder("transferctl-empty-hf-") as hf_home:
+        os.environ["HF_HOME"] = str(hf_home)  # before huggingface_hub reads it
+        compare(args.model)
+
+
+def compare(model: str) -> None:
     import timm
 
     from transferctl.backbones import build_backbone
     from transferctl.config import BackboneConfig
 
     timm.list_models()  # the registry's first build is not what is timed
-    ours, our_error = seconds_to_fail(lambda: build_backbone(BackboneConfig(name=f"timm:{args.model}", weights="DEFAULT"), 3, None))
-    theirs, their_error = seconds_to_fail(lambda: timm.create_model(args.model, pretrained=True))
+    ours, our_error = seconds_to_fail(lambda: build_backbone(BackboneConfig(name=f"timm:{model}", weights="DEFAULT"), 3, None))
+    theirs, their_error = seconds_to_fail(lambda: timm.create_model(model, pretrained=True))
     print(f"transferctl build_backbone: {ours:.2f} s ({our_error})")
     print(f"timm.create_model alone:    {theirs:.2f} s ({their_error})")
     print(f"transferctl fails {theirs / ours:.0f}x sooner")
-
 
 if __name__ == "__main__":
     main()

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import scratch_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"cache: off": {"cache": "off"}, "cached_views: 1 (default)": {"cache": "memory", "cached_views": 1},
@@ -56,15 +60,15 @@ def main(argv: list[str] | None = None) -> None:
     from transferctl.train import train
 
     args = parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="transferctl-cache-accuracy-"))
     results: dict[str, dict[str, list[float]]] = {name: {"final": [], "best": [], "seconds": []} for name in VARIANTS}
-    for seed in range(args.seeds):
-        for name, fields in VARIANTS.items():  # interleaved: a slow spell hits every variant alike
-            started = time.perf_counter()
-            summary = train(config_from_dict(experiment(args, seed, fields, out)))
-            results[name]["seconds"].append(time.perf_counter() - started)
-            results[name]["final"].append(summary["final_val_acc"])
-            results[name]["best"].append(summary["best_val_acc"])
+    with scratch_folder("transferctl-cache-accuracy-") as out:
+        for seed in range(args.seeds):
+            for name, fields in VARIANTS.items():  # interleaved: a slow spell hits every variant alike
+                started = time.perf_counter()
+                summary = train(config_from_dict(experiment(args, seed, fields, out)))
+                results[name]["seconds"].append(time.perf_counter() - started)
+                results[name]["final"].append(summary["final_val_acc"])
+                results[name]["best"].append(summary["best_val_acc"])
     print(f"# feature_extract on {args.data} from {args.base.name}, augment: standard, {args.epochs} epochs, seeds 0-{args.seeds - 1}")
     print("| variant | final val acc (mean) | best val acc (mean) | final, per seed | seconds per run |")
     print("| --- | --- | --- | --- | --- |")

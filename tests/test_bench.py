@@ -229,3 +229,31 @@ def test_the_checkpoint_benchmark_changes_only_when_checkpoints_are_written(tmp_
     assert first_args[3] == [{"name": "head", "epochs": 3, "train": "head", "lr": bench_checkpoints.LR}]
     size = (tmp_path / "checkpoints" / "last.pt").stat().st_size
     assert per_run == {"checkpoint_seconds: 0": (1, size), "checkpoint_seconds: 30": (1, size)}
+
+
+def test_a_temporary_work_folder_is_removed_when_the_benchmark_stops(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt), bench.scratch_folder("transferctl-bench-") as work:
+        (work / "data").mkdir()
+        raise KeyboardInterrupt
+    assert work.parent == tmp_path and not work.exists()
+    given = tmp_path / "mine" / "work"
+    with bench.scratch_folder("transferctl-bench-", given) as work:
+        (work / "runs").mkdir()
+    assert work == given and (given / "runs").is_dir()  # the folder asked for is the user's: it stays
+
+
+def test_the_benchmark_leaves_no_temporary_folder_behind(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench, "write_data", lambda root, images: root.mkdir(parents=True) or root)
+    works: list[Path] = []
+    monkeypatch.setattr(bench, "run_contender", lambda name, data, work, args: works.append(work) or run(10.0))
+    bench.main(["--contenders", "plain-ft,plain-fe"])
+    assert len(set(works)) == 1 and works[0].parent == tmp_path and not any(tmp_path.iterdir())
+
+
+def test_every_scripts_temporary_folder_is_removed_afterwards() -> None:
+    """mkdtemp leaves its folder behind; benchmarks that did filled a disk. Inside a work folder it goes with it."""
+    for script in sorted((REPO / "scripts").glob("*.py")):
+        for line in script.read_text().splitlines():
+            assert "mkdtemp(" not in line or "dir=work" in line, f"{script.name}: {line.strip()}"
