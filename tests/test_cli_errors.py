@@ -185,6 +185,15 @@ def test_an_existing_run_directory_is_never_touched(tmp_path: Path, data: Path) 
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
 
 
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path: Path, data: Path) -> None:
+    (tmp_path / "runs").write_text("notes")
+    config = write_experiment(tmp_path / "e.yaml", experiment(data, tmp_path / "runs"))
+
+    line = one_error_line(runner.invoke(app, ["train", str(config)]))
+
+    assert line == f"error: output.dir: cannot make {tmp_path / 'runs'}: {tmp_path / 'runs'} is a file (point output.dir at a folder)"
+
+
 def mobilenet(root: Path, runs: Path, **sections: Any) -> dict[str, Any]:
     """The tiny experiment on mobilenet_v3_small: several times faster than resnet18 on a CPU."""
     return experiment(root, runs, backbone={"name": "mobilenet_v3_small", "weights": "none"}, **sections)

@@ -111,6 +111,28 @@ def test_claim_run_dir_refuses_an_existing_path(tmp_path: Path, make: str) -> No
     assert (target / "config.yaml" if make == "folder" else target).read_text() == "keep me"
 
 
+@pytest.mark.parametrize("where", ["output", "inside"])
+def test_a_file_in_the_way_of_the_runs_folder_is_named(tmp_path: Path, where: str) -> None:
+    (tmp_path / "runs").write_text("notes")
+    output = tmp_path / "runs" if where == "output" else tmp_path / "runs" / "sub"
+
+    with pytest.raises(CheckpointError) as info:
+        create_run_dir(output, "exp", now=NOW)
+
+    assert str(info.value) == f"output.dir: cannot make {output}: {tmp_path / 'runs'} is a file (point output.dir at a folder)"
+    with pytest.raises(CheckpointError, match=f"--run-dir: cannot make {tmp_path / 'runs' / 'mine'}: .* is a file"):
+        claim_run_dir(tmp_path / "runs" / "mine")
+
+
+def test_a_read_only_runs_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(CheckpointError, match="output.dir: cannot make .*: Read-only file system \\(point output.dir at a writable folder\\)"):
+        create_run_dir(tmp_path / "runs", "exp", now=NOW)
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 

@@ -69,14 +69,15 @@ def json_text(data: Any) -> str:
 def create_run_dir(output_dir: Path, name: str, now: datetime | None = None) -> Path:
     """<output>/<name>-<YYYYmmdd-HHMMSS>, made exclusively: an existing run is never reused."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, 100):
-        candidate = output_dir / (f"{name}-{stamp}" if attempt == 1 else f"{name}-{stamp}-{attempt}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+    with _folder_problems("output.dir", output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 100):
+            candidate = output_dir / (f"{name}-{stamp}" if attempt == 1 else f"{name}-{stamp}-{attempt}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
     raise CheckpointError(Problem("output.dir", f"too many runs named {name}-{stamp} in {output_dir}", "wait a second or rename"))
 
 
@@ -84,9 +85,22 @@ def claim_run_dir(path: Path) -> Path:
     """A run directory the user named: it must not exist yet."""
     if path.exists():
         raise CheckpointError(Problem("--run-dir", f"{path} already exists", "choose a new path; runs are never overwritten"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir()
+    with _folder_problems("--run-dir", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
     return path
+
+
+@contextlib.contextmanager
+def _folder_problems(field: str, path: Path) -> Iterator[None]:
+    """A run folder that cannot be made (a file in its way, a read-only or full disk) is the user's to fix."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((folder for folder in (path, *path.parents) if folder.exists() and not folder.is_dir()), path)
+        raise CheckpointError(Problem(field, f"cannot make {path}: {blocking} is a file", f"point {field} at a folder")) from None
+    except OSError as exc:
+        raise CheckpointError(Problem(field, f"cannot make {path}: {exc.strerror or exc}", f"point {field} at a writable folder")) from None
 
 
 class RunDir:
