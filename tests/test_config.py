@@ -80,6 +80,28 @@ def test_python_object_tags_are_refused(tmp_path: Path) -> None:
         load_config(write(tmp_path, "name: !!python/object/apply:os.system ['echo hacked']\ndata: {root: d}\n"))
 
 
+def test_words_yaml_1_1_reads_as_booleans_stay_words(tmp_path: Path) -> None:
+    """The README's `cache: off` is the field's word; YAML 1.1 would read it as false."""
+    config = load_config(write(tmp_path, "data: {root: d, cache: off}\ncompile: yes\nlogging: {tensorboard: off}\n"), ["data.augment=none"])
+    assert config.data.cache == "off"
+    assert config.compile is True and config.logging.tensorboard is False  # boolean fields still take the words
+    assert load_config(write(tmp_path, "data: {root: d}\n"), ["data.cache=off"]).data.cache == "off"
+
+
+def test_a_key_given_twice_is_named_with_its_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: d, batch_size: 8}\nname: x\ndata: {root: e}\n"))
+    assert messages(caught.value) == [f"{tmp_path / 'experiment.yaml'}:3: the key 'data' is given twice (keep one of them)"]
+    with pytest.raises(ConfigError, match="experiment.yaml:1: the key 'root' is given twice"):
+        load_config(write(tmp_path, "data: {root: d, root: e}\n"))
+
+
+def test_merged_keys_may_be_overridden() -> None:
+    from transferctl.config import parse_yaml
+
+    assert parse_yaml("base: &base {root: d, batch_size: 8}\ndata:\n  <<: *base\n  batch_size: 4\n")["data"] == {"root": "d", "batch_size": 4}
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")

@@ -226,11 +226,41 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Expe
     return config_from_dict(raw, source=str(path), base_dir=path.parent)
 
 
+class ExperimentLoader(yaml.SafeLoader):
+    """YAML as an experiment file means it.
+
+    Only true and false are booleans (YAML 1.2): YAML 1.1 also reads off, on, yes and no as booleans, which
+    would turn the documented `cache: off` into false. Boolean fields still take those words (pydantic
+    converts them). A key given twice is an error: YAML keeps the last one without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merged keys may be overridden; SafeLoader refuses unhashable keys itself
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key_node.value}' is given twice", key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+ExperimentLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ExperimentLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ExperimentLoader)  # noqa: S506 - a SafeLoader
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(Problem(str(path), "no such file", "check the path to the experiment file"))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(path, exc)) from None
     except UnicodeDecodeError:
@@ -248,6 +278,8 @@ def _yaml_problem(path: Path, exc: yaml.YAMLError) -> Problem:
     reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     if "could not determine a constructor" in str(exc):
         return Problem(where, "YAML tags that build Python objects are not allowed", "use plain values")
+    if "given twice" in str(reason):
+        return Problem(where, reason, "keep one of them")
     return Problem(where, f"invalid YAML: {reason}", "fix the syntax at that line")
 
 
@@ -257,7 +289,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(Problem("--set", f"'{override}' is not key.path=value", "e.g. --set data.batch_size=16"))
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node: Any = raw

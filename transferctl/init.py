@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from_dict, default_schedule, json_schema
+from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from_dict, default_schedule, json_schema, parse_yaml
 from transferctl.data import BadImage, DatasetSplits, Sample, discover
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.recommend import Advice, Thresholds, advise, judge_size
@@ -279,7 +279,7 @@ def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, ba
         _field("logging", {"tensorboard": False}, "true: curves in <run>/tensorboard/ (pip install transferctl[tensorboard])"),
     ]
     text = "\n".join(lines) + "\n"
-    config_from_dict(yaml.safe_load(text), source=str(output))  # never write a file check would refuse
+    config_from_dict(parse_yaml(text), source=str(output))  # never write a file check would refuse
     return text
 
 
