@@ -24,6 +24,7 @@ from transferctl.rundir import (
     claim_run_dir,
     create_run_dir,
     load_run_checkpoint,
+    overall_images_per_second,
     total_data_seconds,
 )
 
@@ -373,3 +374,11 @@ def test_waiting_time_adds_up_the_rows_that_recorded_it() -> None:
     # A run resumed from an older transferctl's checkpoint has rows without data_seconds.
     assert total_data_seconds([{"seconds": 3.0}, {"data_seconds": 0.25}, {"data_seconds": 0.5}]) == 0.75
     assert total_data_seconds([{"seconds": 3.0}]) is None
+
+
+def test_a_runs_speed_is_its_images_over_its_training_seconds() -> None:
+    cached = {"images_per_second": 4000.0, "train_seconds": 0.01}  # a head epoch on cached features: 40 images
+    full = {"images_per_second": 10.0, "train_seconds": 4.0}  # 40 images
+    assert overall_images_per_second([cached, full, full]) == round(120 / 8.01, 1)  # not the epochs' mean, 1340
+    assert overall_images_per_second([{"images_per_second": 9.0}, full]) == 10.0  # rows from before train_seconds
+    assert overall_images_per_second([{"images_per_second": 9.0}]) is None

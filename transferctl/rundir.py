@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 METRIC_COLUMNS = (
     "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
-    "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds",
+    "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds", "train_seconds",
 )  # fmt: skip
 
 
@@ -36,6 +36,16 @@ def total_data_seconds(rows: list[dict[str, Any]]) -> float | None:
     """The metric rows' time spent waiting for batches; None when no row has it (written before rows recorded it)."""
     waits = [row["data_seconds"] for row in rows if isinstance(row.get("data_seconds"), (int, float))]
     return round(sum(waits), 2) if waits else None
+
+
+def overall_images_per_second(rows: list[dict[str, Any]]) -> float | None:
+    """Images trained over the seconds spent training them, across epochs: a head epoch on cached features
+    runs thousands of images a second, and a plain mean of the epochs' speeds would report that as the run's.
+    Rows written before they recorded train_seconds are left out; None when no row has it."""
+    timed = [(row["images_per_second"], row["train_seconds"]) for row in rows
+             if isinstance(row.get("images_per_second"), (int, float)) and isinstance(row.get("train_seconds"), (int, float))]  # fmt: skip
+    seconds = sum(spent for _, spent in timed)
+    return round(sum(speed * spent for speed, spent in timed) / seconds, 1) if seconds > 0 else None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from transferctl.errors import CheckpointError, Problem
 from transferctl.runs import describe_run, metric_rows, read_json_mapping, read_run_config
-from transferctl.rundir import total_data_seconds
+from transferctl.rundir import overall_images_per_second, total_data_seconds
 
 # Paths differ from run to run by nature; show names them in its header instead of as changes.
 NOT_COMPARED = ("data.root", "output.dir")
@@ -129,13 +129,12 @@ def _best(summary: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> d
 
 
 def _timing(summary: dict[str, Any], rows: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
-    speeds = [row["images_per_second"] for row in rows if isinstance(row.get("images_per_second"), (int, float))]
     return {
         "epochs": summary.get("epochs", len(rows)),
         "seconds": summary.get("seconds"),  # wall time, set up included; None until the run finishes
         "train_seconds": summary.get("train_seconds", round(sum(row.get("seconds") or 0.0 for row in rows), 2)),
         "data_seconds": summary.get("data_seconds", total_data_seconds(rows)),  # of train_seconds, waiting for batches
-        "images_per_second": summary.get("images_per_second", round(sum(speeds) / len(speeds), 1) if speeds else None),
+        "images_per_second": summary.get("images_per_second", overall_images_per_second(rows)),
         "device": summary.get("device", env.get("device")),
         "precision": summary.get("precision", env.get("precision")),
         "torch": env.get("torch"),

@@ -70,7 +70,7 @@ from transferctl.phases import (
     stage_at,
     stages_of,
 )
-from transferctl.rundir import RunDir, claim_run_dir, create_run_dir, total_data_seconds
+from transferctl.rundir import RunDir, claim_run_dir, create_run_dir, overall_images_per_second, total_data_seconds
 
 CHECKPOINT_FORMAT = 2  # 2: last.pt carries everything resume needs (rows, early-stopping state, ...)
 
@@ -445,6 +445,7 @@ class _Trainer:
             "seconds": round(stats.seconds + val.seconds, 3),
             "images_per_second": round(stats.images_per_second, 1),
             "data_seconds": round(stats.data_seconds, 3),  # of the training's seconds, waiting for batches
+            "train_seconds": round(stats.seconds, 3),  # of `seconds`, training (the rest validates)
         }
 
     def _early_stop(self, plan: PhasePlan, state: _PhaseState, row: dict[str, Any]) -> bool:
@@ -508,7 +509,6 @@ class _Trainer:
     def _summary(self) -> dict[str, Any]:
         assert self.best is not None, "a schedule always has at least one epoch"
         train_seconds = sum(r["seconds"] for r in self.rows)
-        mean_speed = sum(r["images_per_second"] for r in self.rows) / len(self.rows)
         return {
             "run_dir": str(self.run_dir.path),
             "name": self.config.name,
@@ -524,7 +524,7 @@ class _Trainer:
             "seconds": round(self._elapsed(), 2),
             "train_seconds": round(train_seconds, 2),
             "data_seconds": total_data_seconds(self.rows),
-            "images_per_second": round(mean_speed, 1),
+            "images_per_second": overall_images_per_second(self.rows),
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
             "feature_cache": self.shortcut.records,
