@@ -183,6 +183,39 @@ def test_flat_layout_with_zero_val_fraction_is_refused(tiny_flat_data: Path) -> 
         discover(tiny_flat_data, val_fraction=0.0, seed=0)
 
 
+def write_run(run: Path, plot: bool = True) -> Path:
+    """What train and report leave in a run directory, a PNG plot among them."""
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: x\n")
+    if plot:
+        write_png(run / "curves.png")
+    return run
+
+
+def test_runs_inside_a_flat_data_folder_are_not_classes(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "photos", {"cat": 5, "dog": 5})
+    write_run(root / "runs" / "exp-20240309-070503")  # init's output.dir when the experiment file sits in the data folder
+    write_run(root / "my-run", plot=False)  # a --run-dir there
+    write_png(root / "dog" / "2019" / "nested.png")  # a class folder with folders of images stays a class
+
+    splits = discover(root, val_fraction=0.2, seed=0)
+
+    assert splits.classes == ["cat", "dog"] and splits.run_folders == (root / "my-run", root / "runs")
+    assert all("runs" not in path.parts for path, _ in splits.train + splits.val) and len(splits.train + splits.val) == 11
+    assert data_notices(splits) == [f"data.root: left out {root / 'my-run'}, {root / 'runs'}: transferctl runs, not a class"]
+
+
+def test_runs_inside_a_split_layout_are_not_classes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        write_class_tree(root / split, {"cat": 2, "dog": 2})
+    write_run(root / "train" / "runs" / "exp-1")
+
+    splits = discover(root, val_fraction=0.2, seed=0)
+
+    assert splits.classes == ["cat", "dog"] and splits.run_folders == (root / "train" / "runs",)
+
+
 # --------------------------------------------------------------------------- folder errors
 
 

@@ -48,6 +48,7 @@ class DatasetSplits:
     layout: str = "split"
     skipped: tuple[BadImage, ...] = ()  # unreadable images left out (data.on_bad_image: skip)
     ignored: tuple[Path, ...] = ()  # files in class folders that are not images by their suffix
+    run_folders: tuple[Path, ...] = ()  # transferctl runs among the class folders: output.dir inside data.root
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -73,7 +74,7 @@ def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "sk
     classes = class_folders(root, "data.root")
     tree = _read_tree({"data.root": root}, classes, on_bad_image)
     train, val = stratified_split(tree.samples["data.root"], val_fraction, seed)
-    return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored)
+    return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored, run_folders=run_folders(root))
 
 
 def _discover_split_layout(root: Path, on_bad_image: str) -> DatasetSplits:
@@ -85,17 +86,31 @@ def _discover_split_layout(root: Path, on_bad_image: str) -> DatasetSplits:
         _check_same_classes(classes, class_folders(root / split, f"data.root/{split}"), split)
     tree = _read_tree({f"data.root/{split}": root / split for split in present}, classes, on_bad_image)
     splits = {split: tree.samples.get(f"data.root/{split}", []) for split in SPLITS}
-    return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split", skipped=tree.skipped, ignored=tree.ignored)
+    found_runs = tuple(path for split in present for path in run_folders(root / split))
+    return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split", skipped=tree.skipped, ignored=tree.ignored, run_folders=found_runs)
 
 
 def class_folders(folder: Path, where: str) -> list[str]:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    runs = run_folders(folder)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in runs)
     if len(classes) < 2:
         if not list_images(folder):
             raise DataError(Problem(where, f"{folder} has no images", "put the images in one sub-folder per class, the same classes in every split"))
         found = f"only '{classes[0]}'" if classes else "none"
         raise DataError(Problem(where, f"{folder} needs at least two class folders, found {found}", "make one sub-folder of images per class"))
     return classes
+
+
+def run_folders(folder: Path) -> tuple[Path, ...]:
+    """The sub-folders that hold transferctl runs (a run, or a folder of runs), which are never classes: an
+    experiment file in a flat data folder (`transferctl init .`) writes its runs/ there."""
+    from transferctl.runs import is_run_dir
+
+    def holds_runs(path: Path) -> bool:
+        with os.scandir(path) as entries:  # the entries' types come with the listing: no stat per image
+            return is_run_dir(path) or any(entry.is_dir() and is_run_dir(Path(entry.path)) for entry in entries)
+
+    return tuple(sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".") and holds_runs(path)))
 
 
 def _check_same_classes(train: list[str], other: list[str], split: str) -> None:
@@ -161,6 +176,9 @@ def data_notices(splits: DatasetSplits) -> list[str]:
         shown = ", ".join(str(path) for path in splits.ignored[:SHOWN_PATHS])
         more = f" and {len(splits.ignored) - SHOWN_PATHS} more" if len(splits.ignored) > SHOWN_PATHS else ""
         notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {shown}{more}")
+    if splits.run_folders:
+        folders = ", ".join(str(path) for path in splits.run_folders)
+        notices.append(f"data.root: left out {folders}: transferctl runs, not a class")
     return notices
 
 
