@@ -133,8 +133,8 @@ def test_evaluate_json_numbers_of_a_run_with_known_predictions(trained: Path, se
     assert all(row["f1"] == 0.0 for row in report["per_class"] if row["class"] != "cyan")
     assert report["macro_f1"] == pytest.approx(1 / 49) and report["weighted_f1"] == pytest.approx(1 / 91)
 
-    assert json.loads((run / "eval" / "all.json").read_text()) == report
-    png = run / "eval" / "all-confusion.png"
+    assert json.loads((run / "eval" / "data-all.json").read_text()) == report  # --data's folder name first
+    png = run / "eval" / "data-all-confusion.png"
     assert Path(report["confusion_png"]) == png
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 300
@@ -158,9 +158,24 @@ def test_evaluate_defaults_to_test_split_and_prints_a_table(trained: Path) -> No
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     assert "precision" in result.stderr and "macro F1" in result.stderr and "red" in result.stderr
-    report = json.loads((trained / "eval" / "test.json").read_text())
+    report = json.loads((trained / "eval" / "test-last.json").read_text())
     assert report["split"] == "test" and report["checkpoint"].endswith("last.pt")
-    assert (trained / "eval" / "test-confusion.png").stat().st_size > 5000
+    assert (trained / "eval" / "test-last-confusion.png").stat().st_size > 5000
+
+
+def test_evaluations_of_other_data_or_checkpoints_never_replace_the_runs_own(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from transferctl.runs import describe_run
+
+    run = shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    holdout = tiny_dataset(tmp_path / "my holdout", n_classes=3, layout="split")
+    for args in ([], ["--data", holdout], ["--checkpoint", "last"], ["--data", holdout, "--checkpoint", run / "checkpoints" / "best.pt"]):
+        assert invoke("evaluate", run, "--split", "val", "--device", "cpu", *args).exit_code == 0
+    names = sorted(path.name for path in (run / "eval").glob("*.json"))
+    assert names == ["my_holdout-val.json", "val-last.json", "val.json"]  # best.pt given by path is the best checkpoint
+    assert json.loads((run / "eval" / "my_holdout-val.json").read_text())["data_root"] == str(holdout.resolve())
+    assert set(describe_run(run).evaluations) == {"val", "my_holdout-val", "val-last"}
 
 
 def test_a_data_tree_with_other_classes_is_refused(trained: Path, tmp_path: Path) -> None:
@@ -197,6 +212,7 @@ def test_an_unreadable_image_follows_the_runs_on_bad_image_policy(trained: Path,
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["skipped_images"] == [str(broken)] and report["images"] == 3
+    assert f"note: data.root: skipped 1 unreadable image: {broken}" in result.stderr  # not only inside the JSON
 
     strict = tmp_path / "strict-run"
     shutil.copytree(trained, strict)

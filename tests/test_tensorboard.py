@@ -106,6 +106,9 @@ def test_training_writes_epoch_scalars_and_evaluate_adds_the_confusion_matrix(ti
     image = events.Images("eval/val/confusion_matrix")[-1]
     assert image.step == 2 and image.width > 100 and image.height > 100
     assert "eval/val/accuracy" in events.Tags()["scalars"]
+    assert runner.invoke(app, ["evaluate", str(run), "--split", "val", "--device", "cpu", "--checkpoint", "last"]).exit_code == 0
+    events.Reload()
+    assert {"eval/val/accuracy", "eval/val-last/accuracy"} <= set(events.Tags()["scalars"])  # named as the report's file
 
 
 def test_resume_may_switch_logs_on_and_accepts_runs_from_before_the_logging_section(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ tested against hand-computed cases; `evaluate_run` composes loading, inference a
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from transferctl.data import DatasetSplits, ImageDataset, Sample, discover, make_loader, resolve_workers
+from transferctl.data import DatasetSplits, ImageDataset, Sample, data_notices, discover, make_loader, resolve_workers
 from transferctl.errors import DataError, Problem
 
 ECE_BINS = 15
@@ -131,6 +132,7 @@ class EvaluationResult:
     report: dict[str, Any]
     json_path: Path
     png_path: Path
+    notices: tuple[str, ...] = ()  # what discovery left out of the data: unreadable images, other files
 
 
 def evaluate_run(
@@ -171,7 +173,7 @@ def evaluate_run(
     report = {
         "run_dir": str(run_dir),
         "checkpoint": str(checkpoint_file(run_dir, checkpoint)),
-        "data_root": str(root),
+        "data_root": str(root.resolve()),
         "split": split,
         "classes": classes,
         "device": str(runtime.device),
@@ -180,26 +182,44 @@ def evaluate_run(
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         **compute_metrics(logits.numpy(), labels.numpy(), classes),
     }
-    result = _write_report(run_dir, report)
+    result = _write_report(run_dir, report, report_stem(run_dir, split, checkpoint, root, config.data.root), tuple(data_notices(splits)))
     if config.logging.tensorboard:
         from transferctl.tensorboard import log_evaluation
 
-        log_evaluation(run_dir, result.report, result.png_path)
+        log_evaluation(run_dir, result.report, result.png_path, result.json_path.stem)
     return result
 
 
-def _write_report(run_dir: Path, report: dict[str, Any]) -> EvaluationResult:
-    """eval/<split>.json and eval/<split>-confusion.png, each written atomically."""
+def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path) -> str:
+    """eval/<stem>.json: the split's name for the run's own data and best checkpoint; another data folder's
+    name comes first and another checkpoint's last, so no evaluation replaces one of something else
+    (`runs` and `show` list them all by this name)."""
+    from transferctl.rundir import checkpoint_file
+
+    parts = [split]
+    if root.resolve() != own_root.resolve():
+        parts.insert(0, _file_name_part(root.resolve().name or "data"))
+    chosen = checkpoint_file(run_dir, checkpoint).resolve()
+    if chosen != checkpoint_file(run_dir, "best").resolve():
+        parts.append(_file_name_part(chosen.stem))
+    return "-".join(parts)
+
+
+def _file_name_part(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("._-") or "data"
+
+
+def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tuple[str, ...]) -> EvaluationResult:
+    """eval/<stem>.json and eval/<stem>-confusion.png, each written atomically."""
     from transferctl.rundir import atomic_write_bytes, atomic_write_json
 
-    split = report["split"]
-    json_path = run_dir / "eval" / f"{split}.json"
-    png_path = run_dir / "eval" / f"{split}-confusion.png"
+    json_path = run_dir / "eval" / f"{stem}.json"
+    png_path = run_dir / "eval" / f"{stem}-confusion.png"
     report["confusion_png"] = str(png_path)
-    title = f"{run_dir.name}: {split}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
+    title = f"{run_dir.name}: {stem}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
     atomic_write_bytes(png_path, confusion_png(report["confusion_matrix"], report["classes"], title))
     atomic_write_json(json_path, report)
-    return EvaluationResult(report, json_path, png_path)
+    return EvaluationResult(report, json_path, png_path, notices)
 
 
 def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str) -> DatasetSplits:

@@ -115,23 +115,23 @@ def with_tensorboard(observer: TrainObserver, enabled: bool, where: str = "loggi
         board.close()
 
 
-def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path) -> None:
-    """evaluate's confusion matrix (as an image) and headline numbers, at the run's last epoch."""
+def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path, name: str) -> None:
+    """evaluate's confusion matrix (as an image) and headline numbers, at the run's last epoch, under
+    eval/<name>/ (the report's file name: the split, and another data folder's or checkpoint's name)."""
     import numpy as np
     from PIL import Image
 
     from transferctl.runs import metric_rows
 
     step = len(metric_rows(run_dir / "metrics.jsonl"))
-    split = report["split"]
     with Image.open(io.BytesIO(confusion_png.read_bytes())) as image:
         pixels = np.asarray(image.convert("RGB"))
     writer = summary_writer(run_dir, f"{run_dir / 'config.yaml'}: logging.tensorboard")
     try:
-        writer.add_image(f"eval/{split}/confusion_matrix", pixels, step, dataformats="HWC")
-        for name in ("accuracy", "macro_f1", "loss"):
-            if isinstance(report.get(name), (int, float)):
-                writer.add_scalar(f"eval/{split}/{name}", report[name], step)
+        writer.add_image(f"eval/{name}/confusion_matrix", pixels, step, dataformats="HWC")
+        for metric in ("accuracy", "macro_f1", "loss"):
+            if isinstance(report.get(metric), (int, float)):
+                writer.add_scalar(f"eval/{name}/{metric}", report[metric], step)
     finally:
         writer.close()
 

@@ -35,6 +35,8 @@ def evaluate(
         raise typer.BadParameter(f"'{split}' is not one of {', '.join(SPLIT_CHOICES)}", param_hint="--split")
     with user_errors():
         result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision)
+    for notice in result.notices:
+        err.print(f"note: {notice}", style="yellow", markup=False)
     if as_json:
         print_json(result.report)
     else:
