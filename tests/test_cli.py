@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
@@ -93,3 +95,26 @@ def test_check_prints_the_plan(tiny_split_data: Path, tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert invoke("train").exit_code == 2
     assert invoke("frobnicate").exit_code == 2
+
+
+def runs_json(folder: Path, stdout: object) -> subprocess.Popen[str]:
+    """`transferctl runs --json`: machine output without torch, quick to start."""
+    return subprocess.Popen([sys.executable, "-m", "transferctl", "runs", str(folder), "--json"], stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    with open("/dev/full", "w") as full:
+        child = runs_json(tmp_path, full)
+        _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 1
+    assert stderr.strip() == "error: stdout: cannot write: No space left on device (send the output where there is room)"
+
+
+def test_a_reader_that_left_ends_the_command_quietly(tmp_path: Path) -> None:
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: `| head -0`
+    with open(write, "w") as gone:
+        child = runs_json(tmp_path, gone)
+        _, stderr = child.communicate(timeout=60)
+    assert (child.returncode, stderr) == (0, "")

@@ -299,3 +299,14 @@ def test_one_core_is_left_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     for cores, threads in ((1, 1), (2, 1), (4, 3), (64, 8)):
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert predict.default_decode_threads() == threads
+
+
+def test_a_file_name_that_is_not_utf8_is_still_valid_json_in_utf8() -> None:
+    import os
+
+    from transferctl.cli.predict import json_line
+
+    latin1 = os.fsdecode(b"photos/caf\xe9.png")  # a Latin-1 name: Python holds the byte as a lone surrogate
+    line = json_line({"path": latin1, "label": "caf\u00e9"})
+    assert os.fsencode(json.loads(line.encode("utf-8").decode("utf-8"))["path"]) == b"photos/caf\xe9.png"
+    assert json_line({"path": "photos/caf\u00e9.png"}) == '{"path": "photos/caf\u00e9.png"}'  # UTF-8 names stay readable

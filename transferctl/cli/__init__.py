@@ -72,8 +72,32 @@ def _rank_prefix() -> str:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """Machine output, flushed at once so the next command in a pipeline starts on it.
+
+    A reader that has left (`| head -1`, a closed jq) ends the command quietly with exit 0, as rg and sort
+    do; a stdout that cannot be written (`> /dev/full`, a full disk) is one line and exit 1. Either way
+    stdout then points at /dev/null, so the interpreter's last flush of what is left fails no more.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        raise typer.Exit(0) from None
+    except OSError as exc:
+        _stdout_to_devnull()
+        err.print(f"[bold red]error:[/] stdout: cannot write: {escape(exc.strerror or str(exc))} (send the output where there is room)")
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _register_commands() -> None:

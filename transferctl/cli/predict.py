@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 import typer
 from rich.markup import escape
 
-from transferctl.cli import EXIT_INTERRUPTED, app, err, user_errors
+from transferctl.cli import EXIT_INTERRUPTED, app, err, user_errors, write_stdout
 from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg
 
 
@@ -73,10 +73,16 @@ def _leaving_at_once_on_ctrl_c(reading_stdin: bool) -> Iterator[None]:
 
 
 def _write_line(record: dict[str, object]) -> None:
+    write_stdout(json_line(record) + "\n")  # one line at a time: the next command in the pipeline starts at once
+
+
+def json_line(record: dict[str, object]) -> str:
+    """Non-ASCII names as they are, except where a file name is not UTF-8 (Python holds its bytes as lone
+    surrogates): then \\u escapes, still valid JSON in valid UTF-8, and os.fsencode of the value gives the
+    file's name back."""
+    line = json.dumps(record, ensure_ascii=False)
     try:
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sys.stdout.flush()  # one line at a time: the next command in the pipeline starts at once
-    except BrokenPipeError:
-        # The reader (`head`, a closed jq) took what it wanted; stop quietly, as `rg` and `sort` do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record)
+    return line
