@@ -105,6 +105,30 @@ def test_write_config_refuses_to_overwrite_and_needs_data(tiny_split_data: Path,
     assert result.exit_code == 1 and "--data" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [("--worth-points", "nan", "--worth-points: must be a number of points >= 0, got nan"),
+     ("--gain-points", "inf", "--gain-points: must be a number of points >= 0, got inf"),
+     ("--depth-points", "-1", "--depth-points: must be a number of points >= 0, got -1.0"),
+     ("--image-size", "-5", "--image-size: must be between 8 and 4096 pixels, got -5"),
+     ("--image-size", "0", "--image-size: must be between 8 and 4096 pixels, got 0"),
+     ("--seed", "-1", "--seed: must be 0 or more, got -1"),
+     ("--folds", "1", "--folds: must be at least 2, got 1")],
+)  # fmt: skip
+def test_measurement_flags_out_of_range_are_one_line(tiny_flat_data: Path, flag: str, value: str, expected: str) -> None:
+    result = invoke("recommend", "--data", str(tiny_flat_data), "--weights", "none", flag, value, "--device", "cpu", "-q")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [f"error: {expected}"]
+
+
+def test_write_config_refuses_a_folder_and_missing_data(tiny_split_data: Path, tmp_path: Path) -> None:
+    rule = ["recommend", "--size", "small", "--similar", "yes", "--force"]
+    result = invoke(*rule, "--data", str(tiny_split_data), "--write-config", str(tmp_path))
+    assert result.exit_code == 1 and f"--write-config: {tmp_path} is a folder" in result.stderr
+    result = invoke(*rule, "--data", str(tmp_path / "nope"), "--write-config", str(tmp_path / "exp.yaml"))
+    assert result.exit_code == 1 and f"--data: no such folder: {tmp_path / 'nope'}" in result.stderr
+    assert not (tmp_path / "exp.yaml").exists()
+
+
 def test_rule_mode_does_not_import_torch(tiny_split_data: Path, tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
@@ -284,3 +308,17 @@ def test_data_mode_user_errors(tmp_path: Path, tiny_flat_data: Path) -> None:
     assert result.exit_code == 1 and "resnet18" in result.stderr
     result = invoke("recommend", "--data", str(tiny_flat_data), "--max-images", "2")
     assert result.exit_code == 1 and "--max-images" in result.stderr
+
+
+def test_random_weights_are_measured_the_same_for_a_seed(tiny_flat_data: Path) -> None:
+    import torch
+
+    args = ["recommend", "--data", str(tiny_flat_data), "--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
+            "--folds", "2", "--precision", "fp32", "--random-images", "8", "--device", "cpu", "--json", "-q"]  # fmt: skip
+    rows = []
+    for _ in range(2):
+        torch.manual_seed(len(rows))  # whatever the caller's RNG, --seed decides the network
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        rows.append(json.loads(result.stdout)["ranking"][0])
+    assert (rows[0]["logme"], rows[0]["probe_acc"]) == (rows[1]["logme"], rows[1]["probe_acc"])

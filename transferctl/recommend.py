@@ -17,6 +17,7 @@ early layers still transfer and the late ones do not.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -75,8 +76,8 @@ class Thresholds:
         if self.small_below < 1 or self.large_from < self.small_below:
             problems.append(Problem("--small-below/--large-from", f"need 1 <= small ({self.small_below}) <= large ({self.large_from})"))
         for name in ("gain_points", "depth_points", "worth_points"):
-            if getattr(self, name) < 0:
-                problems.append(Problem(f"--{name.replace('_', '-')}", "must not be negative"))
+            if not 0 <= getattr(self, name) < math.inf:  # NaN too: every comparison with it is false
+                problems.append(Problem(f"--{name.replace('_', '-')}", f"must be a number of points >= 0, got {getattr(self, name)}"))
         if not -1.0 <= self.ami_min <= 1.0:
             problems.append(Problem("--ami-min", f"must be between -1 and 1, got {self.ami_min}"))
         if problems:
@@ -160,9 +161,14 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
 def write_experiment(text: str, path: Path, overwrite: bool = False) -> Path:
     from transferctl.rundir import atomic_write_text
 
+    if path.is_dir():
+        raise ConfigError(Problem("--write-config", f"{path} is a folder", f"name a file, e.g. {path / 'experiment.yaml'}"))
     if path.exists() and not overwrite:
         raise ConfigError(Problem("--write-config", f"{path} already exists", "choose another file, or pass --force to replace it"))
-    atomic_write_text(path, text)
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise ConfigError(Problem("--write-config", f"cannot write {path}: {exc.strerror or exc}", "choose a writable folder")) from None
     return path
 
 
@@ -445,6 +451,10 @@ def _check_options(options: MeasureOptions) -> None:
         problems.append(Problem("--random-images", f"must be at least 4, got {options.random_images}"))
     if options.folds < 2:
         problems.append(Problem("--folds", f"must be at least 2, got {options.folds}"))
+    if options.image_size is not None and not 8 <= options.image_size <= 4096:
+        problems.append(Problem("--image-size", f"must be between 8 and 4096 pixels, got {options.image_size}"))
+    if options.seed < 0:
+        problems.append(Problem("--seed", f"must be 0 or more, got {options.seed}"))
     if options.random_for not in ("best", "all"):
         problems.append(Problem("--random-for", f"must be best or all, got '{options.random_for}'"))
     if problems:
@@ -498,12 +508,14 @@ class _ImageCache:
 
 
 def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOptions, say: Progress) -> tuple[BackboneReport, Any, Any]:
+    from transferctl.data import seeded_torch_rng
     from transferctl.engine import make_runtime
     from transferctl.features import extract, load_probe_network
 
     started = time.perf_counter()
     say(f"{name}: building with weights {options.weights}")
-    network = load_probe_network(name, options.weights, options.image_size)
+    with seeded_torch_rng(options.seed):  # weights: none, and any layer the weights leave out, start from --seed
+        network = load_probe_network(name, options.weights, options.image_size)
     preprocessing = network.backbone.preprocessing
     batch = images.get(preprocessing)
     runtime = make_runtime(options.device, options.precision, network.model)
@@ -518,13 +530,12 @@ def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOp
 
 
 def _random_features(name: str, preprocessing: Any, images: _ImageCache, subset: Any, options: MeasureOptions) -> Any:
-    import torch
-
+    from transferctl.data import seeded_torch_rng
     from transferctl.engine import make_runtime
     from transferctl.features import extract, load_probe_network, with_preprocessing
 
-    torch.manual_seed(options.seed)
-    reference = with_preprocessing(load_probe_network(name, "none", options.image_size, pretrained=False), preprocessing)
+    with seeded_torch_rng(options.seed):
+        reference = with_preprocessing(load_probe_network(name, "none", options.image_size, pretrained=False), preprocessing)
     runtime = make_runtime(options.device, options.precision, reference.model)
     return extract(reference, images.get(preprocessing)[subset], runtime, options.batch_size)
 

@@ -107,6 +107,8 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
 
     if data is None:
         raise ConfigError(Problem("--write-config", "needs --data DIR for the experiment's data.root", "add --data path/to/images"))
+    if not data.is_dir():
+        raise ConfigError(Problem("--data", f"no such folder: {data}", "give the folder of class folders the experiment trains on"))
     return write_experiment(experiment_yaml(advice, path, data, backbone, weights), path, overwrite=force)
 
 
