@@ -89,6 +89,7 @@ def test_check_prints_the_plan(tiny_split_data: Path, tmp_path: Path) -> None:
         assert text in result.stderr
     as_json = json.loads(invoke("check", str(config), "--json").stdout)
     assert [p["phase"] for p in as_json["phases"]] == ["head", "body"]
+    assert (as_json["device"], as_json["precision"]) == ("cpu", "fp32") and "runs on" in result.stderr  # what train would use here
     assert not (tmp_path / "runs").exists()
 
 

@@ -48,6 +48,16 @@ def check_with(tmp_path: Path, data: Path, edit: Callable[[dict[str, Any]], None
     return one_error_line(result)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on machines without a GPU")
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [({"device": "cuda"}, "error: device: cuda asked for, but no CUDA GPU is available (use device: auto or cpu)"),
+     ({"device": "cpu", "precision": "fp16"}, "error: precision: fp16 autocast is for GPUs (use bf16 or fp32 on a CPU)")],
+)  # fmt: skip
+def test_check_refuses_what_train_would_refuse_on_this_machine(tmp_path: Path, data: Path, fields: dict[str, str], expected: str) -> None:
+    assert check_with(tmp_path, data, lambda raw: raw.update(fields)) == expected
+
+
 # --------------------------------------------------------------------------- the experiment file
 
 

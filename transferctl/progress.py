@@ -105,6 +105,7 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("layer groups", ", ".join(plan["layer_groups"]))
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
     header.add_row("data", f"{data['root']} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
+    header.add_row("runs on", f"{plan['device']}, {plan['precision']}")
     phases = Table(title="phases")
     # "ends early" only when some phase may: the table stays narrow enough for an 80-column terminal.
     early = any(phase.get("plateau_patience") for phase in plan["phases"])

@@ -144,11 +144,15 @@ def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
 
 
 def describe(experiment: Experiment) -> dict[str, Any]:
-    """The resolved plan, as `transferctl check` prints it."""
+    """The resolved plan, as `transferctl check` prints it: with the device and precision train would use
+    on this machine, so a device it lacks (or fp16 on a CPU) is refused here as train would refuse it."""
     config, backbone, splits = experiment.config, experiment.backbone, experiment.splits
+    runtime = make_runtime(config.device, config.precision, backbone.model, config.compile)
     return {
         "name": config.name,
         "strategy": config.strategy,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
         "backbone": backbone.name,
         "weights": backbone.weights,
         "cut": backbone.cut,
