@@ -705,3 +705,12 @@ def test_augmentation_comes_from_the_image_seed_alone(tmp_path: Path) -> None:
 
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_small_classes_still_get_a_validation_image_or_a_note(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "imbalanced", {"a": 10, "b": 2, "c": 1})
+
+    splits = discover(root, val_fraction=0.2, seed=0)
+
+    assert labels_per_class(splits.val) == {0: 2, 1: 1} and labels_per_class(splits.train) == {0: 8, 1: 1, 2: 1}
+    assert data_notices(splits) == ["data.root: no validation image for c (a class of one image): val_acc and the best epoch leave it out; add images"]

@@ -176,6 +176,10 @@ def data_notices(splits: DatasetSplits) -> list[str]:
         shown = ", ".join(str(path) for path in splits.ignored[:SHOWN_PATHS])
         more = f" and {len(splits.ignored) - SHOWN_PATHS} more" if len(splits.ignored) > SHOWN_PATHS else ""
         notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {shown}{more}")
+    unseen = sorted(set(range(len(splits.classes))) - {label for _, label in splits.val})
+    if unseen:
+        names = ", ".join(splits.classes[label] for label in unseen)
+        notices.append(f"data.root: no validation image for {names} (a class of one image): val_acc and the best epoch leave it out; add images")
     if splits.run_folders:
         folders = ", ".join(str(path) for path in splits.run_folders)
         notices.append(f"data.root: left out {folders}: transferctl runs, not a class")
@@ -266,7 +270,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """The same seed gives the same split; every class keeps at least one training image."""
+    """The same seed gives the same split; every class keeps at least one training image, and a class of
+    two or more images gives validation at least one (val_acc would otherwise not see the class)."""
     by_class: dict[int, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_class[sample[1]].append(sample)
@@ -276,7 +281,7 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
     for label in sorted(by_class):
         group = sorted(by_class[label])
         rng.shuffle(group)
-        n_val = min(len(group) - 1, round(len(group) * val_fraction))
+        n_val = min(len(group) - 1, round(len(group) * val_fraction) or int(val_fraction > 0))
         val.extend(group[:n_val])
         train.extend(group[n_val:])
     if not val:
