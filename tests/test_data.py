@@ -430,14 +430,25 @@ def test_sixteen_bit_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I"])
-def test_to_rgb_scales_integer_modes(mode: str) -> None:
-    values = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16 if mode == "I;16" else np.int32)
-    image = Image.fromarray(values) if mode == "I;16" else Image.fromarray(values).convert("I")
-    assert image.mode == mode
+def test_deep_integer_images_are_scaled_by_their_depth_so_dark_stays_dark(mode: str) -> None:
+    def gray(values: list[list[int]]) -> np.ndarray:
+        array = np.array(values, dtype=np.uint16 if mode == "I;16" else np.int32)
+        image = Image.fromarray(array) if mode == "I;16" else Image.fromarray(array).convert("I")
+        assert image.mode == mode
+        return assert_rgb8(to_rgb(image), (2, 2))[..., 0]
 
-    array = assert_rgb8(to_rgb(image), (2, 2))
-    assert array[0, 0, 0] == 0 and array[1, 1, 0] == 255
-    assert 0 < array[0, 1, 0] < array[1, 0, 0] < 255
+    dark = gray([[0, 1000], [2000, 4000]])  # 6% of the 16-bit range at most
+    assert dark.tolist() == [[0, 4], [8, 16]]  # not stretched to white: another image's brightness is comparable
+    assert gray([[0, 1000], [2000, 65535]]).tolist() == [[0, 4], [8, 255]]
+
+
+def test_values_without_a_known_scale_are_stretched_over_their_range() -> None:
+    negative = Image.fromarray(np.array([[-10, 0], [100, 245]], dtype=np.int32))
+    assert assert_rgb8(to_rgb(negative), (2, 2))[..., 0].tolist() == [[0, 10], [110, 255]]
+    unit = Image.fromarray(np.array([[0.0, 0.2], [0.6, 1.0]], dtype=np.float32))  # floats in [0, 1]: not black
+    assert assert_rgb8(to_rgb(unit), (2, 2))[..., 0].tolist() == [[0, 51], [153, 255]]
+    wide = Image.fromarray(np.array([[-1.0, 0.0], [2.0, 4.0]], dtype=np.float32))
+    assert assert_rgb8(to_rgb(wide), (2, 2))[..., 0].tolist() == [[0, 51], [153, 255]]
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ def test_torchscript_matches_the_pytorch_model(run_dir: Path) -> None:
     assert meta["classes"] == load_trained_model(run_dir).classes
     assert meta["preprocessing"]["crop"] == 32 and len(meta["preprocessing"]["mean"]) == 3
     assert meta["backbone"]["name"] == "resnet18" and meta["file"] == "model.torchscript.pt"
+    assert any("composited onto white" in step for step in meta["input"]["decoding"])  # what predict does to RGBA, said
 
 
 def test_onnx_matches_the_pytorch_model_with_any_batch_size(run_dir: Path, tmp_path: Path) -> None:

@@ -293,6 +293,15 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 # Decoding and transforms
 
 
+# What open_rgb does before the transforms, for deployments that must decode alike (export's model.json).
+DECODING_STEPS = (
+    "EXIF orientation applied (the image upright)",
+    "transparency (RGBA, LA, palette with transparency) composited onto white",
+    "16-bit and 32-bit integer gray in [0, 65535] divided by 257; float gray in [0, 1] times 255; other deep values stretched over the image's own range",
+    "gray, palette and CMYK converted to RGB",
+)
+
+
 def open_rgb(path: Path) -> Any:
     """Decode any image mode (grayscale, RGBA, palette, 16-bit, CMYK) into upright 8-bit RGB."""
     from PIL import Image, ImageOps
@@ -306,19 +315,34 @@ def open_rgb(path: Path) -> Any:
 def to_rgb(image: Any) -> Any:
     from PIL import Image
 
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit integer images: scale to 8 bits instead of clipping everything bright to white.
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / top)).astype("uint8"), mode="L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _deep_to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))
         rgba = image.convert("RGBA")
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def _deep_to_8bit(image: Any) -> Any:
+    """16-bit, 32-bit and float grayscale to 8 bits by the depth's own scale, so a dark image stays dark
+    and images keep their brightness relative to each other: 16-bit values over 257, floats in [0, 1]
+    times 255. Values with no known scale (negative, beyond 16 bits, floats outside [0, 1]) are stretched
+    over their own range. Converting directly would clip all but the darkest values to white (or, for
+    floats in [0, 1], everything to black)."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(image, dtype=np.float64)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode != "F" and 0 <= low and high <= 65535:
+        scaled = array / 257.0
+    elif image.mode == "F" and 0 <= low and high <= 1:
+        scaled = array * 255.0
+    else:
+        scaled = (array - low) * (255.0 / ((high - low) or 1.0))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype("uint8"), mode="L")
 
 
 def resized_short_side(image: Any, short_side: int, interpolation: str) -> Any:

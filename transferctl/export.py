@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferctl.data import DECODING_STEPS
 from transferctl.errors import CheckpointError, Problem, TransferctlError
 from transferctl.inference import load_trained_model
 from transferctl.rundir import load_run_checkpoint
@@ -70,7 +71,7 @@ def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict
         "format": fmt,
         "file": file,
         "input": {"name": "images", "layout": "NCHW", "channels": "RGB", "dtype": "float32", "range": "[0, 1] before normalisation",
-                  "shape": [None, 3, preprocessing["crop"], preprocessing["crop"]]},
+                  "shape": [None, 3, preprocessing["crop"], preprocessing["crop"]], "decoding": list(DECODING_STEPS)},
         "output": {"name": "logits", "shape": [None, len(classes)], "softmax": "not applied"},
         "preprocessing": preprocessing,
         "classes": classes,
