@@ -127,6 +127,31 @@ def test_a_disk_cache_without_room_stops_before_writing_into_its_mapping(tiny_sp
     assert not list(isolated_feature_cache.glob("*.tmp-*"))
 
 
+def test_ctrl_c_while_features_are_computed_stops_after_the_batch_and_leaves_no_partial_file(
+    tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path, monkeypatch: pytest.MonkeyPatch, heeded_sigint: None
+) -> None:
+    import signal
+
+    from transferctl import feature_cache
+    from transferctl.errors import TrainingInterrupted
+
+    read = feature_cache._Views.__getitem__
+    items: list[int] = []
+
+    def pressing_ctrl_c(self: Any, item: int) -> Any:
+        items.append(item)
+        if len(items) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # one Ctrl-C: transferctl's handler asks for a stop
+        return read(self, item)
+
+    monkeypatch.setattr(feature_cache._Views, "__getitem__", pressing_ctrl_c)
+    raw = head_only(tiny_split_data, tmp_path / "d", epochs=1, cache="disk", batch_size=2, num_workers=0)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT during phase 'head' epoch 1"):
+        train(config_from_dict(raw))
+    assert len(items) == 2  # the first batch of 12 training images, then the stop: not the whole set
+    assert not [path.name for path in isolated_feature_cache.rglob("*") if path.is_file() and ".tmp-" in path.name]
+
+
 def test_a_file_system_without_fallocate_still_caches_on_disk(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "posix_fallocate", no_fallocate(errno.EOPNOTSUPP), raising=False)
     summary, _, _ = run(head_only(tiny_split_data, tmp_path / "d", epochs=1, cache="disk"))

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from transferctl.cache_folder import CACHE_ENV, LIMIT_ENV, about_path, describe,
 from transferctl.data import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.distributed import active as distributed_active
 from transferctl.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
-from transferctl.engine import Runtime, logits_of
+from transferctl.engine import Runtime, TrainingStopped, logits_of
 from transferctl.errors import ConfigError, Problem
 
 FORMAT = 2  # bump when what a cache file holds changes (2: view 0 is the clean view)
@@ -164,9 +164,15 @@ class _Views:
 
 
 def load_or_compute(
-    spec: CacheSpec, mode: str, budget_mb: int, model: nn.Module, views: Views, runtime: Runtime, batch_size: int, workers: int
+    spec: CacheSpec, mode: str, budget_mb: int, model: nn.Module, views: Views, runtime: Runtime, batch_size: int, workers: int,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> FeatureStore:
-    """The features of `views` under `spec`: from the cache folder when an earlier run left them, else computed."""
+    """The features of `views` under `spec`: from the cache folder when an earlier run left them, else computed.
+
+    should_stop is asked after every batch (TrainingStopped when it says yes): computing takes minutes on a
+    large set, and Ctrl-C must not wait for it. Under torchrun the ranks' batch counts differ, so a stop
+    there waits for the features, as it waits for a step.
+    """
     dataset = views.dataset
     labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
     key = spec.key(dataset.samples)
@@ -180,7 +186,7 @@ def load_or_compute(
     per_batch = spec.views * max(1, batch_size // spec.views)  # whole images: every batch holds all views of its images
     if not distributed_active():
         loader = _view_loader(views.of(list(range(len(dataset)))), per_batch, workers, runtime)
-        array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path)
+        array, location = _compute(model, spec, loader, len(dataset), runtime, mode, budget_mb, path, should_stop)
     else:
         array, location = _compute_sharded(model, spec, views, per_batch, workers, runtime, mode, path)
     saved = path if mode != "memory" and path.is_file() else None
@@ -226,7 +232,10 @@ def _view_loader(views: _Views, batch_size: int, workers: int, runtime: Runtime)
 
 
 @torch.no_grad()
-def _compute(model: nn.Module, spec: CacheSpec, loader: Any, count: int, runtime: Runtime, mode: str, budget_mb: int, path: Path) -> tuple[np.ndarray, str]:
+def _compute(
+    model: nn.Module, spec: CacheSpec, loader: Any, count: int, runtime: Runtime, mode: str, budget_mb: int, path: Path,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[np.ndarray, str]:
     from transferctl.engine import _to_device
 
     head = model.get_submodule(spec.head_path)
@@ -256,6 +265,13 @@ def _compute(model: nn.Module, spec: CacheSpec, loader: Any, count: int, runtime
                 array, location = _allocate(mode, budget_mb, (count, spec.views, features.shape[2]), temp)
             array[row : row + len(features)] = features
             row += len(features)
+            if should_stop():
+                raise TrainingStopped
+    except BaseException:  # stopped, a second Ctrl-C, or failed: a half-written file must not stay in the cache folder
+        if location != "memory":
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+        raise
     finally:
         for handle in handles:
             handle.remove()
@@ -379,8 +395,12 @@ class FrozenBodyShortcut:
     a body phase); a network whose head output is not its output falls back to full passes, with a notice.
     """
 
-    def __init__(self, config: Any, backbone: Any, model: nn.Module, loaders: dict[str, Any], runtime: Runtime, notice: Any) -> None:
+    def __init__(
+        self, config: Any, backbone: Any, model: nn.Module, loaders: dict[str, Any], runtime: Runtime, notice: Any,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.config, self.backbone, self.model, self.loaders, self.runtime, self.notice = config, backbone, model, loaders, runtime, notice
+        self.should_stop = should_stop
         self.records: list[dict[str, Any]] = []  # one per build or reuse, for the summary
         self._built: tuple[str, dict[str, Any]] | None = None  # (body digest, feature loaders)
         self._unusable = False
@@ -417,7 +437,7 @@ class FrozenBodyShortcut:
             loader = self.loaders[split]
             views_of_split = Views(loader.dataset, self._clean(loader.dataset), spec_of_split.views, self.config.seed)
             stores[split] = load_or_compute(spec_of_split, data.cache, data.cache_memory_mb, self.model, views_of_split, self.runtime,
-                                            loader.batch_size, loader.num_workers)  # fmt: skip
+                                            loader.batch_size, loader.num_workers, self.should_stop)  # fmt: skip
             store = stores[split]
             self.records.append({"phase": plan.name, "split": split, "views": store.views, "location": store.location,
                                  "reused": store.reused, "seconds": round(store.seconds, 3)})  # fmt: skip

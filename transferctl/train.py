@@ -288,7 +288,8 @@ class _Trainer:
         self.model = session.model
         self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
         self.loaders = session.loaders
-        self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice)
+        stop = lambda: self.stop()  # noqa: E731 - late: run() replaces self.stop once it listens for signals
+        self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice, stop)
         self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice, crops_inline(self.config, self.runtime))
         self.run_dir = run
         self.saver = CheckpointSaver(run, self.config.output.checkpoint_seconds, f"free disk space, then: {resume_command(run.path)}")
@@ -346,7 +347,10 @@ class _Trainer:
                     scheduler.load_state_dict(start.scheduler)
                 if len(stages) > 1 and stage.first_epoch == epoch:
                     self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
-                cached = self.shortcut.path_for(stage.plan)  # a frozen body: the head trains on cached features
+                try:
+                    cached = self.shortcut.path_for(stage.plan)  # a frozen body: the head trains on cached features
+                except TrainingStopped:
+                    raise self._interrupted(plan, epoch) from None
                 if cached is None:
                     self._decode_once()
             set_train_mode(self.model, backbone.groups, stage.plan)
