@@ -92,6 +92,21 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "no such run directory" in result.output
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [("{not json", "damaged JSON: Expecting property name enclosed in double quotes"),
+     ("[1, 2]", "not a metrics row: global_epoch, train_loss, train_acc, val_loss, val_acc must be numbers"),
+     (json.dumps({**row(3, "body", 1, 0.5), "val_acc": "high"}), "not a metrics row")],
+)  # fmt: skip
+def test_a_damaged_metrics_row_is_named_by_its_line(tmp_path: Path, line: str, expected: str) -> None:
+    run = write_run(tmp_path / "run", TWO_PHASES[:2])
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(line + "\n")
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 1
+    assert f"metrics.jsonl:3: {expected}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_report_cli_on_a_trained_run(tmp_path: Path) -> None:
     run = train_tiny_run(tmp_path)
     other = write_run(tmp_path / "other", ONE_PHASE)

@@ -87,6 +87,16 @@ def test_strategy_default_schedule_is_not_a_change() -> None:
     assert [c["field"] for c in changes_from_defaults(custom)] == ["strategy", "schedule"]
 
 
+def test_a_summary_number_that_is_not_one_is_named_and_bad_rows_are_left_out(tmp_path: Path) -> None:
+    config = {"name": "x", "data": {"root": str(tmp_path)}, "strategy": "fine_tune"}
+    run = write_run(tmp_path / "run", config, [row(0, 1, 0.5, 1), {**row(0, 2, 0.9, 2), "seconds": "slow"}])
+    assert show_run(run)["best"]["val_acc"] == 0.5  # the row whose numbers are not numbers is left out, as a damaged line is
+    (run / "summary.json").write_text(json.dumps({"best_val_acc": "high", "epochs": 2}))
+    result = runner.invoke(app, ["show", str(run)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {run / 'summary.json'}: best_val_acc is 'high', not a number (restore the file or re-run)"
+
+
 def test_not_a_run_directory_is_one_line(tmp_path: Path) -> None:
     for target in (tmp_path / "nowhere", tmp_path):
         result = runner.invoke(app, ["show", str(target)])

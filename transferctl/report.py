@@ -6,7 +6,6 @@ Reads only what `train` writes (config.yaml, metrics.jsonl, summary.json), so it
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,7 @@ def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
 
 
 def load_run_curves(path: Path) -> RunCurves:
-    try:
-        rows = RunDir(path).metrics()
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(Problem(str(path / "metrics.jsonl"), f"damaged JSON at line {exc.lineno}", "restore it or re-run")) from None
-    return RunCurves(path, describe_run(path), rows)
+    return RunCurves(path, describe_run(path), RunDir(path).metrics())
 
 
 def summarize_run(run: RunCurves) -> dict[str, Any]:

@@ -32,6 +32,9 @@ METRIC_COLUMNS = (
 )  # fmt: skip
 
 
+NUMERIC_METRICS = ("global_epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what report plots and sums up
+
+
 def total_data_seconds(rows: list[dict[str, Any]]) -> float | None:
     """The metric rows' time spent waiting for batches; None when no row has it (written before rows recorded it)."""
     waits = [row["data_seconds"] for row in rows if isinstance(row.get("data_seconds"), (int, float))]
@@ -156,10 +159,22 @@ class RunDir:
             raise CheckpointError(Problem(str(path), "damaged JSON: not UTF-8 text", "restore it or re-run")) from None
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl, each an epoch with its numbers; a damaged row names its line."""
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(Problem(f"{path}:{number}", f"damaged JSON: {exc.msg}", "restore it or re-run")) from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(key), (int, float)) for key in NUMERIC_METRICS):
+                raise CheckpointError(Problem(f"{path}:{number}", f"not a metrics row: {', '.join(NUMERIC_METRICS)} must be numbers", "restore it or re-run"))
+            rows.append(row)
+        return rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite both metric files whole (tiny files): a crash never leaves a torn or duplicated row."""

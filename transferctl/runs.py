@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from transferctl.errors import CheckpointError, DataError, Problem
+from transferctl.rundir import NUMERIC_METRICS
 
 if TYPE_CHECKING:
     from transferctl.config import ExperimentConfig
 
 RUN_MARKERS = ("config.yaml", "summary.json")
+TIMINGS = ("seconds", "train_seconds", "data_seconds", "images_per_second")
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | N
 
 
 def metric_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl that parse; none when the file is missing or unreadable."""
+    """The rows of a metrics.jsonl that parse, with numbers where numbers go; none when the file is missing or unreadable."""
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -146,6 +148,6 @@ def metric_rows(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict):
+        if isinstance(row, dict) and all(isinstance(row.get(key, 0), (int, float)) for key in (*NUMERIC_METRICS, *TIMINGS)):
             rows.append(row)
     return rows

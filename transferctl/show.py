@@ -19,13 +19,16 @@ from transferctl.rundir import overall_images_per_second, total_data_seconds
 NOT_COMPARED = ("data.root", "output.dir")
 
 
+SUMMARY_NUMBERS = ("best_val_acc", "best_val_loss", "best_epoch", "final_val_acc", "epochs", "seconds", "train_seconds", "data_seconds", "images_per_second")
+
+
 def show_run(run_dir: Path) -> dict[str, Any]:
     """Everything `transferctl show` prints, as plain data (the --json document)."""
     if not run_dir.is_dir():
         raise CheckpointError(Problem(str(run_dir), "no such run directory", "give a folder written by `transferctl train`; `transferctl runs` lists them"))
     config = read_run_config(run_dir)
     info = describe_run(run_dir)
-    summary = read_json_mapping(run_dir / "summary.json") or {}
+    summary = _checked_summary(run_dir / "summary.json")
     env = read_json_mapping(run_dir / "env.json") or {}
     rows = metric_rows(run_dir / "metrics.jsonl")
     classes = _optional_json(run_dir / "classes.json")
@@ -140,6 +143,16 @@ def _timing(summary: dict[str, Any], rows: list[dict[str, Any]], env: dict[str, 
         "torch": env.get("torch"),
         "gpu": env.get("gpu"),
     }
+
+
+def _checked_summary(path: Path) -> dict[str, Any]:
+    """summary.json's mapping ({} while the run trains); a number that is not one is named, not printed."""
+    summary = read_json_mapping(path) or {}
+    for key in SUMMARY_NUMBERS:
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(Problem(str(path), f"{key} is {value!r}, not a number", "restore the file or re-run"))
+    return summary
 
 
 def _optional_json(path: Path) -> Any:
