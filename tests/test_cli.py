@@ -119,3 +119,21 @@ def test_a_reader_that_left_ends_the_command_quietly(tmp_path: Path) -> None:
         child = runs_json(tmp_path, gone)
         _, stderr = child.communicate(timeout=60)
     assert (child.returncode, stderr) == (0, "")
+
+
+def test_names_with_square_brackets_are_printed_as_written() -> None:
+    """Folder, run and class names are the user's; Rich must not read `[red]a` as markup and print `a`."""
+    from rich.console import Console
+
+    from transferctl.cli.evaluate import render_report
+    from transferctl.cli.runs import render_runs
+    from transferctl.runs import RunInfo
+
+    per_class = [{"class": name, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for name in ("[red]a", "b")]
+    report = {"run_dir": "runs/[x]", "split": "val", "images": 2, "top5_accuracy": None, "accuracy": 1.0, "loss": 0.1, "macro_f1": 1.0,
+              "weighted_f1": 1.0, "ece": 0.0, "per_class": per_class}  # fmt: skip
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(render_report(report))
+    console.print(render_runs([RunInfo(path="runs/[bold]r", name="[bold]r", status="finished", backbone="resnet18")]))
+    text = console.export_text()
+    assert "[red]a" in text and "runs/[x]" in text and "[bold]r" in text

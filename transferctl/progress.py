@@ -99,12 +99,12 @@ def render_plan(plan: dict[str, Any]) -> Group:
     data = plan["data"]
     pre = plan["preprocessing"]
     header = Table.grid(padding=(0, 2))
-    header.add_row("experiment", f"{plan['name']} ({plan['strategy']})")
+    header.add_row("experiment", f"{escape(plan['name'])} ({plan['strategy']})")
     cut = f", cut after {plan['cut']}" if plan.get("cut") else ""
-    header.add_row("backbone", f"{plan['backbone']}, weights: {plan['weights']}{cut}")
+    header.add_row("backbone", f"{escape(plan['backbone'])}, weights: {escape(str(plan['weights']))}{cut}")
     header.add_row("layer groups", ", ".join(plan["layer_groups"]))
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
-    header.add_row("data", f"{data['root']} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
+    header.add_row("data", f"{escape(data['root'])} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
     header.add_row("runs on", f"{plan['device']}, {plan['precision']}")
     phases = Table(title="phases")
     # "ends early" only when some phase may: the table stays narrow enough for an 80-column terminal.
@@ -120,7 +120,7 @@ def render_plan(plan: dict[str, Any]) -> Group:
         lrs = _compact_lrs(phase["lr"]) + (f" (layer_decay {phase['layer_decay']:g})" if phase.get("layer_decay", 1.0) != 1.0 else "")
         patience = phase.get("plateau_patience")
         ends = f"plateau of {patience} epochs" if patience else "no"
-        phases.add_row(phase["phase"], str(phase["epochs"]), trains, params, lrs, phase["batchnorm"]["trained groups"], *((ends,) if early else ()))
+        phases.add_row(escape(phase["phase"]), str(phase["epochs"]), trains, params, lrs, phase["batchnorm"]["trained groups"], *((ends,) if early else ()))
     caption = "Frozen groups keep their BatchNorm statistics (eval mode) and get no gradients."
     notes = [Text(f"note: {line}", style="yellow") for line in data.get("notices", [])]
     return Group(header, *notes, phases, caption)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from transferctl.cli import app, err, print_json, user_errors
@@ -50,12 +51,12 @@ def render_comparison(report: dict[str, Any]) -> Table:
     header, rows = table_rows(report)
     seeds = len(report["seeds"])
     table = Table(
-        title=f"{report['title']}: {report['epochs']} epochs per run, mean ± sd over {seeds} seed{'s' if seeds > 1 else ''}, against {report['baseline']} with the same seed",
+        title=f"{escape(report['title'])}: {report['epochs']} epochs per run, mean ± sd over {seeds} seed{'s' if seeds > 1 else ''}, against {report['baseline']} with the same seed",
         caption=f"definitions: {report['files']['report.md']}",
         caption_justify="left",
     )
     for column in header:
         table.add_column(column, justify="left" if column == "strategy" else "right", overflow="fold")
     for row in rows:
-        table.add_row(*row[:-1], "[bold red]YES[/]" if row[-1] == "YES" else row[-1])
+        table.add_row(*(escape(cell) for cell in row[:-1]), "[bold red]YES[/]" if row[-1] == "YES" else row[-1])
     return table

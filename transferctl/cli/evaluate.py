@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from transferctl.cli import app, err, print_json, user_errors
@@ -52,10 +53,10 @@ def render_report(report: dict[str, Any]) -> Table:
         + f"   loss {report['loss']:.4f}   macro F1 {report['macro_f1']:.4f}   weighted F1 {report['weighted_f1']:.4f}"
         + f"   ECE {report['ece']:.4f}"
     )
-    table = Table(title=f"{report['run_dir']}: {report['split']} ({report['images']} images)", caption=caption, caption_justify="left")
+    table = Table(title=f"{escape(report['run_dir'])}: {report['split']} ({report['images']} images)", caption=caption, caption_justify="left")
     table.add_column("class")
     for column in ("precision", "recall", "F1", "support"):
         table.add_column(column, justify="right")
     for row in report["per_class"]:
-        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        table.add_row(escape(row["class"]), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     return table

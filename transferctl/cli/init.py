@@ -46,16 +46,16 @@ def init(
 def render_inspection(data: dict[str, Any]) -> Group:
     """Images per class and split, then one line each for sizes, modes and problems."""
     splits = list(data["counts"])
-    table = Table(title=f"{data['root']}: {data['layout']} layout, {len(data['classes'])} classes, {data['images']} images")
+    table = Table(title=f"{escape(str(data['root']))}: {data['layout']} layout, {len(data['classes'])} classes, {data['images']} images")
     table.add_column("class")
     for split in splits:
         table.add_column("images" if split == "all" else split, justify="right")
     for name in data["classes"][:SHOWN_CLASSES]:
-        table.add_row(name, *(str(data["counts"][split][name]) for split in splits))
+        table.add_row(escape(name), *(str(data["counts"][split][name]) for split in splits))
     if len(data["classes"]) > SHOWN_CLASSES:
         table.add_row(f"... {len(data['classes']) - SHOWN_CLASSES} more", *("" for _ in splits))
     smallest = data["smallest_class"]
-    table.caption = f"median {data['median_per_class']:g} images per class (train+val); smallest: {smallest['name']} ({smallest['images']})"
+    table.caption = f"median {data['median_per_class']:g} images per class (train+val); smallest: {escape(smallest['name'])} ({smallest['images']})"
     sizes = data["image_sizes"]
     lines = [table]
     if sizes["sampled"]:

@@ -152,7 +152,7 @@ def _ranking_table(result: dict[str, Any]) -> Table:
     for row in result["ranking"]:
         stage = row["best_stage"]
         table.add_row(
-            row["name"],
+            escape(row["name"]),
             f"{row['logme']:.3f}±{row['logme_spread']:.3f}",
             _pct(row["probe_acc"]),
             "-" if row["random_probe_acc"] is None else f"{_pct(row['random_probe_acc'])} ({row['pretraining_gain_points']:+.0f})",

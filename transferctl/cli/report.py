@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transferctl.cli import app, err, print_json, user_errors
@@ -42,11 +43,11 @@ def render_run_summaries(runs: list[dict[str, Any]]) -> Table:
         table.add_column(column, justify="left" if column in ("run", "strategy", "phases", "status") else "right", overflow="fold")
     for run in runs:
         if not run["epochs"]:
-            table.add_row(run["name"], run["strategy"] or "?", "0", "-", "-", "-", "-", "-", "-", "-", f"[yellow]{run['status']}[/]")
+            table.add_row(escape(run["name"]), run["strategy"] or "?", "0", "-", "-", "-", "-", "-", "-", "-", f"[yellow]{run['status']}[/]")
             continue
         status = run["status"] if run["status"] == "finished" else f"[yellow]{run['status']}[/]"
         table.add_row(
-            run["name"], run["strategy"] or "?", str(run["epochs"]), " → ".join(run["phases"]),
+            escape(run["name"]), run["strategy"] or "?", str(run["epochs"]), escape(" → ".join(run["phases"])),
             f"{run['best_val_acc']:.4f} ({run['best_epoch']})", f"{run['final_val_acc']:.4f}", f"{run['final_train_acc']:.4f}",
             f"{run['min_val_loss']:.4f}", f"{run['val_acc_auc']:.4f}", f"{run['seconds']:.1f}", status,
         )  # fmt: skip

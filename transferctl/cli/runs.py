@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transferctl.cli import app, err, print_json, user_errors
@@ -41,6 +42,6 @@ def render_runs(found: list[Any]) -> Table:
         accuracy = f"{run.best_val_acc:.4f}" if isinstance(run.best_val_acc, (int, float)) else "-"
         evaluations = " ".join(f"{split}:{acc:.3f}" for split, acc in run.evaluations.items()) or "-"
         status = run.status if run.status == "finished" else f"[yellow]{run.status}[/]"
-        table.add_row(run.name, run.backbone or "?", run.strategy or "?", accuracy, str(run.epochs if run.epochs is not None else "-"),
+        table.add_row(escape(run.name), escape(run.backbone or "?"), run.strategy or "?", accuracy, str(run.epochs if run.epochs is not None else "-"),
                       (run.date or "?").replace("T", " ")[:16], evaluations, status)  # fmt: skip
     return table

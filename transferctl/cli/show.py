@@ -60,7 +60,7 @@ def _phases(phases: list[dict[str, Any]]) -> Table:
         epochs = str(phase["epochs"]) if phase["epochs_run"] == phase["epochs"] else f"{phase['epochs_run']}/{phase['epochs']}"
         best = f"{phase['best_val_acc']:.4f}" if phase["best_val_acc"] is not None else "-"
         backbone = f"{phase['lr_backbone']:.2g}" if phase["lr_backbone"] is not None else "frozen"
-        table.add_row(str(phase["index"] + 1), phase["name"], epochs, escape(phase["trains"]), f"{phase['lr_head']:.2g}", backbone,
+        table.add_row(str(phase["index"] + 1), escape(phase["name"]), epochs, escape(phase["trains"]), f"{phase['lr_head']:.2g}", backbone,
                       phase["bn"], best, f"{phase['seconds']:.1f}s")  # fmt: skip
     return table
 
