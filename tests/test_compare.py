@@ -133,10 +133,15 @@ def test_compare_end_to_end_then_resume(tmp_path: Path, tiny_split_data: Path) -
 
     # Rerun: finished runs are skipped; a run without summary.json is resumed (or trained again).
     (out / "scratch-seed1" / "summary.json").unlink()
+    damaged = out / "fine_tune-seed0"  # and a run whose last checkpoint was cut short: trained again, not stuck
+    (damaged / "summary.json").unlink()
+    (damaged / "checkpoints" / "last.pt").write_bytes((damaged / "checkpoints" / "last.pt").read_bytes()[:1000])
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     statuses = {(s, row["seed"]): row["status"] for s, r in json.loads(result.stdout)["results"].items() for row in r["per_seed"]}
     assert statuses.pop(("scratch", 1)) in ("resumed", "trained")
+    assert statuses.pop(("fine_tune", 0)) == "trained" and "fine_tune-seed0" in result.stderr and "cannot be resumed" in result.stderr
+    assert len(list((out / "unfinished").iterdir())) == 2
     assert set(statuses.values()) == {"skipped"}
     assert (out / "scratch-seed1" / "summary.json").is_file()
 

@@ -199,18 +199,37 @@ def _ensure_run(plan: ComparisonPlan, run: PlannedRun, label: str, observer: Tra
         return "skipped"
     if path.exists():
         resume = _resume_function()
-        if resume is not None and (path / "config.yaml").is_file():
+        why_not = "this transferctl cannot resume runs" if resume is None else _cannot_resume(path)
+        if resume is not None and why_not is None:
             observer.notice(f"{label}: unfinished, resuming")
             resume(path, [], observer)
             return "resumed"
         aside = _move_aside(plan.out, path)
-        observer.notice(f"{label}: unfinished and cannot be resumed; kept it as {aside}, training again")
+        observer.notice(f"{label}: unfinished and cannot be resumed ({why_not}); kept it as {aside}, training again")
     else:
         observer.notice(f"{label}: training")
     from transferctl.train import train
 
     train(run.config, run_dir=path, observer=observer)
     return "trained"
+
+
+def _cannot_resume(path: Path) -> str | None:
+    """Why an unfinished run cannot be resumed (no config.yaml; a damaged or too old last.pt), or None.
+    Without the check, a damaged last.pt stopped every rerun of the comparison at the same place."""
+    from transferctl.resume import resume_point
+    from transferctl.rundir import checkpoint_file, load_run_checkpoint
+
+    if not (path / "config.yaml").is_file():
+        return "no config.yaml"
+    last = checkpoint_file(path, "last")
+    if not last.is_file():
+        return None  # stopped before its first epoch ended: resume starts it over in its folder
+    try:
+        resume_point(load_run_checkpoint(path, "last"), str(last))
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _resume_function() -> Callable[..., dict[str, Any]] | None:
