@@ -221,7 +221,9 @@ def json_schema() -> dict[str, Any]:
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read, override and validate an experiment file; raise ConfigError naming every problem."""
     raw = read_yaml(path)
-    for override in overrides:
+    # schedule.* last (in their order): `--set schedule.1.epochs=10` on a file without a schedule edits the
+    # default schedule of the strategy the other overrides leave.
+    for override in sorted(overrides, key=lambda text: text.strip().startswith("schedule.")):
         apply_override(raw, override)
     return config_from_dict(raw, source=str(path), base_dir=path.parent)
 
@@ -294,6 +296,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = text
     node: Any = raw
     parts = key.strip().split(".")
+    if parts[0] == "schedule" and len(parts) > 1 and raw.get("schedule") is None:
+        raw["schedule"] = [phase.model_dump(mode="json", exclude_defaults=True) for phase in default_schedule(str(raw.get("strategy", "fine_tune")))]
     for part in parts[:-1]:
         node = _child_for_override(node, part, key)
     _set_child(node, parts[-1], value, key)
