@@ -129,6 +129,14 @@ def test_a_schedule_override_edits_the_strategys_default_schedule(tmp_path: Path
     assert [(p.name, p.epochs, p.train) for p in schedule_of(changed)] == [("head", 4, "head")]
 
 
+@pytest.mark.parametrize("field", ["data.batch_size", "data.cache_memory_mb", "data.image_size", "seed", "optimizer.weight_decay"])
+def test_a_boolean_is_not_a_number(tmp_path: Path, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: d}\n"), [f"{field}=true"])
+    assert messages(caught.value) == [f"{tmp_path / 'experiment.yaml'}: {field}: must be a number, not true (got True)"]
+    assert load_config(write(tmp_path, "data: {root: d}\n"), ["compile=true"]).compile is True  # booleans stay for yes-or-no fields
+
+
 def test_override_errors_name_the_override() -> None:
     with pytest.raises(ConfigError, match="--set"):
         apply_override({}, "no_equals_sign")
