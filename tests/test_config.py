@@ -137,6 +137,10 @@ def test_a_boolean_is_not_a_number(tmp_path: Path, field: str) -> None:
     assert load_config(write(tmp_path, "data: {root: d}\n"), ["compile=true"]).compile is True  # booleans stay for yes-or-no fields
 
 
+def test_null_weights_mean_none(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "data: {root: d}\nbackbone: {weights: null}\n")).backbone.weights == "none"
+
+
 def test_override_errors_name_the_override() -> None:
     with pytest.raises(ConfigError, match="--set"):
         apply_override({}, "no_equals_sign")

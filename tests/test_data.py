@@ -233,7 +233,7 @@ def test_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
     file = tmp_path / "data.zip"
     file.write_bytes(b"PK")
 
-    with pytest.raises(DataError, match="no such folder"):
+    with pytest.raises(DataError, match=f"data.root: {file} is a file, not a folder"):  # not "no such folder": it is there
         discover(file, val_fraction=0.2, seed=0)
 
 

@@ -51,6 +51,12 @@ class BackboneConfig(_Section):
     mean: tuple[float, float, float] | None = Field(None, description="python: backbones: normalisation mean (default ImageNet's)")
     std: tuple[float, float, float] | None = Field(None, description="python: backbones: normalisation std (default ImageNet's)")
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: Any) -> Any:
+        """`weights: null` (or empty) means no weights, as `none` does: YAML's word for nothing."""
+        return "none" if value is None else value
+
     @model_validator(mode="after")
     def _custom_fields_need_python(self) -> BackboneConfig:
         if not self.name.startswith(PYTHON_PREFIX):

@@ -68,7 +68,8 @@ def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "sk
     `skipped`, or with on_bad_image 'error' they stop everything before training starts.
     """
     if not root.is_dir():
-        raise DataError(Problem("data.root", f"no such folder: {root}", "point data.root at a folder of class folders"))
+        what = f"{root} is a file, not a folder" if root.exists() else f"no such folder: {root}"
+        raise DataError(Problem("data.root", what, "point data.root at a folder of class folders"))
     if (root / "train").is_dir():
         return _discover_split_layout(root, on_bad_image)
     classes = class_folders(root, "data.root")
