@@ -725,3 +725,14 @@ def test_small_classes_still_get_a_validation_image_or_a_note(tmp_path: Path) ->
 
     assert labels_per_class(splits.val) == {0: 2, 1: 1} and labels_per_class(splits.train) == {0: 8, 1: 1, 2: 1}
     assert data_notices(splits) == ["data.root: no validation image for c (a class of one image): val_acc and the best epoch leave it out; add images"]
+
+
+def test_a_large_image_decodes_without_pillows_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    path = write_png(tmp_path / "large.png", size=12)  # 144 pixels: over the limit below, under twice it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert open_rgb(path).size == (12, 12)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -307,10 +307,14 @@ def open_rgb(path: Path) -> Any:
     """Decode any image mode (grayscale, RGBA, palette, 16-bit, CMYK) into upright 8-bit RGB."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
-        image.load()
-        # Phones store photos sideways with an EXIF rotation tag; the network must see them upright.
-        return to_rgb(ImageOps.exif_transpose(image))
+    with warnings.catch_warnings():
+        # Pillow warns on stderr between its pixel limit and twice that (over twice, it refuses): a file
+        # given to predict is decoded without a stray two-line warning; training's check lists it instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            # Phones store photos sideways with an EXIF rotation tag; the network must see them upright.
+            return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Any) -> Any:
