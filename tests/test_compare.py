@@ -21,8 +21,10 @@ runner = CliRunner()
 
 def test_strategies_are_checked() -> None:
     assert parse_strategies(" scratch, fine_tune ") == ("scratch", "fine_tune")
-    with pytest.raises(ConfigError, match="did you mean 'fine_tune'"):
-        parse_strategies("scratch,finetune")
+    assert parse_strategies("Scratch,Feature_Extract") == ("scratch", "feature_extract")
+    with pytest.raises(ConfigError, match="did you mean 'fine_tune'") as caught:
+        parse_strategies("Scratch,finetune")
+    assert len(caught.value.problems) == 1  # the unknown name alone, not also 'must include scratch'
     with pytest.raises(ConfigError, match="must include scratch"):
         parse_strategies("feature_extract,fine_tune")
     with pytest.raises(ConfigError, match="twice"):

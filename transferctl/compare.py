@@ -101,8 +101,11 @@ class ComparisonPlan:
 
 def parse_strategies(text: str) -> tuple[str, ...]:
     """'scratch,fine_tune' -> ('scratch', 'fine_tune'), with scratch (the baseline) required."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    problems = [Problem("--strategies", f"unknown strategy '{name}'", did_you_mean(name, STRATEGIES)) for name in names if name not in STRATEGIES]
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]  # Scratch is scratch
+    unknown = [name for name in names if name not in STRATEGIES]
+    problems = [Problem("--strategies", f"unknown strategy '{name}'", did_you_mean(name, STRATEGIES)) for name in unknown]
+    if unknown:
+        raise ConfigError(*problems)  # the checks below would only repeat the unknown names
     if len(set(names)) != len(names):
         problems.append(Problem("--strategies", f"'{text}' names a strategy twice", "name each once"))
     if BASELINE not in names:
