@@ -111,6 +111,13 @@ def test_existing_file_is_kept_unless_force(tiny_flat_data: Path, tmp_path: Path
     assert config.read_text().startswith("# yaml-language-server")
 
 
+def test_a_schema_that_cannot_be_written_leaves_no_experiment_file(tiny_flat_data: Path, tmp_path: Path) -> None:
+    (tmp_path / SCHEMA_FILE).mkdir()  # a folder where the schema goes
+    result = invoke("init", str(tiny_flat_data), "-o", str(tmp_path / "exp.yaml"))
+    assert result.exit_code == 1 and f"{tmp_path / SCHEMA_FILE}: cannot write" in result.stderr
+    assert not (tmp_path / "exp.yaml").exists()
+
+
 def test_auto_strategy_follows_recommends_rule(tmp_path: Path) -> None:
     small = inspect_folder(tiny_dataset(tmp_path / "small", layout="flat"))
     assert choose_strategy("auto", small)[0] == "feature_extract"

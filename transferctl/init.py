@@ -223,8 +223,8 @@ def init_experiment(data_dir: Path, output: Path, backbone: str = "resnet18", st
     chosen, advice = choose_strategy(strategy, inspection)
     text = experiment_text(inspection, data_dir, output, backbone, chosen, advice)
     schema_path = output.parent / SCHEMA_FILE
+    _write_schema(schema_path)  # first: a schema that cannot be written must not leave a half-done init behind
     _write(output, text)
-    _write_schema(schema_path)
     return InitResult(inspection, chosen, advice, output, schema_path, text)
 
 
