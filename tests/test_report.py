@@ -95,8 +95,8 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "expected"),
     [("{not json", "damaged JSON: Expecting property name enclosed in double quotes"),
-     ("[1, 2]", "not a metrics row: global_epoch, train_loss, train_acc, val_loss, val_acc must be numbers"),
-     (json.dumps({**row(3, "body", 1, 0.5), "val_acc": "high"}), "not a metrics row")],
+     ("[1, 2]", "not a metrics row: each line is a JSON object"),
+     (json.dumps({**row(3, "body", 1, 0.5), "val_acc": "high"}), "not a metrics row: global_epoch, train_loss, train_acc, val_loss, val_acc must be numbers")],
 )  # fmt: skip
 def test_a_damaged_metrics_row_is_named_by_its_line(tmp_path: Path, line: str, expected: str) -> None:
     run = write_run(tmp_path / "run", TWO_PHASES[:2])

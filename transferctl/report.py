@@ -13,7 +13,7 @@ from typing import Any
 
 from transferctl.curves import auc
 from transferctl.errors import CheckpointError, DataError, Problem
-from transferctl.rundir import RunDir, atomic_write_bytes
+from transferctl.rundir import NUMERIC_METRICS, RunDir, atomic_write_bytes
 from transferctl.runs import RunInfo, describe_run, is_run_dir
 
 PNG_NAME = "learning-curves.png"
@@ -64,7 +64,7 @@ def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
 
 
 def load_run_curves(path: Path) -> RunCurves:
-    return RunCurves(path, describe_run(path), RunDir(path).metrics())
+    return RunCurves(path, describe_run(path), RunDir(path).metrics(numbers=NUMERIC_METRICS))
 
 
 def summarize_run(run: RunCurves) -> dict[str, Any]:

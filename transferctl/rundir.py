@@ -158,8 +158,8 @@ class RunDir:
         except UnicodeDecodeError:
             raise CheckpointError(Problem(str(path), "damaged JSON: not UTF-8 text", "restore it or re-run")) from None
 
-    def metrics(self) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl, each an epoch with its numbers; a damaged row names its line."""
+    def metrics(self, numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl, one JSON object an epoch, with `numbers` numbers; a damaged row names its line."""
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
@@ -171,8 +171,10 @@ class RunDir:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise CheckpointError(Problem(f"{path}:{number}", f"damaged JSON: {exc.msg}", "restore it or re-run")) from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(key), (int, float)) for key in NUMERIC_METRICS):
-                raise CheckpointError(Problem(f"{path}:{number}", f"not a metrics row: {', '.join(NUMERIC_METRICS)} must be numbers", "restore it or re-run"))
+            if not isinstance(row, dict):
+                raise CheckpointError(Problem(f"{path}:{number}", "not a metrics row: each line is a JSON object", "restore it or re-run"))
+            if not all(isinstance(row.get(key), (int, float)) for key in numbers):
+                raise CheckpointError(Problem(f"{path}:{number}", f"not a metrics row: {', '.join(numbers)} must be numbers", "restore it or re-run"))
             rows.append(row)
         return rows
 
