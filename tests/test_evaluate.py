@@ -196,6 +196,13 @@ def test_missing_run_checkpoint_and_split_are_user_errors(trained: Path, tmp_pat
     assert invoke("evaluate", trained, "--split", "holdout").exit_code == 2
 
 
+def test_split_all_reads_a_flat_tree_too_small_to_split(trained: Path, tmp_path: Path) -> None:
+    data = tiny_dataset(tmp_path / "few", n_classes=3, per_class=1, layout="flat")  # one image a class: no validation share
+    result = invoke("evaluate", trained, "--data", data, "--split", "all", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 3
+
+
 def test_a_split_the_data_does_not_have(trained: Path, tmp_path: Path) -> None:
     data = tiny_dataset(tmp_path / "no_test", n_classes=3, layout="split")
     result = invoke("evaluate", trained, "--data", data, "--split", "test", "--device", "cpu")

@@ -61,11 +61,12 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip") -> DatasetSplits:
+def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True) -> DatasetSplits:
     """Read a class-per-folder tree: root/{train,val[,test]}/<class>/*, or root/<class>/* split here.
 
     Every image is checked once, quickly (see image_problem); unreadable ones are left out and listed in
-    `skipped`, or with on_bad_image 'error' they stop everything before training starts.
+    `skipped`, or with on_bad_image 'error' they stop everything before training starts. split=False
+    leaves a flat tree whole, in `train` (for a reader of every image, which needs no validation share).
     """
     if not root.is_dir():
         what = f"{root} is a file, not a folder" if root.exists() else f"no such folder: {root}"
@@ -74,7 +75,7 @@ def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "sk
         return _discover_split_layout(root, on_bad_image)
     classes = class_folders(root, "data.root")
     tree = _read_tree({"data.root": root}, classes, on_bad_image)
-    train, val = stratified_split(tree.samples["data.root"], val_fraction, seed)
+    train, val = stratified_split(tree.samples["data.root"], val_fraction, seed) if split else (sorted(tree.samples["data.root"]), [])
     return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored, run_folders=run_folders(root))
 
 

@@ -159,7 +159,7 @@ def evaluate_run(
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
     root = data if data is not None else config.data.root
     where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
-    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where)
+    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all")
     check_same_classes(classes, splits.classes, where, root)
     split = split or ("test" if splits.test else "val")
     samples = _relabel(_samples_of(splits, split, root), splits.classes, classes)
@@ -222,10 +222,11 @@ def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tup
     return EvaluationResult(report, json_path, png_path, notices)
 
 
-def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str) -> DatasetSplits:
-    """The run's own data.on_bad_image applies: an unreadable image is skipped (and listed) or an error."""
+def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str, split: bool) -> DatasetSplits:
+    """The run's own data.on_bad_image applies: an unreadable image is skipped (and listed) or an error.
+    --split all reads every image of a flat tree: no validation share to draw, however few images."""
     try:
-        return discover(root, val_fraction, seed, on_bad_image)
+        return discover(root, val_fraction, seed, on_bad_image, split)
     except DataError as exc:
         # discover names the config field (data.root); here the folder may have come from --data.
         raise DataError(*(Problem(p.where.replace("data.root", where, 1), p.message, p.hint) for p in exc.problems)) from None
