@@ -409,6 +409,27 @@ def test_resume_refuses_data_with_other_classes(stopped: Path, tmp_path: Path) -
         resume(run, [f"data.root={other}"])
 
 
+class Notices(SilentObserver):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def notice(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_resume_says_when_the_images_are_not_those_the_run_started_on(stopped: Path, data: Path, tmp_path: Path) -> None:
+    moved = Path(shutil.copytree(data, tmp_path / "moved"))  # the same images in another folder: nothing to say
+    heard = Notices()
+    resume(copy_run(stopped, tmp_path / "a"), [f"data.root={moved}"], heard)
+    assert not [line for line in heard.lines if "images differ" in line]
+
+    next(iter(sorted((moved / "train" / "red").iterdir()))).unlink()
+    heard = Notices()
+    resume(copy_run(stopped, tmp_path / "b"), [f"data.root={moved}"], heard)
+    (line,) = [line for line in heard.lines if "images differ" in line]
+    assert "train 15 -> 14, val 3 -> 3" in line and "start a new run" in line
+
+
 def test_resume_of_a_finished_run_changes_nothing(reference: Path, tmp_path: Path) -> None:
     run = copy_run(reference, tmp_path)
     before = (run / "summary.json").read_text()

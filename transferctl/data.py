@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import warnings
@@ -166,6 +167,28 @@ def _examples(bad: dict[Path, str], among: list[Path] | None = None) -> str:
     paths = sorted(among if among is not None else bad)
     shown = ", ".join(f"{path} ({bad[path]})" for path in paths[:SHOWN_PATHS])
     return shown + (f" and {len(paths) - SHOWN_PATHS} more" if len(paths) > SHOWN_PATHS else "")
+
+
+def split_fingerprint(splits: DatasetSplits) -> dict[str, dict[str, Any]]:
+    """How many images train and val hold, and which (a digest of their paths under the root and labels):
+    a checkpoint keeps it, and resume says when the images it finds are not the ones the run started on."""
+
+    def digest(samples: list[Sample]) -> str:
+        hashed = hashlib.sha256()
+        for path, label in sorted(samples):
+            hashed.update(f"{path.relative_to(splits.root).as_posix()}\t{label}\n".encode("utf-8", "surrogateescape"))
+        return hashed.hexdigest()[:16]
+
+    return {name: {"images": len(samples), "digest": digest(samples)} for name, samples in (("train", splits.train), ("val", splits.val))}
+
+
+def changed_images(started: dict[str, dict[str, Any]] | None, now: dict[str, dict[str, Any]]) -> str | None:
+    """A notice when the splits differ from the fingerprint a run started with; None when alike or unknown."""
+    if not started or all(started.get(name) == now[name] for name in now):
+        return None
+    counts = ", ".join(f"{name} {started.get(name, {}).get('images', '?')} -> {now[name]['images']}" for name in now)
+    return (f"data.root: the images differ from those the run started on ({counts}); a flat folder's validation share is drawn "
+            "again, so images may have moved between train and val: start a new run for numbers that compare")  # fmt: skip
 
 
 def data_notices(splits: DatasetSplits) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from transferctl.backbones import Preprocessing
 from transferctl.config import config_to_dict, dump_yaml, flatten, load_config, schedule_of
+from transferctl.data import changed_images, split_fingerprint
 from transferctl.distributed import from_main, is_main, process_group
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
@@ -66,6 +67,9 @@ def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: Tra
             observer.notice(f"{run.path}: already finished all {len(start.rows)} epochs; nothing to resume")
             return finished
         experiment = prepare(config, load_weights=False)
+        changed = changed_images(checkpoint.get("data"), split_fingerprint(experiment.splits))
+        if changed:
+            observer.notice(changed)
         _restore_model(experiment, checkpoint, str(run.checkpoints / "last.pt"))
         session = Session.start(experiment)
         if overrides:

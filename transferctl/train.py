@@ -33,6 +33,7 @@ from transferctl.data import (
     resolve_workers,
     set_loader_epoch,
     spare_cores,
+    split_fingerprint,
     worker_error,
 )
 from transferctl.distributed import TrainingModule, agreed_stop, device_spec, from_main, is_main, per_rank_batch, process_group, reduce_stats, shard
@@ -303,6 +304,7 @@ class _Trainer:
         self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
         self.data_wait_told = False
         self.full_epochs = 0  # epochs that ran the backbone on images (not on cached features)
+        self.data_fingerprint = split_fingerprint(self.experiment.splits)  # in every checkpoint: resume compares it
 
     def run(self) -> dict[str, Any]:
         start = self.start
@@ -502,6 +504,7 @@ class _Trainer:
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),  # live tensors: the saver copies or converts them (checkpointing.on_cpu)
             "classes": list(self.experiment.splits.classes),
+            "data": self.data_fingerprint,
             "backbone": {"name": backbone.name, "weights": backbone.weights, "head": backbone.head_path, "cut": self.config.backbone.cut},
             "preprocessing": backbone.preprocessing.to_dict(),
             "phase_index": plan.index,
