@@ -84,7 +84,7 @@ def describe_run(run_dir: Path) -> RunInfo:
     if summary_path.is_file():
         summary = read_json_mapping(summary_path)
         if summary is None:
-            return RunInfo(status="damaged", note=f"{summary_path} is not valid JSON", **common)
+            return RunInfo(status="damaged", note=f"{summary_path} is damaged (not a JSON object)", **common)
         common["backbone"] = summary.get("backbone", common["backbone"])
         common["strategy"] = summary.get("strategy", common["strategy"])
         return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
