@@ -736,3 +736,17 @@ def test_a_large_image_decodes_without_pillows_warning(tmp_path: Path, monkeypat
         warnings.simplefilter("always")
         assert open_rgb(path).size == (12, 12)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_class_names_that_only_look_alike_are_pointed_out(tmp_path: Path) -> None:
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "émû")  # as macOS writes folder names
+    root = tmp_path / "data"
+    write_class_tree(root / "train", {"émû": 1, "b": 1})
+    write_class_tree(root / "val", {decomposed: 1, "b": 1})
+
+    with pytest.raises(DataError) as caught:
+        discover(root, val_fraction=0.2, seed=0)
+
+    assert "'\\xe9m\\xfb' and 'e\\u0301mu\\u0302' differ only in Unicode form or surrounding spaces: rename one" in str(caught.value)

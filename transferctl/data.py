@@ -117,10 +117,28 @@ def run_folders(folder: Path) -> tuple[Path, ...]:
 
 
 def _check_same_classes(train: list[str], other: list[str], split: str) -> None:
-    missing, extra = sorted(set(train) - set(other)), sorted(set(other) - set(train))
-    if missing or extra:
-        detail = "; ".join(part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if part)
+    detail = class_differences(train, other)
+    if detail:
         raise DataError(Problem(f"data.root/{split}", f"class folders differ from train/: {detail}", "use the same class folders in every split"))
+
+
+def class_differences(expected: list[str], found: list[str]) -> str:
+    """"missing [...]; extra [...]" ('' when the sets agree), naming pairs that only look alike."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    parts = [f"missing {missing}" if missing else "", f"extra {extra}" if extra else "", lookalikes(missing, extra)]
+    return "; ".join(part for part in parts if part)
+
+
+def lookalikes(missing: list[str], extra: list[str]) -> str:
+    """Names that print alike but differ in Unicode form (macOS writes é as e and a combining accent) or in
+    spaces at their ends: a missing and an extra name that read the same would otherwise baffle."""
+    import unicodedata
+
+    def plain(name: str) -> str:
+        return unicodedata.normalize("NFC", name).strip()
+
+    pairs = [(a, b) for a in missing for b in extra if plain(a) == plain(b)]
+    return "; ".join(f"{ascii(a)} and {ascii(b)} differ only in Unicode form or surrounding spaces: rename one" for a, b in pairs)
 
 
 @dataclass(frozen=True)

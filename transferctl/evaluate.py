@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from transferctl.data import DatasetSplits, ImageDataset, Sample, data_notices, discover, make_loader, resolve_workers
+from transferctl.data import DatasetSplits, ImageDataset, Sample, data_notices, discover, lookalikes, make_loader, resolve_workers
 from transferctl.errors import DataError, Problem
 
 ECE_BINS = 15
@@ -243,6 +243,8 @@ def check_same_classes(trained: list[str], found: list[str], where: str, root: P
         parts.append(f"missing {', '.join(missing)} (trained on, but no folder)")
     if extra:
         parts.append(f"extra {', '.join(extra)} (folders the model was not trained on)")
+    if lookalikes(missing, extra):
+        parts.append(lookalikes(missing, extra))
     raise DataError(Problem(where, f"the classes of {root} differ from the run's: {'; '.join(parts)}", f"give a tree with exactly these class folders: {', '.join(trained)}"))
 
 

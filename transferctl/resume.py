@@ -14,7 +14,7 @@ from typing import Any
 
 from transferctl.backbones import Preprocessing
 from transferctl.config import config_to_dict, dump_yaml, flatten, load_config, schedule_of
-from transferctl.data import changed_images, split_fingerprint
+from transferctl.data import changed_images, class_differences, split_fingerprint
 from transferctl.distributed import from_main, is_main, process_group
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
@@ -137,8 +137,7 @@ def _restore_model(experiment: Experiment, checkpoint: dict[str, Any], where: st
     """The checkpoint's classes, weights and preprocessing, into the freshly built (untrained) backbone."""
     classes, found = list(checkpoint["classes"]), experiment.splits.classes
     if found != classes:
-        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-        detail = "; ".join(part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if part) or "a different order"
+        detail = class_differences(classes, found) or "a different order"
         raise CheckpointError(
             Problem("data.root", f"the classes in {experiment.splits.root} differ from the run's: {detail}", "restore the data the run trained on, or start a new run")
         )
