@@ -70,7 +70,7 @@ def test_the_key_changes_with_everything_the_features_depend_on(tiny_split_data:
     assert spec.key(samples) == key
     changed = [spec.key(samples[1:])]
     for field, value in (("backbone", "resnet50"), ("weights", "other weights"), ("cut", "layer3"), ("preprocessing", {"resize": 36, "crop": 28}),
-                         ("views", 3), ("seed", 1), ("precision", "bf16")):  # fmt: skip
+                         ("views", 3), ("seed", 1), ("precision", "bf16"), ("network", "other code"), ("device", "cuda")):  # fmt: skip
         changed.append(dataclasses.replace(spec, **{field: value}).key(samples))
     for module in (torch, torchvision, PIL):
         with monkeypatch.context() as patch:
@@ -79,6 +79,39 @@ def test_the_key_changes_with_everything_the_features_depend_on(tiny_split_data:
     assert len(set(changed)) == len(changed) and key not in changed
     unaugmented = dataclasses.replace(spec, augment="none", views=1)
     assert unaugmented.key(samples) == dataclasses.replace(unaugmented, seed=1).key(samples)  # no random views
+
+
+def test_a_file_replaced_with_its_size_and_mtime_kept_changes_the_key(tiny_split_data: Path) -> None:
+    from transferctl.feature_cache import CacheSpec
+
+    samples = discover(tiny_split_data, 0.2, 0).train
+    spec = CacheSpec("resnet18", "weights", None, "fc", {"resize": 36, "crop": 32}, "none", 1, 0, "fp32")
+    key = spec.key(samples)
+    first, second = samples[0][0], samples[1][0]
+    stat = first.stat()
+    swapped = first.read_bytes()
+    first.write_bytes(second.read_bytes()[: len(swapped)].ljust(len(swapped), b"\0"))  # other content, the same size
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the mtime put back, as a copy tool or an archive does
+    assert first.stat().st_size == stat.st_size and first.stat().st_mtime_ns == stat.st_mtime_ns
+    assert spec.key(samples) != key
+
+
+def test_the_network_digest_covers_code_that_the_weights_do_not_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    from transferctl.feature_cache import network_digest
+
+    module = tmp_path / "mynet.py"
+    module.write_text("import torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        return x.relu()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = network_digest(torch.nn.Sequential(importlib.import_module("mynet").Net(), torch.nn.Linear(2, 2)))
+    module.write_text("import torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        return x.tanh()\n")  # same weights
+    sys.modules.pop("mynet")
+    after = network_digest(torch.nn.Sequential(importlib.import_module("mynet").Net(), torch.nn.Linear(2, 2)))
+    assert before != after
+    assert network_digest(torch.nn.Sequential(torch.nn.ReLU())) != network_digest(torch.nn.Sequential(torch.nn.GELU()))  # the structure too
+    sys.modules.pop("mynet")
 
 
 def test_memory_and_disk_give_the_same_result(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:

@@ -63,22 +63,43 @@ def weights_digest(model: nn.Module, head_path: str) -> str:
     return digest.hexdigest()
 
 
+def network_digest(model: nn.Module) -> str:
+    """The network's code, which its weights do not show: its structure (the repr: layer types, strides,
+    activations, pooling) and the source files of module classes from outside torch, torchvision and timm
+    (a `python:` backbone's own code; an edit to its forward() keeps every weight's shape)."""
+    import inspect
+
+    digest = hashlib.blake2b(repr(model).encode(), digest_size=16)
+    own = sorted({type(module) for module in model.modules() if type(module).__module__.split(".")[0] not in ("torch", "torchvision", "timm")}, key=str)
+    for kind in own:
+        with contextlib.suppress(TypeError, OSError):  # classes made at run time have no file
+            digest.update(Path(inspect.getfile(kind)).read_bytes())
+    return digest.hexdigest()
+
+
 def files_fingerprint(samples: list[Sample]) -> list[list[Any]]:
-    """[path, label, size, mtime_ns] of every sample: a changed, added or removed file changes the key."""
+    """[path, label, size, mtime_ns, ctime_ns, inode] of every sample: a changed, added or removed file changes
+    the key. Size and mtime alone miss a file replaced by one of the same size with its mtime restored, and
+    class folders swapped with mv (relabelling): the change time and the inode catch those."""
     rows = []
     for path, label in samples:
         stat = path.stat()
-        rows.append([str(path), label, stat.st_size, stat.st_mtime_ns])
+        rows.append([str(path), label, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
     return rows
 
 
 def library_versions() -> dict[str, str]:
-    """What computes the features besides the weights: the network (torch), the resize and crop
+    """What computes the features besides the weights: the network (torch, timm), the resize and crop
     (torchvision), the decoding and resampling (Pillow). An upgrade may move them, so it computes new ones."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import PIL
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+    with contextlib.suppress(PackageNotFoundError):
+        versions["timm"] = version("timm")  # its metadata, not an import: timm's import takes seconds
+    return versions
 
 
 @dataclass(frozen=True)
@@ -94,14 +115,16 @@ class CacheSpec:
     views: int
     seed: int
     precision: str
+    network: str = ""  # network_digest: the code the weights run in
+    device: str = "cpu"  # the device type: a GPU's fp32 convolutions may use TF32 and give other features
 
     def key(self, samples: list[Sample]) -> str:
         parts = {
             "format": FORMAT, "libraries": library_versions(), "backbone": self.backbone, "cut": self.cut, "head": self.head_path,
-            "weights": self.weights, "preprocessing": self.preprocessing, "augment": self.augment, "views": self.views,
+            "weights": self.weights, "network": self.network, "preprocessing": self.preprocessing, "augment": self.augment,
             # Augmented views are drawn from the run seed; without augmentation the seed changes nothing.
-            "seed": self.seed if self.augment != "none" else None, "precision": self.precision,
-            "files": files_fingerprint(samples),
+            "views": self.views, "seed": self.seed if self.augment != "none" else None, "precision": self.precision,
+            "device": self.device, "files": files_fingerprint(samples),
         }  # fmt: skip
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -431,7 +454,7 @@ class FrozenBodyShortcut:
         data, backbone = self.config.data, self.backbone
         views = data.cached_views if data.augment != "none" else 1
         spec = CacheSpec(backbone.name, digest, backbone.cut, backbone.head_path, backbone.preprocessing.to_dict(), data.augment, views,
-                         self.config.seed, self.runtime.precision)  # fmt: skip
+                         self.config.seed, self.runtime.precision, network_digest(self.model), self.runtime.device.type)  # fmt: skip
         stores = {}
         for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1))):
             loader = self.loaders[split]
