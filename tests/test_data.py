@@ -727,14 +727,16 @@ def test_small_classes_still_get_a_validation_image_or_a_note(tmp_path: Path) ->
     assert data_notices(splits) == ["data.root: no validation image for c (a class of one image): val_acc and the best epoch leave it out; add images"]
 
 
-def test_a_large_image_decodes_without_pillows_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_image_over_the_pixel_limit_is_refused_in_one_line_without_pillows_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import warnings
 
-    path = write_png(tmp_path / "large.png", size=12)  # 144 pixels: over the limit below, under twice it
+    from transferctl.data import decode
+
+    path = write_png(tmp_path / "large.png", size=12)  # 144 pixels: over the limit below, under twice it (Pillow only warns)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DataError, match="12x12 pixels is over the decompression-bomb limit of 100"):
         warnings.simplefilter("always")
-        assert open_rgb(path).size == (12, 12)
+        decode(path)  # as predict and evaluate decode: refused, as training's check refuses it
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 

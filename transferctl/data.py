@@ -350,10 +350,13 @@ def open_rgb(path: Path) -> Any:
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
-        # Pillow warns on stderr between its pixel limit and twice that (over twice, it refuses): a file
-        # given to predict is decoded without a stray two-line warning; training's check lists it instead.
+        # Pillow only warns between its pixel limit and twice that (over twice, it refuses). Here the limit
+        # is the limit, as in training's check: predict and evaluate treat such a file alike, in one line.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:
+            width, height = image.size
+            if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(f"{width}x{height} pixels is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}")
             image.load()
             # Phones store photos sideways with an EXIF rotation tag; the network must see them upright.
             return to_rgb(ImageOps.exif_transpose(image))
