@@ -275,10 +275,9 @@ def image_problem(path: Path) -> str | None:
 
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and width * height > limit:
-                return f"{width}x{height} pixels is over the decompression-bomb limit of {limit:,}"
+            too_large = over_pixel_limit(image)
+            if too_large:
+                return too_large
             if image.format == "PNG":
                 image.verify()
             elif not (image.format == "JPEG" and _jpeg_has_end_marker(path)):
@@ -292,6 +291,15 @@ def image_problem(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - damaged files make Pillow raise SyntaxError, ValueError, struct.error...
         return f"damaged: {_first_line(exc)}"
     return None
+
+
+def over_pixel_limit(image: Any) -> str | None:
+    """Why an opened image is too large to decode (Pillow's decompression-bomb limit), or None."""
+    from PIL import Image
+
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    return f"{width}x{height} pixels is over the decompression-bomb limit of {limit:,}" if limit is not None and width * height > limit else None
 
 
 def _jpeg_has_end_marker(path: Path) -> bool:
@@ -354,9 +362,9 @@ def open_rgb(path: Path) -> Any:
         # is the limit, as in training's check: predict and evaluate treat such a file alike, in one line.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            width, height = image.size
-            if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(f"{width}x{height} pixels is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}")
+            too_large = over_pixel_limit(image)
+            if too_large:
+                raise ValueError(too_large)
             image.load()
             # Phones store photos sideways with an EXIF rotation tag; the network must see them upright.
             return to_rgb(ImageOps.exif_transpose(image))
