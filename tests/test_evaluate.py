@@ -170,12 +170,13 @@ def test_evaluations_of_other_data_or_checkpoints_never_replace_the_runs_own(tra
 
     run = shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
     holdout = tiny_dataset(tmp_path / "my holdout", n_classes=3, layout="split")
-    for args in ([], ["--data", holdout], ["--checkpoint", "last"], ["--data", holdout, "--checkpoint", run / "checkpoints" / "best.pt"]):
+    for args in ([], ["--data", holdout], ["--checkpoint", "last"], ["--data", holdout, "--checkpoint", run / "checkpoints" / "best.pt"],
+                 ["--precision", "bf16"]):  # fmt: skip
         assert invoke("evaluate", run, "--split", "val", "--device", "cpu", *args).exit_code == 0
     names = sorted(path.name for path in (run / "eval").glob("*.json"))
-    assert names == ["my_holdout-val.json", "val-last.json", "val.json"]  # best.pt given by path is the best checkpoint
+    assert names == ["my_holdout-val.json", "val-bf16.json", "val-last.json", "val.json"]  # best.pt given by path is the best checkpoint
     assert json.loads((run / "eval" / "my_holdout-val.json").read_text())["data_root"] == str(holdout.resolve())
-    assert set(describe_run(run).evaluations) == {"val", "my_holdout-val", "val-last"}
+    assert set(describe_run(run).evaluations) == {"val", "my_holdout-val", "val-last", "val-bf16"}
 
 
 def test_a_data_tree_with_other_classes_is_refused(trained: Path, tmp_path: Path) -> None:
@@ -201,6 +202,7 @@ def test_split_all_reads_a_flat_tree_too_small_to_split(trained: Path, tmp_path:
     result = invoke("evaluate", trained, "--data", data, "--split", "all", "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["images"] == 3
+    assert "no validation image" not in result.stderr  # about a split that --split all does not draw
 
 
 def test_a_split_the_data_does_not_have(trained: Path, tmp_path: Path) -> None:

@@ -219,7 +219,7 @@ def data_notices(splits: DatasetSplits) -> list[str]:
         shown = ", ".join(str(path) for path in splits.ignored[:SHOWN_PATHS])
         more = f" and {len(splits.ignored) - SHOWN_PATHS} more" if len(splits.ignored) > SHOWN_PATHS else ""
         notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {shown}{more}")
-    unseen = sorted(set(range(len(splits.classes))) - {label for _, label in splits.val})
+    unseen = sorted(set(range(len(splits.classes))) - {label for _, label in splits.val}) if splits.val else []  # none: not split
     if unseen:
         names = ", ".join(splits.classes[label] for label in unseen)
         notices.append(f"data.root: no validation image for {names} (a class of one image): val_acc and the best epoch leave it out; add images")

@@ -182,7 +182,8 @@ def evaluate_run(
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         **compute_metrics(logits.numpy(), labels.numpy(), classes),
     }
-    result = _write_report(run_dir, report, report_stem(run_dir, split, checkpoint, root, config.data.root), tuple(data_notices(splits)))
+    stem = report_stem(run_dir, split, checkpoint, root, config.data.root, runtime.precision)
+    result = _write_report(run_dir, report, stem, tuple(data_notices(splits)))
     if config.logging.tensorboard:
         from transferctl.tensorboard import log_evaluation
 
@@ -190,10 +191,10 @@ def evaluate_run(
     return result
 
 
-def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path) -> str:
-    """eval/<stem>.json: the split's name for the run's own data and best checkpoint; another data folder's
-    name comes first and another checkpoint's last, so no evaluation replaces one of something else
-    (`runs` and `show` list them all by this name)."""
+def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path, precision: str = "fp32") -> str:
+    """eval/<stem>.json: the split's name for the run's own data, best checkpoint and fp32; another data
+    folder's name comes first, another checkpoint's and a lower precision after, so no evaluation replaces
+    one of something else (`runs` and `show` list them all by this name)."""
     from transferctl.rundir import checkpoint_file
 
     parts = [split]
@@ -202,6 +203,8 @@ def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root
     chosen = checkpoint_file(run_dir, checkpoint).resolve()
     if chosen != checkpoint_file(run_dir, "best").resolve():
         parts.append(_file_name_part(chosen.stem))
+    if precision != "fp32":
+        parts.append(precision)
     return "-".join(parts)
 
 
