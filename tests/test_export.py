@@ -14,6 +14,7 @@ from helpers import experiment
 from transferctl.cli import app
 from transferctl.config import config_from_dict
 from transferctl.data import open_rgb
+from transferctl.errors import CheckpointError
 from transferctl.export import export
 from transferctl.inference import eval_transform, load_trained_model
 from transferctl.synthetic import tiny_dataset
@@ -83,6 +84,21 @@ def test_safetensors_holds_the_state_dict(run_dir: Path, tmp_path: Path) -> None
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert json.loads(result.sidecar.read_text())["source"]["checkpoint"] == "last"
+
+
+def test_exports_of_the_same_weights_share_a_folder_and_another_epochs_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    export(run_dir, "torchscript", out=out)
+    export(run_dir, "safetensors", out=out)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["files"] == {"torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}  # both described
+
+    meta["source"]["epoch"] += 1  # as if another epoch had been exported here
+    (out / "model.json").write_text(json.dumps(meta))
+    before = (out / "model.torchscript.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=f"{out}: holds an export of .* epoch .*, not of .*choose another --out"):
+        export(run_dir, "torchscript", out=out)
+    assert (out / "model.torchscript.pt").read_bytes() == before  # nothing written
 
 
 def test_cli_export_json_and_errors(run_dir: Path, tmp_path: Path) -> None:

@@ -56,14 +56,34 @@ def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None =
     except OSError as exc:
         raise CheckpointError(Problem(str(out), f"cannot create the export folder: {exc.strerror}", "choose another --out")) from None
     target = out / FILE_NAMES[fmt]
-    example = torch.rand(2, 3, preprocessing.crop, preprocessing.crop, generator=torch.Generator().manual_seed(0))
-    writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
-    max_diff = writers[fmt](model, example, target)
     sidecar = out / SIDECAR
     payload = load_run_checkpoint(run_dir, checkpoint)  # for the backbone entry and the epoch it holds
     meta = sidecar_payload(fmt, target.name, classes, preprocessing.to_dict(), payload, run_dir, checkpoint)
+    meta["files"] = {**_earlier_files(sidecar, meta["source"]), fmt: target.name}
+    example = torch.rand(2, 3, preprocessing.crop, preprocessing.crop, generator=torch.Generator().manual_seed(0))
+    writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
+    max_diff = writers[fmt](model, example, target)
     sidecar.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Exported(target, sidecar, fmt, max_diff)
+
+
+def _earlier_files(sidecar: Path, source: dict[str, Any]) -> dict[str, str]:
+    """{format: file} that earlier exports of the same weights wrote into this folder, which model.json goes
+    on describing. Another run's or epoch's files beside one model.json would be described wrongly: refused."""
+    try:
+        earlier = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or not ours to keep
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("source"), dict):
+        return {}
+    same = ("run_dir", "phase_index", "epoch")
+    if any(earlier["source"].get(key) != source[key] for key in same):
+        was = earlier["source"]
+        raise CheckpointError(Problem(str(sidecar.parent), f"holds an export of {was.get('run_dir')} epoch {was.get('epoch')} ({was.get('checkpoint')}), "
+                                      f"not of {source['run_dir']} epoch {source['epoch']} ({source['checkpoint']})",
+                                      "choose another --out, or empty the folder first"))  # fmt: skip
+    files = earlier.get("files") or {earlier.get("format"): earlier.get("file")}
+    return {fmt: name for fmt, name in files.items() if fmt in FORMATS and isinstance(name, str)}
 
 
 def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict[str, Any], checkpoint: dict[str, Any], run_dir: Path, which: str) -> dict[str, Any]:
@@ -76,7 +96,7 @@ def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict
         "preprocessing": preprocessing,
         "classes": classes,
         "backbone": checkpoint.get("backbone", {}),
-        "source": {"run_dir": str(run_dir), "checkpoint": which, "phase_index": checkpoint.get("phase_index"), "epoch": checkpoint.get("epoch")},
+        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": which, "phase_index": checkpoint.get("phase_index"), "epoch": checkpoint.get("epoch")},
     }  # fmt: skip
 
 
