@@ -73,6 +73,14 @@ def test_plan_runs_every_strategy_and_seed_for_the_same_epochs(tmp_path: Path) -
     assert default.epochs == sum(p.epochs for p in default_schedule("fine_tune")) == 8
 
 
+def test_until_plateau_is_switched_off_so_every_run_trains_every_epoch(tmp_path: Path) -> None:
+    schedule = [{"name": "head", "epochs": 2, "train": "head", "lr": 1e-2, "until_plateau": {"patience": 1}},
+                {"name": "body", "epochs": 2, "train": "all", "lr": 1e-3}]  # fmt: skip
+    plan = plan_comparison(tiny_config(tmp_path / "data", tmp_path / "runs", schedule=schedule), ("scratch", "fine_tune"), seeds=1)
+    assert all(phase.until_plateau is None for run in plan.runs for phase in run.config.schedule or [])
+    assert any("until_plateau of phase(s) head is ignored" in notice for notice in plan.notices)
+
+
 def test_a_rerun_must_ask_for_the_same_runs(tmp_path: Path) -> None:
     plan = plan_comparison(tiny_config(tmp_path / "data", tmp_path / "runs"), ("scratch", "fine_tune"), seeds=1)
     trained = config_to_dict(plan.runs[0].config)

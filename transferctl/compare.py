@@ -139,13 +139,16 @@ def plan_comparison(config: ExperimentConfig, strategies: tuple[str, ...], seeds
     if seeds < 1:
         raise ConfigError(Problem("--seeds", f"must be at least 1, got {seeds}"))
     out = out or config.output.dir / f"{config.name}-compare"
-    reference = schedule_of(config)
+    reference = [phase.model_copy(update={"until_plateau": None}) for phase in schedule_of(config)]  # every run trains every epoch
     schedules = {s: list(reference) if s == config.strategy else derive_schedule(s, reference) for s in strategies}
     seed_list = tuple(config.seed + k for k in range(seeds))
     runs = tuple(PlannedRun(s, seed, _run_config(config, s, seed, schedules[s], out)) for seed in seed_list for s in strategies)
     notices = []
     if config.early_stopping.patience is not None:
         notices.append(f"early_stopping.patience ({config.early_stopping.patience}) is ignored: every run trains all {sum(p.epochs for p in reference)} epochs so that the curves line up")
+    plateaus = [phase.name for phase in schedule_of(config) if phase.until_plateau is not None]
+    if plateaus:
+        notices.append(f"until_plateau of phase(s) {', '.join(plateaus)} is ignored: every run trains all {sum(p.epochs for p in reference)} epochs so that the curves line up")
     if config.backbone.weights.lower() == "none" and set(strategies) - {BASELINE}:
         notices.append("backbone.weights is none: the other strategies start from random weights too, so this compares schedules, not transfer")
     return ComparisonPlan(out, source, config.name, strategies, seed_list, sum(p.epochs for p in reference), schedules, runs, tuple(notices))
