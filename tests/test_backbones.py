@@ -110,6 +110,20 @@ def test_a_file_with_another_head_size_is_fine(tmp_path: Path) -> None:
     assert_same_body(backbone.model, other)
 
 
+def test_a_file_without_batchnorm_step_counters_loads_as_torch_loads_it(tmp_path: Path) -> None:
+    reference = reference_resnet18()
+    path = tmp_path / "old.pt"
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}, path)  # older torch
+    backbone = build_backbone(BackboneConfig(name="resnet18", weights=str(path)), 2, None)
+    for name, tensor in backbone.model.state_dict().items():
+        if not name.startswith("fc.") and not name.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, reference.state_dict()[name]), name
+    path_missing_a_weight = tmp_path / "short.pt"
+    torch.save({k: v for k, v in reference.state_dict().items() if k != "layer1.0.conv1.weight"}, path_missing_a_weight)
+    with pytest.raises(WeightsError, match="missing"):  # a real weight still may not be missing
+        build_backbone(BackboneConfig(name="resnet18", weights=str(path_missing_a_weight)), 2, None)
+
+
 def test_weights_for_another_architecture_name_the_mismatched_keys(tmp_path: Path) -> None:
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)

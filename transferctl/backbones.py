@@ -279,7 +279,9 @@ def load_body_weights(model: nn.Module, state: dict[str, torch.Tensor], head_pat
     own_head = head_path + "."
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(own_head)}
     given = {k: v for k, v in state.items() if not k.startswith(own_head) and not _is_aux_key(k)}
-    missing = sorted(set(expected) - set(given))
+    # BatchNorm's step counter only steers momentum=None averaging; files from older torch lack it, and torch's
+    # own load_state_dict accepts them (the counter starts at 0, as torch leaves it).
+    missing = sorted(key for key in set(expected) - set(given) if not key.endswith(".num_batches_tracked"))
     unexpected = sorted(set(given) - set(expected))
     reshaped = sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
     if missing or unexpected or reshaped:
