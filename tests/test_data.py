@@ -752,3 +752,11 @@ def test_class_names_that_only_look_alike_are_pointed_out(tmp_path: Path) -> Non
         discover(root, val_fraction=0.2, seed=0)
 
     assert "'\\xe9m\\xfb' and 'e\\u0301mu\\u0302' differ only in Unicode form or surrounding spaces: rename one" in str(caught.value)
+
+
+def test_only_a_training_batch_of_one_image_is_left_out() -> None:
+    nine = list(range(9))
+    assert make_loader(nine, 4, shuffle=True, workers=0, seed=0).drop_last  # 4 + 4 + 1
+    assert len(make_loader(nine, 4, shuffle=True, workers=0, seed=0)) == 2
+    assert not make_loader(nine, 3, shuffle=True, workers=0, seed=0).drop_last  # 3 + 3 + 3
+    assert not make_loader(nine, 4, shuffle=False, workers=0, seed=0).drop_last  # evaluation sees every image

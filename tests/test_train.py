@@ -39,6 +39,18 @@ def test_a_run_directory_holds_everything_it_promises(tiny_split_data: Path, tmp
     assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
+def test_a_last_training_batch_of_one_image_is_left_out_not_a_batchnorm_crash(tmp_path: Path) -> None:
+    from transferctl.synthetic import tiny_dataset
+
+    data = tiny_dataset(tmp_path / "fifteen", n_classes=3, layout="split")  # 15 training images
+    raw = experiment(data, tmp_path / "runs", data={"batch_size": 7})  # 7 + 7 + 1: BatchNorm cannot train on one image at 1x1
+    summary = train(config_from_dict(raw))  # head on cached features, then the whole network
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["train_loss"] == row["train_loss"] for row in rows)
+    raw["data"]["cache"] = "off"
+    assert train(config_from_dict({**raw, "output": {"dir": str(tmp_path / "off")}}))["epochs"] == 2  # every epoch a full pass
+
+
 def test_checkpoints_load_with_weights_only(tiny_split_data: Path, tmp_path: Path) -> None:
     summary = train(config_from_dict(experiment(tiny_split_data, tmp_path / "runs")))
     last = torch.load(summary["checkpoints"]["last"], weights_only=True)

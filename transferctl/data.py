@@ -515,7 +515,8 @@ def without_workers(loader: Any) -> Any:
     from torch.utils.data import DataLoader
 
     sampler = loader.sampler if isinstance(loader.sampler, EpochSampler) else None
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=0, generator=loader.generator, pin_memory=loader.pin_memory)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=0, generator=loader.generator, pin_memory=loader.pin_memory,
+                      drop_last=loader.drop_last)  # fmt: skip
 
 
 def set_loader_epoch(loader: Any, epoch: int) -> None:
@@ -559,12 +560,16 @@ def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed
     generator = torch.Generator()
     generator.manual_seed(seed)
     sharded = shard is not None and shard.world > 1
+    sampler = EpochSampler(len(dataset), seed, shuffle, shard, pad=shuffle) if shuffle or sharded else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, shuffle, shard, pad=shuffle) if shuffle or sharded else None,
+        sampler=sampler,
         num_workers=workers,
         generator=generator,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        # A training batch of one image: BatchNorm cannot normalise one value per channel and raises (a 1x1
+        # feature map). Such a last batch is left out of its epoch; the shuffle leaves out another image each epoch.
+        drop_last=shuffle and sampler is not None and len(sampler) > 1 and len(sampler) % batch_size == 1,
     )

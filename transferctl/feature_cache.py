@@ -371,13 +371,13 @@ class FeatureBatches:
     data.set_loader_epoch treats this like the image loader it stands in for.
     """
 
-    def __init__(self, store: FeatureStore, batch_size: int, sampler: Any) -> None:
-        self.store, self.batch_size = store, batch_size
+    def __init__(self, store: FeatureStore, batch_size: int, sampler: Any, drop_last: bool = False) -> None:
+        self.store, self.batch_size, self.drop_last = store, batch_size, drop_last  # drop_last as the image loader's
         self.sampler = sampler if isinstance(sampler, EpochSampler) else None  # a plain loader's SequentialSampler: in order
 
     def __len__(self) -> int:
         count = len(self.sampler) if self.sampler is not None else len(self.store.labels)
-        return math.ceil(count / self.batch_size)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.sampler is None:
@@ -386,7 +386,7 @@ class FeatureBatches:
         else:  # under torchrun, this rank's shard of the epoch's order
             pairs = np.asarray(list(self.sampler), dtype=np.int64).reshape(-1, 2)
             order, views = pairs[:, 0], pairs[:, 1] % self.store.views
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, len(order) - (len(order) % self.batch_size if self.drop_last else 0), self.batch_size):
             index, view = order[start : start + self.batch_size], views[start : start + self.batch_size]
             features = np.ascontiguousarray(self.store.features[index, view])
             yield torch.from_numpy(features), torch.from_numpy(self.store.labels[index])
@@ -469,7 +469,8 @@ class FrozenBodyShortcut:
         train, val = stores["train"], stores["val"]
         how = "reused" if train.reused and val.reused else f"computed in {train.seconds + val.seconds:.1f} s"
         self.notice(f"phase '{plan.name}': the backbone is frozen; training the head on cached features ({train.views} view(s) per image, {how}, {train.location})")
-        return {split: FeatureBatches(stores[split], self.loaders[split].batch_size, self.loaders[split].sampler) for split in ("train", "val")}
+        loaders = self.loaders
+        return {split: FeatureBatches(stores[split], loaders[split].batch_size, loaders[split].sampler, loaders[split].drop_last) for split in ("train", "val")}
 
     def _file_away(self, stores: dict[str, FeatureStore]) -> None:
         """Describe the feature files this build wrote, then hold the cache folder under its limit."""
