@@ -111,6 +111,20 @@ def test_two_processes_write_one_run_that_matches_one_process(two_process_run: P
     assert metrics(two_process_run)[-1]["val_acc"] == pytest.approx(single["final_val_acc"], abs=1e-6)
 
 
+def test_a_users_error_under_nproc_is_its_one_line_and_exit_1(config_file: Path, tmp_path: Path) -> None:
+    result = transferctl("train", str(config_file), "--nproc", "2", "--set", "data.batch_size=7", "--run-dir", str(tmp_path / "odd"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") and "data.batch_size: 7 images per step cannot be split" in line for line in lines), result.stderr[-3000:]
+
+
+def test_the_launcher_exits_with_its_workers_code() -> None:
+    from transferctl.torchrun import worst_exit_code
+
+    assert worst_exit_code([1, 0]) == 1 and worst_exit_code([130, 130]) == 130  # a user's error; interrupted
+    assert worst_exit_code([-9]) == 137 and worst_exit_code([]) == 1  # killed by SIGKILL; nothing known
+
+
 @pytest.mark.slow
 def test_a_stopped_distributed_run_resumes_to_the_same_metrics(two_process_run: Path, config_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "stopped"

@@ -337,7 +337,13 @@ def gather_shards(local: Any, total: int) -> Any:
 
 
 def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """`python -m torch.distributed.run` starting `transferctl <argv>` in nproc processes on this machine."""
+    """torchrun (through transferctl.torchrun) starting `transferctl <argv>` in nproc processes on this machine."""
     import sys
 
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "transferctl", *argv]
+    return [sys.executable, "-m", "transferctl.torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "transferctl", *argv]
+
+
+def launch_environment(environ: dict[str, str]) -> dict[str, str]:
+    """torchrun's own default of one OpenMP thread per process, set here so that it does not announce it
+    in a five-line banner on every run."""
+    return {**environ, "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", "1")}

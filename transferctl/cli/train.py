@@ -63,11 +63,12 @@ def train(
 
 def _launch(nproc: int, config: Optional[Path], overrides: List[str], run_dir: Optional[Path], resume: Optional[Path], as_json: bool, quiet: bool) -> None:
     """Start this command in nproc processes through PyTorch's launcher; exit with its exit code."""
+    import os
     import signal
     import subprocess
 
     from transferctl.config import load_config
-    from transferctl.distributed import launch_command
+    from transferctl.distributed import launch_command, launch_environment
 
     argv = ["train", *([str(config)] if config else ["--resume", str(resume)])]
     argv += [arg for override in overrides for arg in ("--set", override)]
@@ -76,7 +77,7 @@ def _launch(nproc: int, config: Optional[Path], overrides: List[str], run_dir: O
     if config is not None:
         with user_errors():
             load_config(config, overrides)  # one error message here, rather than one per process
-    process = subprocess.Popen(launch_command(nproc, argv))
+    process = subprocess.Popen(launch_command(nproc, argv), env=launch_environment(dict(os.environ)))
     # Ctrl-C reaches every process of the terminal's group; the workers stop themselves, so wait for them.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
