@@ -111,7 +111,7 @@ def resume_point(checkpoint: dict[str, Any], where: str) -> ResumePoint:
 
 def incompatibilities(trained: dict[str, Any], now: dict[str, Any], phases_started: int, where: str) -> list[Problem]:
     """Every change from the config a run trained with that a resume cannot honour, one Problem each."""
-    hint = "resume may change only device, precision, data.num_workers, early_stopping.patience and phases not yet started; start a new run for this"
+    hint = f"resume may change only {', '.join(CHANGEABLE)} and phases not yet started; start a new run for this"
     problems = []
     before, after = flatten(trained), flatten(now)
     for key in sorted(before.keys() | after.keys()):
