@@ -120,6 +120,12 @@ def test_measurement_flags_out_of_range_are_one_line(tiny_flat_data: Path, flag:
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [f"error: {expected}"]
 
 
+def test_rule_mode_says_when_random_weights_defeat_the_strategy() -> None:
+    result = invoke("recommend", "--size", "small", "--similar", "yes", "--weights", "none")
+    assert result.exit_code == 0 and "note: --weights none: feature_extract builds on pretrained weights" in result.stderr
+    assert "note:" not in invoke("recommend", "--size", "small", "--similar", "no", "--weights", "none").stderr  # scratch needs none
+
+
 def test_write_config_refuses_a_folder_and_missing_data(tiny_split_data: Path, tmp_path: Path) -> None:
     rule = ["recommend", "--size", "small", "--similar", "yes", "--force"]
     result = invoke(*rule, "--data", str(tiny_split_data), "--write-config", str(tmp_path))
@@ -277,6 +283,7 @@ def test_data_mode_end_to_end_with_a_run_as_weights(base_run: Path, tmp_path: Pa
     assert {"small_below", "large_from", "gain_points", "depth_points", "worth_points", "ami_min"} <= set(answer["thresholds"])
     config = load_config(path)
     assert config.strategy == answer["strategy"] and config.backbone.cut == answer["cut"]
+    assert config.data.image_size == 32 == row["crop"]  # trains at the size it was measured at, even when scratch drops the weights
     if config.strategy != "scratch":
         assert config.backbone.weights == f"run:{base_run.resolve()}"
 

@@ -79,6 +79,12 @@ def test_folders_of_runs_expand_and_unfinished_runs_are_included(tmp_path: Path)
     assert [run["status"] for run in result.runs] == ["finished", "unfinished"]
 
 
+def test_a_run_given_twice_by_different_paths_is_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "runs" / "a", TWO_PHASES)
+    monkeypatch.chdir(tmp_path)
+    assert find_run_dirs([Path("runs/a"), tmp_path / "runs" / "a", Path("runs")]) == [Path("runs/a")]
+
+
 def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such run directory"):
         find_run_dirs([tmp_path / "missing"])

@@ -127,10 +127,12 @@ def advise(size: str, similar: bool, cut: str | None = None, measured: bool = Fa
 # Writing an experiment file
 
 
-def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0) -> str:
+def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None) -> str:
     """A complete experiment file for the advice, validated exactly as `transferctl train` will read it.
 
     Paths are written relative to the file's own folder (how train reads them), so the pair can be moved together.
+    image_size: the size data mode measured at, written so that training sees the images as measured (a
+    scratch answer drops the weights, and with them their preprocessing's size).
     """
     from transferctl.config import config_from_dict, config_to_dict, dump_yaml
 
@@ -147,7 +149,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
         "name": _experiment_name(data_root, advice.strategy),
         "seed": seed,
         "backbone": {"name": backbone, "weights": weights, "cut": advice.cut},
-        "data": {"root": _relative(data_root, folder)},
+        "data": {"root": _relative(data_root, folder), "image_size": image_size},
         "strategy": advice.strategy,
         "output": {"dir": "runs"},
     }
@@ -233,6 +235,7 @@ class BackboneReport:
     source_classes: int | None = None
     imagenet_top1: float | None = None
     seconds: float = 0.0
+    crop: int | None = None  # the input size the images were measured at
 
     @property
     def pretraining_gain_points(self) -> float | None:
@@ -523,7 +526,7 @@ def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOp
     features = extract(network, batch, runtime, options.batch_size)
     say(f"{name}: probes and LogME")
     report = score_backbone(name, options, features, labels)
-    report.source_classes, report.imagenet_top1 = network.source_classes, network.imagenet_top1
+    report.source_classes, report.imagenet_top1, report.crop = network.source_classes, network.imagenet_top1, preprocessing.crop
     report.seconds = round(time.perf_counter() - started, 2)
     say(f"{name}: done in {report.seconds:.1f}s")
     return report, features, preprocessing

@@ -59,7 +59,7 @@ def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
         inside = [path] if is_run_dir(path) else sorted(child for child in path.iterdir() if is_run_dir(child))
         if not inside:
             raise CheckpointError(Problem(str(path), "is not a run directory and holds none", "pass folders written by `transferctl train` or `compare`"))
-        found.extend(run for run in inside if run not in found)
+        found.extend(run for run in inside if run.resolve() not in {seen.resolve() for seen in found})  # runs/x and /abs/runs/x: once
     return found
 
 

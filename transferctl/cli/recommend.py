@@ -75,6 +75,8 @@ def _rule_mode(size: str, similar: str, data: Optional[Path], backbone: Optional
             name = _single_backbone(backbone)
             written = _write(advice, write_config, data, name, weights, force)
     result = {"mode": "rule", **advice_dict(advice), "config": str(written) if written else None}
+    if weights.strip().lower() == "none" and advice.strategy != "scratch":
+        err.print(f"[yellow]note:[/] --weights none: {advice.strategy} builds on pretrained weights; with none the body starts random, which is scratch training at best")
     if as_json:
         print_json(result)
         return
@@ -101,7 +103,7 @@ def _backbone_names(backbone: Optional[str], weights: str) -> tuple[str, ...]:
     return (own,) if own else MeasureOptions().backbones
 
 
-def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool) -> Path:
+def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None) -> Path:
     from transferctl.errors import ConfigError, Problem
     from transferctl.recommend import experiment_yaml, write_experiment
 
@@ -109,7 +111,7 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
         raise ConfigError(Problem("--write-config", "needs --data DIR for the experiment's data.root", "add --data path/to/images"))
     if not data.is_dir():
         raise ConfigError(Problem("--data", f"no such folder: {data}", "give the folder of class folders the experiment trains on"))
-    return write_experiment(experiment_yaml(advice, path, data, backbone, weights), path, overwrite=force)
+    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, image_size=image_size), path, overwrite=force)
 
 
 def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional[Path], force: bool, as_json: bool, quiet: bool) -> None:
@@ -119,7 +121,7 @@ def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional
         err.print(f"[dim]recommend: {escape(message)}[/]")
 
     report = measure(data, options, thresholds, None if quiet else progress)
-    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force) if write_config else None
+    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop) if write_config else None
     result = {**report.to_dict(), "config": str(written) if written else None}
     if as_json:
         print_json(result)
