@@ -76,3 +76,12 @@ def test_logme_spread_is_small_for_clear_features_and_scores_rank_them() -> None
     clear, clear_spread = logme_with_spread(separable(), LABELS)
     unclear, _ = logme_with_spread(noise(), LABELS)
     assert clear > unclear and 0.0 <= clear_spread < 0.2
+
+
+def test_on_imbalanced_classes_a_probe_that_learned_nothing_scores_chance_not_the_majority_share() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 150 + [1] * 6)  # 96% one class
+    noise = rng.normal(size=(len(labels), 8))  # features that say nothing about the labels
+    assert probe(noise, labels, folds=3).accuracy < 0.7  # chance is 0.5; plain accuracy would be about 0.96
+    separable = noise + labels[:, None] * 6.0
+    assert probe(separable, labels, folds=3).accuracy > 0.95

@@ -23,7 +23,7 @@ PROBE_MAX_ITER = 200
 
 @dataclass(frozen=True)
 class ProbeResult:
-    accuracy: float  # mean over the cross-validation folds
+    accuracy: float  # balanced accuracy (mean recall over classes), mean over the cross-validation folds
     half_accuracy: float | None = None  # the same folds, trained on a stratified half of each training part
 
     @property
@@ -72,7 +72,7 @@ def folds_for(labels: np.ndarray, wanted: int) -> int:
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 0, with_half: bool = False) -> ProbeResult:
-    """Cross-validated accuracy of a linear probe (multinomial logistic regression on centred, scaled features).
+    """Cross-validated balanced accuracy of a linear probe (multinomial logistic regression on centred, scaled features).
 
     Folds are stratified. With `with_half`, each fold also trains on a stratified half of its training part
     and is scored on the same held-out part, which measures what doubling the data still buys.
@@ -98,8 +98,10 @@ def probe(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 
 def _fit_score(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
     from sklearn.linear_model import LogisticRegression
 
+    from sklearn.metrics import balanced_accuracy_score
+
     if len(np.unique(labels[train])) < 2:
-        return float(np.mean(labels[test] == labels[train][0]))
+        return float(balanced_accuracy_score(labels[test], np.full(len(test), labels[train][0])))
     # Centre, and scale by one number for all dimensions: the penalty then means the same on every layer and
     # backbone, while strong dimensions stay strong. (Per-dimension standardisation would lift rarely active,
     # noisy ReLU units to the level of the informative ones.)
@@ -107,7 +109,9 @@ def _fit_score(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test
     scale = float(np.sqrt(np.mean((features[train] - mean) ** 2))) or 1.0
     model = LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER)
     model.fit((features[train] - mean) / scale, labels[train])
-    return float(model.score((features[test] - mean) / scale, labels[test]))
+    # Balanced (the mean of the classes' recalls): on 150 circles and 6 squares, plain accuracy is 96% for a
+    # probe that answers "circle" to everything, pretrained or random, and every comparison would read "no gain".
+    return float(balanced_accuracy_score(labels[test], model.predict((features[test] - mean) / scale)))
 
 
 def source_agreement(labels: np.ndarray, source_predictions: np.ndarray) -> float:
