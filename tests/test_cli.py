@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -132,7 +133,7 @@ def test_names_with_square_brackets_are_printed_as_written() -> None:
     per_class = [{"class": name, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for name in ("[red]a", "b")]
     report = {"run_dir": "runs/[x]", "split": "val", "images": 2, "top5_accuracy": None, "accuracy": 1.0, "loss": 0.1, "macro_f1": 1.0,
               "weighted_f1": 1.0, "ece": 0.0, "per_class": per_class}  # fmt: skip
-    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console = Console(width=200, record=True, file=io.StringIO())
     console.print(render_report(report))
     console.print(render_runs([RunInfo(path="runs/[bold]r", name="[bold]r", status="finished", backbone="resnet18")]))
     text = console.export_text()
