@@ -74,27 +74,29 @@ def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "sk
         raise DataError(Problem("data.root", what, "point data.root at a folder of class folders"))
     if (root / "train").is_dir():
         return _discover_split_layout(root, on_bad_image)
-    classes = class_folders(root, "data.root")
+    runs = run_folders(root)
+    classes = class_folders(root, "data.root", runs)
     tree = _read_tree({"data.root": root}, classes, on_bad_image)
     train, val = stratified_split(tree.samples["data.root"], val_fraction, seed) if split else (sorted(tree.samples["data.root"]), [])
-    return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored, run_folders=run_folders(root))
+    return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored, run_folders=runs)
 
 
 def _discover_split_layout(root: Path, on_bad_image: str) -> DatasetSplits:
     if not (root / "val").is_dir():
         raise DataError(Problem("data.root", f"{root} has train/ but no val/ folder", "add root/val/<class>/ images, or put the class folders directly under data.root"))
-    classes = class_folders(root / "train", "data.root/train")
     present = [split for split in SPLITS if (root / split).is_dir()]
+    runs = {split: run_folders(root / split) for split in present}
+    classes = class_folders(root / "train", "data.root/train", runs["train"])
     for split in present[1:]:
-        _check_same_classes(classes, class_folders(root / split, f"data.root/{split}"), split)
+        _check_same_classes(classes, class_folders(root / split, f"data.root/{split}", runs[split]), split)
     tree = _read_tree({f"data.root/{split}": root / split for split in present}, classes, on_bad_image)
     splits = {split: tree.samples.get(f"data.root/{split}", []) for split in SPLITS}
-    found_runs = tuple(path for split in present for path in run_folders(root / split))
+    found_runs = tuple(path for split in present for path in runs[split])
     return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split", skipped=tree.skipped, ignored=tree.ignored, run_folders=found_runs)
 
 
-def class_folders(folder: Path, where: str) -> list[str]:
-    runs = run_folders(folder)
+def class_folders(folder: Path, where: str, runs: tuple[Path, ...] = ()) -> list[str]:
+    """The class folders' names: every visible sub-folder but `runs` (run_folders of the folder)."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in runs)
     if len(classes) < 2:
         if not list_images(folder):

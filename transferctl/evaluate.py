@@ -246,9 +246,8 @@ def check_same_classes(trained: list[str], found: list[str], where: str, root: P
         parts.append(f"missing {', '.join(missing)} (trained on, but no folder)")
     if extra:
         parts.append(f"extra {', '.join(extra)} (folders the model was not trained on)")
-    if lookalikes(missing, extra):
-        parts.append(lookalikes(missing, extra))
-    raise DataError(Problem(where, f"the classes of {root} differ from the run's: {'; '.join(parts)}", f"give a tree with exactly these class folders: {', '.join(trained)}"))
+    parts.append(lookalikes(missing, extra))
+    raise DataError(Problem(where, f"the classes of {root} differ from the run's: {'; '.join(part for part in parts if part)}", f"give a tree with exactly these class folders: {', '.join(trained)}"))
 
 
 def _samples_of(splits: DatasetSplits, split: str, root: Path) -> list[Sample]:

@@ -292,8 +292,7 @@ def _compute(
                 raise TrainingStopped
     except BaseException:  # stopped, a second Ctrl-C, or failed: a half-written file must not stay in the cache folder
         if location != "memory":
-            with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
+            _discard(temp)
         raise
     finally:
         for handle in handles:
@@ -312,10 +311,15 @@ def _allocate(mode: str, budget_mb: int, shape: tuple[int, int, int], temp: Path
         array = np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=shape)
         _reserve(temp)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)
+        _discard(temp)
         raise _unwritable(temp.parent, exc, size) from None
     return array, str(temp)
+
+
+def _discard(temp: Path) -> None:
+    """Remove a half-written cache file, if there is one and it can be removed (its folder may not even be one)."""
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
 
 
 def _reserve(path: Path) -> None:
@@ -354,8 +358,7 @@ def _persist(array: np.ndarray, location: str, mode: str, path: Path, temp: Path
             del array
         os.replace(temp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # the folder may not even be one
-            temp.unlink(missing_ok=True)
+        _discard(temp)
         if location != "memory":
             raise _unwritable(path.parent, exc, size) from None
         return array, location  # kept in memory, the features only miss the next run's reuse

@@ -53,13 +53,17 @@ def phase_ends(rows: Sequence[dict[str, Any]]) -> list[int]:
 def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
     """Each argument is a run directory, or a folder of them (a `compare` folder, an output.dir)."""
     found: list[Path] = []
+    seen: set[Path] = set()  # resolved: runs/x and /abs/runs/x are one run
     for path in paths:
         if not path.is_dir():
             raise DataError(Problem(str(path), "no such run directory", "pass folders written by `transferctl train` or `compare`"))
         inside = [path] if is_run_dir(path) else sorted(child for child in path.iterdir() if is_run_dir(child))
         if not inside:
             raise CheckpointError(Problem(str(path), "is not a run directory and holds none", "pass folders written by `transferctl train` or `compare`"))
-        found.extend(run for run in inside if run.resolve() not in {seen.resolve() for seen in found})  # runs/x and /abs/runs/x: once
+        for run in inside:
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                found.append(run)
     return found
 
 
