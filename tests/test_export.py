@@ -101,6 +101,35 @@ def test_exports_of_the_same_weights_share_a_folder_and_another_epochs_are_refus
     assert (out / "model.torchscript.pt").read_bytes() == before  # nothing written
 
 
+@pytest.mark.parametrize("mine", ["not json {", '{"format": "onnx", "classes": ["cat"]}', "[]"])
+def test_a_model_json_transferctl_did_not_write_is_refused(run_dir: Path, tmp_path: Path, mine: str) -> None:
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "model.json").write_text(mine)
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "safetensors", "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{out / 'model.json'}: exists and is not a model.json that transferctl export wrote" in result.stderr
+    assert "choose another --out, or remove the file" in result.stderr
+    assert (out / "model.json").read_text() == mine and not (out / "model.safetensors").exists()
+
+
+def test_a_model_file_transferctl_did_not_write_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the user's own weights")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: exists, and no model.json there says a transferctl export wrote it \(choose another --out"):
+        export(run_dir, "torchscript", out=out)  # another format: model.json would sit beside a file it does not describe
+    assert not (out / "model.json").exists() and not (out / "model.torchscript.pt").exists()
+
+    export(run_dir, "torchscript", out=tmp_path / "ours")
+    (tmp_path / "ours" / "model.onnx").write_bytes(b"the user's own onnx")
+    with pytest.raises(CheckpointError, match="model.onnx: exists, and the model.json there does not list it among its export's files"):
+        export(run_dir, "onnx", out=tmp_path / "ours")
+    assert (tmp_path / "ours" / "model.onnx").read_bytes() == b"the user's own onnx"
+    (tmp_path / "ours" / "model.onnx").unlink()
+    export(run_dir, "torchscript", out=tmp_path / "ours")  # its own file, listed: written again
+
+
 def test_cli_export_json_and_errors(run_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "ts"), "--json"])

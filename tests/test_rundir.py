@@ -262,6 +262,14 @@ def test_write_metrics_leaves_missing_columns_empty(tmp_path: Path) -> None:
     assert row["phase"] == "head" and row["val_loss"] == ""
 
 
+def test_metrics_name_a_row_that_is_not_utf8(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.write_metrics([metric_row(1), metric_row(2)])
+    (tmp_path / "metrics.jsonl").write_bytes((tmp_path / "metrics.jsonl").read_bytes().replace(b'"epoch": 2', b'"epoch": 2\xff'))
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: damaged row: not UTF-8 text"):
+        run.metrics()
+
+
 def test_metrics_of_a_run_without_metrics_is_empty(tmp_path: Path) -> None:
     assert RunDir(tmp_path).metrics() == []
 

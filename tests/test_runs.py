@@ -90,6 +90,16 @@ def test_unfinished_damaged_and_foreign_folders(tmp_path: Path) -> None:
     assert all(name in table.stderr for name in ("done", "running", "broken", "unfinished"))
 
 
+def test_an_unfinished_runs_rows_that_are_not_utf8_are_left_out_with_a_note(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "running", metrics=[{"val_acc": 0.4}, {"val_acc": 0.6}, {"val_acc": 0.5}])
+    (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes().replace(b"0.6", b"0.6\xe9"))
+    [info] = list_runs(tmp_path)
+    assert (info.epochs, info.best_val_acc) == (2, 0.5)
+    assert info.skipped_rows == [f"{run / 'metrics.jsonl'}:2: damaged row: not UTF-8 text; the row is left out"]
+    table = runner.invoke(app, ["runs", str(tmp_path)])
+    assert table.exit_code == 0 and f"note: {run / 'metrics.jsonl'}:2: damaged row" in table.stderr
+
+
 def test_empty_and_missing_folders(tmp_path: Path) -> None:
     result = runner.invoke(app, ["runs", str(tmp_path), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout) == []

@@ -97,6 +97,19 @@ def test_a_summary_number_that_is_not_one_is_named_and_bad_rows_are_left_out(tmp
     assert result.stderr.strip() == f"error: {run / 'summary.json'}: best_val_acc is 'high', not a number (restore the file or re-run)"
 
 
+def test_a_row_that_is_not_utf8_is_left_out_with_a_note_naming_its_line(tmp_path: Path) -> None:
+    config = {"name": "x", "data": {"root": str(tmp_path)}, "strategy": "fine_tune"}
+    run = write_run(tmp_path / "run", config, [row(0, 1, 0.5, 1), row(0, 2, 0.7, 2), row(0, 3, 0.6, 3)])
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"head"', b'"he\xffad"')  # one byte that is not UTF-8, in the second row
+    (run / "metrics.jsonl").write_bytes(b"".join(lines))
+    shown = show_run(run)
+    assert shown["phases"][0]["epochs_run"] == 2 and shown["best"]["val_acc"] == 0.6
+    assert shown["skipped_rows"] == [f"{run / 'metrics.jsonl'}:2: damaged row: not UTF-8 text; the row is left out"]
+    result = runner.invoke(app, ["show", str(run)])
+    assert result.exit_code == 0 and f"note: {run / 'metrics.jsonl'}:2: damaged row: not UTF-8 text" in result.stderr
+
+
 def test_not_a_run_directory_is_one_line(tmp_path: Path) -> None:
     for target in (tmp_path / "nowhere", tmp_path):
         result = runner.invoke(app, ["show", str(target)])

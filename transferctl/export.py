@@ -30,6 +30,8 @@ from transferctl.rundir import load_run_checkpoint
 FORMATS = ("onnx", "torchscript", "safetensors")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
 SIDECAR = "model.json"
+RECORD_FIELDS = frozenset({"format", "file", "input", "output", "preprocessing", "classes", "source"})  # in every model.json export wrote
+SOURCE_FIELDS = frozenset({"run_dir", "checkpoint", "phase_index", "epoch"})
 ONNX_OPSET = 17
 TOLERANCE = 1e-3  # fp32 logits of the same network through another runtime differ by ~1e-5
 
@@ -59,7 +61,7 @@ def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None =
     sidecar = out / SIDECAR
     payload = load_run_checkpoint(run_dir, checkpoint)  # for the backbone entry and the epoch it holds
     meta = sidecar_payload(fmt, target.name, classes, preprocessing.to_dict(), payload, run_dir, checkpoint)
-    meta["files"] = {**_earlier_files(sidecar, meta["source"]), fmt: target.name}
+    meta["files"] = {**_earlier_files(out, meta["source"]), fmt: target.name}
     example = torch.rand(2, 3, preprocessing.crop, preprocessing.crop, generator=torch.Generator().manual_seed(0))
     writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
     max_diff = writers[fmt](model, example, target)
@@ -67,23 +69,56 @@ def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None =
     return Exported(target, sidecar, fmt, max_diff)
 
 
-def _earlier_files(sidecar: Path, source: dict[str, Any]) -> dict[str, str]:
-    """{format: file} that earlier exports of the same weights wrote into this folder, which model.json goes
-    on describing. Another run's or epoch's files beside one model.json would be described wrongly: refused."""
+def _earlier_files(out: Path, source: dict[str, Any]) -> dict[str, str]:
+    """{format: file} that earlier exports of the same weights wrote into `out`, which model.json goes on
+    describing. Refused before anything is written: a model.json transferctl did not write, another run's or
+    epoch's export (model.json would describe files it did not write), and a model file no model.json of these
+    weights lists (it may be the user's own, and would be overwritten or described wrongly)."""
+    sidecar = out / SIDECAR
+    earlier = _export_record(sidecar)
+    files = {} if earlier is None else _same_weights_files(earlier, sidecar, source)
+    for name in FILE_NAMES.values():
+        if name not in files.values() and _exists(out / name):
+            why = f"no {SIDECAR} there says a transferctl export wrote it" if earlier is None else f"the {SIDECAR} there does not list it among its export's files"
+            raise CheckpointError(Problem(str(out / name), f"exists, and {why}", "choose another --out, or remove the file"))
+    return files
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link would still be written through
+
+
+def _export_record(sidecar: Path) -> dict[str, Any] | None:
+    """The model.json an earlier export wrote; None when there is none. Anything else there is refused."""
+    if not _exists(sidecar):
+        return None
     try:
-        earlier = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # none yet, or not ours to keep
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("source"), dict):
-        return {}
-    same = ("run_dir", "phase_index", "epoch")
-    if any(earlier["source"].get(key) != source[key] for key in same):
-        was = earlier["source"]
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(Problem(str(sidecar), f"exists and cannot be read ({exc.strerror})", "choose another --out, or remove it")) from None
+    except ValueError:
+        record = None
+    if not _is_export_record(record):
+        raise CheckpointError(Problem(str(sidecar), "exists and is not a model.json that transferctl export wrote", "choose another --out, or remove the file"))
+    return record
+
+
+def _is_export_record(record: Any) -> bool:
+    """The fields every transferctl export has written into model.json."""
+    if not isinstance(record, dict) or not RECORD_FIELDS <= record.keys():
+        return False
+    source = record["source"]
+    return isinstance(source, dict) and SOURCE_FIELDS <= source.keys() and record["format"] in FORMATS and isinstance(record["file"], str)
+
+
+def _same_weights_files(earlier: dict[str, Any], sidecar: Path, source: dict[str, Any]) -> dict[str, str]:
+    was = earlier["source"]
+    if any(was.get(key) != source[key] for key in ("run_dir", "phase_index", "epoch")):
         raise CheckpointError(Problem(str(sidecar.parent), f"holds an export of {was.get('run_dir')} epoch {was.get('epoch')} ({was.get('checkpoint')}), "
                                       f"not of {source['run_dir']} epoch {source['epoch']} ({source['checkpoint']})",
                                       "choose another --out, or empty the folder first"))  # fmt: skip
-    files = earlier.get("files") or {earlier.get("format"): earlier.get("file")}
-    return {fmt: name for fmt, name in files.items() if fmt in FORMATS and isinstance(name, str)}
+    files = earlier.get("files") or {earlier["format"]: earlier["file"]}  # exports before `files` listed their one file
+    return {fmt: name for fmt, name in files.items() if FILE_NAMES.get(fmt) == name} if isinstance(files, dict) else {}
 
 
 def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict[str, Any], checkpoint: dict[str, Any], run_dir: Path, which: str) -> dict[str, Any]:

@@ -164,17 +164,11 @@ class RunDir:
         if not path.is_file():
             return []
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(Problem(f"{path}:{number}", f"damaged JSON: {exc.msg}", "restore it or re-run")) from None
-            if not isinstance(row, dict):
-                raise CheckpointError(Problem(f"{path}:{number}", "not a metrics row: each line is a JSON object", "restore it or re-run"))
+        for where, row, problem in metric_lines(path):
+            if row is None:
+                raise CheckpointError(Problem(where, problem, "restore it or re-run"))
             if not all(isinstance(row.get(key), (int, float)) for key in numbers):
-                raise CheckpointError(Problem(f"{path}:{number}", f"not a metrics row: {', '.join(numbers)} must be numbers", "restore it or re-run"))
+                raise CheckpointError(Problem(where, f"not a metrics row: {', '.join(numbers)} must be numbers", "restore it or re-run"))
             rows.append(row)
         return rows
 
@@ -227,6 +221,26 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def metric_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str]]:
+    """Each non-blank line of a metrics.jsonl as ("file:line", row, "") or ("file:line", None, what is wrong).
+
+    Decoded line by line: one byte that is not UTF-8 costs its own row, not the whole file.
+    """
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield where, None, "damaged row: not UTF-8 text"
+            continue
+        except json.JSONDecodeError as exc:
+            yield where, None, f"damaged JSON: {exc.msg}"
+            continue
+        yield (where, row, "") if isinstance(row, dict) else (where, None, "not a metrics row: each line is a JSON object")
 
 
 def checkpoint_file(run_dir: Path, which: str) -> Path:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from transferctl.errors import CheckpointError, DataError, Problem
-from transferctl.rundir import NUMERIC_METRICS
+from transferctl.rundir import NUMERIC_METRICS, metric_lines
 
 if TYPE_CHECKING:
     from transferctl.config import ExperimentConfig
@@ -38,6 +38,7 @@ class RunInfo:
     date: str | None = None
     evaluations: dict[str, float] = field(default_factory=dict)  # split -> accuracy, from eval/<split>.json
     note: str = ""
+    skipped_rows: list[str] = field(default_factory=list)  # damaged metrics.jsonl lines, each "file:line: why"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,13 +89,14 @@ def describe_run(run_dir: Path) -> RunInfo:
         common["backbone"] = summary.get("backbone", common["backbone"])
         common["strategy"] = summary.get("strategy", common["strategy"])
         return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
-    rows = metric_rows(run_dir / "metrics.jsonl")
-    accuracies = [row["val_acc"] for row in rows if isinstance(row.get("val_acc"), (int, float))]
+    metrics = metric_rows(run_dir / "metrics.jsonl")
+    accuracies = [row["val_acc"] for row in metrics.rows if isinstance(row.get("val_acc"), (int, float))]
     return RunInfo(
         status="unfinished",
         best_val_acc=max(accuracies) if accuracies else None,
-        epochs=len(rows),
+        epochs=len(metrics.rows),
         note="no summary.json: still training or interrupted",
+        skipped_rows=metrics.skipped,
         **common,
     )
 
@@ -136,18 +138,33 @@ def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | N
     return data if isinstance(data, dict) else None
 
 
-def metric_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl that parse, with numbers where numbers go; none when the file is missing or unreadable."""
-    rows = []
+@dataclass(frozen=True)
+class MetricRows:
+    """The rows of a metrics.jsonl that can be used, and a note for each line left out."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[str]
+
+
+def metric_rows(path: Path) -> MetricRows:
+    """The rows of a metrics.jsonl that parse, with numbers where numbers go; none when the file is missing.
+
+    A damaged line is left out with a note naming it ("file:line: why"), as is an unreadable file: a run's
+    other rows and other runs are still shown.
+    """
+    rows, skipped = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and all(isinstance(row.get(key, 0), (int, float)) for key in (*NUMERIC_METRICS, *TIMINGS)):
+        lines = list(metric_lines(path))
+    except FileNotFoundError:
+        return MetricRows([], [])
+    except OSError as exc:
+        return MetricRows([], [f"{path}: cannot read: {exc.strerror or exc}; its rows are left out"])
+    for where, row, problem in lines:
+        if row is not None:
+            wrong = [key for key in (*NUMERIC_METRICS, *TIMINGS) if not isinstance(row.get(key, 0), (int, float))]
+            problem = f"not a metrics row: {', '.join(wrong)} not a number" if wrong else ""
+        if problem:
+            skipped.append(f"{where}: {problem}; the row is left out")
+        else:
             rows.append(row)
-    return rows
+    return MetricRows(rows, skipped)

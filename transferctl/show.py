@@ -30,7 +30,8 @@ def show_run(run_dir: Path) -> dict[str, Any]:
     info = describe_run(run_dir)
     summary = _checked_summary(run_dir / "summary.json")
     env = read_json_mapping(run_dir / "env.json") or {}
-    rows = metric_rows(run_dir / "metrics.jsonl")
+    metrics = metric_rows(run_dir / "metrics.jsonl")
+    rows = metrics.rows
     classes = _optional_json(run_dir / "classes.json")
     metric = config.early_stopping.metric
     return {
@@ -48,6 +49,7 @@ def show_run(run_dir: Path) -> dict[str, Any]:
         "best": _best(summary, rows, metric),
         "evaluations": info.evaluations,
         "timing": _timing(summary, rows, env),
+        "skipped_rows": metrics.skipped,
     }
 
 

@@ -32,6 +32,8 @@ def runs(
     # In a pipe or log Rich assumes 80 columns and would fold every cell; let the lines be long instead.
     console = err if err.is_terminal else Console(stderr=True, highlight=False, width=240)
     console.print(render_runs(found))
+    for line in (line for run in found for line in run.skipped_rows):
+        console.print(f"[yellow]note:[/] {escape(line)}")
 
 
 def render_runs(found: list[Any]) -> Table:

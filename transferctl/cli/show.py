@@ -49,6 +49,7 @@ def render_show(shown: dict[str, Any]) -> Group:
         parts.append("every field at its default")
     parts.append(_phases(shown["phases"]))
     parts.extend(_results(shown))
+    parts.extend(f"[yellow]note:[/] {escape(line)}" for line in shown["skipped_rows"])
     return Group(*parts)
 
 
