@@ -122,6 +122,20 @@ def test_a_reader_that_left_ends_the_command_quietly(tmp_path: Path) -> None:
     assert (child.returncode, stderr) == (0, "")
 
 
+def test_training_goes_on_to_the_end_when_the_reader_of_its_output_leaves(tiny_split_data: Path, tmp_path: Path) -> None:
+    """`train ... --json 2>&1 | head -2`: the progress lines and the JSON summary are dropped, the run is not."""
+    config = write_experiment(tmp_path / "e.yaml", experiment(tiny_split_data, tmp_path / "runs"))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "transferctl", "train", str(config), "--run-dir", str(run), "--json"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert child.stdout is not None
+    first = [child.stdout.readline() for _ in range(2)]  # what `head -2` reads before it leaves
+    child.stdout.close()
+    assert child.wait(timeout=300) == 0, first
+    assert [json.loads(line)["global_epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run / "summary.json").is_file()
+
+
 def test_names_with_square_brackets_are_printed_as_written() -> None:
     """Folder, run and class names are the user's; Rich must not read `[red]a` as markup and print `a`."""
     from rich.console import Console

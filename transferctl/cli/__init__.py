@@ -7,6 +7,7 @@ commands that need it, so `--help` and the instant commands start fast.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 from typing import Any, Iterator
@@ -95,9 +96,40 @@ def write_stdout(text: str) -> None:
 
 
 def _stdout_to_devnull() -> None:
+    _to_devnull(sys.stdout.fileno())
+
+
+def _to_devnull(fd: int) -> None:
     import os
 
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+
+
+class _ReaderMayLeave(io.FileIO):
+    """stderr's file: once its reader has left (`2>&1 | head -2`), what is written goes to /dev/null.
+
+    Human output is only for a reader; without this, the next progress line raised BrokenPipeError and a
+    training run ended after its first epoch with exit 1 and no word (the word itself had nowhere to go).
+    """
+
+    def write(self, data: Any) -> int | None:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            _to_devnull(self.fileno())  # also for C code and the interpreter's last flush
+            return memoryview(data).nbytes
+
+
+def _stderr_without_reader_is_dropped() -> None:
+    """Make sys.stderr (Rich's consoles, warnings, tracebacks) drop its output when its reader leaves."""
+    try:
+        fd, encoding, errors = sys.stderr.fileno(), sys.stderr.encoding, sys.stderr.errors
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):  # no real stderr (a GUI host, a test's capture): leave it
+        return
+    # Buffered in between: it writes again what a pipe took only part of. Line by line, as Python's stderr.
+    binary = io.BufferedWriter(_ReaderMayLeave(fd, "w", closefd=False))
+    sys.stderr = io.TextIOWrapper(binary, encoding=encoding, errors=errors, line_buffering=True, write_through=True)
 
 
 def _register_commands() -> None:
@@ -113,4 +145,5 @@ _register_commands()
 
 
 def main() -> None:
+    _stderr_without_reader_is_dropped()
     app()
