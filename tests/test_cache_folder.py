@@ -24,10 +24,11 @@ MB = 2**20
 
 
 def features(folder: Path, name: str, megabytes: float, used: float, about: dict | None = None) -> Path:
-    """A features file of the given size, last used `used` seconds ago, with its description when given."""
+    """A features file the cache wrote, of the given size, last used `used` seconds ago, with its description when given."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"features-{name}.npy"
     path.write_bytes(b"\0" * int(megabytes * MB))
+    cf.record(path)
     if about is not None:
         cf.describe(path, about)
     stamp = time.time() - used
@@ -36,7 +37,7 @@ def features(folder: Path, name: str, megabytes: float, used: float, about: dict
 
 
 def unfinished(folder: Path, pid: int, age: float) -> Path:
-    path = folder / f"features-abc.npy.tmp-{pid}"
+    path = folder / f"features-{'abc0' * 8}.npy.tmp-{pid}"  # the key's 32 hex digits: the name a run writes
     path.write_bytes(b"\0" * 100)
     os.utime(path, (time.time() - age,) * 2)
     return path
@@ -51,7 +52,7 @@ def test_entries_are_what_transferctl_wrote_least_recently_used_first(isolated_f
     folder = isolated_feature_cache
     old = features(folder, "old", 0.5, used=300, about={"backbone": "resnet18", "images": 10})
     new = features(folder, "new", 0.25, used=10)
-    (folder / "backbones.json").write_text("{}")
+    cf.save_json(folder / "backbones.json", {"key": "torchvision", "facts": {}})
     (folder / "notes.txt").write_text("someone else's")
     listed = cf.entries()
     assert [entry.path.name for entry in listed] == ["features-old.npy", "features-new.npy", "backbones.json"]
@@ -135,6 +136,47 @@ def test_clear_removes_everything_or_what_was_not_used_lately(isolated_feature_c
     assert [e.path for e in cf.clear(older_than_days=2)] == [stale]
     assert [e.path for e in cf.clear()] == [recent]
     assert live.exists()  # its run is still writing it
+
+
+def test_clear_removes_only_what_the_cache_wrote(isolated_feature_cache: Path) -> None:
+    folder = isolated_feature_cache
+    ours = features(folder, "a", 0.1, used=60, about={"backbone": "resnet18"})
+    mine = {"backbones.json": '{"my": "backbones"}', "features-train.npy": "my features", "features-train.json": "{}", "notes.txt": "notes"}
+    for name, text in mine.items():
+        (folder / name).write_text(text)
+    cf.save_json(folder / "backbones.json", {"key": "torchvision", "facts": {}})  # a cache write: the user's file stays as it was
+    result = runner.invoke(app, ["cache", "--clear"])
+    assert result.exit_code == 0, result.output
+    assert "removed 1 entry" in result.stderr
+    assert "left alone: backbones.json, features-train.json, features-train.npy, notes.txt (not written by transferctl's cache)" in result.stderr
+    assert {name: (folder / name).read_text() for name in mine} == mine
+    assert not ours.exists() and not cf.about_path(ours).exists() and not (folder / cf.MANIFEST).exists()  # nothing of ours is left
+
+
+def test_a_cache_from_before_the_manifest_is_known_by_its_files_exact_shape(isolated_feature_cache: Path) -> None:
+    import numpy as np
+
+    folder = isolated_feature_cache
+    folder.mkdir()
+    key = "0123456789abcdef" * 2
+    np.save(folder / f"features-{key}.npy", np.zeros((2, 1, 3), dtype=np.float32))
+    (folder / f"features-{key}.json").write_text('{"backbone": "resnet18"}')
+    (folder / "backbones.json").write_text('{"key": "torchvision 0.20; 12ab", "facts": {}}')
+    lookalikes = {f"features-{'f' * 32}.npy": "not an array", "features-mine.npy": "", "backbones.json.bak": "{}"}
+    for name, text in lookalikes.items():
+        (folder / name).write_text(text)
+    assert sorted(entry.path.name for entry in cf.entries()) == ["backbones.json", f"features-{key}.npy"]
+    assert [path.name for path in cf.others()] == sorted(lookalikes)
+    assert len(cf.clear()) == 2 and sorted(path.name for path in folder.iterdir()) == sorted(lookalikes)
+
+
+def test_the_limit_never_counts_or_removes_what_the_cache_did_not_write(isolated_feature_cache: Path) -> None:
+    folder = isolated_feature_cache
+    ours = features(folder, "a", 1, used=60)
+    mine = folder / "features-mine.npy"
+    mine.write_bytes(b"\x93NUMPY" + b"\0" * 2 * MB)
+    assert cf.keep_under_limit(int(1.5 * MB), keep=set()) == [] and mine.exists()
+    assert [entry.path for entry in cf.keep_under_limit(MB // 2, keep=set())] == [ours] and mine.exists()
 
 
 # --------------------------------------------------------------------------- training

@@ -5,8 +5,14 @@ what they are features of), the facts `transferctl backbones` learnt (`backbones
 is writing one, an unfinished `*.tmp-<pid>` file. A description whose features were deleted by hand is a
 stray, removed with the next features file saved. Each new features file may push the folder past its
 limit (`$TRANSFERCTL_CACHE_MAX_MB`, default 10240): the least recently used features are then removed
-until it fits again, never the one just written. Files of any other name are never touched, so pointing
-the cache at a folder that holds something else loses nothing.
+until it fits again, never the one just written.
+
+The cache names every file it writes in a manifest of its own (`transferctl-cache-files.txt`) before
+writing it, and lists, counts and removes only those: `$TRANSFERCTL_CACHE` pointed at a folder that holds
+the user's files (their own `backbones.json`) loses nothing, and a file of one of the cache's names that
+the cache did not write is not overwritten either. Files from before the manifest count as the cache's
+only in the exact shape transferctl gives them: `features-<32 hex digits>.npy` holding a NumPy array,
+`features-<32 hex digits>.json` holding a JSON object, `backbones.json` holding just `key` and `facts`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +33,12 @@ CACHE_ENV = "TRANSFERCTL_CACHE"
 LIMIT_ENV = "TRANSFERCTL_CACHE_MAX_MB"
 DEFAULT_LIMIT_MB = 10240
 FACTS_FILE = "backbones.json"
+MANIFEST = "transferctl-cache-files.txt"
+MANIFEST_HEADER = "# The files transferctl's cache wrote into this folder, one a line: `transferctl cache --clear` removes only these.\n"
+FEATURES = re.compile(r"features-[0-9a-f]{32}\.npy")  # features_path's names: a 32-digit key
+DESCRIPTION = re.compile(r"features-[0-9a-f]{32}\.json")
+UNFINISHED = re.compile(r"(features-.+\.npy)\.tmp-\d+")  # <the features file it becomes>.tmp-<pid>
+NPY_MAGIC = b"\x93NUMPY"
 UNFINISHED_GRACE_SECONDS = 600  # an unfinished file this recently written may belong to a run on another machine
 
 
@@ -75,12 +88,94 @@ class CacheEntry:
 def entries(folder: Path | None = None) -> list[CacheEntry]:
     """What transferctl keeps in the folder, least recently used first; nothing when there is no folder."""
     folder = cache_folder() if folder is None else folder
+    listed = _listed(folder) or set()
+    found = [entry for entry in (_entry(path) for path in _contents(folder) if is_ours(path, listed)) if entry is not None]
+    return sorted(found, key=lambda entry: entry.last_used)
+
+
+def others(folder: Path | None = None) -> list[Path]:
+    """What the folder holds that the cache did not write, by name: never listed, counted or removed."""
+    folder = cache_folder() if folder is None else folder
+    listed = _listed(folder) or set()
+    return sorted(path for path in _contents(folder) if path.name != MANIFEST and not is_ours(path, listed))
+
+
+def _contents(folder: Path) -> list[Path]:
     try:
-        files = list(folder.iterdir())
+        return list(folder.iterdir())
     except OSError:
         return []
-    found = [entry for entry in map(_entry, files) if entry is not None]
-    return sorted(found, key=lambda entry: entry.last_used)
+
+
+def is_ours(path: Path, listed: set[str]) -> bool:
+    """Written by the cache: named in the folder's manifest, or in the exact shape of a cache file from before it."""
+    unfinished = UNFINISHED.fullmatch(path.name)
+    if unfinished:  # a run's features being written (named once they are described)
+        return unfinished.group(1) in listed or FEATURES.fullmatch(unfinished.group(1)) is not None
+    return path.name in listed or _in_cache_format(path)
+
+
+def _in_cache_format(path: Path) -> bool:
+    try:
+        if FEATURES.fullmatch(path.name):
+            with path.open("rb") as handle:
+                return handle.read(len(NPY_MAGIC)) == NPY_MAGIC
+        if DESCRIPTION.fullmatch(path.name):
+            return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+        if path.name == FACTS_FILE:
+            facts = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(facts, dict) and facts.keys() == {"key", "facts"} and isinstance(facts["key"], str) and isinstance(facts["facts"], dict)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _listed(folder: Path) -> set[str] | None:
+    """The names the folder's manifest holds; None when there is none, or a file of its name is not one."""
+    try:
+        text = (folder / MANIFEST).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    if not text.startswith(MANIFEST_HEADER):
+        return None
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def record(path: Path) -> None:
+    """Name a file in its folder's manifest before the cache writes it. Appended in one write, so runs that
+    record at once do not lose each other's names; a header written twice by such runs is a comment line."""
+    folder, manifest = path.parent, path.parent / MANIFEST
+    listed = _listed(folder)
+    if (listed is not None and path.name in listed) or (listed is None and _exists(manifest)):
+        return  # named already, or the user's file of the manifest's name: the cache never writes into it
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            line = f"{path.name}\n"
+            os.write(fd, ((MANIFEST_HEADER if os.fstat(fd).st_size == 0 else "") + line).encode("utf-8"))
+        finally:
+            os.close(fd)
+
+
+def _forget_removed(folder: Path) -> None:
+    """Drop removed files' names from the manifest, and the manifest with the last of them. A name another
+    run appends meanwhile may be dropped too: its file then counts as the cache's by its shape alone."""
+    listed = _listed(folder)
+    if not listed:
+        return
+    present = sorted(name for name in listed if _exists(folder / name))
+    from transferctl.rundir import atomic_write_text
+
+    with contextlib.suppress(OSError):
+        if present:
+            atomic_write_text(folder / MANIFEST, MANIFEST_HEADER + "".join(f"{name}\n" for name in present))
+        else:
+            (folder / MANIFEST).unlink()
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def _entry(path: Path) -> CacheEntry | None:
@@ -112,15 +207,19 @@ def _read_about(path: Path) -> dict[str, Any]:
 
 def save_json(path: Path, data: Any) -> None:
     """Write a cache file whole or not at all; a read-only or full cache folder is no error, it only costs
-    the next run the work the file would have saved."""
+    the next run the work the file would have saved. So is a file of that name the cache did not write: kept."""
     from transferctl.rundir import atomic_write_json
 
+    if _exists(path) and not is_ours(path, _listed(path.parent) or set()):
+        return
+    record(path)
     with contextlib.suppress(OSError):
         atomic_write_json(path, data)
 
 
 def describe(features: Path, about: dict[str, Any]) -> None:
-    """Write what a features file holds beside it (the cache works without it)."""
+    """Name a features file the cache wrote in the manifest, and write what it holds beside it (the cache works without it)."""
+    record(features)
     save_json(about_path(features), about)
 
 
@@ -170,13 +269,21 @@ def is_leftover(entry: CacheEntry) -> bool:
 def keep_under_limit(limit: int | None, keep: set[Path], folder: Path | None = None) -> list[CacheEntry]:
     """Remove leftovers, then the least recently used features until the folder fits `limit` (bytes; None:
     no limit); `keep` (the features this run uses) stays even when over. Returns what was removed."""
+    folder = cache_folder() if folder is None else folder
     present = entries(folder)
     removed = [entry for entry in present if is_leftover(entry) and remove(entry)]
-    remaining = [entry for entry in present if entry not in removed]
-    total = sum(entry.size for entry in remaining)
-    if limit is None:
-        return removed
-    for entry in remaining:
+    if limit is not None:
+        removed += _fit(limit, [entry for entry in present if entry not in removed], keep)
+    if removed:
+        _forget_removed(folder)
+    return removed
+
+
+def _fit(limit: int, present: list[CacheEntry], keep: set[Path]) -> list[CacheEntry]:
+    """Remove the least recently used features (`present` is in that order) until the rest fit `limit`."""
+    total = sum(entry.size for entry in present)
+    removed = []
+    for entry in present:
         if total <= limit:
             break
         if entry.kind == "features" and entry.path not in keep and remove(entry):
@@ -187,7 +294,8 @@ def keep_under_limit(limit: int | None, keep: set[Path], folder: Path | None = N
 
 def clear(older_than_days: float | None = None, folder: Path | None = None) -> list[CacheEntry]:
     """Remove every entry (or those last used more than `older_than_days` ago), except unfinished files of
-    runs still writing them. Returns what was removed."""
+    runs still writing them; what the cache did not write stays (`others`). Returns what was removed."""
+    folder = cache_folder() if folder is None else folder
     now = time.time()
     cutoff = now - older_than_days * 86400 if older_than_days is not None else None
     removed = []
@@ -198,4 +306,6 @@ def clear(older_than_days: float | None = None, folder: Path | None = None) -> l
             continue
         if remove(entry):
             removed.append(entry)
+    if removed:
+        _forget_removed(folder)
     return removed

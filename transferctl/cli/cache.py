@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -19,8 +20,9 @@ def cache(
     older_than: Optional[float] = typer.Option(None, "--older-than", min=0, metavar="DAYS", help="With --clear: only entries last used more than DAYS ago."),
     as_json: bool = typer.Option(False, "--json", help="Print the entries (or those removed) as JSON on stdout."),
 ) -> None:
-    """List the cache folder's entries (backbone features, backbone facts) with size and last use; --clear empties it."""
-    from transferctl.cache_folder import cache_folder, clear as clear_entries, entries, limit_bytes
+    """List the cache folder's entries (backbone features, backbone facts) with size and last use; --clear empties it.
+    Files the cache did not write are never listed, counted or removed: they are named as left alone."""
+    from transferctl.cache_folder import cache_folder, clear as clear_entries, entries, limit_bytes, others
 
     if older_than is not None and not clear:
         raise typer.BadParameter("only applies with --clear", param_hint="--older-than")
@@ -28,15 +30,25 @@ def cache(
     with user_errors():
         limit = limit_bytes()
         listed = clear_entries(older_than) if clear else entries()
+    foreign = others()
     total = sum(entry.size for entry in listed)
     if as_json:
         key = "removed" if clear else "entries"
         print_json({"folder": str(folder), "limit_mb": None if limit is None else limit // 2**20, "megabytes": round(total / 2**20, 2),
-                    key: [entry.to_dict() for entry in listed]})  # fmt: skip
+                    key: [entry.to_dict() for entry in listed], "not_written_by_transferctl": [str(path) for path in foreign]})  # fmt: skip
         return
     if clear:
         err.print(f"removed {_count(len(listed))} ({total / 2**20:.1f} MB) from {escape(str(folder))}")
-        return
+        _print_kept(entries(), older_than)
+    else:
+        _print_entries(folder, listed, limit)
+    if foreign:
+        names = ", ".join(path.name for path in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        err.print(f"left alone: {escape(names)} (not written by transferctl's cache)")
+
+
+def _print_entries(folder: Path, listed: list[Any], limit: Optional[int]) -> None:
+    total = sum(entry.size for entry in listed)
     limit_text = "no limit" if limit is None else f"limit {limit / 2**20:.0f} MB"
     if not listed:
         err.print(f"{escape(str(folder))} holds nothing of transferctl's ({limit_text})")
@@ -44,6 +56,15 @@ def cache(
     err.print(f"{escape(str(folder))}: {_count(len(listed))}, {total / 2**20:.1f} MB ({limit_text})")
     console = err if err.is_terminal else Console(stderr=True, highlight=False, width=240)
     console.print(render_entries(listed))
+
+
+def _print_kept(kept: list[Any], older_than: Optional[float]) -> None:
+    """Say why entries of the cache's own are still there after --clear."""
+    writing = sum(entry.kind == "unfinished" for entry in kept)
+    if writing:
+        err.print(f"kept {_count(writing)}: still being written by a run")
+    if len(kept) > writing and older_than is not None:
+        err.print(f"kept {_count(len(kept) - writing)}: used in the last {older_than:g} days")
 
 
 def _count(entries: int) -> str:
