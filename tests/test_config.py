@@ -168,8 +168,118 @@ def test_fine_tune_trains_the_body_slower_than_the_head() -> None:
 
 def test_feature_extract_refuses_a_phase_that_trains_the_body() -> None:
     raw = {"data": {"root": "d"}, "strategy": "feature_extract", "schedule": [{"name": "a", "epochs": 1, "lr": 0.1, "train": "all"}]}
-    with pytest.raises(ConfigError, match="fine_tune"):
+    with pytest.raises(ConfigError) as caught:
         config_from_dict(raw)
+    assert messages(caught.value) == [
+        "<config>: schedule[0].train: feature_extract trains only the new head, but phase 'a' has train: 'all'; "
+        "use strategy fine_tune to train backbone layers"
+    ]  # the phase's field, not the whole config quoted after it
+
+
+def test_scratch_refuses_a_head_only_phase() -> None:
+    phases = [{"name": "warm", "epochs": 1, "lr": 0.1, "train": "all"}, {"name": "probe", "epochs": 1, "lr": 0.1, "train": "head"}]
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"data": {"root": "d"}, "strategy": "scratch", "schedule": phases})
+    (message,) = messages(caught.value)
+    assert message.startswith("<config>: schedule[1].train: scratch starts the body from random weights, and phase 'probe'")
+    assert message.endswith("use train: all, or strategy fine_tune to keep pretrained weights")
+
+
+def alias_bomb(levels: int) -> str:
+    """A few hundred bytes of YAML whose `name` is 9^levels strings once its aliases are expanded."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: *a{levels - 1}\ndata: {{root: d}}\n"
+
+
+def test_an_alias_bomb_is_refused_in_one_line_without_expanding_it(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = write(tmp_path, alias_bomb(6))  # half a million strings: the message quoting it took 4 MB, nine levels took gigabytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert messages(caught.value) == [f"{path}: refused: its aliases expand to more than 10,000 values (write the values out; an experiment file needs no deep aliases)"]
+    assert peak < 2**20
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("name: &a [*a]\n", "refused: an alias refers to a value that contains it"), ("name: " + "[" * 3000 + "]" * 3000 + "\n", "refused: values nested too deeply")],
+    ids=["self-reference", "deep"],
+)
+def test_values_that_refer_to_themselves_or_nest_without_end_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text + "data: {root: d}\n"))
+    (message,) = messages(caught.value)
+    assert message.startswith(f"{tmp_path / 'experiment.yaml'}: {expected}")
+
+
+def test_an_alias_bomb_in_an_override_is_refused(tmp_path: Path) -> None:
+    bomb = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 5)]) + "]"
+    with pytest.raises(ConfigError, match=r"^--set name: refused: the value expands or nests beyond"):
+        load_config(write(tmp_path, "data: {root: d}\n"), [f"name={bomb}"])
+
+
+def test_aliases_that_stay_small_are_fine(tmp_path: Path) -> None:
+    text = "phase: &phase {epochs: 1, lr: 0.1, train: all}\ndata: {root: d}\nschedule:\n  - {<<: *phase, name: a}\n  - {<<: *phase, name: b}\n"
+    raw = __import__("transferctl.config", fromlist=["read_yaml"]).read_yaml(write(tmp_path, text))
+    raw.pop("phase")
+    assert [phase.name for phase in schedule_of(config_from_dict(raw))] == ["a", "b"]
+
+
+def test_a_long_value_is_quoted_in_one_short_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: d}\n"), ["name=" + "x" * 100_000, "device=" + "gpu\u2028" * 1000])
+    for message in messages(caught.value):
+        assert len(message) < 250 and len(message.splitlines()) == 1, message
+
+
+def test_a_list_of_many_wrong_items_is_a_few_lines() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"data": {"root": "d"}, "schedule": [7] * 5000})
+    assert len(caught.value.problems) == 21
+    assert str(caught.value.problems[-1]) == "<config>: and 4980 more problems (fix the ones above first)"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("schedule.0.lr=.inf", "schedule[0].lr: Input should be a finite number (got inf)"),
+        ("schedule.0.lr=.nan", "schedule[0].lr: Input should be a finite number (got nan)"),
+        ("output.checkpoint_seconds=.inf", "output.checkpoint_seconds: Input should be a finite number (got inf)"),
+        ("data.batch_size=1.0e+20", "data.batch_size: Input should be less than or equal to 65536 (got 100000000000000000000)"),
+        ("data.batch_size=100000000000000000000", "data.batch_size: Input should be less than or equal to 65536 (got 100000000000000000000)"),
+        ("schedule.0.epochs=1.0e+9", "schedule[0].epochs: Input should be less than or equal to 100000 (got 1000000000)"),
+        ("seed=1.0e+30", "seed: Input should be less than or equal to 9223372036854775807 (got 1000000000000000019884624838656)"),
+        ("data.num_workers=100000", "data.num_workers: must be 'auto' or a number from 0 to 1024 (got 100000)"),
+        ("data.cache_memory_mb=1.0e+12", "data.cache_memory_mb: Input should be less than or equal to 1073741824 (got 1000000000000)"),
+    ],
+)
+def test_numbers_are_finite_and_in_sane_ranges(tmp_path: Path, override: str, expected: str) -> None:
+    path = write(tmp_path, "data: {root: d}\nschedule:\n  - {name: a, epochs: 1, lr: 0.1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, [override])
+    assert messages(caught.value) == [f"{path}: {expected}"]
+
+
+def test_whole_numbers_written_as_floats_are_taken() -> None:
+    config = config_from_dict({"data": {"root": "d", "batch_size": 16.0}, "seed": -3.0})
+    assert (config.data.batch_size, config.seed) == (16, -3)
+
+
+@pytest.mark.parametrize("override", ["data.root=", "data.root=null", "output.dir=''", "data.root=[a, b]"])
+def test_an_empty_or_odd_folder_is_named_as_such(tmp_path: Path, override: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: d}\n"), [override])
+    (message,) = messages(caught.value)
+    field = override.split("=")[0]
+    assert f": {field}: " in message and ("is empty: name a folder" in message or "must be a folder path" in message)
+    assert "class" not in message
 
 
 def test_scratch_never_loads_pretrained_weights() -> None:
@@ -199,7 +309,7 @@ def test_bad_device_is_rejected(device: str) -> None:
 
 @pytest.mark.parametrize("workers", [-1, "many", True, 1.5])
 def test_bad_worker_counts_get_one_message(workers: object) -> None:
-    with pytest.raises(ConfigError, match=r"data\.num_workers: must be 'auto' or a number >= 0"):
+    with pytest.raises(ConfigError, match=r"data\.num_workers: must be 'auto' or a number from 0 to 1024"):
         config_from_dict({"data": {"root": "d", "num_workers": workers}})
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from transferctl.errors import ConfigError, Problem, did_you_mean
+from transferctl.errors import ConfigError, Problem, clip, did_you_mean, quote
 
 Strategy = Literal["feature_extract", "fine_tune", "scratch", "pretrained_init"]
 STRATEGIES: tuple[str, ...] = ("feature_extract", "fine_tune", "scratch", "pretrained_init")
@@ -22,8 +22,24 @@ PYTHON_PREFIX = "python:"  # backbone.name: python:package.module:function, your
 TIMM_PREFIX = "timm:"  # backbone.name: timm:<model>, with the optional timm package
 
 
+MAX_SEED = 2**63 - 1  # torch's generators take seeds of 64 bits
+MAX_BATCH = 65_536  # images per step: more than any accelerator holds
+MAX_EPOCHS = 100_000  # epochs of a phase, or between unfreezing steps or improvements
+MAX_MEMORY_MB = 2**30  # a mebibyte budget of a pebibyte: anything above is a typo
+MAX_WORKERS = 1024  # data-loading processes
+
+
+class _FieldError(ValueError):
+    """A validator's error about a field inside the value it checks: `loc` goes after the value's own path."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere: `lr: .inf` would train on nothing but NaN, and `checkpoint_seconds: .nan` never save.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -33,6 +49,17 @@ class _Section(BaseModel):
             annotation = cls.model_fields[info.field_name].annotation
             if annotation in (int, float) or {int, float} & set(get_args(annotation)):
                 raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_floats_are_ints(cls, value: Any, info: ValidationInfo) -> Any:
+        """`batch_size: 1.0e+20` is the whole number it says, so that the field's range check refuses it by
+        its bounds (pydantic's own message speaks of parsing a string)."""
+        if isinstance(value, float) and value.is_integer() and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is int or (int in get_args(annotation) and float not in get_args(annotation)):
+                return int(value)
         return value
 
 
@@ -62,9 +89,9 @@ class BackboneConfig(_Section):
         if not self.name.startswith(PYTHON_PREFIX):
             given = [field for field in ("head", "groups", "mean", "std") if getattr(self, field) is not None]
             if given:
-                raise ValueError(f"{', '.join(given)} only apply to python:module:function backbones; {self.name} knows its own")
+                raise ValueError(f"{', '.join(given)} only apply to python:module:function backbones; {clip(self.name)} knows its own")
         elif self.head is None:
-            raise ValueError(f"{self.name} needs backbone.head: the attribute path of its classification layer (e.g. fc)")
+            raise ValueError(f"{clip(self.name)} needs backbone.head: the attribute path of its classification layer (e.g. fc)")
         return self
 
 
@@ -73,7 +100,7 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out for validation when root has no train/ and val/ folders")
     image_size: int | None = Field(None, ge=8, le=4096, description="crop size; null: the weights' own preprocessing")
     augment: Literal["none", "standard"] = Field("standard", description="standard: random resized crops and flips while training")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="images per step, over all processes")
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="data-loading processes, or auto")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: leave unreadable images out (listed before training); error: stop")
     cache: Literal["auto", "off", "memory", "disk"] = Field(
@@ -82,32 +109,37 @@ class DataConfig(_Section):
     cached_views: int = Field(
         1, ge=1, le=64, description="views cached per image with augment: standard: the clean centre crop, then random crops and flips (one is drawn per epoch)"
     )
-    cache_memory_mb: int = Field(1024, ge=0, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
+    cache_memory_mb: int = Field(1024, ge=0, le=MAX_MEMORY_MB, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
 
     @field_validator("num_workers", mode="before")
     @classmethod
     def _workers_auto_or_a_count(cls, value: Any) -> Any:
         """One message for every wrong value (pydantic's own would name only one of the two kinds)."""
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-            return value
         if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        raise ValueError("must be 'auto' or a number >= 0")
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"must be 'auto' or a number from 0 to {MAX_WORKERS}")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root_named(cls, value: Any) -> Any:
+        return _a_path(value)
 
 
 class PlateauConfig(_Section):
-    patience: int = Field(ge=1, description="epochs without improvement of early_stopping.metric before the phase ends")
+    patience: int = Field(ge=1, le=MAX_EPOCHS, description="epochs without improvement of early_stopping.metric before the phase ends")
 
 
 class PhaseConfig(_Section):
     name: str
-    epochs: int = Field(ge=1)
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
     train: Union[str, list[str]] = Field("all", description="head | all | last:N | a list of layer-group names (the head always trains)")
     lr: float = Field(gt=0.0, description="learning rate of the head; the backbone's is lr x backbone_lr_mult")
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
     bn: Literal["train", "frozen"] = Field("train", description="frozen: every BatchNorm layer stays in eval mode")
     unfreeze_every: int | None = Field(
-        None, ge=1, description="gradual unfreezing: start with the head, unfreeze one more layer group (from the top) every K epochs"
+        None, ge=1, le=MAX_EPOCHS, description="gradual unfreezing: start with the head, unfreeze one more layer group (from the top) every K epochs"
     )
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="each layer group's lr x layer_decay^(groups between it and the head)")
     until_plateau: PlateauConfig | None = Field(None, description="end this phase early when the monitored metric stops improving")
@@ -135,7 +167,7 @@ class SchedulerConfig(_Section):
 
 class EarlyStoppingConfig(_Section):
     metric: Literal["val_acc", "val_loss"] = "val_acc"
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
 
 
 class OutputConfig(_Section):
@@ -146,6 +178,20 @@ class OutputConfig(_Section):
                     "that ends this many seconds after the last write (0: after every epoch); stopping writes the last finished epoch",
     )  # fmt: skip
 
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir_named(cls, value: Any) -> Any:
+        return _a_path(value)
+
+
+def _a_path(value: Any) -> Any:
+    """An empty path (`--set data.root=`, `root: ""`) would mean the experiment file's own folder, silently."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError("is empty: name a folder")
+    if not isinstance(value, (str, Path)):
+        raise ValueError("must be a folder path")
+    return value
+
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(False, description="per-epoch scalars into <run>/tensorboard/ (pip install transferctl[tensorboard])")
@@ -153,7 +199,7 @@ class LoggingConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=-MAX_SEED - 1, le=MAX_SEED)
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig
     strategy: Strategy = Field("fine_tune", description="feature_extract | fine_tune | scratch | pretrained_init")
@@ -182,16 +228,25 @@ class ExperimentConfig(_Section):
             raise ValueError("an empty schedule trains nothing; remove it to use the strategy's default")
         return value
 
-    @model_validator(mode="after")
-    def _schedule_fits_strategy(self) -> ExperimentConfig:
-        if self.strategy == "feature_extract" and self.schedule:
-            for phase in self.schedule:
-                if phase.train != "head":
-                    raise ValueError(
-                        f"feature_extract trains only the new head, but phase '{phase.name}' has "
-                        f"train: {phase.train}; use strategy fine_tune to train backbone layers"
-                    )
-        return self
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_fits_strategy(cls, value: list[PhaseConfig] | None, info: ValidationInfo) -> list[PhaseConfig] | None:
+        """feature_extract keeps the pretrained body as it is; scratch has no body worth keeping frozen."""
+        strategy = info.data.get("strategy")  # absent when the strategy itself is invalid
+        for index, phase in enumerate(value or ()):
+            if strategy == "feature_extract" and phase.train != "head":
+                raise _FieldError(
+                    (index, "train"),
+                    f"feature_extract trains only the new head, but phase {quote(phase.name)} has train: {quote(phase.train)}; "
+                    "use strategy fine_tune to train backbone layers",
+                )
+            if strategy == "scratch" and phase.train == "head":
+                raise _FieldError(
+                    (index, "train"),
+                    f"scratch starts the body from random weights, and phase {quote(phase.name)} would train only the head "
+                    "on its random features; use train: all, or strategy fine_tune to keep pretrained weights",
+                )
+        return value
 
     @property
     def loads_pretrained_weights(self) -> bool:
@@ -262,6 +317,43 @@ class ExperimentLoader(yaml.SafeLoader):
             seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_alias_bombs(node)
+        return super().construct_document(node)
+
+
+MAX_YAML_VALUES = 10_000  # of an experiment file with its aliases expanded; real ones hold a few hundred
+
+
+class YamlTooLarge(yaml.YAMLError):
+    """The document's aliases expand to more values than an experiment file can need (an alias bomb)."""
+
+
+def _refuse_alias_bombs(root: yaml.Node) -> None:
+    """Count the values the document holds once every alias is expanded, without expanding any.
+
+    The YAML itself stays small: nine lines of nine aliases each is 9^9 values, and every message and check
+    that walks or prints the value then takes gigabytes. Each node's count is computed once (aliases share
+    their node), so this takes time in the size of the file.
+    """
+    counts: dict[int, int] = {}
+
+    def count(node: yaml.Node, open_nodes: set[int]) -> int:
+        if id(node) in counts:
+            return counts[id(node)]
+        if id(node) in open_nodes:
+            raise YamlTooLarge("an alias refers to a value that contains it")
+        open_nodes.add(id(node))
+        children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else node.value
+        total = 1 + (sum(count(child, open_nodes) for child in children) if isinstance(node, yaml.CollectionNode) else 0)
+        open_nodes.discard(id(node))
+        if total > MAX_YAML_VALUES:
+            raise YamlTooLarge(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+        counts[id(node)] = total
+        return total
+
+    count(root, set())
+
 
 ExperimentLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
@@ -279,8 +371,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(Problem(str(path), "no such file", "check the path to the experiment file"))
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
+    except YamlTooLarge as exc:
+        raise ConfigError(Problem(str(path), f"refused: {exc}", "write the values out; an experiment file needs no deep aliases")) from None
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(path, exc)) from None
+    except RecursionError:  # PyYAML composes nested values recursively
+        raise ConfigError(Problem(str(path), "refused: values nested too deeply", "an experiment file nests a few levels")) from None
     except UnicodeDecodeError:
         raise ConfigError(Problem(str(path), "is not a UTF-8 text file", "save it as UTF-8 YAML")) from None
     if data is None:
@@ -305,9 +401,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `dotted.path=value` override in place; the value is parsed as YAML."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(Problem("--set", f"'{override}' is not key.path=value", "e.g. --set data.batch_size=16"))
+        raise ConfigError(Problem("--set", f"{quote(override)} is not key.path=value", "e.g. --set data.batch_size=16"))
     try:
         value = parse_yaml(text) if text.strip() else None
+    except (YamlTooLarge, RecursionError):
+        raise ConfigError(Problem(f"--set {clip(key)}", "refused: the value expands or nests beyond what a field can hold", "give a plain value")) from None
     except yaml.YAMLError:
         value = text
     node: Any = raw
@@ -344,11 +442,17 @@ def _list_index(node: list[Any], part: str, key: str) -> int:
     return int(part)
 
 
+MAX_PROBLEMS = 20  # reported of one file: a list of a thousand wrong items needs one line, not a thousand
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(*[_pydantic_problem(source, error) for error in exc.errors()]) from None
+        problems = [_pydantic_problem(source, error) for error in exc.errors()[:MAX_PROBLEMS]]
+        if exc.error_count() > MAX_PROBLEMS:
+            problems.append(Problem(source, f"and {exc.error_count() - MAX_PROBLEMS} more problems", "fix the ones above first"))
+        raise ConfigError(*problems) from None
     return _resolve_paths(config, base_dir) if base_dir is not None else config
 
 
@@ -378,7 +482,8 @@ def looks_like_weights_file(weights: str) -> bool:
 
 
 def _pydantic_problem(source: str, error: dict[str, Any]) -> Problem:
-    location = [str(part) for part in error["loc"]]
+    raised = error.get("ctx", {}).get("error")
+    location = [str(part) for part in (*error["loc"], *getattr(raised, "loc", ()))]
     # pydantic reports the branch of a Union it tried ("train.str"); users never wrote that part.
     location = [part for part in location if part not in {"str", "int", "list[str]", "literal['auto']"}]
     dotted = _dotted(location)
@@ -389,7 +494,10 @@ def _pydantic_problem(source: str, error: dict[str, Any]) -> Problem:
     if kind == "missing":
         return Problem(where, "is required", "add it to the experiment file")
     message = error["msg"].removeprefix("Value error, ")
-    return Problem(where, f"{message} (got {error.get('input')!r})")
+    value = error.get("input")
+    if kind == "value_error" and isinstance(value, (dict, list)):
+        return Problem(where, message)  # our own check of a section or list, whose message names what is wrong
+    return Problem(where, f"{message} (got {quote(value)})")
 
 
 def _dotted(location: list[str]) -> str:

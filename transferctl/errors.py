@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
+from typing import Any
+
+QUOTE_LIMIT = 80  # characters of a user's value that a message quotes
+
+# Characters that end a line (str.splitlines, terminals) or drive a terminal: shown as escapes in messages.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """Control characters as escapes: a file named with a newline (or a terminal escape) cannot split a
+    one-line message in two, or recolour the terminal that shows it."""
+    return text.translate(_CONTROLS)
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """One line of at most `limit` characters, cut after a word where one ends in the second half, then '...'."""
+    text = one_line(text)
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,.;:") + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 3, 4
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+
+
+def quote(value: Any) -> str:
+    """A value as a message quotes it: its repr, of which only the first few items and characters are
+    ever built (a config value can be a YAML alias expanded a million-fold), clipped to one short line."""
+    return clip(_REPR.repr(value))
 
 
 @dataclass(frozen=True)
@@ -15,7 +50,7 @@ class Problem:
 
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
-        return f"{text} ({self.hint})" if self.hint else text
+        return one_line(f"{text} ({self.hint})" if self.hint else text)
 
 
 class TransferctlError(Exception):
