@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -292,6 +293,47 @@ def test_interrupted_before_any_epoch_finished_starts_over(stopped: Path, refere
     resume(run)
 
     assert_same_run(run, reference)
+
+
+def test_a_missing_last_pt_after_finished_epochs_is_refused_and_restart_keeps_the_earlier_files(stopped: Path, reference: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+    (run / "checkpoints" / "last.pt").unlink()
+    best, metrics = (run / "checkpoints" / "best.pt").read_bytes(), (run / "metrics.jsonl").read_text()
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
+
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"{run / 'checkpoints' / 'last.pt'}: missing, but epochs had finished (checkpoints/best.pt is there; metrics.jsonl has 2 epoch rows)" in result.stderr
+    assert f"{resume_command(run)} --restart" in result.stderr
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best and (run / "metrics.jsonl").read_text() == metrics
+
+    notices = Notices()
+    resume(run, observer=notices, restart=True)
+
+    (kept,) = run.glob("before-restart-*")
+    assert (kept / "best.pt").read_bytes() == best and (kept / "metrics.jsonl").read_text() == metrics
+    assert any(f"starting over from epoch 1, as --restart asks; the earlier checkpoints, metrics and summary are in {kept}" in line for line in notices.lines)
+    assert_same_run(run, reference)  # trained from epoch 1 again
+
+
+@pytest.mark.parametrize("damage", ["truncated", "folder"])
+def test_a_damaged_last_pt_is_refused_not_trained_over(stopped: Path, tmp_path: Path, damage: str) -> None:
+    run = copy_run(stopped, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        last.unlink()
+        last.mkdir()
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(last))}.*start over from epoch 1 with `.* --restart`"):
+        resume(run)
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best and len(rows(run)) == 2
+
+
+def test_restart_applies_only_to_a_resume(config_file: Path) -> None:
+    result = CliRunner().invoke(app, ["train", str(config_file), "--restart"])
+    assert result.exit_code == 2 and "only applies with --resume" in result.output
 
 
 def test_an_fp16_run_resumes_with_its_grad_scaler(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, heeded_sigint: None) -> None:

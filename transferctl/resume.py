@@ -4,21 +4,25 @@ The run's checkpoints/last.pt is the truth: model, optimizer, scheduler, grad sc
 row, metric rows and RNG states at the end of the last completed epoch. A resumed run then computes what
 the uninterrupted run would have computed. Only what cannot change its results may differ from the
 config the run started with: the device and precision, workers, patience, where the data lives, and
-phases that have not started yet. Anything else is refused, each change named.
+phases that have not started yet. Anything else is refused, each change named. A run whose last.pt is
+missing or damaged although epochs finished is refused too, unless the user asks to start over
+(restart): what the earlier training left is then moved aside, never replaced.
 """
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from transferctl.backbones import Preprocessing
-from transferctl.config import config_to_dict, dump_yaml, flatten, load_config, schedule_of
+from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml, flatten, load_config, schedule_of
 from transferctl.data import changed_images, class_differences, split_fingerprint
 from transferctl.distributed import from_main, is_main, process_group
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
-from transferctl.rundir import RunDir, load_run_checkpoint
+from transferctl.rundir import RunDir, load_run_checkpoint, metric_lines
 from transferctl.train import (
     Experiment,
     ResumePoint,
@@ -27,37 +31,39 @@ from transferctl.train import (
     TrainObserver,
     environment,
     prepare,
+    resume_command,
     write_run_header,
 )
 
 # Fields a resume may change: none of them changes what the next epoch computes on a CPU.
 CHANGEABLE = ("name", "device", "precision", "output.dir", "output.checkpoint_seconds", "data.root", "data.num_workers", "data.on_bad_image", "early_stopping.patience", "logging.tensorboard")
 RESUME_STATE = ("optimizer", "scheduler", "rng", "rows", "phase_done", "stale", "config", "phase_index", "epoch")
+# What an earlier training of a run left that a restart would replace: moved into before-restart-<time>/.
+EARLIER_TRAINING = ("checkpoints/best.pt", "checkpoints/last.pt", "metrics.jsonl", "metrics.csv", "summary.json", "eval")
 
 
-def resume(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), observer: TrainObserver | None = None) -> dict[str, Any]:
-    """Continue the run in run_dir from its last completed epoch; return the summary."""
+def resume(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), observer: TrainObserver | None = None, restart: bool = False) -> dict[str, Any]:
+    """Continue the run in run_dir from its last completed epoch; return the summary. restart: train from
+    epoch 1 again, whatever last.pt holds, with the earlier training's files moved aside (set_aside)."""
     with process_group():
-        return _resume(run_dir, overrides, (observer or SilentObserver()) if is_main() else SilentObserver())
+        return _resume(run_dir, overrides, (observer or SilentObserver()) if is_main() else SilentObserver(), restart)
 
 
-def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: TrainObserver) -> dict[str, Any]:
+def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: TrainObserver, restart: bool) -> dict[str, Any]:
     # Under torchrun rank 0 reads the run (its folder need not exist on other nodes) and hands it to the others.
     run = RunDir(from_main(lambda: _open_run(run_dir).path), writer=is_main())
     with run.lock():
         run.remove_stale_temp_files()
         config_file = run.path / "config.yaml"
         config = from_main(lambda: load_config(config_file, overrides))
-        checkpoint = from_main(lambda: load_run_checkpoint(run.path, "last") if (run.checkpoints / "last.pt").is_file() else None)
+        if restart:
+            kept = from_main(lambda: set_aside(run))
+            aside = f"; the earlier checkpoints, metrics and summary are in {kept}" if kept else ""
+            return _start_over(run, config, observer, f"{run.path}: starting over from epoch 1, as --restart asks{aside}")
+        checkpoint = from_main(lambda: _last_checkpoint(run))
         if checkpoint is None:
             # Stopped before the first epoch ended: nothing to continue, so start over in the same folder.
-            seed_everything(config.seed)
-            experiment = prepare(config)
-            session = Session.start(experiment)
-            write_run_header(run, experiment, session.runtime)
-            run.write_metrics([])
-            observer.notice(f"{run.path}: no epoch had finished; starting from the beginning")
-            return session.train(run, observer)
+            return _start_over(run, config, observer, f"{run.path}: no epoch had finished; starting from the beginning")
         start = resume_point(checkpoint, str(run.checkpoints / "last.pt"))
         problems = incompatibilities(checkpoint["config"], config_to_dict(config), start.phase_index + 1, str(config_file))
         if problems:
@@ -79,6 +85,77 @@ def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: Tra
         last = start.rows[-1]
         observer.notice(f"{run.path}: resuming after phase '{last['phase']}' epoch {last['epoch']} (global epoch {last['global_epoch']})")
         return session.train(run, observer, start)
+
+
+def _start_over(run: RunDir, config: ExperimentConfig, observer: TrainObserver, notice: str) -> dict[str, Any]:
+    seed_everything(config.seed)
+    experiment = prepare(config)
+    session = Session.start(experiment)
+    write_run_header(run, experiment, session.runtime)
+    run.write_metrics([])
+    observer.notice(notice)
+    return session.train(run, observer)
+
+
+def _last_checkpoint(run: RunDir) -> dict[str, Any] | None:
+    """last.pt; None only when no epoch finished. Missing after epochs finished, or damaged: refused, since
+    starting over would replace best.pt and the metrics of the epochs that did finish."""
+    last = run.checkpoints / "last.pt"
+    hint = f"restore it to continue, or start over from epoch 1 with `{resume_command(run.path)} --restart`, which keeps the earlier files in before-restart-<time>/"
+    if not last.exists() and not last.is_symlink():
+        evidence = finished_epochs(run)
+        if evidence:
+            raise CheckpointError(Problem(str(last), f"missing, but epochs had finished ({'; '.join(evidence)})", hint))
+        return None
+    if not last.is_file():
+        raise CheckpointError(Problem(str(last), "is not a checkpoint file (a folder, or a link to nothing)", hint))
+    try:
+        return load_run_checkpoint(run.path, "last")
+    except CheckpointError as exc:
+        raise CheckpointError(*(Problem(problem.where, problem.message, hint) for problem in exc.problems)) from None
+
+
+def finished_epochs(run: RunDir) -> list[str]:
+    """What in the run directory shows that epochs finished: best.pt, metric rows, summary.json."""
+    evidence = ["checkpoints/best.pt is there"] if (run.checkpoints / "best.pt").exists() else []
+    metrics = run.path / "metrics.jsonl"
+    try:
+        rows = sum(1 for _ in metric_lines(metrics)) if metrics.is_file() else 0
+    except OSError:
+        rows = 0
+    if rows:
+        evidence.append(f"metrics.jsonl has {rows} epoch row{'s' if rows > 1 else ''}")
+    if (run.path / "summary.json").exists():
+        evidence.append("summary.json is there")
+    return evidence
+
+
+def set_aside(run: RunDir) -> Path | None:
+    """Move what an earlier training left (EARLIER_TRAINING) into a new before-restart-<time>/ in the run
+    directory, where nothing writes; None when there was nothing to keep."""
+    present = [name for name in EARLIER_TRAINING if (run.path / name).exists() or (run.path / name).is_symlink()]
+    if not present:
+        return None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        folder = _new_folder(run.path, f"before-restart-{stamp}")
+        for name in present:
+            os.replace(run.path / name, folder / Path(name).name)
+    except OSError as exc:
+        raise CheckpointError(Problem(str(run.path), f"cannot keep the earlier training's files aside before restarting: {exc.strerror or exc}",
+                                      "free disk space or fix permissions, then retry")) from None  # fmt: skip
+    return folder
+
+
+def _new_folder(parent: Path, name: str) -> Path:
+    for attempt in range(1, 100):
+        folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many folders named {name}")
 
 
 def _open_run(run_dir: Path) -> RunDir:
