@@ -110,6 +110,29 @@ def test_nothing_in_a_config_runs_code(tmp_path: Path, data: Path) -> None:
     assert not marker.exists()
 
 
+def test_one_image_per_step_with_training_batchnorm_is_refused_before_a_run_directory_is_made(tmp_path: Path, data: Path) -> None:
+    raw = experiment(data, tmp_path / "runs", data={"batch_size": 1})
+    expected = "error: data.batch_size: 1 image per step, but phase 'body' (schedule[1]) trains 20 BatchNorm layers (bn1, ...)"
+    assert check_with(tmp_path, data, lambda raw: raw["data"].update(batch_size=1)).startswith(expected)
+    line = one_error_line(runner.invoke(app, ["train", str(write_experiment(tmp_path / "t.yaml", raw))]))
+    assert line.startswith(expected) and line.endswith("(raise data.batch_size, or set bn: frozen in schedule[1] to keep their statistics fixed)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_name_with_a_newline_stays_on_the_error_line(tmp_path: Path, data: Path) -> None:
+    (data / "train" / "red" / "bad\nname.png").write_bytes(b"not an image")
+    line = check_with(tmp_path, data, lambda raw: raw["data"].update(on_bad_image="error"))
+    assert f"{data / 'train' / 'red'}/bad\\nname.png (not an image)" in line
+
+
+def test_an_alias_bomb_is_one_line(tmp_path: Path) -> None:
+    from test_config import alias_bomb
+
+    path = tmp_path / "e.yaml"
+    path.write_text(alias_bomb(9))
+    assert one_error_line(runner.invoke(app, ["check", str(path)])) == f"error: {path}: refused: its aliases expand to more than 10,000 values (write the values out; an experiment file needs no deep aliases)"
+
+
 # --------------------------------------------------------------------------- weights files
 
 

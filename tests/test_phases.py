@@ -22,6 +22,7 @@ from transferctl.phases import (
     optimizer_param_groups,
     parameters_by_group,
     plan_phases,
+    refuse_single_image_batches,
     set_train_mode,
     trainable_groups,
 )
@@ -252,6 +253,28 @@ def test_bn_frozen_keeps_every_batchnorm_in_eval_mode() -> None:
     set_train_mode(model, groups, plan(tuple(GROUPS), bn="frozen"))
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
+
+
+def test_one_image_per_step_is_refused_for_a_phase_that_trains_batchnorm() -> None:
+    model, groups = small_resnet()
+    model.eval()
+    head, body = plan(("head",)), PhasePlan(1, "body", 1, 0.1, 0.1, "train", ("layer4", "head"), tuple(GROUPS[:4]))
+    with pytest.raises(ConfigError) as caught:
+        refuse_single_image_batches(model, groups, [head, body], per_process=1, processes=1)
+    assert str(caught.value) == (
+        "data.batch_size: 1 image per step, but phase 'body' (schedule[1]) trains 5 BatchNorm layers (layer4.0.bn1, ...), "
+        "which need 2 or more (raise data.batch_size, or set bn: frozen in schedule[1] to keep their statistics fixed)"
+    )
+    with pytest.raises(ConfigError, match=r"2 images per step over 2 processes is 1 per process, but phase 'body'"):
+        refuse_single_image_batches(model, groups, [body], per_process=1, processes=2)
+    assert not model.training  # the check looked at the modes a phase sets, and put the model's back
+
+
+def test_one_image_per_step_is_fine_where_no_batchnorm_trains() -> None:
+    model, groups = small_resnet()
+    frozen_bn = PhasePlan(1, "body", 1, 0.1, 0.1, "frozen", tuple(GROUPS), ())
+    refuse_single_image_batches(model, groups, [plan(("head",)), frozen_bn], per_process=1, processes=1)
+    refuse_single_image_batches(model, groups, [plan(tuple(GROUPS))], per_process=2, processes=1)
 
 
 def test_lr_factor_warms_up_linearly_then_follows_a_cosine() -> None:

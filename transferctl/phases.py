@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from transferctl.config import ExperimentConfig, OptimizerConfig, SchedulerConfig, schedule_of
-from transferctl.errors import ConfigError, Problem, did_you_mean
+from transferctl.errors import ConfigError, Problem, did_you_mean, quote
 from transferctl.families import LayerGroups, parameters_by_group
 
 HEAD = "head"
@@ -135,6 +135,37 @@ def set_train_mode(model: nn.Module, groups: LayerGroups, plan: PhasePlan) -> No
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def training_batchnorms(model: nn.Module, groups: LayerGroups, plan: PhasePlan) -> list[str]:
+    """Names of the BatchNorm layers the phase trains (in train mode), found by set_train_mode itself so
+    that the two never disagree; the model's modes are put back as they were."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        set_train_mode(model, groups, plan)
+        return [name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def refuse_single_image_batches(model: nn.Module, groups: LayerGroups, plans: list[PhasePlan], per_process: int, processes: int) -> None:
+    """A BatchNorm layer in train mode normalises each channel over the batch: one image a step has nothing
+    to normalise over (torch raises 'Expected more than 1 value per channel' once a layer's output is 1x1,
+    mid-training) and gives statistics of single images everywhere else."""
+    if per_process > 1:
+        return
+    for plan in plans:
+        layers = training_batchnorms(model, groups, plan)
+        if layers:
+            steps = "1 image per step" if processes == 1 else f"{per_process * processes} images per step over {processes} processes is 1 per process"
+            raise ConfigError(
+                Problem(
+                    "data.batch_size",
+                    f"{steps}, but phase {quote(plan.name)} (schedule[{plan.index}]) trains {len(layers)} BatchNorm layers ({layers[0]}, ...), which need 2 or more",
+                    f"raise data.batch_size, or set bn: frozen in schedule[{plan.index}] to keep their statistics fixed",
+                )
+            )
 
 
 def _modules_at(model: nn.Module, prefixes: list[str]) -> list[nn.Module]:

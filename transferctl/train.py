@@ -67,6 +67,7 @@ from transferctl.phases import (
     load_optimizer_state,
     optimizer_param_groups,
     plan_phases,
+    refuse_single_image_batches,
     set_train_mode,
     stage_at,
     stages_of,
@@ -141,6 +142,7 @@ def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     pretrained = load_weights and config.loads_pretrained_weights
     backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
     plans = plan_phases(config, backbone.group_names)
+    refuse_single_image_batches(backbone.model, backbone.groups, plans, per_rank_batch(config.data.batch_size), shard().world)
     return Experiment(config, splits, backbone, plans)
 
 
