@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import pickle
+import struct
+import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -343,12 +345,42 @@ def test_load_run_checkpoint_of_a_damaged_file_is_refused(tmp_path: Path, conten
     assert str(path) in str(info.value)
 
 
-def test_truncated_real_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_truncated_real_checkpoint_is_refused_in_a_sentence_of_ours(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     path = RunDir(tmp_path).save_checkpoint("best", valid_checkpoint())
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError) as info:
         load_run_checkpoint(tmp_path)
+    # torch's own text ran on for three sentences and was cut mid-word
+    assert str(info.value) == f"{tmp_path}: cannot read {path}: the file ends early, as one cut off by an interrupted copy or a full disk does (the file is damaged or not a PyTorch file)"
+    assert not recwarn.list
+
+
+def test_a_torchscript_archive_is_refused_in_one_line_without_torchs_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    path = tmp_path / "checkpoints" / "best.pt"
+    path.parent.mkdir()
+    with pytest.warns(FutureWarning):  # torch.jit is deprecated; making the archive warns, not loading it
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    recwarn.clear()
+
+    with pytest.raises(CheckpointError) as info:
+        load_run_checkpoint(tmp_path)
+    assert str(info.value) == f"{tmp_path}: refused to load {path}: a TorchScript archive holds code, which loading it would run (save model.state_dict() instead)"
+    assert not recwarn.list
+
+
+def test_a_damaged_pickle_is_damage_not_code(tmp_path: Path) -> None:
+    path = RunDir(tmp_path).save_checkpoint("best", valid_checkpoint())
+    data = bytearray(path.read_bytes())
+    header = next(info for info in zipfile.ZipFile(path).infolist() if info.filename.endswith("/data.pkl")).header_offset
+    name_length, extra_length = struct.unpack_from("<HH", data, header + 26)  # of the entry's local header
+    start = header + 30 + name_length + extra_length + 20  # into the pickle's bytes (torch stores entries uncompressed)
+    data[start : start + 4] = b"\xff" * 4  # no such pickle opcode
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(CheckpointError) as info:
+        load_run_checkpoint(tmp_path)
+    assert str(info.value) == f"{tmp_path}: cannot read {path}: its contents are not a valid pickle (the file is damaged or not a PyTorch file)"
 
 
 def test_malicious_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:
@@ -375,6 +407,7 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path, wr
         load_run_checkpoint(tmp_path / "run")
 
     assert str(path) in str(info.value)
+    assert f"could run code (it names {os.system.__module__}.system)" in str(info.value)  # the code it names, not torch's paragraph
     assert not marker.exists()
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
-from transferctl.errors import Problem, TransferctlError
+from transferctl.errors import Problem, TransferctlError, clip
+from transferctl.paths import checked
 
 # Wrappers other tools put around a state dict: Lightning and timm use "state_dict", our runs "model".
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -16,24 +19,65 @@ def load_torch_file(path: Path, error: type[TransferctlError], where: str = "") 
     """torch.load with weights_only=True; a file that needs arbitrary unpickling is refused, not run."""
     import torch
 
+    checked(path, error, where)
     where = where or str(path)
     if not path.is_file():
         raise error(Problem(where, f"no such file: {path}", "check the path"))
+    if path.stat().st_size == 0:
+        raise error(Problem(where, f"cannot read {path}: the file is empty", "the file is damaged or not a PyTorch file"))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        raise error(
-            Problem(
-                where,
-                f"refused to load {path}: it holds Python objects that could run code ({first_line[:120]})",
-                "save plain tensors instead (model.state_dict() or safetensors)",
-            )
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns (two lines on stderr) about files it then refuses: the error says it
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        # The weights-only unpickler runs no code, so any other failure means a damaged or foreign file;
-        # garbage raises KeyError, IndexError, struct.error, AttributeError... depending on its bytes.
-        raise error(Problem(where, f"cannot read {path}: {_first_line(exc)}", "the file is damaged or not a PyTorch file")) from None
+        raise error(_load_problem(exc, path, where)) from None
+
+
+def _load_problem(exc: Exception, path: Path, where: str) -> Problem:
+    """Why torch.load refused the file, in a sentence of ours: torch's own run to paragraphs."""
+    code = _unpickled_code(str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+    if code is not None:
+        return Problem(where, f"refused to load {path}: it holds Python objects that could run code ({code})", "save plain tensors instead (model.state_dict() or safetensors)")
+    if "TorchScript" in str(exc):
+        return Problem(where, f"refused to load {path}: a TorchScript archive holds code, which loading it would run", "save model.state_dict() instead")
+    # The weights-only unpickler runs no code, so any other failure means a damaged or foreign file;
+    # garbage raises KeyError, IndexError, struct.error, AttributeError... depending on its bytes.
+    return Problem(where, f"cannot read {path}: {_damage(exc)}", "the file is damaged or not a PyTorch file")
+
+
+def _unpickled_code(text: str) -> str | None:
+    """What torch's weights-only unpickler refused as code ('it names posix.system'); None when the pickle
+    itself is broken (an unknown opcode, an invalid load key: damaged bytes)."""
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named:
+        return f"it names {named.group(1)}"
+    if not text.startswith("Weights only load failed") or "Unsupported operand" in text:
+        return None
+    reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return clip(reason.group(1).split(". ")[0]) if reason else "unsafe pickle"
+
+
+# torch's own words for a damaged file, and what they mean to whoever has to fix it.
+_DAMAGE = (
+    ("failed finding central directory", "the file ends early, as one cut off by an interrupted copy or a full disk does"),
+    ("not a ZIP archive", "no zip archive, as a PyTorch file is: another kind of file, or one cut off early"),
+    ("failed locating file", "a part of the archive is missing"),
+    ("does not match expected size", "a tensor holds fewer bytes than its header says, as a cut-off file does"),
+)
+
+
+def _damage(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for words, meaning in _DAMAGE:
+        if words in text:
+            return meaning
+    if isinstance(exc, EOFError):
+        return _DAMAGE[0][1]
+    if isinstance(exc, pickle.UnpicklingError):
+        return "its contents are not a valid pickle"
+    if isinstance(exc, (RuntimeError, OSError, ValueError)) and text:
+        return clip(text.splitlines()[0].split(". ")[0], 120)
+    return "its bytes are not what a PyTorch file holds"  # KeyError '101' and the like say nothing more
 
 
 def load_state_dict(path: Path, error: type[TransferctlError], where: str = "") -> dict[str, Any]:
@@ -65,7 +109,7 @@ def _load_safetensors(path: Path, error: type[TransferctlError], where: str) -> 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not path.is_file():
+    if not checked(path, error, where).is_file():
         raise error(Problem(where or str(path), f"no such file: {path}", "check the path"))
     try:
         return load_file(str(path))
