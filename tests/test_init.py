@@ -118,6 +118,15 @@ def test_a_schema_that_cannot_be_written_leaves_no_experiment_file(tiny_flat_dat
     assert not (tmp_path / "exp.yaml").exists()
 
 
+@pytest.mark.parametrize("below", ["x.yaml", "sub/x.yaml"])
+def test_an_output_path_under_a_file_names_the_file(tiny_flat_data: Path, tmp_path: Path, below: str) -> None:
+    (tmp_path / "notes").write_text("mine\n")
+    result = invoke("init", str(tiny_flat_data), "-o", str(tmp_path / "notes" / below))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'notes' / below}: cannot write: {tmp_path / 'notes'} is a file, not a folder (give -o a path in a folder)"]
+    assert (tmp_path / "notes").read_text() == "mine\n"  # said 'File exists'
+
+
 def test_auto_strategy_follows_recommends_rule(tmp_path: Path) -> None:
     small = inspect_folder(tiny_dataset(tmp_path / "small", layout="flat"))
     assert choose_strategy("auto", small)[0] == "feature_extract"

@@ -24,6 +24,7 @@ from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from
 from transferctl.data import BadImage, DatasetSplits, Sample, discover
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.recommend import Advice, Thresholds, advise, judge_size
+from transferctl.rundir import file_in_the_way
 
 HEADER_SAMPLE = 2000  # images whose headers are read for sizes and modes (evenly spread over the folder)
 AUTO = "auto"
@@ -218,6 +219,9 @@ def init_experiment(data_dir: Path, output: Path, backbone: str = "resnet18", st
         raise ConfigError(Problem(str(output), "already exists", "choose another file with -o, or pass --force to replace it"))
     if output.is_dir():
         raise ConfigError(Problem(str(output), "is a folder", "give a file name with -o, e.g. -o experiment.yaml"))
+    blocking = file_in_the_way(output.parent)
+    if blocking is not None:  # mkdir would say only 'File exists'
+        raise ConfigError(Problem(str(output), f"cannot write: {blocking} is a file, not a folder", "give -o a path in a folder"))
     check_backbone_name(backbone)
     inspection = inspect_folder(data_dir)
     chosen, advice = choose_strategy(strategy, inspection)

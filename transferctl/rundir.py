@@ -110,10 +110,15 @@ def _folder_problems(field: str, path: Path) -> Iterator[None]:
     try:
         yield
     except (FileExistsError, NotADirectoryError):
-        blocking = next((folder for folder in (path, *path.parents) if folder.exists() and not folder.is_dir()), path)
+        blocking = file_in_the_way(path) or path
         raise CheckpointError(Problem(field, f"cannot make {path}: {blocking} is a file", f"point {field} at a folder")) from None
     except OSError as exc:
         raise CheckpointError(Problem(field, f"cannot make {path}: {exc.strerror or exc}", f"point {field} at a writable folder")) from None
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The first of folder and the folders above it that exists as something else than a folder."""
+    return next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
 
 
 class RunDir:
