@@ -147,6 +147,56 @@ def test_a_stopped_distributed_run_resumes_to_the_same_metrics(two_process_run: 
     assert_rows_match(metrics(run_dir), metrics(two_process_run), tolerance=1e-6)
 
 
+# `transferctl train --nproc N` whose workers are SLOW_RANK (the script given): the launcher's command is
+# PyTorch's (through transferctl.torchrun) with the workers' `-m transferctl` replaced.
+NPROC_WITH_SLOW_RANKS = """
+import sys
+import transferctl.distributed as distributed
+launch_command = distributed.launch_command
+def slow_ranks(nproc, argv):
+    command = launch_command(nproc, argv)
+    workers = command.index("-m", command.index("transferctl.torchrun") + 1)
+    return [*command[:workers], {rank_script!r}, *command[workers + 2:]]
+distributed.launch_command = slow_ranks
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of this machine's processes that mention text (Linux's /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if any(text.encode() in word for word in words):
+            found.append(" ".join(word.decode(errors="replace") for word in words))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
+def test_sigterm_to_train_nproc_stops_every_worker_and_exits_130(config_file: Path, tmp_path: Path) -> None:
+    rank, parent, run_dir = tmp_path / "slow_rank.py", tmp_path / "parent.py", tmp_path / "run"
+    rank.write_text(SLOW_RANK)
+    parent.write_text(NPROC_WITH_SLOW_RANKS.format(rank_script=str(rank)))
+    command = [sys.executable, str(parent), "train", str(config_file), "--nproc", "2", "--run-dir", str(run_dir), "--quiet"]
+    process = subprocess.Popen(command, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, "the first epoch never finished"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # as a job scheduler stops a job: to the command it started
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.startswith(f"interrupted: {run_dir}: stopped by SIGTERM during phase 'body' epoch 1") and len(stderr.splitlines()) == 1, stderr[-3000:]
+    assert processes_naming(str(run_dir)) == []  # the launcher and both workers ended with it
+    assert len(metrics(run_dir)) == 1 and not (run_dir / "summary.json").exists()
+
+
 def test_shards_cover_every_item_once_and_pad_to_equal_lengths() -> None:
     items = list(range(7))
     shards = [shard_of(items, Shard(rank, 2), pad=True) for rank in range(2)]

@@ -171,6 +171,63 @@ def test_a_signal_stops_the_run_and_resume_matches_an_uninterrupted_run(config_f
     assert_same_run(run, reference)
 
 
+# The real CLI, sent a SIGTERM by itself as soon as torch starts to be imported: seconds in which the
+# command used to die of the signal (exit 143).
+SIGNAL_WHILE_TORCH_IS_IMPORTED = """
+import os, signal, sys
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+sys.meta_path.insert(0, SignalOnImport())
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+# The real CLI, sent a SIGTERM by itself just before it writes the new run directory's first files.
+SIGNAL_WHILE_THE_RUN_IS_MADE = """
+import os, signal, sys
+import transferctl.train as train
+write_run_header = train.write_run_header
+def signal_then_write(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    write_run_header(*args, **kwargs)
+train.write_run_header = signal_then_write
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
+def run_script(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "child.py"
+    path.write_text(script)
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_while_train_starts_up_is_an_interruption_with_nothing_written(config_file: Path, tmp_path: Path) -> None:
+    done = run_script(SIGNAL_WHILE_TORCH_IS_IMPORTED, tmp_path, "train", str(config_file), "--run-dir", str(tmp_path / "run"))
+    assert (done.returncode, done.stderr) == (130, "interrupted: stopped by SIGTERM\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_the_run_directory_is_made_leaves_one_that_resumes(config_file: Path, reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    done = run_script(SIGNAL_WHILE_THE_RUN_IS_MADE, tmp_path, "train", str(config_file), "--run-dir", str(run), "--quiet")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == (f"interrupted: {run}: stopped by SIGTERM during phase 'head' epoch 1; no epoch had finished, so a resume "
+                                   f"starts from the beginning (resume with: {resume_command(run)})")  # fmt: skip
+    assert sorted(path.name for path in run.iterdir() if not path.name.startswith(".")) == ["classes.json", "config.yaml", "env.json"]
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--quiet"])
+
+    assert result.exit_code == 0, result.output
+    assert_same_run(run, reference)
+
+
 def test_after_kill_9_resume_continues_from_the_last_completed_epoch(config_file: Path, reference: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     child = start_child(config_file, run)

@@ -9,18 +9,30 @@ each rank, would end in some forty lines of launcher internals.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+
+EXIT_INTERRUPTED = 130  # as transferctl.cli: stopped by a signal, resumable
 
 
 def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Each of torchrun's modules sets its own logger's level when imported ("Received 15 death signal, ..."):
+    # the parent's level alone does not quiet them.
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(argv))
     except ChildFailedError as exc:
         return worst_exit_code([failure.exitcode for failure in exc.failures.values()])
+    except SignalException as exc:
+        # SIGTERM or Ctrl-C to the launcher: it passed the signal on and waited for the workers, which stopped
+        # at the same step (rank 0 said how to resume), as one process stops: exit 130, not a traceback.
+        return EXIT_INTERRUPTED if exc.sigval in (signal.SIGINT, signal.SIGTERM) else 128 + int(exc.sigval)
     return 0
 
 

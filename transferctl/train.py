@@ -178,11 +178,14 @@ def train(config: ExperimentConfig, run_dir: Path | None = None, observer: Train
         seed_everything(config.seed)
         experiment = prepare(config)
         session = Session.start(experiment)
-        path = from_main(lambda: claim_run_dir(run_dir) if run_dir else create_run_dir(config.output.dir, config.name))
-        run = RunDir(path, writer=is_main())
-        with run.lock():
-            write_run_header(run, experiment, session.runtime)
-            return session.train(run, observer or SilentObserver())
+        # From the run directory's making on, a stop signal waits for its files, then stops at the first step:
+        # the folder is then one that --resume takes.
+        with stop_on_signals():
+            path = from_main(lambda: claim_run_dir(run_dir) if run_dir else create_run_dir(config.output.dir, config.name))
+            run = RunDir(path, writer=is_main())
+            with run.lock():
+                write_run_header(run, experiment, session.runtime)
+                return session.train(run, observer or SilentObserver())
 
 
 @dataclass
@@ -324,8 +327,8 @@ class _Trainer:
                 raise self._interrupted(*self.position) from None
             finally:
                 self.saver.flush()  # stopped, diverged or failed: the last finished epoch still reaches the disk
-        summary = self._summary()
-        self.run_dir.write_json("summary.json", summary)
+            summary = self._summary()  # still listening: a signal now is too late to stop anything
+            self.run_dir.write_json("summary.json", summary)
         return summary
 
     def _run_phase(self, plan: PhasePlan, start: ResumePoint | None) -> None:

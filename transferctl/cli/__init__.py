@@ -59,8 +59,10 @@ def user_errors() -> Iterator[None]:
             for problem in exc.problems:
                 err.print(f"[bold red]error:[/] {_rank_prefix()}{escape(str(problem))}")
         raise typer.Exit(EXIT_USER_ERROR) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a StopSignal (interrupts.py) that names its signal
+        name = getattr(exc, "name", None)
+        if not _rank_prefix():  # every rank got the signal; rank 0 says so
+            err.print("[yellow]interrupted[/]" + (f": stopped by {name}" if name else ""))
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 

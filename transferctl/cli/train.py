@@ -31,9 +31,8 @@ def train(
     ),
 ) -> None:
     """Train a model as the experiment file says; write checkpoints and metrics to a run directory."""
-    from transferctl.config import load_config
     from transferctl.distributed import env_rank, launched
-    from transferctl.progress import make_observer
+    from transferctl.interrupts import signals_interrupt
     from transferctl.tensorboard import run_wants_tensorboard, with_tensorboard
 
     if (config is None) == (resume is None):
@@ -46,7 +45,11 @@ def train(
         _launch(nproc, config, overrides or [], run_dir, resume, as_json, quiet, restart=restart)
     main = env_rank() == 0  # under torchrun only rank 0 shows progress and prints the summary
     quiet, as_json = quiet or not main, as_json and main
-    with user_errors():
+    # Before torch is imported (seconds): from here SIGTERM stops the command with exit 130 as Ctrl-C does.
+    with user_errors(), signals_interrupt():
+        from transferctl.config import load_config
+        from transferctl.progress import make_observer
+
         with make_observer(err, quiet=quiet) as progress:
             if resume is not None:
                 from transferctl.resume import resume as resume_training
@@ -74,21 +77,27 @@ def _launch(nproc: int, config: Optional[Path], overrides: List[str], run_dir: O
 
     from transferctl.config import load_config
     from transferctl.distributed import launch_command, launch_environment
+    from transferctl.interrupts import signals_interrupt
 
     argv = ["train", *([str(config)] if config else ["--resume", str(resume)])]
     argv += [arg for override in overrides for arg in ("--set", override)]
     argv += ["--run-dir", str(run_dir)] if run_dir else []
     argv += ["--json"] * as_json + ["--quiet"] * quiet + ["--restart"] * restart
     if config is not None:
-        with user_errors():
+        with user_errors(), signals_interrupt():
             load_config(config, overrides)  # one error message here, rather than one per process
     process = subprocess.Popen(launch_command(nproc, argv), env=launch_environment(dict(os.environ)))
-    # Ctrl-C reaches every process of the terminal's group; the workers stop themselves, so wait for them.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches every process of the terminal's group, and a SIGTERM to this one is passed on to the
+    # launcher: the workers stop themselves at the same step, so wait for them rather than leave them running.
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum)),
+    }
     try:
         code = process.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     raise typer.Exit(code)
 
 
