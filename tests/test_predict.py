@@ -121,6 +121,28 @@ def test_unreadable_inputs_become_error_lines(run: Path, images: Path, tmp_path:
     assert result.stderr.count("error:") == 2
 
 
+def test_a_folder_without_images_is_an_error_line(run: Path, images: Path, tmp_path: Path) -> None:
+    empty, notes = tmp_path / "empty", tmp_path / "notes"
+    empty.mkdir()
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no images here")
+    result = invoke("predict", run, empty, images / "00.png", notes, "--device", "cpu")
+    assert result.exit_code == 1  # it passed without a word, exit 0
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(empty), str(images / "00.png"), str(notes)]
+    assert records[0] == {"path": str(empty), "error": "a folder with no images in it"} and "label" in records[1]
+    assert result.stderr.splitlines() == [f"error: {empty}: a folder with no images in it", f"error: {notes}: a folder with no images in it", "2 of 3 inputs could not be read"]
+
+
+def test_a_file_name_with_a_newline_keeps_its_error_on_one_line(run: Path, tmp_path: Path) -> None:
+    odd = tmp_path / "bad\nname.png"
+    odd.write_bytes(b"not an image")
+    result = invoke("predict", run, odd, "--device", "cpu")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["path"] == str(odd)  # JSON keeps the name as it is
+    assert result.stderr.splitlines()[0] == f"error: {tmp_path}/bad\\nname.png: not an image (or a format Pillow cannot read)"
+
+
 def test_strict_stops_at_the_first_failure(run: Path, images: Path) -> None:
     paths = sorted(str(p) for p in images.iterdir())
     result = invoke("predict", run, *paths, "--strict", "--batch-size", "1", "--device", "cpu")

@@ -337,8 +337,15 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
         n_val = min(len(group) - 1, round(len(group) * val_fraction) or int(val_fraction > 0))
         val.extend(group[:n_val])
         train.extend(group[n_val:])
-    if not val:
-        raise DataError(Problem("data.val_fraction", "leaves no validation images", "add images or raise val_fraction"))
+    if not val and val_fraction <= 0:
+        raise DataError(Problem("data.val_fraction", "leaves no validation images", "raise val_fraction"))
+    if not val:  # every class of two or more images gave one: each class has a single image, which trains
+        raise DataError(
+            Problem(
+                "data.root", "every class has one image, which training keeps: none is left to validate on",
+                "add a second image to a class or more, or give data.root train/ and val/ folders",
+            )
+        )  # raising val_fraction cannot help
     return sorted(train), sorted(val)
 
 

@@ -31,10 +31,11 @@ def read_path_lines(stream: TextIO) -> Iterator[str]:
 
 
 def expand_paths(paths: Iterable[str]) -> Iterator[str]:
-    """Files as given; a folder becomes the images below it, sorted."""
+    """Files as given; a folder becomes the images below it, sorted. A folder without images stays itself,
+    so that it gets an error record (decode_error) instead of passing without a word."""
     for path in paths:
         if Path(path).is_dir():
-            yield from (str(image) for image in list_images(Path(path)))
+            yield from [str(image) for image in list_images(Path(path))] or [path]
         else:
             yield path
 
@@ -46,7 +47,7 @@ def decode_error(path: str, exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if isinstance(exc, IsADirectoryError):
-        return "is a folder"
+        return "a folder with no images in it"  # expand_paths leaves only such folders
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, UnidentifiedImageError):

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from transferctl.cli import EXIT_INTERRUPTED, app, err, user_errors, write_stdout
 from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg
+from transferctl.errors import Problem
 
 
 @app.command()
@@ -43,7 +44,7 @@ def predict(
             done += 1
             if "error" in record:
                 failed += 1
-                err.print(f"[bold red]error:[/] {escape(record['path'])}: {escape(record['error'])}")
+                err.print(f"[bold red]error:[/] {escape(str(Problem(record['path'], record['error'])))}")
                 if strict:
                     err.print("stopped at the first unreadable file (--strict)")
                     break
