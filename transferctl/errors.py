@@ -48,17 +48,26 @@ class Problem:
     message: str
     hint: str = ""
 
-    def __str__(self) -> str:
+    @property
+    def text(self) -> str:
+        """The problem as written, control characters and all (what str() shows escaped)."""
         text = f"{self.where}: {self.message}" if self.where else self.message
-        return one_line(f"{text} ({self.hint})" if self.hint else text)
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def __str__(self) -> str:
+        return one_line(self.text)
 
 
 class TransferctlError(Exception):
-    """Base class of every error caused by the user's input rather than by a bug."""
+    """Base class of every error caused by the user's input rather than by a bug.
+
+    Its own text keeps the problems as written, one a line: a DataLoader worker's error comes back as the
+    worker's traceback text, which data.worker_error takes apart by lines. Each problem is shown by str().
+    """
 
     def __init__(self, *problems: Problem | str) -> None:
         self.problems = tuple(p if isinstance(p, Problem) else Problem("", p) for p in problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        super().__init__("\n".join(p.text for p in self.problems))
 
 
 class ConfigError(TransferctlError):
