@@ -103,7 +103,7 @@ def test_own_model_trains_both_strategies_and_the_checkpoint_rebuilds(models_mod
     plans = prepare(config).plans
     assert [p.trainable for p in plans] == [("head",), ("body", "head")]
     summary = train(config, tmp_path / "run")
-    model, classes, preprocessing = load_trained_model(tmp_path / "run")
+    model, classes, preprocessing = load_trained_model(tmp_path / "run", trust_code=True)  # the run names code to run
     assert classes == ["blue", "green", "red"] or len(classes) == 3
     state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -19,7 +19,7 @@ CPU = Runtime(torch.device("cpu"), "fp32", channels_last=False)
 def images(tmp_path: Path, count: int = 6) -> torch.Tensor:
     root = tiny_dataset(tmp_path / "data", n_classes=3, per_class=2, layout="flat")
     paths = sorted(root.glob("*/*.png"))[:count]
-    network = load_probe_network("resnet18", "none", 32, pretrained=False)
+    network = load_probe_network(BackboneConfig(name="resnet18", weights="none"), 32, pretrained=False)
     return load_images(paths, network.backbone.preprocessing)
 
 
@@ -30,7 +30,7 @@ def test_images_are_decoded_at_the_networks_crop(tmp_path: Path) -> None:
 
 def test_stage_features_are_what_a_cut_network_trains_on(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    network = load_probe_network("resnet18", "none", 32, pretrained=False)
+    network = load_probe_network(BackboneConfig(name="resnet18", weights="none"), 32, pretrained=False)
     batch = images(tmp_path)
     features = extract(network, batch, CPU, batch_size=4)
     assert set(features.stages) == {"stem", "layer1", "layer2", "layer3", "layer4"}
@@ -46,8 +46,8 @@ def test_stage_features_are_what_a_cut_network_trains_on(tmp_path: Path) -> None
 
 
 def test_a_random_copy_can_read_the_pretrained_networks_images(tmp_path: Path) -> None:
-    network = load_probe_network("resnet18", "none", 32, pretrained=False)
-    other = load_probe_network("resnet18", "none", 48, pretrained=False)
+    network = load_probe_network(BackboneConfig(name="resnet18", weights="none"), 32, pretrained=False)
+    other = load_probe_network(BackboneConfig(name="resnet18", weights="none"), 48, pretrained=False)
     copy = with_preprocessing(other, network.backbone.preprocessing)
     assert image_key(copy.backbone.preprocessing) == image_key(network.backbone.preprocessing) == 32
     assert extract(copy, images(tmp_path), CPU).penultimate.shape == (6, 512)
@@ -61,7 +61,7 @@ def test_torchvision_weights_keep_their_imagenet_head_and_top1(tmp_path: Path) -
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), path)
     try:
-        network = load_probe_network("resnet18", "DEFAULT", 32)
+        network = load_probe_network(BackboneConfig(name="resnet18", weights="DEFAULT"), 32)
     finally:
         path.unlink()
     assert network.source_classes == 1000 and torch.equal(network.model.fc.weight, reference.fc.weight)
@@ -76,6 +76,6 @@ def test_a_weights_file_keeps_its_own_head_too(tmp_path: Path) -> None:
     reference = torchvision.models.resnet18(weights=None, num_classes=7)
     path = tmp_path / "mine.pth"
     torch.save({"state_dict": reference.state_dict()}, path)
-    network = load_probe_network("resnet18", str(path), 32)
+    network = load_probe_network(BackboneConfig(name="resnet18", weights=str(path)), 32)
     assert network.source_classes == 7 and network.imagenet_top1 is None
     assert torch.equal(network.model.fc.weight, reference.fc.weight)

@@ -208,7 +208,8 @@ def _ensure_run(plan: ComparisonPlan, run: PlannedRun, label: str, observer: Tra
         why_not = "this transferctl cannot resume runs" if resume is None else _cannot_resume(path)
         if resume is not None and why_not is None:
             observer.notice(f"{label}: unfinished, resuming")
-            resume(path, [], observer)
+            # check_existing_runs made sure its config.yaml names the backbone of the user's own experiment file.
+            resume(path, [], observer, trust_code=True)
             return "resumed"
         aside = _move_aside(plan.out, path)
         observer.notice(f"{label}: unfinished and cannot be resumed ({why_not}); kept it as {aside}, training again")

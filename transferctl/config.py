@@ -19,6 +19,7 @@ STRATEGIES: tuple[str, ...] = ("feature_extract", "fine_tune", "scratch", "pretr
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TRAIN_PATTERN = re.compile(r"^(head|all|last:\d+)$")
 PYTHON_PREFIX = "python:"  # backbone.name: python:package.module:function, your own nn.Module
+PYTHON_FIELDS = ("head", "groups", "mean", "std")  # backbone fields only python: backbones have: what their code does not say
 TIMM_PREFIX = "timm:"  # backbone.name: timm:<model>, with the optional timm package
 
 
@@ -87,7 +88,7 @@ class BackboneConfig(_Section):
     @model_validator(mode="after")
     def _custom_fields_need_python(self) -> BackboneConfig:
         if not self.name.startswith(PYTHON_PREFIX):
-            given = [field for field in ("head", "groups", "mean", "std") if getattr(self, field) is not None]
+            given = [field for field in PYTHON_FIELDS if getattr(self, field) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to python:module:function backbones; {clip(self.name)} knows its own")
         elif self.head is None:

@@ -6,15 +6,19 @@ file or `run:` loads on top. The config names the head (`backbone.head: fc`), op
 (`backbone.groups`, from the input side; default: everything before the head is one group, "body") and the
 normalisation (`backbone.mean`, `backbone.std`, ImageNet's by default). The image size is
 `data.image_size` (224 by default). Checkpoints keep the backbone section, so `evaluate`, `predict` and
-`export` rebuild the same network by calling the same function (it must still be importable there).
+`export` rebuild the same network by calling the same function (it must still be importable there, and
+since a run directory may come from anyone, they do so only with --trust-code: transferctl/trust.py).
+Modules come from installed packages or PYTHONPATH, never implicitly from the current folder: a shared run
+directory one `cd`s into must not be able to plant its own module. Whatever the user's code prints goes to
+stderr, so that `--json` keeps stdout to its one document.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -25,11 +29,12 @@ from transferctl.families import LayerGroups, check_layer_groups, groups_from_pa
 from transferctl.phases import HEAD as HEAD_GROUP
 
 DEFAULT_IMAGE_SIZE = 224
-_IMPORT_HINT = "the module must be importable: install its package, or run from the folder that holds it, or set PYTHONPATH"
+_IMPORT_HINT = "the module must be importable: install its package, or put its folder on PYTHONPATH (PYTHONPATH=. for the current folder)"
 
 
 def build_python_backbone(config: BackboneConfig, num_classes: int, image_size: int | None, pretrained: bool = True) -> Backbone:
-    model = _call(_import_function(config.name), config.name)
+    with _user_code():
+        model = _call(_import_function(config.name), config.name)
     head = config.head or ""
     _check_head(model, head, config.name)
     replace_head(model, head, num_classes)
@@ -49,17 +54,10 @@ def _import_function(name: str) -> Callable[[], Any]:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(Problem("backbone.name", f"'{name}' is not python:package.module:function", "e.g. python:mymodels.nets:build"))
-    # Like `python -m`, look in the current folder too: a models.py beside the experiment works at once.
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - whatever the import raised, the user must fix their module
         raise ConfigError(Problem("backbone.name", f"cannot import {module_name}: {type(exc).__name__}: {_one_line(exc)}", _IMPORT_HINT)) from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
     function = getattr(module, attribute, None)
     if not callable(function):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
@@ -75,6 +73,14 @@ def _call(function: Callable[[], Any], name: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(Problem("backbone.name", f"{name}() returned a {type(model).__name__}, not a torch.nn.Module", "return the network"))
     return model
+
+
+@contextlib.contextmanager
+def _user_code() -> Iterator[None]:
+    """The user's code may print (efficientnet_pytorch says 'Loaded pretrained weights for ...'): to stderr,
+    where progress goes, so that stdout holds only the command's machine output (`train --json`)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _check_head(model: nn.Module, head: str, name: str) -> None:

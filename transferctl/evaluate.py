@@ -143,6 +143,7 @@ def evaluate_run(
     batch_size: int | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    trust_code: bool = False,
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes)."""
     from transferctl.engine import predict_logits
@@ -156,7 +157,7 @@ def evaluate_run(
         from transferctl.tensorboard import require_tensorboard
 
         require_tensorboard(f"{run_dir / 'config.yaml'}: logging.tensorboard")
-    model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
+    model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
     root = data if data is not None else config.data.root
     where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
     splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all")

@@ -48,10 +48,10 @@ class Exported:
     max_diff: float | None  # None: not checked (onnxruntime missing)
 
 
-def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None = None) -> Exported:
+def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None = None, trust_code: bool = False) -> Exported:
     if fmt not in FORMATS:
         raise ExportError(Problem("--format", f"unknown format '{fmt}'", f"use one of: {', '.join(FORMATS)}"))
-    model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
+    model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
     out = out or run_dir / "export"
     try:
         out.mkdir(parents=True, exist_ok=True)

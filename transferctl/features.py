@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from transferctl.backbones import Backbone, Preprocessing, build_backbone, replace_head, torchvision_weights
-from transferctl.config import BackboneConfig, looks_like_weights_file
+from transferctl.config import PYTHON_PREFIX, BackboneConfig, looks_like_weights_file
 from transferctl.cut import cut_points, layout_of, pool, stage_hooks, tap_path
 from transferctl.engine import Runtime, Uint8Normalizer
 from transferctl.errors import DataError, Problem
@@ -47,12 +47,19 @@ class Features:
     seconds: float
 
 
-def load_probe_network(name: str, weights: str, image_size: int | None, pretrained: bool = True) -> ProbeNetwork:
-    """Build `name` with `weights` as train would; keep the weights' own head when they have one."""
-    backbone = build_backbone(BackboneConfig(name=name, weights=weights), num_classes=2, image_size=image_size, pretrained=pretrained)
+def load_probe_network(config: BackboneConfig, image_size: int | None, pretrained: bool = True) -> ProbeNetwork:
+    """Build the backbone as train would; keep the weights' own head when they have one."""
+    name, weights = config.name, config.weights
+    backbone = build_backbone(config, num_classes=2, image_size=image_size, pretrained=pretrained)
     source_classes = _restore_source_head(backbone, weights) if pretrained else None
     taps = {group: tap_path(backbone.model, backbone.groups, group) for group in cut_points(backbone.model, backbone.groups)}
-    return ProbeNetwork(backbone, taps, layout_of(name), source_classes, imagenet_top1(name, weights) if pretrained else None)
+    return ProbeNetwork(backbone, taps, _stage_layout(name), source_classes, imagenet_top1(name, weights) if pretrained else None)
+
+
+def _stage_layout(name: str) -> str:
+    """How the layer groups' outputs are laid out. A python: network is of no known family: taken to give
+    (B, C, H, W) feature maps, as convolutional networks do (tokens, (B, N, C), are pooled either way)."""
+    return "nchw" if name.startswith(PYTHON_PREFIX) else layout_of(name)
 
 
 def imagenet_top1(name: str, weights: str) -> float | None:

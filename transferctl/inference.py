@@ -3,7 +3,9 @@
 A checkpoint holds the state dict ("model"), the class names, the backbone (name, weights, head, cut) and
 the preprocessing. The architecture is rebuilt with `weights: none` (nothing to download: every weight
 comes from the checkpoint), given a head of len(classes) outputs, and the state dict is loaded strictly,
-so a checkpoint that does not fit its own architecture is an error, never a half-loaded model.
+so a checkpoint that does not fit its own architecture is an error, never a half-loaded model. A `python:`
+backbone is rebuilt only with the user's opt-in (trust_code, transferctl/trust.py): the checkpoint names
+the code to run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from transferctl.data import build_transform
 from transferctl.engine import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
 from transferctl.rundir import CHECKPOINTS, checkpoint_file, load_run_checkpoint
+from transferctl.trust import require_trusted
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
@@ -33,8 +36,9 @@ class TrainedModel(NamedTuple):
     preprocessing: Preprocessing
 
 
-def load_trained_model(run_dir: Path, checkpoint: str = "best") -> TrainedModel:
-    """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file."""
+def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> TrainedModel:
+    """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file.
+    trust_code: the user allows a python: backbone the checkpoint names to be imported and called."""
     where = str(checkpoint_file(run_dir, checkpoint))
     if checkpoint in ("best", "last") and run_dir.is_dir() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
@@ -45,7 +49,7 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best") -> TrainedModel:
         preprocessing = Preprocessing.from_dict(payload["preprocessing"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(Problem(where, "has no usable 'preprocessing' entry", "use a checkpoint written by `transferctl train`")) from None
-    model = _build_architecture(payload, len(classes), preprocessing, where)
+    model = _build_architecture(payload, len(classes), preprocessing, where, trust_code)
     _load_strictly(model, payload["model"], where)
     model.eval()
     return TrainedModel(model, classes, preprocessing)
@@ -64,8 +68,9 @@ def _backbone_config(payload: dict[str, Any], where: str) -> BackboneConfig:
         raise CheckpointError(Problem(where, f"has an invalid backbone entry: {exc.errors()[0]['msg']}", "use a checkpoint written by `transferctl train`")) from None
 
 
-def _build_architecture(payload: dict[str, Any], num_classes: int, preprocessing: Preprocessing, where: str) -> nn.Module:
+def _build_architecture(payload: dict[str, Any], num_classes: int, preprocessing: Preprocessing, where: str, trust_code: bool) -> nn.Module:
     config = _backbone_config(payload, where)
+    require_trusted(config.name, where, trust_code)
     try:
         # The crop size is the image size the run trained at (it matters to ViTs' position embeddings).
         return build_backbone(config, num_classes, preprocessing.crop, pretrained=False).model

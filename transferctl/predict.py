@@ -185,10 +185,10 @@ class Predictor:
         return {"path": path, "label": top[0][0], "score": top[0][1], "top": top}
 
 
-def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int) -> Predictor:
+def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int, trust_code: bool = False) -> Predictor:
     from transferctl.inference import check_runtime_options, eval_transform, inference_runtime, load_trained_model
 
     check_runtime_options(device, precision)
-    model, classes, preprocessing = load_trained_model(run_dir, checkpoint)
+    model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
     model, runtime = inference_runtime(model, device, precision)
     return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k)

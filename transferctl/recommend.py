@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferctl.errors import ConfigError, DataError, Problem
+
+if TYPE_CHECKING:
+    from transferctl.config import BackboneConfig
 
 SIZES = ("small", "large")
 Progress = Callable[[str], None]
@@ -139,6 +142,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
     from transferctl.config import looks_like_weights_file
 
     folder = path.resolve().parent
+    own = python_fields(backbone, weights)  # read before weights is rewritten below
     if advice.strategy == "scratch":
         weights = "none"  # scratch ignores weights; saying so keeps the file honest
     elif weights.startswith("run:"):
@@ -148,7 +152,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
     raw: dict[str, Any] = {
         "name": _experiment_name(data_root, advice.strategy),
         "seed": seed,
-        "backbone": {"name": backbone, "weights": weights, "cut": advice.cut},
+        "backbone": {"name": backbone, "weights": weights, "cut": advice.cut, **own},
         "data": {"root": _relative(data_root, folder), "image_size": image_size},
         "strategy": advice.strategy,
         "output": {"dir": "runs"},
@@ -431,17 +435,53 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
     return DataReport(summary, thresholds, ranked, advice, size_reasons, similarity_reasons, time.perf_counter() - started, notes)
 
 
-def backbone_of_run(weights: str) -> str | None:
-    """For `run:<dir>` weights, the backbone that run trained (from its config.yaml), so it need not be repeated."""
-    if not weights.startswith("run:"):
+def backbone_of_run(weights: str, trust_code: bool = False) -> str | None:
+    """For `run:<dir>` weights, the backbone that run trained (from its config.yaml), so it need not be repeated.
+    A python: one is then named by the run, not by the user: refused unless trust_code (transferctl/trust.py)."""
+    from transferctl.trust import require_trusted
+
+    name = _run_backbone_section(weights).get("name")
+    if not name:
         return None
+    require_trusted(str(name), str(Path(weights[4:]) / "config.yaml"), trust_code)
+    return str(name)
+
+
+def probe_backbone(name: str, weights: str) -> BackboneConfig:
+    """The backbone section to measure `name` with `weights` by (a python: one's from its run)."""
+    from pydantic import ValidationError
+
+    from transferctl.config import BackboneConfig
+
+    try:
+        return BackboneConfig.model_validate({"name": name, "weights": weights, **python_fields(name, weights)})
+    except ValidationError as exc:
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ConfigError(Problem("--backbone", message, "recommend measures a python: backbone with the weights of a run that trained it: --weights run:<run dir>")) from None
+
+
+def python_fields(name: str, weights: str) -> dict[str, Any]:
+    """A python: backbone's head, groups and normalisation, which are no command-line options: from the run
+    that `run:` weights name, when that run trained this backbone; {} otherwise."""
+    from transferctl.config import PYTHON_FIELDS, PYTHON_PREFIX
+
+    section = _run_backbone_section(weights)
+    if not name.startswith(PYTHON_PREFIX) or section.get("name") != name:
+        return {}
+    return {key: section[key] for key in PYTHON_FIELDS if section.get(key) is not None}
+
+
+def _run_backbone_section(weights: str) -> dict[str, Any]:
+    """The backbone section of the config.yaml of the run that `run:` weights name; {} for other weights."""
+    if not weights.startswith("run:"):
+        return {}
     from transferctl.config import read_yaml
 
     path = Path(weights[4:]) / "config.yaml"
     if not path.is_file():
-        return None
-    name = (read_yaml(path).get("backbone") or {}).get("name")
-    return str(name) if name else None
+        return {}
+    section = read_yaml(path).get("backbone")
+    return dict(section) if isinstance(section, dict) else {}
 
 
 def _check_options(options: MeasureOptions) -> None:
@@ -518,7 +558,7 @@ def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOp
     started = time.perf_counter()
     say(f"{name}: building with weights {options.weights}")
     with seeded_torch_rng(options.seed):  # weights: none, and any layer the weights leave out, start from --seed
-        network = load_probe_network(name, options.weights, options.image_size)
+        network = load_probe_network(probe_backbone(name, options.weights), options.image_size)
     preprocessing = network.backbone.preprocessing
     batch = images.get(preprocessing)
     runtime = make_runtime(options.device, options.precision, network.model)
@@ -537,8 +577,8 @@ def _random_features(name: str, preprocessing: Any, images: _ImageCache, subset:
     from transferctl.engine import make_runtime
     from transferctl.features import extract, load_probe_network, with_preprocessing
 
-    with seeded_torch_rng(options.seed):
-        reference = with_preprocessing(load_probe_network(name, "none", options.image_size, pretrained=False), preprocessing)
+    with seeded_torch_rng(options.seed):  # pretrained=False: options.weights are left out, the architecture kept
+        reference = with_preprocessing(load_probe_network(probe_backbone(name, options.weights), options.image_size, pretrained=False), preprocessing)
     runtime = make_runtime(options.device, options.precision, reference.model)
     return extract(reference, images.get(preprocessing)[subset], runtime, options.batch_size)
 

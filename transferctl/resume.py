@@ -6,7 +6,8 @@ the uninterrupted run would have computed. Only what cannot change its results m
 config the run started with: the device and precision, workers, patience, where the data lives, and
 phases that have not started yet. Anything else is refused, each change named. A run whose last.pt is
 missing or damaged although epochs finished is refused too, unless the user asks to start over
-(restart): what the earlier training left is then moved aside, never replaced.
+(restart): what the earlier training left is then moved aside, never replaced. A `python:` backbone in
+the run's config.yaml is rebuilt only with the user's opt-in (trust_code, transferctl/trust.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transferctl.distributed import from_main, is_main, process_group
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
 from transferctl.rundir import RunDir, load_run_checkpoint, metric_lines
+from transferctl.trust import require_trusted
 from transferctl.train import (
     Experiment,
     ResumePoint,
@@ -42,20 +44,24 @@ RESUME_STATE = ("optimizer", "scheduler", "rng", "rows", "phase_done", "stale", 
 EARLIER_TRAINING = ("checkpoints/best.pt", "checkpoints/last.pt", "metrics.jsonl", "metrics.csv", "summary.json", "eval")
 
 
-def resume(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), observer: TrainObserver | None = None, restart: bool = False) -> dict[str, Any]:
-    """Continue the run in run_dir from its last completed epoch; return the summary. restart: train from
-    epoch 1 again, whatever last.pt holds, with the earlier training's files moved aside (set_aside)."""
+def resume(
+    run_dir: Path, overrides: list[str] | tuple[str, ...] = (), observer: TrainObserver | None = None, trust_code: bool = False, restart: bool = False
+) -> dict[str, Any]:
+    """Continue the run in run_dir from its last completed epoch; return the summary. trust_code: the user
+    allows a python: backbone that the run's config.yaml names to be imported and called. restart: train
+    from epoch 1 again, whatever last.pt holds, with the earlier training's files moved aside (set_aside)."""
     with process_group():
-        return _resume(run_dir, overrides, (observer or SilentObserver()) if is_main() else SilentObserver(), restart)
+        return _resume(run_dir, overrides, (observer or SilentObserver()) if is_main() else SilentObserver(), trust_code, restart)
 
 
-def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: TrainObserver, restart: bool) -> dict[str, Any]:
+def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: TrainObserver, trust_code: bool, restart: bool) -> dict[str, Any]:
     # Under torchrun rank 0 reads the run (its folder need not exist on other nodes) and hands it to the others.
     run = RunDir(from_main(lambda: _open_run(run_dir).path), writer=is_main())
     with run.lock():
         run.remove_stale_temp_files()
         config_file = run.path / "config.yaml"
         config = from_main(lambda: load_config(config_file, overrides))
+        require_trusted(config.backbone.name, str(config_file), trust_code)
         if restart:
             kept = from_main(lambda: set_aside(run))
             aside = f"; the earlier checkpoints, metrics and summary are in {kept}" if kept else ""

@@ -15,6 +15,9 @@ RunDirArg = typer.Argument(..., file_okay=False, help="A run directory written b
 CheckpointOption = typer.Option("best", "--checkpoint", help="best | last | path to a checkpoint file.")
 DeviceOption = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps.")
 PrecisionOption = typer.Option("fp32", "--precision", help="fp32 (exact) | bf16 | fp16 | auto (as in training).")
+TrustCodeOption = typer.Option(
+    False, "--trust-code", help="Let a python: backbone that the run names be imported and run (its code runs: only for runs you trust; or list the module in TRANSFERCTL_TRUSTED_CODE)."
+)
 BatchSizeOption = typer.Option(None, "--batch-size", min=1, help="Images per batch (default: the run's data.batch_size).")
 
 
@@ -28,6 +31,7 @@ def evaluate(
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
+    trust_code: bool = TrustCodeOption,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion matrix and calibration of a trained run."""
     from transferctl.evaluate import SPLIT_CHOICES, evaluate_run
@@ -35,7 +39,7 @@ def evaluate(
     if split is not None and split not in SPLIT_CHOICES:
         raise typer.BadParameter(f"'{split}' is not one of {', '.join(SPLIT_CHOICES)}", param_hint="--split")
     with user_errors():
-        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision)
+        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision, trust_code)
     for notice in result.notices:
         err.print(f"note: {notice}", style="yellow", markup=False)
     if as_json:

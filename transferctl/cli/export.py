@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli.evaluate import TrustCodeOption
 
 FORMATS = ("onnx", "torchscript", "safetensors")  # transferctl.export.FORMATS, without importing torch here
 
@@ -23,6 +24,7 @@ def export_command(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best | last | path to a checkpoint file."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Folder to write into (default: RUN_DIR/export)."),
     as_json: bool = typer.Option(False, "--json", help="Print the written paths and the check as JSON on stdout."),
+    trust_code: bool = TrustCodeOption,
 ) -> None:
     """Write the trained model for deployment, with model.json (preprocessing, classes) beside it."""
     if fmt not in FORMATS:
@@ -30,7 +32,7 @@ def export_command(
     from transferctl.export import export
 
     with user_errors():
-        result = export(run_dir, fmt, checkpoint, out)
+        result = export(run_dir, fmt, checkpoint, out, trust_code)
     if as_json:
         print_json({"format": result.format, "model": str(result.model_file), "sidecar": str(result.sidecar), "max_abs_diff": result.max_diff})
         return

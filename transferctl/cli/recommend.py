@@ -39,6 +39,9 @@ def recommend(
     force: bool = typer.Option(False, "--force", help="Let --write-config replace an existing file."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="With run: weights of a python: backbone: let the run's module be imported and run (only for runs you trust; or list it in TRANSFERCTL_TRUSTED_CODE)."
+    ),
 ) -> None:
     """Recommend a strategy: rule mode (--size, --similar) or data mode (--data DIR, measured)."""
     rule_mode = size is not None or similar is not None
@@ -53,7 +56,7 @@ def recommend(
 
     thresholds = Thresholds(small_below, large_from, gain_points, depth_points, worth_points, ami_min)
     with user_errors():
-        names = _backbone_names(backbone, weights)
+        names = _backbone_names(backbone, weights, trust_code)
         options = MeasureOptions(names, weights, max_images, random_images, random_for, image_size, folds, seed, device, precision)
         _data_mode(data, options, thresholds, write_config, force, as_json, quiet)
 
@@ -94,12 +97,12 @@ def _single_backbone(backbone: Optional[str]) -> str:
     return names[0]
 
 
-def _backbone_names(backbone: Optional[str], weights: str) -> tuple[str, ...]:
+def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> tuple[str, ...]:
     from transferctl.recommend import MeasureOptions, backbone_of_run
 
     if backbone:
         return tuple(n.strip() for n in backbone.split(",") if n.strip())
-    own = backbone_of_run(weights)
+    own = backbone_of_run(weights, trust_code)
     return (own,) if own else MeasureOptions().backbones
 
 

@@ -23,6 +23,9 @@ def train(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="With --resume: let a python: backbone that the run names be imported and run (only for runs you trust; or list the module in TRANSFERCTL_TRUSTED_CODE)."
+    ),
     restart: bool = typer.Option(
         False, "--restart", help="With --resume: start over from epoch 1 (for a run whose last.pt is missing or damaged); the earlier checkpoints, metrics and summary are moved into RUN_DIR/before-restart-<time>/."
     ),
@@ -42,7 +45,7 @@ def train(
     if restart and resume is None:
         raise typer.BadParameter("only applies with --resume RUN_DIR", param_hint="--restart")
     if nproc is not None and nproc > 1 and not launched():
-        _launch(nproc, config, overrides or [], run_dir, resume, as_json, quiet, restart=restart)
+        _launch(nproc, config, overrides or [], run_dir, resume, as_json, quiet, trust_code, restart=restart)
     main = env_rank() == 0  # under torchrun only rank 0 shows progress and prints the summary
     quiet, as_json = quiet or not main, as_json and main
     # Before torch is imported (seconds): from here SIGTERM stops the command with exit 130 as Ctrl-C does.
@@ -55,7 +58,7 @@ def train(
                 from transferctl.resume import resume as resume_training
 
                 with with_tensorboard(progress, run_wants_tensorboard(resume, overrides or []), f"{resume / 'config.yaml'}: logging.tensorboard") as observer:
-                    summary = resume_training(resume, overrides or [], observer, restart=restart)
+                    summary = resume_training(resume, overrides or [], observer, trust_code, restart=restart)
             else:
                 from transferctl.train import train as run_training
 
@@ -69,7 +72,10 @@ def train(
         _print_summary(summary)
 
 
-def _launch(nproc: int, config: Optional[Path], overrides: List[str], run_dir: Optional[Path], resume: Optional[Path], as_json: bool, quiet: bool, restart: bool) -> None:
+def _launch(
+    nproc: int, config: Optional[Path], overrides: List[str], run_dir: Optional[Path], resume: Optional[Path], as_json: bool, quiet: bool, trust_code: bool,
+    restart: bool,
+) -> None:
     """Start this command in nproc processes through PyTorch's launcher; exit with its exit code."""
     import os
     import signal
@@ -82,7 +88,7 @@ def _launch(nproc: int, config: Optional[Path], overrides: List[str], run_dir: O
     argv = ["train", *([str(config)] if config else ["--resume", str(resume)])]
     argv += [arg for override in overrides for arg in ("--set", override)]
     argv += ["--run-dir", str(run_dir)] if run_dir else []
-    argv += ["--json"] * as_json + ["--quiet"] * quiet + ["--restart"] * restart
+    argv += ["--json"] * as_json + ["--quiet"] * quiet + ["--trust-code"] * trust_code + ["--restart"] * restart
     if config is not None:
         with user_errors(), signals_interrupt():
             load_config(config, overrides)  # one error message here, rather than one per process
