@@ -39,7 +39,7 @@ def transferctl(*args: str) -> dict:
     command = [sys.executable, "-m", "transferctl", *args, "--json"]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"demo: `{' '.join(command[2:])}` failed with exit code {done.returncode}")
+        raise SystemExit(f"`{' '.join(command[2:])}` failed with exit code {done.returncode}")
     return json.loads(done.stdout)
 
 

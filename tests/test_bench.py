@@ -6,6 +6,7 @@ The contenders themselves train for minutes; the benchmark is run by hand (READM
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there while the class is made
     spec.loader.exec_module(module)
     return module
 
