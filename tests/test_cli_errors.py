@@ -203,6 +203,45 @@ def test_bad_data_folders_are_named(tmp_path: Path, data: Path, damage: Callable
     assert expected in line
 
 
+# --------------------------------------------------------------------------- paths the system refuses
+
+
+HOSTILE_COMMANDS = {
+    "config": lambda path, config: ["check", path],
+    "show": lambda path, config: ["show", path],
+    "runs": lambda path, config: ["runs", path],
+    "resume": lambda path, config: ["train", "--resume", path],
+    "run-dir": lambda path, config: ["train", config, "--run-dir", path / "run"],
+    "data.root": lambda path, config: ["check", config, "--set", f"data.root={path}"],
+    "output.dir": lambda path, config: ["train", config, "--set", f"output.dir={path}"],
+    "weights-file": lambda path, config: ["check", config, "--set", f"backbone.weights={path / 'w.pt'}"],
+    "weights-run": lambda path, config: ["check", config, "--set", f"backbone.weights=run:{path}"],
+    "predict": lambda path, config: ["predict", path, "x.png"],
+    "evaluate": lambda path, config: ["evaluate", path],
+}
+FIELDS = {"resume": "--resume", "run-dir": "--run-dir", "data.root": "data.root", "output.dir": "output.dir", "weights-file": "backbone.weights",
+          "weights-run": "backbone.weights"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["long name", "symlink loop"])
+@pytest.mark.parametrize("command", list(HOSTILE_COMMANDS))
+def test_a_name_too_long_or_a_symlink_loop_is_one_line_naming_the_path(tmp_path: Path, data: Path, command: str, kind: str) -> None:
+    """OSError: [Errno 36] File name too long, or RuntimeError: Symlink loop, was a traceback in each."""
+    config = write_experiment(tmp_path / "e.yaml", experiment(data, tmp_path / "runs"))
+    path = tmp_path / ("n" * 300)  # one name over the 255 bytes file systems allow
+    if kind == "symlink loop":
+        path = tmp_path / "loop"
+        path.symlink_to(path)
+
+    line = one_error_line(runner.invoke(app, [str(arg) for arg in HOSTILE_COMMANDS[command](path, config)]))
+
+    field = f"{FIELDS[command]}: " if command in FIELDS else ""
+    if kind == "long name":
+        assert line.startswith(f"error: {field}{tmp_path}/{'n' * 22}...{'n' * 22}") and "has a name of 300 bytes, where file systems allow 255" in line
+    else:
+        assert line.startswith(f"error: {field}{tmp_path}/loop") and "runs into a symlink loop" in line
+
+
 # --------------------------------------------------------------------------- training
 
 

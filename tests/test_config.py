@@ -47,6 +47,26 @@ def test_run_weights_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert config.backbone.weights == "run:" + str((tmp_path / "runs/base").resolve())
 
 
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [("data: {root: loop/images}\n", "data.root"), ("data: {root: images}\noutput: {dir: loop}\n", "output.dir"),
+     ("data: {root: images}\nbackbone: {weights: loop/w.pt}\n", "backbone.weights"), ("data: {root: images}\nbackbone: {weights: 'run:loop'}\n", "backbone.weights")],
+)  # fmt: skip
+def test_a_relative_path_into_a_symlink_loop_names_its_field(tmp_path: Path, text: str, field: str) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ConfigError) as caught:  # pathlib's resolve raised RuntimeError('Symlink loop from ...')
+        load_config(write(tmp_path, text))
+    (message,) = messages(caught.value)
+    assert message.startswith(f"{field}: {tmp_path / 'loop'}") and "runs into a symlink loop" in message
+
+
+def test_an_experiment_file_with_a_name_too_long_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:  # OSError: [Errno 36] File name too long
+        load_config(tmp_path / f"{'n' * 300}.yaml")
+    (message,) = messages(caught.value)
+    assert message.startswith(f"{tmp_path}/{'n' * 22}...") and "has a name of 305 bytes" in message
+
+
 def test_unknown_field_suggests_the_close_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, "data: {root: images, batch_sise: 4}\n"))

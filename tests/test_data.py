@@ -340,6 +340,101 @@ def test_symlinked_folder_loop_does_not_hang(tmp_path: Path) -> None:
     assert splits.counts()["train"] + splits.counts()["val"] == 4
 
 
+def test_symlinked_folders_are_not_followed_and_are_named(tmp_path: Path) -> None:
+    root = write_class_tree(tmp_path / "data", {"cat": 2, "dog": 3})
+    elsewhere = write_class_tree(tmp_path / "elsewhere", {"bird": 2})
+    (root / "all").symlink_to(root, target_is_directory=True)  # a link to the root: a class of copies of every image
+    (root / "bird").symlink_to(elsewhere / "bird", target_is_directory=True)
+    (root / "dog" / "more").symlink_to(elsewhere / "bird", target_is_directory=True)
+
+    splits = discover(root, val_fraction=0.5, seed=0)
+
+    assert splits.classes == ["cat", "dog"] and len(splits.train + splits.val) == 5
+    assert splits.linked == (root / "all", root / "bird", root / "dog" / "more")
+    assert data_notices(splits)[-1] == (f"data.root: left out 3 symlinked folders, not followed: {root / 'all'}, {root / 'bird'}, {root / 'dog' / 'more'} "
+                                        "(copy or move the images there to use them)")  # fmt: skip
+
+
+def test_symlinked_split_folders_are_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        write_class_tree(root / split, {"cat": 2, "dog": 2})
+    (root / "test").symlink_to(root / "val", target_is_directory=True)
+    (root / "train" / "cats-too").symlink_to(root / "train" / "cat", target_is_directory=True)
+
+    splits = discover(root, val_fraction=0.2, seed=0)
+
+    assert splits.classes == ["cat", "dog"] and splits.test == [] and splits.linked == (root / "test", root / "train" / "cats-too")
+    (root / "val").rename(tmp_path / "real-val")
+    (root / "val").symlink_to(tmp_path / "real-val", target_is_directory=True)
+    with pytest.raises(DataError, match=r"has train/ but no val/ folder \(a symlinked folder, which is not followed\)"):
+        discover(root, val_fraction=0.2, seed=0)
+
+
+def test_class_folders_that_are_all_links_are_named_in_the_refusal(tmp_path: Path) -> None:
+    real = write_class_tree(tmp_path / "real", {"cat": 2, "dog": 2})
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("cat", "dog"):
+        (root / name).symlink_to(real / name, target_is_directory=True)
+
+    with pytest.raises(DataError, match=r"has no images \(symlinked folders are not followed: cat, dog\)"):
+        discover(root, val_fraction=0.5, seed=0)
+    assert discover(tmp_path / "real", val_fraction=0.5, seed=0).classes == ["cat", "dog"]
+
+
+def test_a_data_root_that_is_a_symlink_is_followed(tmp_path: Path) -> None:
+    real = write_class_tree(tmp_path / "real", {"cat": 2, "dog": 2})
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)  # the user named it
+
+    splits = discover(tmp_path / "link", val_fraction=0.5, seed=0)
+
+    assert splits.classes == ["cat", "dog"] and splits.linked == ()
+
+
+@pytest.mark.parametrize("kind", ["loop", "long name"])
+def test_a_data_root_in_a_symlink_loop_or_with_a_name_too_long_is_one_line(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / ("n" * 300)
+    if kind == "loop":
+        root = tmp_path / "loop"
+        root.symlink_to(root)
+
+    with pytest.raises(DataError) as info:
+        discover(root / "photos", val_fraction=0.5, seed=0)
+
+    (problem,) = info.value.problems
+    assert problem.where == "data.root" and ("symlink loop" in problem.message if kind == "loop" else "300 bytes" in problem.message)
+    assert "n" * 60 not in str(problem)  # the long name is shortened
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path: Path) -> None:
+    """open() on a FIFO waits for a writer: discovery used to hang for ever. A child process, so that a
+    regression fails on its timeout instead of hanging the tests."""
+    import json
+    import subprocess
+    import sys
+
+    root = write_class_tree(tmp_path / "data", {"cat": 2, "dog": 2})
+    os.mkfifo(root / "cat" / "x.png")
+    script = """import json, sys
+from pathlib import Path
+from transferctl.data import discover
+from transferctl.errors import DataError
+splits = discover(Path(sys.argv[1]), 0.5, 0)
+try:
+    discover(Path(sys.argv[1]), 0.5, 0, on_bad_image="error")
+except DataError as exc:
+    refusal = str(exc)
+print(json.dumps({"skipped": {str(i.path): i.reason for i in splits.skipped}, "images": len(splits.train + splits.val), "refusal": refusal}))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["skipped"] == {str(root / "cat" / "x.png"): "cannot be read: a FIFO (named pipe), not a regular file"} and found["images"] == 4
+    assert "1 unreadable image" in found["refusal"]
+
+
 def test_non_ascii_names_work(tmp_path: Path) -> None:
     root = tmp_path / "données"
     write_png(root / "chat été" / "photo ünïcode.png", (250, 0, 0))

@@ -189,6 +189,16 @@ def test_a_data_tree_with_other_classes_is_refused(trained: Path, tmp_path: Path
     assert "missing blue" in lines[0] and "extra navy, yellow" in lines[0]
 
 
+def test_data_with_a_name_too_long_or_in_a_symlink_loop_is_one_line(trained: Path, tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for data, reason in ((tmp_path / ("n" * 300), "has a name of 300 bytes"), (loop, "runs into a symlink loop")):
+        result = invoke("evaluate", trained, "--data", data, "--device", "cpu")
+        assert result.exit_code == 1 and "Traceback" not in result.output  # File name too long was a traceback
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --data: {tmp_path}/") and reason in lines[0]
+
+
 def test_missing_run_checkpoint_and_split_are_user_errors(trained: Path, tmp_path: Path) -> None:
     result = invoke("evaluate", tmp_path / "nowhere")
     assert result.exit_code == 1 and "not a transferctl run directory" in result.stderr

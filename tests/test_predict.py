@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -141,6 +142,39 @@ def test_a_file_name_with_a_newline_keeps_its_error_on_one_line(run: Path, tmp_p
     assert result.exit_code == 1
     assert json.loads(result.stdout)["path"] == str(odd)  # JSON keeps the name as it is
     assert result.stderr.splitlines()[0] == f"error: {tmp_path}/bad\\nname.png: not an image (or a format Pillow cannot read)"
+
+
+def test_a_name_too_long_or_a_symlink_loop_on_stdin_is_an_error_line_among_the_others(run: Path, images: Path, tmp_path: Path) -> None:
+    """The reader thread's OSError (File name too long) used to end the command, losing the records before it."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    inputs = [images / "00.png", tmp_path / ("n" * 300), loop / "x.png", images / "01.png"]
+
+    result = invoke("predict", run, "-", "--device", "cpu", "--batch-size", "1", input="".join(f"{p}\n" for p in inputs))
+
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in inputs] and "label" in records[0] and "label" in records[3]
+    assert records[1]["error"] == "has a name of 300 bytes, where file systems allow 255"
+    assert records[2]["error"] == "runs into a symlink loop: links that lead back to each other"
+    assert result.stderr.splitlines()[0] == f"error: {tmp_path}/{'n' * 22}...{'n' * 22}: has a name of 300 bytes, where file systems allow 255"
+
+
+def test_a_fifo_is_an_error_line_not_a_wait_for_ever(run: Path, images: Path, tmp_path: Path) -> None:
+    """open() on a FIFO waits for a writer: given alone or in a folder, predict used to hang. A child
+    process, so that a regression fails on its timeout instead of hanging the tests."""
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    os.mkfifo(images / "02-fifo.png")
+    command = [sys.executable, "-m", "transferctl", "predict", str(run), str(fifo), str(images / "00.png"), str(images), "--device", "cpu"]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1, done.stderr
+    records = {record["path"]: record for record in map(json.loads, done.stdout.splitlines())}
+    fifo_error = "a FIFO (named pipe), not a regular file"
+    assert records[str(fifo)] == {"path": str(fifo), "error": fifo_error} == {**records[str(images / "02-fifo.png")], "path": str(fifo)}
+    assert "label" in records[str(images / "00.png")] and len(records) == 9  # fifo, 00.png, the folder's 7 entries
 
 
 def test_strict_stops_at_the_first_failure(run: Path, images: Path) -> None:

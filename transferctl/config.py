@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from transferctl.errors import ConfigError, Problem, clip, did_you_mean, quote
+from transferctl.paths import checked, resolved
 
 Strategy = Literal["feature_extract", "fine_tune", "scratch", "pretrained_init"]
 STRATEGIES: tuple[str, ...] = ("feature_extract", "fine_tune", "scratch", "pretrained_init")
@@ -368,7 +369,7 @@ def parse_yaml(text: str) -> Any:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not checked(path, ConfigError).is_file():
         raise ConfigError(Problem(str(path), "no such file", "check the path to the experiment file"))
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
@@ -460,18 +461,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Pa
 def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
     """Relative paths in the file mean 'relative to the file', not to wherever the shell happens to be."""
 
-    def resolve(path: Path) -> Path:
-        return path if path.is_absolute() else (base_dir / path).resolve()
+    def resolve(path: Path, field: str) -> Path:
+        return path if path.is_absolute() else resolved(base_dir / path, ConfigError, field)
 
     weights = config.backbone.weights
     if weights.startswith("run:"):
-        weights = "run:" + str(resolve(Path(weights[4:])))
+        weights = "run:" + str(resolve(Path(weights[4:]), "backbone.weights"))
     elif looks_like_weights_file(weights):
-        weights = str(resolve(Path(weights)))
+        weights = str(resolve(Path(weights), "backbone.weights"))
     return config.model_copy(
         update={
-            "data": config.data.model_copy(update={"root": resolve(config.data.root)}),
-            "output": config.output.model_copy(update={"dir": resolve(config.output.dir)}),
+            "data": config.data.model_copy(update={"root": resolve(config.data.root, "data.root")}),
+            "output": config.output.model_copy(update={"dir": resolve(config.output.dir, "output.dir")}),
             "backbone": config.backbone.model_copy(update={"weights": weights}),
         }
     )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from transferctl.distributed import Shard, shard_length, shard_of
 from transferctl.errors import DataError, Problem
+from transferctl.paths import checked, open_regular, shown
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,7 @@ class DatasetSplits:
     skipped: tuple[BadImage, ...] = ()  # unreadable images left out (data.on_bad_image: skip)
     ignored: tuple[Path, ...] = ()  # files in class folders that are not images by their suffix
     run_folders: tuple[Path, ...] = ()  # transferctl runs among the class folders: output.dir inside data.root
+    linked: tuple[Path, ...] = ()  # symlinked folders left out: discovery does not follow them
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -68,54 +70,92 @@ def discover(root: Path, val_fraction: float, seed: int, on_bad_image: str = "sk
     Every image is checked once, quickly (see image_problem); unreadable ones are left out and listed in
     `skipped`, or with on_bad_image 'error' they stop everything before training starts. split=False
     leaves a flat tree whole, in `train` (for a reader of every image, which needs no validation share).
+    Symlinked folders below root are not followed (a link to the root would make a class of copies of every
+    image); they are listed in `linked`. root itself may be a link: the user named it.
     """
+    checked(root, DataError, "data.root")
     if not root.is_dir():
-        what = f"{root} is a file, not a folder" if root.exists() else f"no such folder: {root}"
+        what = f"{shown(root)} is a file, not a folder" if root.exists() else f"no such folder: {shown(root)}"
         raise DataError(Problem("data.root", what, "point data.root at a folder of class folders"))
-    if (root / "train").is_dir():
+    if _real_folder(root / "train"):
         return _discover_split_layout(root, on_bad_image)
-    runs = run_folders(root)
-    classes = class_folders(root, "data.root", runs)
-    tree = _read_tree({"data.root": root}, classes, on_bad_image)
+    found = class_folders(root, "data.root")
+    tree = _read_tree({"data.root": root}, found.classes, on_bad_image)
     train, val = stratified_split(tree.samples["data.root"], val_fraction, seed) if split else (sorted(tree.samples["data.root"]), [])
-    return DatasetSplits(root, classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored, run_folders=runs)
+    return DatasetSplits(root, found.classes, train, val, [], layout="flat", skipped=tree.skipped, ignored=tree.ignored, run_folders=found.runs,
+                         linked=found.linked + tree.linked)  # fmt: skip
 
 
 def _discover_split_layout(root: Path, on_bad_image: str) -> DatasetSplits:
-    if not (root / "val").is_dir():
-        raise DataError(Problem("data.root", f"{root} has train/ but no val/ folder", "add root/val/<class>/ images, or put the class folders directly under data.root"))
-    present = [split for split in SPLITS if (root / split).is_dir()]
-    runs = {split: run_folders(root / split) for split in present}
-    classes = class_folders(root / "train", "data.root/train", runs["train"])
+    if not _real_folder(root / "val"):
+        linked = " (a symlinked folder, which is not followed)" if (root / "val").is_symlink() else ""
+        raise DataError(Problem("data.root", f"{shown(root)} has train/ but no val/ folder{linked}", "add root/val/<class>/ images, or put the class folders directly under data.root"))
+    present = [split for split in SPLITS if _real_folder(root / split)]
+    found = {split: class_folders(root / split, f"data.root/{split}") for split in present}
+    classes = found["train"].classes
     for split in present[1:]:
-        _check_same_classes(classes, class_folders(root / split, f"data.root/{split}", runs[split]), split)
+        _check_same_classes(classes, found[split].classes, split)
     tree = _read_tree({f"data.root/{split}": root / split for split in present}, classes, on_bad_image)
     splits = {split: tree.samples.get(f"data.root/{split}", []) for split in SPLITS}
-    found_runs = tuple(path for split in present for path in runs[split])
-    return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split", skipped=tree.skipped, ignored=tree.ignored, run_folders=found_runs)
+    found_runs = tuple(path for split in present for path in found[split].runs)
+    linked = tuple(root / split for split in SPLITS if (root / split).is_symlink()) + tuple(path for split in present for path in found[split].linked)
+    return DatasetSplits(root, classes, splits["train"], splits["val"], splits["test"], layout="split", skipped=tree.skipped, ignored=tree.ignored,
+                         run_folders=found_runs, linked=linked + tree.linked)  # fmt: skip
 
 
-def class_folders(folder: Path, where: str, runs: tuple[Path, ...] = ()) -> list[str]:
-    """The class folders' names: every visible sub-folder but `runs` (run_folders of the folder)."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in runs)
+def _real_folder(path: Path) -> bool:
+    """A folder that is not a symlink: discovery follows no link below data.root."""
+    return path.is_dir() and not path.is_symlink()
+
+
+@dataclass(frozen=True)
+class ClassFolders:
+    classes: list[str]  # the class folders' names, sorted
+    runs: tuple[Path, ...]  # sub-folders holding transferctl runs (run_folders), never classes
+    linked: tuple[Path, ...]  # symlinked sub-folders, not followed
+
+
+def class_folders(folder: Path, where: str) -> ClassFolders:
+    """The class folders: the visible sub-folders, less those that hold runs and those that are symlinks."""
+    real, linked = _sub_folders(folder)
+    runs = run_folders(real)
+    classes = sorted(p.name for p in real if p not in runs)
     if len(classes) < 2:
+        unfollowed = f" (symlinked folders are not followed: {', '.join(shown(p.name) for p in linked)})" if linked else ""
         if not list_images(folder):
-            raise DataError(Problem(where, f"{folder} has no images", "put the images in one sub-folder per class, the same classes in every split"))
-        found = f"only '{classes[0]}'" if classes else "none"
-        raise DataError(Problem(where, f"{folder} needs at least two class folders, found {found}", "make one sub-folder of images per class"))
-    return classes
+            raise DataError(Problem(where, f"{shown(folder)} has no images{unfollowed}", "put the images in one sub-folder per class, the same classes in every split"))
+        found = f"only '{shown(classes[0])}'" if classes else "none"
+        raise DataError(Problem(where, f"{shown(folder)} needs at least two class folders, found {found}{unfollowed}", "make one sub-folder of images per class"))
+    return ClassFolders(classes, runs, tuple(linked))
 
 
-def run_folders(folder: Path) -> tuple[Path, ...]:
-    """The sub-folders that hold transferctl runs (a run, or a folder of runs), which are never classes: an
-    experiment file in a flat data folder (`transferctl init .`) writes its runs/ there."""
+def _sub_folders(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(visible sub-folders, visible symlinks to folders) of folder, each sorted; the entries' types come
+    with the listing, so only the links are looked up (Path.is_dir: a link in a loop is no folder)."""
+    real: list[Path] = []
+    linked: list[Path] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                if Path(entry.path).is_dir():
+                    linked.append(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                real.append(Path(entry.path))
+    return sorted(real), sorted(linked)
+
+
+def run_folders(folders: list[Path]) -> tuple[Path, ...]:
+    """Those of the folders that hold transferctl runs (a run, or a folder of runs), which are never classes:
+    an experiment file in a flat data folder (`transferctl init .`) writes its runs/ there."""
     from transferctl.runs import is_run_dir
 
     def holds_runs(path: Path) -> bool:
         with os.scandir(path) as entries:  # the entries' types come with the listing: no stat per image
-            return is_run_dir(path) or any(entry.is_dir() and is_run_dir(Path(entry.path)) for entry in entries)
+            return is_run_dir(path) or any(entry.is_dir(follow_symlinks=False) and is_run_dir(Path(entry.path)) for entry in entries)
 
-    return tuple(sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".") and holds_runs(path)))
+    return tuple(sorted(path for path in folders if holds_runs(path)))
 
 
 def _check_same_classes(train: list[str], other: list[str], split: str) -> None:
@@ -148,20 +188,23 @@ class _Tree:
     samples: dict[str, list[Sample]]  # keyed by where (data.root, data.root/train, ...)
     skipped: tuple[BadImage, ...]
     ignored: tuple[Path, ...]
+    linked: tuple[Path, ...]  # symlinked folders inside the class folders, not followed
 
 
 def _read_tree(folders: dict[str, Path], classes: list[str], on_bad_image: str) -> _Tree:
     """The samples below each folder, every image checked once (all folders together: one thread pool)."""
     listed: dict[str, list[list[Path]]] = {}
     ignored: list[Path] = []
+    linked: list[Path] = []
     for where, folder in folders.items():
         listed[where] = []
         for name in classes:
-            images, others = scan_folder(folder / name)
-            if not images:
-                raise DataError(Problem(where, f"class folder {folder / name} has no images", f"add images ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) or remove the folder"))
-            listed[where].append(images)
-            ignored.extend(others)
+            scan = scan_folder(folder / name)
+            if not scan.images:
+                raise DataError(Problem(where, f"class folder {shown(folder / name)} has no images", f"add images ({', '.join(sorted(IMAGE_SUFFIXES)[:4])}, ...) or remove the folder"))
+            listed[where].append(scan.images)
+            ignored.extend(scan.others)
+            linked.extend(scan.linked)
     bad = find_bad_images([path for per_class in listed.values() for files in per_class for path in files])
     if bad and on_bad_image == "error":
         raise DataError(Problem("data.root", f"{_count(len(bad), 'unreadable image')}: {_examples(bad)}", "fix or remove them, or set data.on_bad_image: skip to train without them"))
@@ -175,7 +218,7 @@ def _read_tree(folders: dict[str, Path], classes: list[str], on_bad_image: str) 
                 raise DataError(Problem(where, f"class folder {folder} has no readable images: {_examples(bad, files)}", "replace them with images that open"))
             samples[where].extend((path, label) for path in good)
     skipped = tuple(BadImage(path, bad[path]) for path in sorted(bad))
-    return _Tree(samples, skipped, tuple(sorted(ignored)))
+    return _Tree(samples, skipped, tuple(sorted(ignored)), tuple(sorted(linked)))
 
 
 def _count(n: int, noun: str) -> str:
@@ -218,9 +261,7 @@ def data_notices(splits: DatasetSplits) -> list[str]:
         bad = {item.path: item.reason for item in splits.skipped}
         notices.append(f"data.root: skipped {_count(len(bad), 'unreadable image')}: {_examples(bad)}")
     if splits.ignored:
-        shown = ", ".join(str(path) for path in splits.ignored[:SHOWN_PATHS])
-        more = f" and {len(splits.ignored) - SHOWN_PATHS} more" if len(splits.ignored) > SHOWN_PATHS else ""
-        notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {shown}{more}")
+        notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {_first_paths(splits.ignored)}")
     unseen = sorted(set(range(len(splits.classes))) - {label for _, label in splits.val}) if splits.val else []  # none: not split
     if unseen:
         names = ", ".join(splits.classes[label] for label in unseen)
@@ -228,27 +269,44 @@ def data_notices(splits: DatasetSplits) -> list[str]:
     if splits.run_folders:
         folders = ", ".join(str(path) for path in splits.run_folders)
         notices.append(f"data.root: left out {folders}: transferctl runs, not a class")
+    if splits.linked:
+        notices.append(f"data.root: left out {_count(len(splits.linked), 'symlinked folder')}, not followed: {_first_paths(splits.linked)} (copy or move the images there to use them)")
     return notices
+
+
+def _first_paths(paths: tuple[Path, ...]) -> str:
+    """'a, b, c and 4 more': the first few, so a notice stays one line."""
+    more = f" and {len(paths) - SHOWN_PATHS} more" if len(paths) > SHOWN_PATHS else ""
+    return ", ".join(shown(path) for path in paths[:SHOWN_PATHS]) + more
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files below folder, recursively, sorted; symlinked folders are not followed (no loops)."""
-    return scan_folder(folder)[0]
+    return scan_folder(folder).images
 
 
-def scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) below folder, each sorted; hidden files and folders are left out."""
+@dataclass(frozen=True)
+class FolderScan:
+    images: list[Path]  # files with an image suffix, sorted
+    others: list[Path]  # other visible files, sorted
+    linked: list[Path]  # symlinked folders, not followed (a link to an ancestor would loop), sorted
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """The files below folder; hidden files and folders are left out, symlinked folders not followed."""
     images: list[Path] = []
     others: list[Path] = []
+    linked: list[Path] = []
     for directory, subdirs, files in os.walk(folder, followlinks=False):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        linked.extend(Path(directory) / d for d in subdirs if os.path.islink(os.path.join(directory, d)))
         for name in files:
             path = Path(directory) / name
             if is_image_file(path):
                 images.append(path)
             elif not name.startswith("."):
                 others.append(path)
-    return sorted(images), sorted(others)
+    return FolderScan(sorted(images), sorted(others), sorted(linked))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +334,7 @@ def image_problem(path: Path) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with opened_image(path) as image:
             too_large = over_pixel_limit(image)
             if too_large:
                 return too_large
@@ -295,6 +353,21 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def opened_image(path: Path) -> Iterator[Any]:
+    """Image.open on a regular file only (open_regular): a FIFO named x.png would wait for a writer forever.
+    Pillow's 'cannot identify' would name the open file object; it names the path, as for a path given."""
+    from PIL import Image, UnidentifiedImageError
+
+    with open_regular(path) as handle:
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+        with image:
+            yield image
+
+
 def over_pixel_limit(image: Any) -> str | None:
     """Why an opened image is too large to decode (Pillow's decompression-bomb limit), or None."""
     from PIL import Image
@@ -310,7 +383,7 @@ def _jpeg_has_end_marker(path: Path) -> bool:
     Small files are decoded instead: cheap, and their tail could reach back into an EXIF thumbnail.
     """
     tail = 4096
-    with path.open("rb") as handle:
+    with open_regular(path) as handle:
         if handle.seek(0, os.SEEK_END) <= 4 * tail:
             return False
         handle.seek(-tail, os.SEEK_END)
@@ -370,7 +443,7 @@ def open_rgb(path: Path) -> Any:
         # Pillow only warns between its pixel limit and twice that (over twice, it refuses). Here the limit
         # is the limit, as in training's check: predict and evaluate treat such a file alike, in one line.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        with opened_image(path) as image:
             too_large = over_pixel_limit(image)
             if too_large:
                 raise ValueError(too_large)

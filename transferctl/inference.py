@@ -22,6 +22,7 @@ from transferctl.config import _DEVICE_PATTERN, BackboneConfig
 from transferctl.data import build_transform
 from transferctl.engine import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
+from transferctl.paths import checked
 from transferctl.rundir import CHECKPOINTS, checkpoint_file, load_run_checkpoint
 from transferctl.trust import require_trusted
 
@@ -40,7 +41,7 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool
     """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file.
     trust_code: the user allows a python: backbone the checkpoint names to be imported and called."""
     where = str(checkpoint_file(run_dir, checkpoint))
-    if checkpoint in ("best", "last") and run_dir.is_dir() and not (run_dir / CHECKPOINTS).is_dir():
+    if checkpoint in ("best", "last") and checked(run_dir, CheckpointError).is_dir() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
                                       "pass a folder that `transferctl train` wrote"))
     payload = load_run_checkpoint(run_dir, checkpoint)

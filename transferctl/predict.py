@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from transferctl.data import list_images, open_rgb, spare_cores
+from transferctl.paths import NotRegularFile, path_trouble
 
 DEFAULT_TOP_K = 5
 
@@ -34,10 +35,19 @@ def expand_paths(paths: Iterable[str]) -> Iterator[str]:
     """Files as given; a folder becomes the images below it, sorted. A folder without images stays itself,
     so that it gets an error record (decode_error) instead of passing without a word."""
     for path in paths:
-        if Path(path).is_dir():
+        if _is_folder(path):
             yield from [str(image) for image in list_images(Path(path))] or [path]
         else:
             yield path
+
+
+def _is_folder(path: str) -> bool:
+    """Path.is_dir, or False for a path that cannot be looked up (a name over 255 bytes): decoding it gives
+    its error record, where an exception would end the command and lose the records of later inputs."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
 
 
 def decode_error(path: str, exc: BaseException) -> str:
@@ -52,6 +62,11 @@ def decode_error(path: str, exc: BaseException) -> str:
         return "permission denied"
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (or a format Pillow cannot read)"
+    if isinstance(exc, NotRegularFile):
+        return str(exc)  # a FIFO, which would wait for a writer forever, or a device
+    trouble = path_trouble(exc, path)
+    if trouble is not None:
+        return trouble
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"cannot decode: {text.replace(path, '').strip(' :')[:200] or type(exc).__name__}"
 

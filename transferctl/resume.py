@@ -23,6 +23,7 @@ from transferctl.data import changed_images, class_differences, split_fingerprin
 from transferctl.distributed import from_main, is_main, process_group
 from transferctl.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
+from transferctl.paths import checked
 from transferctl.rundir import RunDir, load_run_checkpoint, metric_lines
 from transferctl.trust import require_trusted
 from transferctl.train import (
@@ -165,7 +166,7 @@ def _new_folder(parent: Path, name: str) -> Path:
 
 
 def _open_run(run_dir: Path) -> RunDir:
-    if not run_dir.is_dir():
+    if not checked(run_dir, CheckpointError, "--resume").is_dir():
         raise CheckpointError(Problem("--resume", f"no such run directory: {run_dir}", "give a folder that `transferctl train` wrote"))
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(Problem("--resume", f"{run_dir} has no config.yaml: not a transferctl run directory", "give a folder that `transferctl train` wrote"))

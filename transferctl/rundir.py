@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from transferctl.errors import CheckpointError, Problem
+from transferctl.paths import checked
 
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
@@ -82,6 +83,7 @@ def json_text(data: Any) -> str:
 def create_run_dir(output_dir: Path, name: str, now: datetime | None = None) -> Path:
     """<output>/<name>-<YYYYmmdd-HHMMSS>, made exclusively: an existing run is never reused."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    checked(output_dir, CheckpointError, "output.dir")
     with _folder_problems("output.dir", output_dir):
         output_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, 100):
@@ -96,7 +98,7 @@ def create_run_dir(output_dir: Path, name: str, now: datetime | None = None) -> 
 
 def claim_run_dir(path: Path) -> Path:
     """A run directory the user named: it must not exist yet."""
-    if path.exists():
+    if checked(path, CheckpointError, "--run-dir").exists():
         raise CheckpointError(Problem("--run-dir", f"{path} already exists", "choose a new path; runs are never overwritten"))
     with _folder_problems("--run-dir", path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,11 +260,12 @@ def checkpoint_file(run_dir: Path, which: str) -> Path:
 def load_run_checkpoint(run_dir: Path, which: str = "best", where: str = "") -> dict[str, Any]:
     from transferctl.safeload import load_torch_file
 
+    checked(run_dir, CheckpointError, where)
     where = where or str(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(Problem(where, f"no such run directory: {run_dir}", "give a folder written by `transferctl train`"))
     path = checkpoint_file(run_dir, which)
-    if not path.is_file():
+    if not checked(path, CheckpointError).is_file():
         raise CheckpointError(Problem(where, f"no checkpoint at {path}", "train the run first, or pick --checkpoint last"))
     checkpoint = load_torch_file(path, CheckpointError, where)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "classes" not in checkpoint:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from transferctl.errors import CheckpointError, DataError, Problem
+from transferctl.paths import checked
 from transferctl.rundir import NUMERIC_METRICS, metric_lines
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def read_run_config(run_dir: Path) -> ExperimentConfig:
     """The resolved experiment a run was trained with (its config.yaml), validated."""
     from transferctl.config import config_from_dict  # pydantic: not needed just to list runs
 
-    path = run_dir / "config.yaml"
+    path = checked(run_dir, CheckpointError) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(Problem(str(run_dir), "no config.yaml: not a transferctl run directory", "pass a folder that `transferctl train` wrote"))
     raw = _read_yaml_mapping(path)
@@ -59,7 +60,7 @@ def read_run_config(run_dir: Path) -> ExperimentConfig:
 
 def list_runs(folder: Path) -> list[RunInfo]:
     """Every run directory directly inside folder, oldest first."""
-    if not folder.is_dir():
+    if not checked(folder, DataError).is_dir():
         raise DataError(Problem(str(folder), "no such folder of runs", "pass the output.dir of your experiments; the default is runs"))
     runs = [describe_run(path) for path in sorted(folder.iterdir()) if is_run_dir(path)]
     return sorted(runs, key=lambda run: (run.date or "", run.name))

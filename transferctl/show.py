@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transferctl.errors import CheckpointError, Problem
+from transferctl.paths import checked
 from transferctl.runs import describe_run, metric_rows, read_json_mapping, read_run_config
 from transferctl.rundir import overall_images_per_second, total_data_seconds
 
@@ -24,7 +25,7 @@ SUMMARY_NUMBERS = ("best_val_acc", "best_val_loss", "best_epoch", "final_val_acc
 
 def show_run(run_dir: Path) -> dict[str, Any]:
     """Everything `transferctl show` prints, as plain data (the --json document)."""
-    if not run_dir.is_dir():
+    if not checked(run_dir, CheckpointError).is_dir():
         raise CheckpointError(Problem(str(run_dir), "no such run directory", "give a folder written by `transferctl train`; `transferctl runs` lists them"))
     config = read_run_config(run_dir)
     info = describe_run(run_dir)

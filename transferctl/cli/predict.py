@@ -15,6 +15,7 @@ from rich.markup import escape
 from transferctl.cli import EXIT_INTERRUPTED, app, err, user_errors, write_stdout
 from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg, TrustCodeOption
 from transferctl.errors import Problem
+from transferctl.paths import shown
 
 
 @app.command()
@@ -45,7 +46,7 @@ def predict(
             done += 1
             if "error" in record:
                 failed += 1
-                err.print(f"[bold red]error:[/] {escape(str(Problem(record['path'], record['error'])))}")
+                err.print(f"[bold red]error:[/] {escape(str(Problem(shown(record['path']), record['error'])))}")
                 if strict:
                     err.print("stopped at the first unreadable file (--strict)")
                     break
