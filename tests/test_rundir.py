@@ -369,18 +369,26 @@ def test_a_torchscript_archive_is_refused_in_one_line_without_torchs_warning(tmp
     assert not recwarn.list
 
 
-def test_a_damaged_pickle_is_damage_not_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["opcode", "pickle-protocol-4"])
+def test_a_pickle_instruction_the_safe_loader_refuses_is_said_in_one_line(tmp_path: Path, damage: str, recwarn: pytest.WarningsRecorder) -> None:
     path = RunDir(tmp_path).save_checkpoint("best", valid_checkpoint())
     data = bytearray(path.read_bytes())
-    header = next(info for info in zipfile.ZipFile(path).infolist() if info.filename.endswith("/data.pkl")).header_offset
-    name_length, extra_length = struct.unpack_from("<HH", data, header + 26)  # of the entry's local header
-    start = header + 30 + name_length + extra_length + 20  # into the pickle's bytes (torch stores entries uncompressed)
-    data[start : start + 4] = b"\xff" * 4  # no such pickle opcode
+    if damage == "opcode":
+        header = next(info for info in zipfile.ZipFile(path).infolist() if info.filename.endswith("/data.pkl")).header_offset
+        name_length, extra_length = struct.unpack_from("<HH", data, header + 26)  # of the entry's local header
+        start = header + 30 + name_length + extra_length + 20  # into the pickle's bytes (torch stores entries uncompressed)
+        data[start : start + 4] = b"\xff" * 4  # no such pickle opcode
+    else:  # plain pickle frames its data, which the safe loader does not read (and warned about, on two lines)
+        data = bytearray(pickle.dumps({"model": {}, "classes": ["a", "b"]}, protocol=4))
     path.write_bytes(bytes(data))
 
     with pytest.raises(CheckpointError) as info:
         load_run_checkpoint(tmp_path)
-    assert str(info.value) == f"{tmp_path}: cannot read {path}: its contents are not a valid pickle (the file is damaged or not a PyTorch file)"
+    assert str(info.value) == (
+        f"{tmp_path}: refused to load {path}: its pickle has an instruction that torch's safe loader does not run "
+        "(a damaged file, or one pickled without torch.save) (save plain tensors with torch.save(model.state_dict()) or as safetensors)"
+    )  # it was called a file that could run code, in torch's paragraph cut mid-word
+    assert not recwarn.list
 
 
 def test_malicious_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:

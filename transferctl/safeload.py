@@ -38,6 +38,9 @@ def _load_problem(exc: Exception, path: Path, where: str) -> Problem:
     code = _unpickled_code(str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
     if code is not None:
         return Problem(where, f"refused to load {path}: it holds Python objects that could run code ({code})", "save plain tensors instead (model.state_dict() or safetensors)")
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported operand" in str(exc):
+        return Problem(where, f"refused to load {path}: its pickle has an instruction that torch's safe loader does not run (a damaged file, or one pickled without torch.save)",
+                       "save plain tensors with torch.save(model.state_dict()) or as safetensors")  # fmt: skip
     if "TorchScript" in str(exc):
         return Problem(where, f"refused to load {path}: a TorchScript archive holds code, which loading it would run", "save model.state_dict() instead")
     # The weights-only unpickler runs no code, so any other failure means a damaged or foreign file;
@@ -46,8 +49,8 @@ def _load_problem(exc: Exception, path: Path, where: str) -> Problem:
 
 
 def _unpickled_code(text: str) -> str | None:
-    """What torch's weights-only unpickler refused as code ('it names posix.system'); None when the pickle
-    itself is broken (an unknown opcode, an invalid load key: damaged bytes)."""
+    """What torch's weights-only unpickler refused as code ('it names posix.system'); None when it refused
+    an instruction (plain pickle's protocol 4 framing, or damaged bytes) or pickle found no pickle at all."""
     named = re.search(r"GLOBAL (\S+)", text)
     if named:
         return f"it names {named.group(1)}"
