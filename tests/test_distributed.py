@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +198,100 @@ def test_sigterm_to_train_nproc_stops_every_worker_and_exits_130(config_file: Pa
     assert len(metrics(run_dir)) == 1 and not (run_dir / "summary.json").exists()
 
 
+# A rank that, once the first epoch is on disk, waits before the second: time for a test to take a node away.
+PAUSE_AFTER_THE_FIRST_EPOCH = """
+import sys, time
+import transferctl.train as train
+save_epoch = train._Trainer._save_epoch
+def save_then_pause(self, *args, **kwargs):
+    save_epoch(self, *args, **kwargs)
+    if len(self.rows) == 1:
+        time.sleep(15)
+train._Trainer._save_epoch = save_then_pause
+from transferctl.cli import main
+sys.argv[0] = "transferctl"
+main()
+"""
+
+
+def two_nodes(command: list[str], run_id: str, **env: str) -> list[subprocess.Popen[str]]:
+    """Two torchrun agents on this machine as the two nodes of one run (c10d rendezvous on localhost, one
+    process each), as README's two-machine command starts them; the first hosts the rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    agents = []
+    for host in (1, 0):
+        launcher = [sys.executable, "-m", "transferctl.torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                    "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", run_id, "--rdzv_conf", f"is_host={host}"]  # fmt: skip
+        agents.append(subprocess.Popen([*launcher, *command], env={**cli_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return agents
+
+
+def children(pid: int) -> list[int]:
+    """The processes that pid started (Linux's /proc): a torchrun agent's workers."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_node_run(config_file: Path, module_tmp_path: Path) -> Path:
+    """A run on two nodes (here two torchrun agents on one machine), each naming no run directory."""
+    out = module_tmp_path / "two-nodes"
+    agents = two_nodes(["-m", "transferctl", "train", str(config_file), "--set", f"output.dir={out}", "--json"], "full")
+    done = [agent.communicate(timeout=400) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [stderr[-3000:] for _, stderr in done]
+    summaries = [json.loads(stdout) for stdout, _ in done if stdout.strip()]
+    assert len(summaries) == 1  # rank 0's, on whichever node it ran
+    return Path(summaries[0]["run_dir"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a node's processes through /proc")
+def test_two_nodes_write_one_run_that_matches_one_node(two_node_run: Path, two_process_run: Path) -> None:
+    run = two_node_run
+    assert [path.name for path in run.parent.iterdir()] == [run.name]  # rank 0 named it; the other node wrote nothing
+    assert (run / "summary.json").is_file() and not list(run.rglob(".*.tmp"))
+    # The same world size as --nproc 2 on one node: the same shards, and the frozen body's phase first.
+    assert_rows_match(metrics(run), metrics(two_process_run), tolerance=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a node's processes through /proc")
+def test_a_lost_node_stops_the_other_with_a_message_and_the_run_resumes(two_node_run: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    script = tmp_path / "pausing_rank.py"
+    script.write_text(PAUSE_AFTER_THE_FIRST_EPOCH)
+    survivor, lost = two_nodes([str(script), "train", str(config_file), "--run-dir", str(run_dir), "--quiet"], "lost", TRANSFERCTL_DIST_TIMEOUT="60")
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert survivor.poll() is None and lost.poll() is None and time.monotonic() < deadline, "the first epoch never finished"
+        time.sleep(0.05)
+    for pid in [lost.pid, *children(lost.pid)]:  # the machine is gone: its agent and its worker at once
+        os.kill(pid, signal.SIGKILL)
+    lost.communicate(timeout=60)
+    started = time.monotonic()
+    _, stderr = survivor.communicate(timeout=240)
+
+    assert survivor.returncode == 1 and time.monotonic() - started < 120
+    [line] = stderr.strip().splitlines()  # one line, no traceback from the worker or its launcher
+    assert line.startswith("error: ") and "lost contact with the other node (" in line, stderr[-3000:]
+    assert f"resume with: transferctl train --resume {run_dir}, under torchrun on every node as this run was started" in line
+    assert len(metrics(run_dir)) == 1 and not (run_dir / "summary.json").exists()
+
+    agents = two_nodes(["-m", "transferctl", "train", "--resume", str(run_dir), "--json"], "resumed")
+    done = [agent.communicate(timeout=400) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [stderr[-3000:] for _, stderr in done]
+    assert_rows_match(metrics(run_dir), metrics(two_node_run), tolerance=1e-6)
+
+
 def test_shards_cover_every_item_once_and_pad_to_equal_lengths() -> None:
     items = list(range(7))
     shards = [shard_of(items, Shard(rank, 2), pad=True) for rank in range(2)]
@@ -294,4 +389,5 @@ def test_a_rank_that_stops_responding_times_out_with_a_message(config_file: Path
     assert done.returncode != 0
     assert "rank 0 of 2: lost contact with the other training processes" in done.stderr, done.stderr[-3000:]
     assert "TRANSFERCTL_DIST_TIMEOUT=<seconds> (now 5)" in done.stderr
+    assert f"resume with: transferctl train --resume {tmp_path / 'run'};" in done.stderr
     assert seconds < 120

@@ -104,23 +104,38 @@ def process_group() -> Iterator[Shard]:
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout())
     try:
         yield shard()
-    except RuntimeError as exc:  # DistError is one; gloo's own timeouts are plain RuntimeErrors
-        if not isinstance(exc, dist.DistError) and not any(sign in str(exc) for sign in GLOO_FAILURES):
+    except RuntimeError as exc:
+        if not is_lost_contact(exc):
             raise  # a bug, not a lost rank: keep its traceback
         raise lost_contact(exc) from None
     finally:
         dist.destroy_process_group()
 
 
-def lost_contact(exc: BaseException) -> TrainingError:
+def is_lost_contact(exc: BaseException) -> bool:
+    """A collective failed because another rank died or timed out (DistError, or gloo's own RuntimeErrors)."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in GLOO_FAILURES))
+
+
+def env_nodes() -> int:
+    """How many machines (torchrun's nodes) the run spans; GROUP_WORLD_SIZE as torchrun set it."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+
+
+def lost_contact(exc: BaseException, resume: str = "") -> TrainingError:
+    """This rank's one line when the others are gone: which rank, what torch said, and how to go on.
+
+    resume: the command that continues the run, once there is a run directory to continue.
+    """
     text = " ".join(str(exc).split())[:240] or type(exc).__name__
-    return TrainingError(
-        Problem(
-            f"rank {env_rank()} of {env_world_size()}",
-            f"lost contact with the other training processes ({text})",
-            f"another rank probably failed first: see its message; a slow rank may need {TIMEOUT_VARIABLE}=<seconds> (now {timeout().total_seconds():g})",
-        )
-    )
+    nodes = env_nodes()
+    others = "the other node" + ("s" if nodes > 2 else "") if nodes > 1 else "the other training processes"
+    first = "another node probably failed or was stopped first: see its messages" if nodes > 1 else "another rank probably failed first: see its message"
+    again = f"; resume with: {resume}" + (", under torchrun on every node as this run was started" if nodes > 1 else "") if resume else ""
+    slow = f"; a slow rank may need {TIMEOUT_VARIABLE}=<seconds> (now {timeout().total_seconds():g})"
+    return TrainingError(Problem(f"rank {env_rank()} of {env_world_size()}", f"lost contact with {others} ({text})", first + again + slow))
 
 
 def device_spec(spec: str) -> str:

@@ -36,7 +36,19 @@ from transferctl.data import (
     split_fingerprint,
     worker_error,
 )
-from transferctl.distributed import TrainingModule, agreed_stop, device_spec, from_main, is_main, per_rank_batch, process_group, reduce_stats, shard
+from transferctl.distributed import (
+    TrainingModule,
+    agreed_stop,
+    device_spec,
+    from_main,
+    is_lost_contact,
+    is_main,
+    lost_contact,
+    per_rank_batch,
+    process_group,
+    reduce_stats,
+    shard,
+)
 from transferctl.engine import (
     EpochStats,
     NonFiniteLossError,
@@ -325,6 +337,10 @@ class _Trainer:
                     self._run_phase(plan, start if resuming else None)
             except KeyboardInterrupt:  # a second Ctrl-C: stop now; atomic writes left every file whole
                 raise self._interrupted(*self.position) from None
+            except RuntimeError as exc:
+                if not is_lost_contact(exc):
+                    raise
+                raise lost_contact(exc, resume_command(self.run_dir.path)) from None  # another rank or node is gone
             finally:
                 self.saver.flush()  # stopped, diverged or failed: the last finished epoch still reaches the disk
             summary = self._summary()  # still listening: a signal now is too late to stop anything
