@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from transferctl.train import SilentObserver
+
 
 def experiment(data_root: Path, output_dir: Path, **sections: Any) -> dict[str, Any]:
     """A tiny experiment: resnet18 at 32 px, random init, fp32 on CPU, two short phases."""
@@ -75,3 +77,13 @@ def record_checkpoint_writes(monkeypatch: Any, key: str) -> list[tuple[str, Any]
 
     monkeypatch.setattr(RunDir, "save_checkpoint", recorded)
     return writes
+
+
+class Notices(SilentObserver):
+    """An observer that keeps the notices a run gives."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def notice(self, message: str) -> None:
+        self.lines.append(message)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import experiment
+from helpers import Notices, experiment
 from transferctl.backbones import Preprocessing
 from transferctl.config import config_from_dict
 from transferctl.data import ImageDataset, build_transform, discover
@@ -101,14 +101,6 @@ def test_a_file_damaged_after_discovery_names_the_file(wide_images: Path) -> Non
     samples[0][0].write_bytes(b"not a png any more")
     with pytest.raises(DataError, match=samples[0][0].name):
         decode_all(samples, PRE.resize, PRE.interpolation, workers=0)
-
-
-class Notices(SilentObserver):
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def notice(self, message: str) -> None:
-        self.lines.append(message)
 
 
 def full_passes(data: Path, out: Path, observer: SilentObserver | None = None, **data_fields: object) -> dict:

@@ -288,14 +288,16 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_resume_finishes_the_run(c
 # --------------------------------------------------------------------------- checkpoints held between writes
 
 
-class StopInSecondEpoch(SilentObserver):
-    """A Ctrl-C after the first step of global epoch 2: that step has changed the model since epoch 1 ended."""
+class StopInFourthEpoch(SilentObserver):
+    """A Ctrl-C after the first step of global epoch 4 (body epoch 2): that step has changed the model since
+    epoch 3 ended, and epoch 3, in the middle of its phase, is held in memory. (The head phase before it is
+    solved in its first epoch, without steps to stop at.)"""
 
     def __init__(self) -> None:
         self.epochs = 0
 
     def batch_done(self, index: int, count: int, running_loss: float) -> None:
-        if self.epochs == 1 and index == 0:
+        if self.epochs == 3 and index == 0:
             os.kill(os.getpid(), signal.SIGINT)
 
     def epoch_done(self, row: dict[str, Any]) -> None:
@@ -306,11 +308,11 @@ def test_a_stop_writes_the_epoch_held_in_memory_and_resume_matches_an_uninterrup
     config_file = write_experiment(tmp_path / "experiment.yaml", raw_experiment(data, tmp_path / "runs", checkpoint_seconds=3600))
     run = tmp_path / "run"
 
-    with pytest.raises(TrainingInterrupted, match="during phase 'head' epoch 2"):
-        train(load_config(config_file), run, StopInSecondEpoch())
+    with pytest.raises(TrainingInterrupted, match="during phase 'body' epoch 2"):
+        train(load_config(config_file), run, StopInFourthEpoch())
 
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["global_epoch"] == 1
-    assert [r["global_epoch"] for r in rows(run)] == [1]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["global_epoch"] == 3
+    assert [r["global_epoch"] for r in rows(run)] == [1, 2, 3]
     resume(run)
     assert_same_run(run, reference)
 

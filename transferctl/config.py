@@ -145,6 +145,12 @@ class PhaseConfig(_Section):
     )
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="each layer group's lr x layer_decay^(groups between it and the head)")
     until_plateau: PlateauConfig | None = Field(None, description="end this phase early when the monitored metric stops improving")
+    solver: Literal["auto", "minibatch"] = Field(
+        "auto",
+        description="auto: a phase (or unfreezing step) that trains only a linear head on cached features solves it to convergence "
+                    "(L-BFGS, weight decay chosen by cross-validation on the training images; lr unused); "
+                    "minibatch: the optimizer's steps at lr, as for any other phase",
+    )  # fmt: skip
 
     @field_validator("train")
     @classmethod

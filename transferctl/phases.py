@@ -34,6 +34,7 @@ class PhasePlan:
     unfreeze_every: int | None = None  # gradual unfreezing: one more group every K epochs, from the head down
     layer_decay: float = 1.0  # a group's lr x layer_decay^(its distance from the head)
     patience: int | None = None  # until_plateau.patience: overrides early_stopping.patience for this phase
+    solver: str = "auto"  # auto: a head-only stage on cached features is solved (head_solver.py); minibatch: optimizer steps
 
     @property
     def backbone_frozen(self) -> bool:
@@ -86,7 +87,7 @@ def plan_phases(config: ExperimentConfig, group_names: list[str]) -> list[PhaseP
         patience = phase.until_plateau.patience if phase.until_plateau else None
         plans.append(
             PhasePlan(index, phase.name, phase.epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen,
-                      phase.unfreeze_every, phase.layer_decay, patience)
+                      phase.unfreeze_every, phase.layer_decay, patience, phase.solver)
         )  # fmt: skip
     return plans
 

@@ -118,10 +118,15 @@ def render_plan(plan: dict[str, Any]) -> Group:
         share = phase["trainable_params"] / max(phase["total_params"], 1)
         params = f"{phase['trainable_params']:,} ({share:.1%})"
         lrs = _compact_lrs(phase["lr"]) + (f" (layer_decay {phase['layer_decay']:g})" if phase.get("layer_decay", 1.0) != 1.0 else "")
+        if phase.get("head_solved"):
+            lrs = "head solved (L-BFGS)" if phase["train"] == ["head"] else f"{lrs}; head-only step solved (L-BFGS)"
         patience = phase.get("plateau_patience")
         ends = f"plateau of {patience} epochs" if patience else "no"
         phases.add_row(escape(phase["phase"]), str(phase["epochs"]), trains, params, lrs, phase["batchnorm"]["trained groups"], *((ends,) if early else ()))
     caption = "Frozen groups keep their BatchNorm statistics (eval mode) and get no gradients."
+    if any(phase.get("head_solved") for phase in plan["phases"]):
+        caption += (" A solved head is fitted to convergence on the cached features in its first epoch, its weight decay chosen by"
+                    " cross-validation on the training images (solver: minibatch trains it at lr instead).")  # fmt: skip
     notes = [Text(f"note: {line}", style="yellow") for line in data.get("notices", [])]
     return Group(header, *notes, phases, caption)
 

@@ -29,7 +29,7 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 METRIC_COLUMNS = (
     "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
-    "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds", "train_seconds",
+    "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds", "train_seconds", "head_weight_decay",
 )  # fmt: skip
 
 

@@ -66,6 +66,7 @@ from transferctl.engine import (
 )
 from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
 from transferctl.feature_cache import FrozenBodyShortcut
+from transferctl.head_solver import HeadSolver, solvable
 from transferctl.image_cache import DecodeOnce
 from transferctl.interrupts import StopRequest, stop_on_signals
 from transferctl.phases import (
@@ -177,8 +178,20 @@ def describe(experiment: Experiment) -> dict[str, Any]:
             "root": str(splits.root), "layout": splits.layout, "classes": splits.classes, **splits.counts(),
             "skipped": len(splits.skipped), "notices": data_notices(splits),
         },  # fmt: skip
-        "phases": [describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay, config.early_stopping.patience) for plan in experiment.plans],
+        "phases": [
+            {**describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay, config.early_stopping.patience),
+             "head_solved": solves_head(config, backbone, plan)}
+            for plan in experiment.plans
+        ],  # fmt: skip
     }
+
+
+def solves_head(config: ExperimentConfig, backbone: Backbone, plan: PhasePlan) -> bool:
+    """Whether the phase starts by solving its head (head_solver.py): its first stage trains the head alone,
+    on cached features, and the head is a linear layer. The run still falls back to minibatch steps, with a
+    note, when the network's head output turns out not to be its output (the features cannot be cached)."""
+    first = stages_of(plan, backbone.group_names)[0].plan
+    return plan.solver == "auto" and config.data.cache != "off" and first.backbone_frozen and solvable(backbone.model.get_submodule(backbone.head_path))
 
 
 def train(config: ExperimentConfig, run_dir: Path | None = None, observer: TrainObserver | None = None) -> dict[str, Any]:
@@ -320,6 +333,7 @@ class _Trainer:
         self.stop = StopRequest()
         self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
         self.data_wait_told = False
+        self.solver_told = False
         self.full_epochs = 0  # epochs that ran the backbone on images (not on cached features)
         self.data_fingerprint = split_fingerprint(self.experiment.splits)  # in every checkpoint: resume compares it
 
@@ -364,10 +378,6 @@ class _Trainer:
                 raise self._interrupted(plan, epoch)
             if stage is None or epoch > stage.last_epoch:
                 stage = stage_at(stages, epoch)
-                optimizer, scheduler = self._stage_optimizer(stage)
-                if start is not None and epoch == first_epoch and epoch > stage.first_epoch:
-                    load_optimizer_state(optimizer, start.optimizer)  # resumed in the middle of this stage
-                    scheduler.load_state_dict(start.scheduler)
                 if len(stages) > 1 and stage.first_epoch == epoch:
                     self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
                 try:
@@ -376,15 +386,21 @@ class _Trainer:
                     raise self._interrupted(plan, epoch) from None
                 if cached is None:
                     self._decode_once()
+                optimizer, scheduler, solver = self._stage_optimizer(stage, cached)
+                if start is not None and epoch == first_epoch and epoch > stage.first_epoch:
+                    load_optimizer_state(optimizer, start.optimizer)  # resumed in the middle of this stage
+                    scheduler.load_state_dict(start.scheduler)
             set_train_mode(self.model, backbone.groups, stage.plan)
-            lrs = _current_lrs(optimizer)
+            lrs = _current_lrs(optimizer) if solver is None else {}  # a solved head has no learning rate
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
-            stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached)
+            stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached) if solver is None else self._solve_epoch(plan, epoch, solver)
             if cached is None:
                 self.full_epochs += 1
                 self._notice_data_wait(plan, epoch, stats)
             val = self._evaluate(plan, epoch, cached)
             row = self._row(plan, epoch, lrs, stats, val)
+            if solver is not None:
+                row["head_weight_decay"] = solver.weight_decay
             done = self._early_stop(plan, state, row) or epoch == plan.epochs
             self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
             self.observer.epoch_done(row)
@@ -410,12 +426,36 @@ class _Trainer:
         except DataError as exc:
             raise worker_error(exc) from None
 
-    def _stage_optimizer(self, stage: Stage) -> tuple[Any, Any]:
-        """A fresh optimizer and schedule over exactly what this stage trains (the whole phase, or one unfreezing step)."""
-        groups = self.experiment.backbone.groups
-        apply_freezing(self.model, groups, stage.plan)
-        optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, groups, stage.plan, self.config.optimizer.weight_decay))
-        return optimizer, build_scheduler(optimizer, self.config.scheduler, stage.epochs, len(self.loaders["train"]))
+    def _stage_optimizer(self, stage: Stage, cached: tuple[Any, Any] | None) -> tuple[Any, Any, HeadSolver | None]:
+        """A fresh optimizer and schedule over exactly what this stage trains (the whole phase, or one unfreezing
+        step): the configured optimizer, or, for a linear head on cached features, its L-BFGS solver."""
+        backbone = self.experiment.backbone
+        apply_freezing(self.model, backbone.groups, stage.plan)
+        head = self.model.get_submodule(backbone.head_path)
+        if cached is not None and stage.plan.solver == "auto" and solvable(head):
+            store = cached[1]["train"].store
+            solver = HeadSolver(head, store.features, store.labels, self.runtime.device, self.config.seed)
+            if not self.solver_told:
+                self.solver_told = True
+                self.observer.notice(f"phase '{stage.plan.name}': the head is solved to convergence in its first epoch (L-BFGS on the cached features; "
+                                     "lr unused; solver: minibatch trains it with the optimizer instead)")
+            return solver.optimizer, solver.scheduler, solver
+        optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, backbone.groups, stage.plan, self.config.optimizer.weight_decay))
+        return optimizer, build_scheduler(optimizer, self.config.scheduler, stage.epochs, len(self.loaders["train"])), None
+
+    def _solve_epoch(self, plan: PhasePlan, epoch: int, solver: HeadSolver) -> EpochStats:
+        """An epoch of a solved head. Every rank holds every cached row and solves the same problem, so the
+        stats need no reduction across ranks."""
+        choosing = solver.weight_decay is None
+        try:
+            stats = solver.train_epoch(self.stop)
+        except TrainingStopped:
+            raise self._interrupted(plan, epoch) from None
+        except NonFiniteLossError as exc:
+            raise self._diverged(plan, epoch, str(exc)) from None
+        if choosing and solver.selection is not None:
+            self.observer.notice(f"phase '{plan.name}': head {solver.selection.describe()}")
+        return stats
 
     def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, cached: tuple[Any, Any] | None = None) -> EpochStats:
         model, loaders = cached or (self.stepped(), self.loaders)

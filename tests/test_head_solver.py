@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import Notices, experiment
+from transferctl import head_solver
+from transferctl.config import config_from_dict
+from transferctl.head_solver import Design, HeadSolver, _fit, _Rows, choose_weight_decay
+from transferctl.train import describe, prepare, train
+
+CPU = torch.device("cpu")
+
+
+def blobs(per_class: int, classes: int, width: int, noise: float, seed: int = 0, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs around random centres, far from the origin and large, as pooled ReLU features are."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, width)) + 5.0
+    labels = np.repeat(np.arange(classes), per_class)
+    features = centres[labels][:, None, :] + noise * rng.normal(size=(len(labels), views, width))
+    return (features * 7.0).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("width", [8, 64])  # fewer, then more dimensions than training rows (the rotated design)
+def test_the_fit_is_the_regularised_logistic_regression_optimum(width: int) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = blobs(per_class=10, classes=3, width=width, noise=3.0)
+    design = Design.of(features, CPU)
+    assert (design.basis is not None) == (len(labels) < width)
+    rows = _Rows(features, labels, np.arange(len(labels)), design)
+    weight = torch.zeros(3, design.width, requires_grad=True)
+    bias = torch.zeros(3, requires_grad=True)
+    decay = 1e-2
+    _fit(rows, weight, bias, decay, 1000, lambda: False)
+    head_weight, head_bias = design.to_head(weight.detach(), bias.detach())
+    ours = torch.softmax(torch.from_numpy(features[:, 0]) @ head_weight.T + head_bias, dim=1).numpy()
+    # The same objective in scikit-learn's terms: C x sum of losses + |w|^2 / 2 on the centred, scaled features.
+    scaled = (features[:, 0] - design.mean.numpy()) / design.scale
+    reference = LogisticRegression(C=1.0 / (decay * len(labels)), tol=1e-10, max_iter=10000).fit(scaled, labels)
+    np.testing.assert_allclose(ours, reference.predict_proba(scaled), atol=2e-3)
+
+
+def test_the_weight_decay_is_strong_for_noisy_features_and_weak_for_faint_but_clean_ones() -> None:
+    noisy, noisy_labels = blobs(per_class=8, classes=3, width=32, noise=40.0, seed=1)
+    strong = choose_weight_decay(noisy, noisy_labels, Design.of(noisy, CPU), seed=0)
+    # The classes differ in two faint dimensions beside four loud ones that say nothing: only small
+    # weight decays let the head weigh the faint ones enough.
+    rng = np.random.default_rng(2)
+    faint_labels = np.repeat(np.arange(3), 12)
+    faint = np.concatenate([0.1 * np.eye(3)[faint_labels][:, :2] + 0.001 * rng.normal(size=(36, 2)), 5 + rng.normal(size=(36, 4))], axis=1)
+    faint = faint[:, None, :].astype(np.float32)
+    weak = choose_weight_decay(faint, faint_labels, Design.of(faint, CPU), seed=0)
+    assert strong.folds == weak.folds == 3 and weak.accuracy == 1.0
+    assert strong.weight_decay >= 1.0 and weak.weight_decay <= 1e-2
+
+
+def test_a_class_of_one_image_gets_the_fallback_strength_and_still_fits() -> None:
+    features, labels = blobs(per_class=3, classes=3, width=16, noise=1.0)
+    features, labels = features[2:], labels[2:]  # class 0 keeps one image
+    head = torch.nn.Linear(16, 3)
+    stats = HeadSolver(head, features, labels, CPU, seed=0).train_epoch()
+    assert stats.accuracy == 1.0 and stats.images == len(labels)
+    assert HeadSolver(head, features, labels, CPU, 0).train_epoch() is not None
+    assert choose_weight_decay(features, labels, Design.of(features, CPU), 0).accuracy is None
+
+
+def test_every_view_is_fitted_and_the_solve_happens_once() -> None:
+    features, labels = blobs(per_class=6, classes=2, width=8, noise=2.0, views=3)
+    head = torch.nn.Linear(8, 2)
+    solver = HeadSolver(head, features, labels, CPU, seed=0)
+    first = solver.train_epoch()
+    assert first.images == 36 and solver.optimizer.param_groups[0]["solved"]
+    solved = head.weight.detach().clone()
+    second = solver.train_epoch()
+    assert torch.equal(head.weight, solved) and second.loss == first.loss
+
+
+def test_a_memory_mapped_cache_is_read_in_chunks_and_fits_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    features, labels = blobs(per_class=10, classes=3, width=8, noise=3.0, views=2)
+    np.save(tmp_path / "f.npy", features)
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    in_memory = torch.nn.Linear(8, 3)
+    HeadSolver(in_memory, features, labels, CPU, seed=0).train_epoch()
+    monkeypatch.setattr(head_solver, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(head_solver, "ROWS_PER_CHUNK", 8)
+    chunked = torch.nn.Linear(8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about tensors over the read-only memmap
+        HeadSolver(chunked, mapped, labels, CPU, seed=0).train_epoch()
+    torch.testing.assert_close(chunked.weight, in_memory.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_a_stop_request_stops_the_solve() -> None:
+    from transferctl.engine import TrainingStopped
+
+    features, labels = blobs(per_class=4, classes=2, width=8, noise=1.0)
+    with pytest.raises(TrainingStopped):
+        HeadSolver(torch.nn.Linear(8, 2), features, labels, CPU, seed=0).train_epoch(lambda: True)
+
+
+def feature_extract(data: Path, out: Path, **phase: object) -> dict:
+    return experiment(data, out, strategy="feature_extract", schedule=[{"name": "head", "epochs": 3, "train": "head", "lr": 1e-3, **phase}])
+
+
+def rows_of(summary: dict) -> list[dict]:
+    return [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_head_phase_on_cached_features_is_solved_in_its_first_epoch(tiny_split_data: Path, tmp_path: Path) -> None:
+    notices = Notices()
+    summary = train(config_from_dict(feature_extract(tiny_split_data, tmp_path / "runs")), observer=notices)
+    rows = rows_of(summary)
+    assert [row["lr_head"] for row in rows] == [None, None, None]
+    assert rows[0]["head_weight_decay"] in head_solver.WEIGHT_DECAYS + (head_solver.FALLBACK_WEIGHT_DECAY,)
+    assert rows[0]["train_acc"] == 1.0  # 4 images a class of clearly coloured squares: separable
+    assert rows[1]["train_loss"] == rows[2]["train_loss"] == rows[0]["train_loss"]  # solved: later epochs only measure
+    assert any("solved to convergence" in line for line in notices.lines) and any("weight decay" in line for line in notices.lines)
+
+
+def test_solver_minibatch_trains_the_head_with_the_optimizer(tiny_split_data: Path, tmp_path: Path) -> None:
+    rows = rows_of(train(config_from_dict(feature_extract(tiny_split_data, tmp_path / "runs", solver="minibatch"))))
+    assert [row["lr_head"] for row in rows] == pytest.approx([1e-3, 0.75e-3, 0.25e-3])  # cosine over 3 epochs
+    assert "head_weight_decay" not in rows[0]
+
+
+def test_check_says_which_phases_solve_their_head(tiny_split_data: Path, tmp_path: Path) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "runs")  # fine_tune: head, then body
+    assert [phase["head_solved"] for phase in describe(prepare(config_from_dict(raw)))["phases"]] == [True, False]
+    raw["data"]["cache"] = "off"
+    assert [phase["head_solved"] for phase in describe(prepare(config_from_dict(raw)))["phases"]] == [False, False]
+    raw["data"]["cache"] = "auto"
+    raw["schedule"][1]["unfreeze_every"] = 1  # gradual unfreezing starts with a head-only step
+    assert [phase["head_solved"] for phase in describe(prepare(config_from_dict(raw)))["phases"]] == [True, True]
+
+
+def test_a_degenerate_body_gets_a_head_that_does_not_magnify_its_features() -> None:
+    features, labels = blobs(per_class=3, classes=2, width=16, noise=1.0)
+    features *= 1e-11  # a random network's features can be this small: weights of 1e10 would blow up fine-tuning
+    head = torch.nn.Linear(16, 2)
+    stats = HeadSolver(head, features, labels, CPU, seed=0).train_epoch()
+    assert np.isfinite(stats.loss) and head.weight.abs().max() < 1.0
