@@ -187,6 +187,9 @@ def batch_clock() -> Any:
             self._reports.append((index, time.perf_counter()))
 
         def epoch_done(self, row: dict[str, Any]) -> None:
+            if not self._reports:  # a solved head's epoch takes no steps
+                self.steady_speeds.append(None)
+                return
             (first, started), (last, ended) = self._reports[0], self._reports[-1]
             self.steady_speeds.append((last - first) * BATCH / (ended - started) if last > first and ended > started else None)
             self._reports = []

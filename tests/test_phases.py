@@ -96,6 +96,18 @@ def test_strategies_expand_to_their_phases() -> None:
         assert [p.trainable for p in plans] == expected
 
 
+def test_min_steps_adds_epochs_on_a_small_training_set() -> None:
+    schedule = [{"name": "head", "epochs": 3, "train": "head", "lr": 1e-3},
+                {"name": "body", "epochs": 5, "train": "all", "lr": 1e-3, "min_steps": 300}]  # fmt: skip
+    config = config_from_dict({"data": {"root": "d"}, "schedule": schedule})
+    assert [p.epochs for p in plan_phases(config, GROUPS, steps_per_epoch=4)] == [3, 75]
+    assert [p.epochs for p in plan_phases(config, GROUPS, steps_per_epoch=7)] == [3, 43]  # ceil(300 / 7)
+    assert [p.epochs for p in plan_phases(config, GROUPS, steps_per_epoch=100)] == [3, 5]  # enough steps already
+    assert [p.epochs for p in plan_phases(config, GROUPS)] == [3, 5]
+    default = config_from_dict({"data": {"root": "d"}, "strategy": "pretrained_init"})
+    assert [p.epochs for p in plan_phases(default, GROUPS, steps_per_epoch=4)] == [75]
+
+
 def test_frozen_weights_and_batchnorm_buffers_are_bit_identical_after_a_phase() -> None:
     model, groups = small_resnet()
     before = snapshot(model)

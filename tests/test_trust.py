@@ -32,9 +32,14 @@ from torch import nn
 
 print("Loaded pretrained weights for trustnet")  # as efficientnet_pytorch does: never onto stdout
 
+class Loud(nn.Sequential):
+    def forward(self, x):
+        print("trustnet forward")  # user code prints while it runs, too
+        return super().forward(x)
+
 def net():
     print("building trustnet")
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    return Loud(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 '''
 NAME = "python:trustmodels.nets:net"
 # A module whose import alone leaves a mark: its absence proves that nothing was imported.
@@ -155,7 +160,7 @@ def test_trust_code_rebuilds_the_run_and_its_prints_stay_off_stdout(python_run: 
     assert result.exit_code == 0, result.output
     (line,) = result.stdout.splitlines()
     assert json.loads(line)["label"] in ("blue", "green", "red")
-    assert "building trustnet" in result.stderr
+    assert "building trustnet" in result.stderr and "trustnet forward" in result.stderr
 
 
 def test_the_allow_list_stands_for_trust_code(python_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,3 +217,4 @@ def test_what_the_backbone_prints_leaves_train_json_one_document(trained: Result
     assert trained.exit_code == 0, trained.output
     assert json.loads(trained.stdout)["epochs"] == 1
     assert "Loaded pretrained weights for trustnet" in trained.stderr and "building trustnet" in trained.stderr
+    assert "trustnet forward" in trained.stderr and "trustnet forward" not in trained.stdout

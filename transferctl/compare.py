@@ -131,7 +131,8 @@ def derive_schedule(strategy: str, reference: list[PhaseConfig]) -> list[PhaseCo
             raise ConfigError(Problem("schedule", f"fine_tune needs at least 2 epochs (a head phase and a body phase), the schedule has {epochs}", "give the schedule more epochs"))
         head = min(max(1, int(epochs * FINE_TUNE_HEAD_SHARE + 0.5)), epochs - 1)
         counts = [head, epochs - head]
-    return [phase.model_copy(update={"epochs": n, "lr": head_lr if phase.train == "head" else body_lr}) for phase, n in zip(template, counts)]
+    # min_steps off: on a small set it would add epochs, and every run must train exactly the T epochs.
+    return [phase.model_copy(update={"epochs": n, "lr": head_lr if phase.train == "head" else body_lr, "min_steps": None}) for phase, n in zip(template, counts)]
 
 
 def plan_comparison(config: ExperimentConfig, strategies: tuple[str, ...], seeds: int, out: Path | None = None, source: str = "<config>") -> ComparisonPlan:

@@ -343,6 +343,8 @@ def _phase(phase: PhaseConfig) -> dict[str, Any]:
         data["backbone_lr_mult"] = phase.backbone_lr_mult
     if phase.bn != "train":
         data["bn"] = phase.bn
+    if phase.min_steps is not None:
+        data["min_steps"] = phase.min_steps
     return data
 
 

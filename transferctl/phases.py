@@ -79,14 +79,19 @@ def stage_at(stages: list[Stage], epoch: int) -> Stage:
     return next(stage for stage in stages if stage.first_epoch <= epoch <= stage.last_epoch)
 
 
-def plan_phases(config: ExperimentConfig, group_names: list[str]) -> list[PhasePlan]:
+def plan_phases(config: ExperimentConfig, group_names: list[str], steps_per_epoch: int | None = None) -> list[PhasePlan]:
+    """The schedule's phases on this network; with steps_per_epoch (the training set's batches), a phase's
+    min_steps becomes epochs: max(epochs, ceil(min_steps / steps_per_epoch))."""
     plans = []
     for index, phase in enumerate(schedule_of(config)):
         trainable = trainable_groups(phase.train, group_names, f"schedule[{index}].train")
         frozen = tuple(name for name in group_names if name not in trainable)
         patience = phase.until_plateau.patience if phase.until_plateau else None
+        epochs = phase.epochs
+        if phase.min_steps is not None and steps_per_epoch:
+            epochs = max(epochs, math.ceil(phase.min_steps / steps_per_epoch))
         plans.append(
-            PhasePlan(index, phase.name, phase.epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen,
+            PhasePlan(index, phase.name, epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen,
                       phase.unfreeze_every, phase.layer_decay, patience, phase.solver)
         )  # fmt: skip
     return plans

@@ -154,7 +154,7 @@ def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     splits = discover(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image)
     pretrained = load_weights and config.loads_pretrained_weights
     backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
-    plans = plan_phases(config, backbone.group_names)
+    plans = plan_phases(config, backbone.group_names, math.ceil(len(splits.train) / config.data.batch_size))
     refuse_single_image_batches(backbone.model, backbone.groups, plans, per_rank_batch(config.data.batch_size), shard().world)
     return Experiment(config, splits, backbone, plans)
 

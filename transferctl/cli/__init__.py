@@ -45,11 +45,21 @@ def _root(
     """Transfer learning for image classification: one YAML file, one command."""
 
 
+_machine_output: list[Any] = []  # the real stdout, while a command's print() calls go to stderr
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """User mistakes become one line per problem and exit 1; bugs keep their traceback."""
+    """User mistakes become one line per problem and exit 1; bugs keep their traceback.
+
+    While the command runs, print() goes to stderr: a python: backbone's code prints where it likes (its
+    import, construction or forward; real packages do), and on stdout it corrupted `--json` and predict's
+    lines. write_stdout still writes the machine output to the real stdout.
+    """
+    _machine_output.append(sys.stdout)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     except TrainingInterrupted as exc:  # stopped by a signal, with the way to resume in the message
         for problem in exc.problems if not _rank_prefix() else ():  # all ranks stop together; rank 0 says so
             err.print(f"[yellow]interrupted:[/] {escape(str(problem))}")
@@ -64,6 +74,12 @@ def user_errors() -> Iterator[None]:
         if not _rank_prefix():  # every rank got the signal; rank 0 says so
             err.print("[yellow]interrupted[/]" + (f": stopped by {name}" if name else ""))
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        _machine_output.pop()
+
+
+def _stdout() -> Any:
+    return _machine_output[-1] if _machine_output else sys.stdout
 
 
 def _rank_prefix() -> str:
@@ -86,8 +102,8 @@ def write_stdout(text: str) -> None:
     stdout then points at /dev/null, so the interpreter's last flush of what is left fails no more.
     """
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _stdout().write(text)
+        _stdout().flush()
     except BrokenPipeError:
         _stdout_to_devnull()
         raise typer.Exit(0) from None
@@ -98,7 +114,7 @@ def write_stdout(text: str) -> None:
 
 
 def _stdout_to_devnull() -> None:
-    _to_devnull(sys.stdout.fileno())
+    _to_devnull(_stdout().fileno())
 
 
 def _to_devnull(fd: int) -> None:
