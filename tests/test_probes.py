@@ -3,7 +3,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferctl.probes import logme_with_spread, probe, source_agreement, stratified_order, stratified_sample
+from transferctl.probes import (
+    PROBE_C,
+    PROBE_CS,
+    _scaled,
+    held_out_probe,
+    logme_with_spread,
+    probe,
+    source_agreement,
+    stratified_order,
+    stratified_sample,
+)
 
 LABELS = np.repeat(np.arange(4), 30)
 
@@ -85,3 +95,48 @@ def test_on_imbalanced_classes_a_probe_that_learned_nothing_scores_chance_not_th
     assert probe(noise, labels, folds=3).accuracy < 0.7  # chance is 0.5; plain accuracy would be about 0.96
     separable = noise + labels[:, None] * 6.0
     assert probe(separable, labels, folds=3).accuracy > 0.95
+
+
+def test_the_l2_strength_is_chosen_by_cross_validation_not_fixed() -> None:
+    # Four informative dimensions among 200 noisy ones, 40 images: a weak penalty fits the noise, so CV picks a
+    # strong one; with clean, wide margins a weak penalty loses nothing and CV may take it.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 10)
+    noisy = rng.normal(size=(40, 200))
+    noisy[:, :4] += 1.5 * np.eye(4)[labels]
+    chosen = probe(noisy, labels).c
+    assert chosen in PROBE_CS and chosen < max(PROBE_CS)
+    assert probe(separable(), LABELS).c in PROBE_CS
+
+
+def test_a_held_out_probe_fits_on_training_images_and_scores_the_others() -> None:
+    features = separable()
+    train = np.arange(len(LABELS)) % 3 != 0
+    result = held_out_probe(features[train], LABELS[train], features[~train], LABELS[~train], with_half=True)
+    assert result.accuracy > 0.95 and result.balanced_accuracy > 0.95 and result.folds == 3
+    assert result.gain_from_half is not None and abs(result.gain_from_half) < 0.05
+    # Labels the probe never saw paired with these features: held out, it cannot read them.
+    shuffled = np.random.default_rng(3).permutation(LABELS[~train])
+    assert held_out_probe(features[train], LABELS[train], features[~train], shuffled).accuracy < 0.5
+
+
+def test_cross_validation_finds_the_strength_a_fixed_one_misses() -> None:
+    # Four weak but clean informative dimensions beside ten strong noisy ones: after scaling, the signal is small
+    # and the old fixed strength (C 0.5) smothers it; the chosen, weaker penalty reads it.
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 120)
+    features = np.concatenate([0.2 * np.eye(4)[labels] + 0.1 * rng.normal(size=(480, 4)), 3.0 * rng.normal(size=(480, 10))], axis=1)
+    train = np.arange(480) % 2 == 0
+    chosen = held_out_probe(features[train], labels[train], features[~train], labels[~train])
+    x = _scaled(features, features[train])
+    fixed = LogisticRegression(C=PROBE_C, max_iter=1000).fit(x[train], labels[train]).score(x[~train], labels[~train])
+    assert chosen.c > PROBE_C and chosen.accuracy > fixed + 0.2
+
+
+def test_a_class_with_one_training_image_falls_back_to_the_fixed_strength() -> None:
+    labels = np.array([0, 0, 0, 1])
+    features = np.eye(2)[labels] + 0.01 * np.random.default_rng(0).normal(size=(4, 2))
+    result = held_out_probe(features, labels, features, labels)
+    assert result.c == PROBE_C and result.folds == 0 and result.accuracy == 1.0
