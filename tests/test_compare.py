@@ -42,7 +42,8 @@ def test_derived_schedules_keep_the_total_epochs_and_the_learning_rates() -> Non
     assert [(p.name, p.epochs, p.train, p.lr, p.backbone_lr_mult) for p in scratch] == [("all", 8, "all", 0.002, 1.0)]
     assert [(p.epochs, p.train, p.lr) for p in derive_schedule("feature_extract", reference)] == [(8, "head", 0.01)]
     fine_tune = derive_schedule("fine_tune", reference)  # head round(3 * 8 / 8) = 3, body 5, as the default
-    assert [(p.name, p.epochs, p.lr, p.backbone_lr_mult) for p in fine_tune] == [("head", 3, 0.01, 1.0), ("body", 5, 0.002, 0.1)]
+    assert [(p.name, p.epochs, p.lr, p.backbone_lr_mult) for p in fine_tune] == [("head", 3, 0.01, 1.0), ("body", 5, 0.002, 0.5)]
+    assert all(p.min_steps is None for p in fine_tune + scratch)  # every run trains the same epochs
     # from a single scratch phase of 10 epochs: head round(3.75) = 4, body 6, both at the scratch lr
     from_scratch = derive_schedule("fine_tune", [PhaseConfig(name="all", epochs=10, train="all", lr=0.005)])
     assert [(p.epochs, p.lr) for p in from_scratch] == [(4, 0.005), (6, 0.005)]

@@ -144,7 +144,7 @@ def test_overrides_set_nested_fields_with_yaml_values(tmp_path: Path) -> None:
 def test_a_schedule_override_edits_the_strategys_default_schedule(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {root: d}\n")  # fine_tune, no schedule: the README's `--set schedule.1.epochs=10` must work
     assert [(p.name, p.epochs) for p in schedule_of(load_config(path, ["schedule.1.epochs=10"]))] == [("head", 3), ("body", 10)]
-    assert schedule_of(load_config(path, ["schedule.1.epochs=10"]))[1].backbone_lr_mult == 0.1  # the rest of the phase as it was
+    assert schedule_of(load_config(path, ["schedule.1.epochs=10"]))[1].backbone_lr_mult == 0.5  # the rest of the phase as it was
     changed = load_config(path, ["schedule.0.epochs=4", "strategy=feature_extract"])  # the strategy the overrides leave
     assert [(p.name, p.epochs, p.train) for p in schedule_of(changed)] == [("head", 4, "head")]
 

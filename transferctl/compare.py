@@ -384,7 +384,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def describe_schedule(phases: list[dict[str, Any]]) -> str:
-    """'head 3 epochs (train head, lr 0.001) → body 5 epochs (train all, lr 0.001, backbone ×0.1)'."""
+    """'head 3 epochs (train head, lr 0.001) → body 5 epochs (train all, lr 0.001, backbone ×0.5)'."""
     parts = []
     for phase in phases:
         mult = f", backbone ×{phase['backbone_lr_mult']:g}" if phase["backbone_lr_mult"] != 1 else ""
