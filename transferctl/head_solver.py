@@ -24,11 +24,14 @@ from torch import nn
 
 from transferctl.engine import EpochStats, NonFiniteLossError, TrainingStopped
 
-# L2 strengths tried (on the head's own weights, so a body whose features hardly vary gets a head that does
-# not magnify them: fine-tuning that body would blow up), strongest first: each fold walks this
-# regularisation path warm-started from the last strength. Held-out accuracy is flat within a factor of ten
-# of the best strength, so a decade apart is fine enough.
-WEIGHT_DECAYS = (1.0e1, 1.0, 1.0e-1, 1.0e-2, 1.0e-3, 1.0e-4, 1.0e-5, 1.0e-6)
+# L2 strengths tried, on features scaled to a root mean square of 1 (Design: so one grid means the same for
+# every backbone and layer), strongest first: each fold walks this regularisation path warm-started from the
+# last strength. Half a decade apart: a decade apart lost 3 to 5 points to scikit-learn's
+# LogisticRegressionCV (17 values) on noisy blobs.
+WEIGHT_DECAYS = tuple(float(10.0**exponent) for exponent in np.arange(1.0, -5.01, -0.5))
+# The least penalty on the head's own weights: a body whose features hardly vary (a random network's can be
+# 1e-10 in size) must not get a head that magnifies them by 1e10, which fine-tuning that body would blow up.
+MIN_HEAD_DECAY = 1.0e-8
 FALLBACK_WEIGHT_DECAY = 1.0e-3  # when some class has a single training image: no fold can hold it out
 MAX_FOLDS = 3
 SELECTION_IMAGES = 1000  # above this, the strength is chosen on a stratified sample: the solves stay seconds
@@ -163,9 +166,9 @@ def choose_weight_decay(features: np.ndarray, labels: np.ndarray, design: Design
 
 @dataclass(frozen=True)
 class Design:
-    """The coordinates the problem is solved in: features centred and divided by their root mean square (which
-    conditions L-BFGS; the penalty is converted so it stays the one on the head's weights) and, with fewer
-    training rows than feature dimensions, rotated onto the rows' span. The L2 penalty is invariant under that
+    """The coordinates the problem is solved in: features centred and divided by their root mean square (the
+    weight decay is taken in these units, and L-BFGS is better conditioned) and, with fewer training rows
+    than feature dimensions, rotated onto the rows' span. The L2 penalty is invariant under that
     rotation and the best weights lie in that span, so the solution is exact, at (rows x rows) instead of
     (rows x width) cost."""
 
@@ -197,9 +200,9 @@ class Design:
         return int(self.basis.shape[1]) if self.basis is not None else int(self.mean.shape[0])
 
     def penalty(self, weight_decay: float) -> float:
-        """The strength on the solver's weights A that is weight_decay on the head's W = A / scale. Capped: for
-        features of a degenerate body (1e-10 in size) it would overflow, where its answer is A = 0 anyway."""
-        return min(weight_decay / self.scale**2, MAX_PENALTY)
+        """The strength on the solver's weights A (on unit-size features): weight_decay, but at least
+        MIN_HEAD_DECAY on the head's own weights W = A / scale; capped where the answer is A = 0 anyway."""
+        return min(max(weight_decay, MIN_HEAD_DECAY / self.scale**2), MAX_PENALTY)
 
     def transform(self, block: torch.Tensor) -> torch.Tensor:
         centred = (block.to(self.device) - self.mean) / self.scale
