@@ -79,3 +79,15 @@ def test_a_weights_file_keeps_its_own_head_too(tmp_path: Path) -> None:
     network = load_probe_network(BackboneConfig(name="resnet18", weights=str(path)), 32)
     assert network.source_classes == 7 and network.imagenet_top1 is None
     assert torch.equal(network.model.fc.weight, reference.fc.weight)
+
+
+def test_rows_picks_the_same_images_from_every_measure() -> None:
+    from transferctl.features import Features
+
+    stages = {"layer1": np.arange(12.0).reshape(6, 2), "layer2": np.arange(18.0).reshape(6, 3)}
+    features = Features(stages, np.arange(24.0).reshape(6, 4), np.arange(6), 1.5)
+    part = features.rows(slice(2, 4))
+    assert part.stages["layer1"].tolist() == [[4.0, 5.0], [6.0, 7.0]] and part.stages["layer2"].shape == (2, 3)
+    assert part.penultimate.tolist() == [[8.0, 9.0, 10.0, 11.0], [12.0, 13.0, 14.0, 15.0]]
+    assert part.source_predictions is not None and part.source_predictions.tolist() == [2, 3]
+    assert Features(stages, features.penultimate, None, 0.0).rows([0]).source_predictions is None

@@ -6,23 +6,33 @@ import sys
 import textwrap
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import experiment
 from transferctl.cli import app
 from transferctl.config import STRATEGIES, load_config
+from transferctl.errors import DataError
 from transferctl.recommend import (
+    COSTS,
     Advice,
     BackboneReport,
+    Candidate,
     MeasureOptions,
     Thresholds,
     add_reference,
     advise,
+    estimate_noise,
+    frozen_candidates,
     judge_similarity,
     judge_size,
+    pick_candidate,
+    pick_reasons,
     rank,
     score_backbone,
 )
@@ -113,7 +123,10 @@ def test_write_config_refuses_to_overwrite_and_needs_data(tiny_split_data: Path,
      ("--image-size", "-5", "--image-size: must be between 8 and 4096 pixels, got -5"),
      ("--image-size", "0", "--image-size: must be between 8 and 4096 pixels, got 0"),
      ("--seed", "-1", "--seed: must be 0 or more, got -1"),
-     ("--folds", "1", "--folds: must be at least 2, got 1")],
+     ("--folds", "1", "--folds: must be at least 2, got 1"),
+     ("--budget", "-1", "--budget: must be a number of seconds >= 0, got -1.0"),
+     ("--val-fraction", "1", "--val-fraction: must be between 0 and 1, got 1.0"),
+     ("--race-size", "4", "--race-size: must be between 8 and 4096 pixels, got 4")],
 )  # fmt: skip
 def test_measurement_flags_out_of_range_are_one_line(tiny_flat_data: Path, flag: str, value: str, expected: str) -> None:
     result = invoke("recommend", "--data", str(tiny_flat_data), "--weights", "none", flag, value, "--device", "cpu", "-q")
@@ -243,6 +256,50 @@ def test_scores_from_generated_features_find_a_mid_stage_that_separates_the_clas
     assert not similar and cut == "layer2"
 
 
+def candidate(strategy: str, estimate: float | None, cut: str | None = None, images: int = 400) -> Candidate:
+    noise = None if estimate is None else estimate_noise(estimate, images)
+    return Candidate(strategy, "resnet18", cut, estimate, noise, "measured", COSTS["cut" if cut else strategy])
+
+
+def test_the_pick_is_the_best_estimate_when_it_leads_by_more_than_the_noise() -> None:
+    field = [candidate("feature_extract", 0.70), candidate("feature_extract", 0.74, cut="layer2"), candidate("fine_tune", 0.80), candidate("scratch", 0.90)]
+    assert pick_candidate(field).strategy == "scratch"
+
+
+def test_within_one_standard_error_the_cheaper_candidate_is_picked() -> None:
+    noise = estimate_noise(0.85, 400)  # about 1.8 points on 400 validation images
+    close = [candidate("scratch", 0.85), candidate("pretrained_init", 0.845), candidate("fine_tune", 0.85 - 0.9 * noise), candidate("feature_extract", 0.80)]
+    assert pick_candidate(close).strategy == "fine_tune"
+    assert pick_candidate([candidate("fine_tune", 0.85), candidate("feature_extract", 0.84, cut="layer3")]).cut == "layer3"
+    # Two of the same cost: the higher estimate.
+    assert pick_candidate([candidate("scratch", 0.85), candidate("pretrained_init", 0.845)]).strategy == "scratch"
+
+
+def test_few_validation_images_make_a_wide_noise_and_a_perfect_score_is_not_certain() -> None:
+    assert estimate_noise(1.0, 8) > 0.05 and estimate_noise(1.0, 8) > estimate_noise(1.0, 800) > 0
+    tied = [candidate("scratch", 1.0, images=8), candidate("feature_extract", 0.9, images=8)]
+    assert pick_candidate(tied).strategy == "feature_extract"  # 8 of 8 is about 89% ± 11%
+
+
+def test_a_diverged_candidate_is_never_picked_and_none_measured_is_an_error() -> None:
+    assert pick_candidate([candidate("scratch", None), candidate("fine_tune", 0.4)]).strategy == "fine_tune"
+    with pytest.raises(DataError, match="no candidate could be measured"):
+        pick_candidate([candidate("scratch", None)])
+
+
+def test_every_frozen_body_and_cut_is_a_candidate_and_the_reasons_compare_with_the_rule() -> None:
+    measured = report(probe_val_acc=0.6, stage_val_acc={"layer2": 0.7, "layer3": 0.65}, crop=32, probe_c=1.0)
+    found = frozen_candidates([measured, report(name="mobilenet_v3_small")], scored=50)  # the second: --fast, no validation score
+    assert [(c.strategy, c.cut, c.estimate) for c in found] == [("feature_extract", None, 0.6), ("feature_extract", "layer2", 0.7), ("feature_extract", "layer3", 0.65)]
+    assert all("50 validation images" in c.how for c in found)
+    rule = advise("small", False, measured=True)
+    pick = pick_candidate([*found, candidate("scratch", 0.9)])
+    reasons = pick_reasons(pick, [*found, pick], rule)
+    assert "the best measured estimate" in reasons[0] and "the four-case rule agrees (small data, different task)" in reasons[1]
+    cut = pick_candidate(found)
+    assert "would say scratch; the measurements overrule it" in pick_reasons(cut, found, rule)[1]
+
+
 def test_advice_case_names_both_facts() -> None:
     assert Advice("large", False, "pretrained_init", []).case == "large data, different task"
 
@@ -265,17 +322,29 @@ def base_run(module_tmp_path: Path) -> Path:
 
 
 def test_data_mode_end_to_end_with_a_run_as_weights(base_run: Path, tmp_path: Path) -> None:
+    # Also the fast known answer: the base learned colours and the target is four colours, so a frozen body
+    # reads them perfectly and, cheapest, is picked; the race's first round (--budget 0) cannot do better.
     from transferctl.synthetic import tiny_dataset
 
     target = tiny_dataset(tmp_path / "target", n_classes=4, per_class=8, layout="flat", seed=3)
     path = tmp_path / "rec.yaml"
     args = ["recommend", "--data", str(target), "--weights", f"run:{base_run}", "--image-size", "32", "--random-images", "16",
-            "--folds", "2", "--device", "cpu", "--precision", "fp32", "--write-config", str(path), "--json", "--quiet"]  # fmt: skip
+            "--folds", "2", "--device", "cpu", "--precision", "fp32", "--budget", "0", "--val-fraction", "0.25",
+            "--write-config", str(path), "--json", "--quiet"]  # fmt: skip
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
-    assert answer["mode"] == "data" and answer["strategy"] in STRATEGIES
-    assert answer["data"]["images"] == 32 and answer["data"]["per_class_median"] == 8
+    assert answer["mode"] == "data" and answer["measurement"] == "race" and answer["strategy"] in STRATEGIES
+    # The flat tree split as training splits it: 6 of each class's 8 train, 2 validate.
+    assert answer["data"]["images"] == 24 and answer["data"]["per_class_median"] == 6 and answer["data"]["val_images"] == answer["data"]["scored"] == 8
+    assert "split as training splits it (val_fraction 0.25, seed 0)" in answer["data"]["measured_on"]
+    # Every frozen body (whole and each cut) and every end-to-end strategy has an estimate; --budget 0: one round.
+    kinds = {(c["strategy"], c["cut"]) for c in answer["candidates"]}
+    assert {("feature_extract", None), ("feature_extract", "layer2"), ("fine_tune", None), ("pretrained_init", None), ("scratch", None)} <= kinds
+    assert {run["round"] for run in answer["race"]["runs"]} == {0} and answer["race"]["ended"].startswith("budget")
+    assert (answer["pick"]["strategy"], answer["pick"]["cut"]) == (answer["strategy"], answer["cut"])
+    assert answer["strategy"] == "feature_extract" and answer["pick"]["estimate"] == 1.0
+    assert all("an eighth of its default schedule" in c["how"] for c in answer["candidates"] if c["strategy"] != "feature_extract")
     (row,) = answer["ranking"]  # the run's own backbone, found from its config.yaml
     assert row["name"] == "resnet18" and row["weights"] == f"run:{base_run}"
     assert row["source_classes"] == 3 and row["source_agreement"] is not None  # the base run's head
@@ -283,23 +352,24 @@ def test_data_mode_end_to_end_with_a_run_as_weights(base_run: Path, tmp_path: Pa
     assert {"small_below", "large_from", "gain_points", "depth_points", "worth_points", "ami_min"} <= set(answer["thresholds"])
     config = load_config(path)
     assert config.strategy == answer["strategy"] and config.backbone.cut == answer["cut"]
+    assert config.data.val_fraction == 0.25  # training holds out the images recommend scored on
     assert config.data.image_size == 32 == row["crop"]  # trains at the size it was measured at, even when scratch drops the weights
     if config.strategy != "scratch":
         assert config.backbone.weights == f"run:{base_run.resolve()}"
 
 
 def test_data_mode_prints_a_table_and_the_measured_values(base_run: Path, tiny_flat_data: Path) -> None:
-    args = ["recommend", "--data", str(tiny_flat_data), "--weights", f"run:{base_run}", "--image-size", "32", "--folds", "2", "--precision", "fp32"]
+    args = ["recommend", "--data", str(tiny_flat_data), "--weights", f"run:{base_run}", "--image-size", "32", "--folds", "2", "--precision", "fp32", "--fast"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    for text in ("resnet18", "LogME", "size:", "similarity:", "strategy:", "small below 100"):
+    for text in ("resnet18", "LogME", "size:", "similarity:", "strategy:", "small below 100", "--fast: the four-case rule", "measured:"):
         assert text in result.stderr, text
 
 
 def test_data_mode_ranks_several_backbones_and_measures_the_reference_for_the_best(tiny_flat_data: Path) -> None:
     args = ["recommend", "--data", str(tiny_flat_data), "--backbone", "resnet18,mobilenet_v3_small", "--weights", "none",
-            "--image-size", "32", "--folds", "2", "--precision", "fp32", "--json", "-q"]  # fmt: skip
+            "--image-size", "32", "--folds", "2", "--precision", "fp32", "--fast", "--json", "-q"]  # fmt: skip
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     first, second = json.loads(result.stdout)["ranking"]
@@ -321,7 +391,7 @@ def test_random_weights_are_measured_the_same_for_a_seed(tiny_flat_data: Path) -
     import torch
 
     args = ["recommend", "--data", str(tiny_flat_data), "--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
-            "--folds", "2", "--precision", "fp32", "--random-images", "8", "--device", "cpu", "--json", "-q"]  # fmt: skip
+            "--folds", "2", "--precision", "fp32", "--random-images", "8", "--device", "cpu", "--fast", "--json", "-q"]  # fmt: skip
     rows = []
     for _ in range(2):
         torch.manual_seed(len(rows))  # whatever the caller's RNG, --seed decides the network
@@ -329,3 +399,154 @@ def test_random_weights_are_measured_the_same_for_a_seed(tiny_flat_data: Path) -
         assert result.exit_code == 0, result.output
         rows.append(json.loads(result.stdout)["ranking"][0])
     assert (rows[0]["logme"], rows[0]["probe_acc"]) == (rows[1]["logme"], rows[1]["probe_acc"])
+
+
+def test_data_mode_shows_every_candidate_how_it_was_measured_and_the_pick(monkeypatch: pytest.MonkeyPatch, tiny_split_data: Path) -> None:
+    from transferctl import recommend as module
+    from transferctl.recommend import DataReport, DataSummary
+
+    field = [candidate("feature_extract", 0.71), candidate("feature_extract", 0.78, cut="layer2"), candidate("fine_tune", 0.80), candidate("scratch", None)]
+    field[2].how, field[3].how = "trained 8 epochs (head 3 + body 5)", "diverged in round 1: the loss became nan"
+    summary = DataSummary(str(tiny_split_data), ["a", "b"], 400, 200, 200, "a", 400, "split", 400, 400, "probes fit on all 400 training images (train/)")
+    canned = DataReport(summary, TH, [report()], Advice("large", True, "fine_tune", ["fine_tune on resnet18: 80.0%"]), ["large: 200"], ["similar"],
+                        candidates=field, pick=field[2], race={"runs": [], "ended": "one candidate left", "seconds": 1.0, "budget_seconds": 60, "notes": []})  # fmt: skip
+    monkeypatch.setattr(module, "measure", lambda *args, **kwargs: canned)
+    result = invoke("recommend", "--data", str(tiny_split_data), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())  # the table folds long cells
+    for expected in ("candidates, by measured validation accuracy", "80.0% ±", "78.0% ±", "layer2", "diverged in round 1",
+                     "trained 8 epochs", "measured: probes fit on all 400 training images", "strategy: fine_tune", "→"):  # fmt: skip
+        assert expected in text, expected
+    answer = json.loads(invoke("recommend", "--data", str(tiny_split_data), "--json").stdout)
+    assert answer["measurement"] == "race" and answer["pick"]["strategy"] == "fine_tune" and len(answer["candidates"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Known answers: generated sets on which one way of training wins; recommend must pick it. The race gets a
+# budget no machine runs out of, so that every round runs and the answer is the same everywhere.
+
+
+def mark_pair(vertical: bool, colour: tuple[int, int, int] = (230, 230, 230), square: bool = False, background: float = 30.0) -> Any:
+    """Two equal marks anywhere in the picture, side by side or one above the other: every small patch looks
+    the same in both classes, only the arrangement tells them apart."""
+
+    def make(rng: np.random.Generator, size: int) -> Image.Image:
+        pixels = np.full((size, size, 3), background) + rng.normal(0.0, 6.0, (size, size, 1))
+        radius, gap = 0.12 * size, rng.uniform(0.3, 0.5) * size
+        along, across = rng.uniform(radius, size - radius - gap), rng.uniform(radius, size - radius)
+        drift = rng.uniform(-2.0, 2.0)
+        centres = [(along, across), (along + gap, across + drift)]
+        rows, columns = np.mgrid[0:size, 0:size]
+        for first, second in centres:
+            x, y = (second, first) if vertical else (first, second)
+            distance = np.maximum(abs(columns - x), abs(rows - y)) if square else np.hypot(columns - x, rows - y)
+            pixels[distance < radius] = colour
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+    return make
+
+
+def pairs(**look: Any) -> dict[str, Any]:
+    return {"horizontal": mark_pair(False, **look), "vertical": mark_pair(True, **look)}
+
+
+COLOURS = {"red": (200, 50, 50), "green": (50, 180, 60), "blue": (50, 70, 210), "yellow": (220, 210, 50)}
+
+
+def flat_colour(colour: tuple[int, int, int]) -> Any:
+    def make(rng: np.random.Generator, size: int) -> Image.Image:
+        return Image.fromarray(np.clip(np.asarray(colour) + rng.normal(0.0, 25.0, (size, size, 3)), 0, 255).astype(np.uint8), "RGB")
+
+    return make
+
+
+def split_set(root: Path, classes: dict[str, Any], train: int, val: int, seed: int = 1) -> Path:
+    from transferctl.synthetic import write_image_folder
+
+    return write_image_folder(root, classes, train + val, 32, seed, "split", val_fraction=val / (train + val))
+
+
+def recommend_json(data: Path, weights: str, *extra: str) -> dict[str, Any]:
+    args = ["recommend", "--data", str(data), "--weights", weights, "--image-size", "32", "--device", "cpu", "--precision", "fp32",
+            "--random-images", "40", "--json", "-q", *extra]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def estimates(answer: dict[str, Any]) -> dict[str, float]:
+    """The best estimate of each strategy (the frozen ones: over every cut)."""
+    found: dict[str, float] = {}
+    for row in answer["candidates"]:
+        if row["estimate"] is not None:
+            found[row["strategy"]] = max(found.get(row["strategy"], 0.0), row["estimate"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def arrangement_base(module_tmp_path: Path) -> Path:
+    """resnet18 trained from scratch to tell horizontal from vertical pairs of white dots (about 100% on val)."""
+    from transferctl.config import config_from_dict
+    from transferctl.train import train
+
+    data = split_set(module_tmp_path / "dots", pairs(), 60, 15, seed=0)
+    schedule = [{"name": "all", "epochs": 10, "train": "all", "lr": 1.0e-3}]
+    raw = experiment(data, module_tmp_path / "runs", name="dots", strategy="scratch", schedule=schedule)
+    return Path(train(config_from_dict(raw))["run_dir"])
+
+
+@pytest.mark.slow
+def test_known_answer_frozen_features_win_when_the_target_shares_the_bases_features(arrangement_base: Path, tmp_path: Path) -> None:
+    # The same arrangements drawn with other marks, 10 training images a class: the base's features already
+    # separate them, and a frozen body costs least. (--budget 0: the race's first round only, the same on any
+    # machine; with the whole race every strategy reaches 100% here, and the frozen body still wins on cost.)
+    target = split_set(tmp_path / "squares", pairs(colour=(230, 200, 40), square=True), 10, 30)
+    answer = recommend_json(target, f"run:{arrangement_base}", "--budget", "0")
+    assert answer["strategy"] == "feature_extract", answer["candidates"]
+    measured = estimates(answer)
+    assert measured["feature_extract"] == max(measured.values()) >= 0.95
+
+
+@pytest.fixture(scope="module")
+def colour_base(module_tmp_path: Path) -> Path:
+    """resnet18 trained hard (lr 1e-2, 160 steps) on an unrelated task: which of four flat colours a picture is.
+    (A base trained a step or two is still nearly random, and random features read arrangements well.)"""
+    from transferctl.config import config_from_dict
+    from transferctl.train import train
+
+    data = split_set(module_tmp_path / "colours", {name: flat_colour(rgb) for name, rgb in COLOURS.items()}, 32, 8, seed=0)
+    schedule = [{"name": "all", "epochs": 10, "train": "all", "lr": 1.0e-2}]
+    return Path(train(config_from_dict(experiment(data, module_tmp_path / "runs", name="colours", strategy="scratch", schedule=schedule)))["run_dir"])
+
+
+@pytest.mark.slow
+def test_known_answer_scratch_wins_when_the_base_learned_an_unrelated_task(colour_base: Path, tmp_path: Path) -> None:
+    # The base knows colours; the target is an arrangement of dots, and 60 images a class are enough to learn
+    # it from random weights. No layer of the base separates the arrangements well, and starting from it is worse.
+    target = split_set(tmp_path / "dots", pairs(), 60, 30)
+    answer = recommend_json(target, f"run:{colour_base}", "--budget", "3600")
+    assert answer["strategy"] == "scratch", answer["candidates"]
+    pick = answer["pick"]
+    assert "all of its default schedule" in pick["how"]  # the race's last one: as training with the defaults will train
+    others = [row for row in answer["candidates"] if row["strategy"] != "scratch" and row["estimate"] is not None]
+    assert all(row["estimate"] < pick["estimate"] - pick["noise"] for row in others)
+
+
+@pytest.mark.slow
+def test_known_answer_fine_tune_wins_when_the_features_need_adapting(arrangement_base: Path, tmp_path: Path) -> None:
+    # The base's task with the contrast inverted (dark marks on a light ground), 12 images a class: its frozen
+    # features fall short, training every layer reaches what scratch and pretrained_init reach, and fine_tune is
+    # the cheapest way there.
+    target = split_set(tmp_path / "inverted", pairs(colour=(20, 20, 20), background=220.0), 12, 30)
+    answer = recommend_json(target, f"run:{arrangement_base}", "--budget", "3600")
+    assert answer["strategy"] == "fine_tune", answer["candidates"]
+    pick, best = answer["pick"], max((c for c in answer["candidates"] if c["estimate"] is not None), key=lambda c: c["estimate"])
+    assert estimates(answer)["feature_extract"] < best["estimate"] - best["noise"] <= pick["estimate"]
+
+
+def test_data_mode_needs_two_training_images_a_class_after_the_held_out_share(tmp_path: Path) -> None:
+    from transferctl.synthetic import tiny_dataset
+
+    flat = tiny_dataset(tmp_path / "flat", n_classes=2, per_class=3, layout="flat")
+    result = invoke("recommend", "--data", str(flat), "--weights", "none", "--val-fraction", "0.5", "--device", "cpu")
+    assert result.exit_code == 1 and "has 1 training image(s)" in result.stderr and "--val-fraction" in result.stderr

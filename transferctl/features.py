@@ -46,6 +46,11 @@ class Features:
     source_predictions: np.ndarray | None  # (N,) argmax of the source head
     seconds: float
 
+    def rows(self, index: Any) -> Features:
+        """The same measures for some of the images (numpy indexing: a slice, indices or a mask)."""
+        source = None if self.source_predictions is None else self.source_predictions[index]
+        return Features({group: values[index] for group, values in self.stages.items()}, self.penultimate[index], source, self.seconds)
+
 
 def load_probe_network(config: BackboneConfig, image_size: int | None, pretrained: bool = True) -> ProbeNetwork:
     """Build the backbone as train would; keep the weights' own head when they have one."""

@@ -9,10 +9,13 @@ The four cases of transfer learning, by dataset size and similarity to the pretr
 | large | no      | pretrained_init | enough data to learn the task; pretrained weights still start faster  |
 
 Rule mode (`advise`) maps the two facts to a case and must stay instant: this module imports no torch at import
-time, and rule mode never imports it. Data mode (`measure`) measures both facts with one forward pass per
-backbone (transferctl.features), scores the backbones (LogME, linear probes: transferctl.probes) and adds
-the fifth answer the rule cannot give: a frozen body cut after an earlier stage (`backbone.cut`), when the
-early layers still transfer and the late ones do not.
+time, and rule mode never imports it. Data mode (`measure`) looks at the images as training will: probes fit
+on the training images and scored on the validation images, the size from the training images a class. It
+measures both facts with one forward pass per backbone (transferctl.features, transferctl.probes), then,
+since the rule is only a prior, measures every candidate like with like: each frozen body (whole, and cut
+after every earlier layer group: `backbone.cut`) by its converged probe's validation accuracy, and the
+end-to-end strategies by short real training runs (transferctl.race). The pick is the best estimate or,
+within one standard error of it, the cheapest. `--fast` keeps the forward pass and the rule alone.
 """
 
 from __future__ import annotations
@@ -130,12 +133,14 @@ def advise(size: str, similar: bool, cut: str | None = None, measured: bool = Fa
 # Writing an experiment file
 
 
-def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None) -> str:
+def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None,
+                    val_fraction: float = 0.2) -> str:  # fmt: skip
     """A complete experiment file for the advice, validated exactly as `transferctl train` will read it.
 
     Paths are written relative to the file's own folder (how train reads them), so the pair can be moved together.
     image_size: the size data mode measured at, written so that training sees the images as measured (a
-    scratch answer drops the weights, and with them their preprocessing's size).
+    scratch answer drops the weights, and with them their preprocessing's size). val_fraction: the share data
+    mode held out of a flat tree, so that training holds out the same images.
     """
     from transferctl.config import config_from_dict, config_to_dict, dump_yaml
 
@@ -153,7 +158,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
         "name": _experiment_name(data_root, advice.strategy),
         "seed": seed,
         "backbone": {"name": backbone, "weights": weights, "cut": advice.cut, **own},
-        "data": {"root": _relative(data_root, folder), "image_size": image_size},
+        "data": {"root": _relative(data_root, folder), "image_size": image_size, "val_fraction": val_fraction},
         "strategy": advice.strategy,
         "output": {"dir": "runs"},
     }
@@ -215,6 +220,10 @@ class MeasureOptions:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 64
+    val_fraction: float = 0.2  # a flat tree's held-out share, drawn as training draws it (data.val_fraction, seed)
+    fast: bool = False  # forward-pass measures and the four-case rule only; no race
+    budget: float = 60.0  # seconds for the race of the end-to-end strategies
+    race_size: int | None = None  # crop size the race trains at; None: the size measured at
 
 
 @dataclass
@@ -240,6 +249,9 @@ class BackboneReport:
     imagenet_top1: float | None = None
     seconds: float = 0.0
     crop: int | None = None  # the input size the images were measured at
+    probe_c: float | None = None  # the penultimate probe's inverse L2 strength, chosen by CV on the training images
+    probe_val_acc: float | None = None  # full mode: that probe's plain accuracy on the validation images
+    stage_val_acc: dict[str, float] = field(default_factory=dict)  # the same for every earlier stage
 
     @property
     def pretraining_gain_points(self) -> float | None:
@@ -262,11 +274,43 @@ class BackboneReport:
 class DataSummary:
     root: str
     classes: list[str]
-    images: int  # labelled images (train and val; a test split is never looked at)
-    per_class_median: float
+    images: int  # training images: the train split, or a flat tree's share that trains (a test split is never looked at)
+    per_class_median: float  # of the training images
     per_class_min: int
     smallest_class: str
-    sampled: int
+    sampled: int  # training images measured (a stratified sample of at most --max-images)
+    layout: str = "split"  # split: train/ and val/ folders; flat: class folders, split here as training splits them
+    val_images: int = 0
+    scored: int = 0  # validation images the frozen probes were scored on (0: --fast, none)
+    measured_on: str = ""  # which images were measured, and why
+
+
+@dataclass
+class Candidate:
+    """A way to train, with its measured estimate of validation accuracy (0-1).
+
+    Frozen candidates: a probe fitted to convergence on the training images, scored on the validation images.
+    End-to-end ones: the race's real training runs, scored on the same validation images."""
+
+    strategy: str
+    backbone: str
+    cut: str | None
+    estimate: float | None  # None: not measured (training diverged)
+    noise: float | None  # the estimate's standard error
+    how: str
+    cost: int  # COSTS: ties within the noise go to the cheaper
+    seconds: float | None = None
+    epochs: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} (cut: {self.cut})" if self.cut else self.strategy
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["estimate"] = None if self.estimate is None else round(self.estimate, 4)
+        data["noise"] = None if self.noise is None else round(self.noise, 4)
+        return data
 
 
 @dataclass
@@ -279,20 +323,29 @@ class DataReport:
     similarity_reasons: list[str]
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)  # empty with --fast
+    pick: Candidate | None = None
+    race: dict[str, Any] | None = None  # race.RaceResult.to_dict()
 
     @property
     def best(self) -> BackboneReport:
-        return self.backbones[0]
+        """The backbone the advice is for: the pick's, or (--fast) the top-ranked."""
+        name = self.pick.backbone if self.pick else self.backbones[0].name
+        return next(b for b in self.backbones if b.name == name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": "data",
+            "measurement": "race" if self.pick else "fast",
             "data": asdict(self.data),
             "thresholds": asdict(self.thresholds),
             "ranking": [b.to_dict() for b in self.backbones],
             "backbone": self.best.name,
             "weights": self.best.weights,
             **advice_dict(self.advice),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "pick": self.pick.to_dict() if self.pick else None,
+            "race": self.race,
             "size_reasons": self.size_reasons,
             "similarity_reasons": self.similarity_reasons,
             "notes": self.notes,
@@ -394,45 +447,183 @@ def _pct(fraction: float) -> str:
 
 
 def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_progress: Progress | None = None) -> DataReport:
-    """Measure size and similarity on the images under `root` and advise; see the module docstring."""
+    """Measure the candidates on the images under `root` as training will see them, and pick; see the module docstring."""
+    thresholds.check()
+    _check_options(options)
+    say = on_progress or (lambda message: None)
+    started = time.perf_counter()
+    measured = _training_view(root, options)
+    say(measured.summary.measured_on)
+    ranked = _measure_backbones(measured.paths, measured.labels, len(measured.fit), options, say)
+    top, summary = ranked[0], measured.summary
+    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, top.probe_gain_points, summary.sampled, summary.images, thresholds)
+    similar, cut, similarity_reasons = judge_similarity(top, thresholds)
+    extra = cut_reason(top, cut, thresholds)
+    if extra:
+        similarity_reasons.append(extra)
+    rule = advise(size, similar, cut if size == "small" else None, measured=True)
+    notes = _notes(summary, measured.splits)
+    if options.fast:
+        if cut and size == "large":
+            rule.reasons.append(f"with this much data train every layer; a frozen body cut after '{cut}' (backbone.cut) is the cheaper alternative")
+        rule.reasons.append(f"backbone: {top.name} ranks first by LogME ({top.logme:.3f})")
+        rule.reasons.append("--fast: the four-case rule from forward-pass measures, nothing trained; without --fast the candidates are trained and measured")
+        return DataReport(summary, thresholds, ranked, rule, size_reasons, similarity_reasons, time.perf_counter() - started, notes)
+    race = _race(root, top, options, say)
+    candidates = frozen_candidates(ranked, summary.scored) + race_candidates(race, top.name, summary.val_images)
+    pick = pick_candidate(candidates)
+    advice = Advice(size, similar, pick.strategy, pick_reasons(pick, candidates, rule), pick.cut)
+    notes += race.notes
+    return DataReport(summary, thresholds, ranked, advice, size_reasons, similarity_reasons, time.perf_counter() - started, notes,
+                      candidates, pick, race.to_dict())  # fmt: skip
+
+
+@dataclass
+class _TrainingView:
+    """The images measured: a stratified sample of the training images (the probes fit on them), then one of
+    the validation images (scored; none with --fast). `fit` and `scored` index the splits' samples."""
+
+    splits: Any
+    fit: Any
+    scored: Any
+    paths: list[Path]
+    labels: Any
+    summary: DataSummary
+
+
+def _training_view(root: Path, options: MeasureOptions) -> _TrainingView:
+    """The data split as training will split it (a flat tree: data.val_fraction and the seed, as train draws it)."""
     import numpy as np
 
     from transferctl.data import discover
     from transferctl.probes import stratified_sample
 
-    thresholds.check()
-    _check_options(options)
-    say = on_progress or (lambda message: None)
-    started = time.perf_counter()
-    splits = discover(root, 0.2, options.seed)
-    samples = sorted(splits.train + splits.val)
-    labels = np.array([label for _, label in samples])
-    counts = np.bincount(labels, minlength=len(splits.classes))
+    splits = discover(root, options.val_fraction, options.seed)
+    train_labels = np.array([label for _, label in splits.train], dtype=int)
+    val_labels = np.array([label for _, label in splits.val], dtype=int)
+    counts = np.bincount(train_labels, minlength=len(splits.classes))
     if counts.min() < 2:
         small = splits.classes[int(counts.argmin())]
-        raise DataError(Problem(str(root), f"class '{small}' has {counts.min()} image(s)", "data mode needs at least 2 images per class to cross-validate"))
+        share = f" (a flat tree gives {options.val_fraction:g} of each class to validation: --val-fraction)" if splits.layout == "flat" else ""
+        raise DataError(Problem(str(root), f"class '{small}' has {counts.min()} training image(s){share}", "data mode needs at least 2 training images per class to cross-validate its probes"))
+    if not options.fast and not len(val_labels):
+        raise DataError(Problem(str(root / "val"), "holds no images", "the candidates are scored on validation images: add some, or use --fast"))
     if options.max_images < 2 * len(splits.classes):
         raise ConfigError(Problem("--max-images", f"{options.max_images} images cannot give each of {len(splits.classes)} classes the two a probe needs",
-                                  f"use --max-images {2 * len(splits.classes)} or more"))
-    picked = stratified_sample(labels, options.max_images, options.seed)
-    say(f"{len(samples)} images in {len(splits.classes)} classes; measuring on {len(picked)}")
-    ranked = _measure_backbones([samples[i][0] for i in picked], labels[picked], options, say)
-    best = ranked[0]
+                                  f"use --max-images {2 * len(splits.classes)} or more"))  # fmt: skip
+    fit = stratified_sample(train_labels, options.max_images, options.seed)
+    scored = np.array([], dtype=int) if options.fast else stratified_sample(val_labels, options.max_images, options.seed)
     summary = DataSummary(
-        str(root), list(splits.classes), len(samples), float(np.median(counts)), int(counts.min()),
-        splits.classes[int(counts.argmin())], len(picked),
+        str(root), list(splits.classes), len(train_labels), float(np.median(counts)), int(counts.min()), splits.classes[int(counts.argmin())],
+        len(fit), splits.layout, len(val_labels), len(scored), "",
     )  # fmt: skip
-    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, best.probe_gain_points, len(picked), len(samples), thresholds)
-    similar, cut, similarity_reasons = judge_similarity(best, thresholds)
-    extra = cut_reason(best, cut, thresholds)
-    if extra:
-        similarity_reasons.append(extra)
-    advice = advise(size, similar, cut if size == "small" else None, measured=True)
-    if cut and size == "large":
-        advice.reasons.append(f"with this much data train every layer; a frozen body cut after '{cut}' (backbone.cut) is the cheaper alternative")
-    advice.reasons.append(f"backbone: {best.name} ranks first by LogME ({best.logme:.3f})")
-    notes = _notes(summary, splits)
-    return DataReport(summary, thresholds, ranked, advice, size_reasons, similarity_reasons, time.perf_counter() - started, notes)
+    summary.measured_on = measured_on(summary, options)
+    paths = [splits.train[i][0] for i in fit] + [splits.val[i][0] for i in scored]
+    labels = np.concatenate([train_labels[fit], val_labels[scored]])
+    return _TrainingView(splits, fit, scored, paths, labels, summary)
+
+
+def measured_on(summary: DataSummary, options: MeasureOptions) -> str:
+    """Which images were measured, and why: those training fits, scored where training scores."""
+    sample = f"{summary.sampled} of the {summary.images}" if summary.sampled < summary.images else f"all {summary.images}"
+    if summary.layout == "flat":
+        where = (f"the flat tree split as training splits it (val_fraction {options.val_fraction:g}, seed {options.seed}): "
+                 f"{summary.images} images train, {summary.val_images} validate; ")  # fmt: skip
+        train_part, val_part = "training images", "held-out images"
+    else:
+        where, train_part, val_part = "", "training images (train/)", "validation images (val/)"
+    fitted = f"{where}probes fit on {sample} {train_part}, what training fits, median {summary.per_class_median:g} a class"
+    if options.fast:
+        return f"{fitted}, cross-validated within them (--fast: no validation image is looked at)"
+    return f"{fitted}; scored on {summary.scored} of the {summary.val_images} {val_part}, where training measures val_acc; the race trains and scores on the same split"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode: the candidates, the race and the pick
+
+COSTS = {"feature_extract": 0, "cut": 1, "fine_tune": 2, "pretrained_init": 3, "scratch": 3}  # cost to train, for ties
+
+
+def estimate_noise(accuracy: float, images: int) -> float:
+    """The standard error of an accuracy measured on `images` images (Agresti-Coull: two successes and two
+    failures added, so that 100% on a few images is not read as certain)."""
+    p = (accuracy * images + 2.0) / (images + 4.0)
+    return math.sqrt(p * (1.0 - p) / (images + 4.0))
+
+
+def frozen_candidates(reports: Sequence[BackboneReport], scored: int) -> list[Candidate]:
+    """Every backbone's frozen body, whole and cut after each earlier layer group: its probe's validation accuracy."""
+    found = []
+    for report in reports:
+        if report.probe_val_acc is None:
+            continue
+        for cut, accuracy in [(None, report.probe_val_acc), *report.stage_val_acc.items()]:
+            layer = f"'{cut}'" if cut else "the penultimate layer"
+            how = (f"linear probe on {layer} ({report.crop} px), fitted to convergence on the training images with C chosen by "
+                   f"cross-validation among them, scored on {scored} validation images")  # fmt: skip
+            found.append(Candidate("feature_extract", report.name, cut, accuracy, estimate_noise(accuracy, scored), how, COSTS["cut" if cut else "feature_extract"]))
+    return found
+
+
+def race_candidates(race: Any, backbone: str, val_images: int) -> list[Candidate]:
+    """The race's strategies: each one's longest run, its best validation accuracy."""
+    found = []
+    for strategy in race.strategies:
+        run = race.last_run(strategy)
+        if run.best_val_acc is None:
+            how = f"diverged in round {run.round + 1}: {run.failure}"
+            found.append(Candidate(strategy, backbone, None, None, None, how, COSTS[strategy], round(run.seconds, 2), run.epochs))
+            continue
+        how = (f"trained {run.epochs} epochs ({_share(run.fraction)} its default schedule: {run.schedule}) on the training images, "
+               f"best val acc on {val_images} validation images (race round {run.round + 1})")  # fmt: skip
+        found.append(Candidate(strategy, backbone, None, run.best_val_acc, estimate_noise(run.best_val_acc, val_images), how, COSTS[strategy], round(run.seconds, 2), run.epochs))
+    return found
+
+
+def _share(fraction: float) -> str:
+    return {1.0: "all of", 0.5: "half of", 0.25: "a quarter of", 0.125: "an eighth of"}.get(fraction, f"{fraction:g} of")
+
+
+def pick_candidate(candidates: Sequence[Candidate]) -> Candidate:
+    """The best estimate; within its noise (one standard error: the one-standard-error rule), the cheapest."""
+    measured = [c for c in candidates if c.estimate is not None]
+    if not measured:
+        raise DataError(Problem("recommend", "no candidate could be measured: every race run diverged and no frozen probe was scored", "check the data, or use --fast"))
+    best = max(measured, key=lambda c: c.estimate)  # type: ignore[arg-type, return-value]
+    close = [c for c in measured if c.estimate >= best.estimate - best.noise]  # type: ignore[operator]
+    return min(close, key=lambda c: (c.cost, -c.estimate))  # type: ignore[operator]
+
+
+def pick_reasons(pick: Candidate, candidates: Sequence[Candidate], rule: Advice) -> list[str]:
+    measured = [c for c in candidates if c.estimate is not None]
+    best = max(measured, key=lambda c: c.estimate)  # type: ignore[arg-type, return-value]
+    mine = f"{pick.label} on {pick.backbone}: {_pct(pick.estimate)} ± {_pct(pick.noise)} validation accuracy"  # type: ignore[arg-type]
+    if pick is best:
+        reasons = [f"{mine}, the best measured estimate of {len(measured)} candidates"]
+    else:
+        reasons = [f"{mine}, within the noise of the best estimate ({best.label} on {best.backbone}, {_pct(best.estimate)} ± {_pct(best.noise)}: "  # type: ignore[arg-type]
+                   f"one standard error) and cheaper to train"]  # fmt: skip
+    if (rule.strategy, rule.cut) == (pick.strategy, pick.cut):
+        reasons.append(f"the four-case rule agrees ({rule.case})")
+    else:
+        cut = f" with backbone.cut: {rule.cut}" if rule.cut else ""
+        reasons.append(f"the four-case rule alone ({rule.case}) would say {rule.strategy}{cut}; the measurements overrule it")
+    return reasons
+
+
+def _race(root: Path, top: BackboneReport, options: MeasureOptions, say: Progress) -> Any:
+    """The end-to-end strategies raced on the top-ranked backbone (only scratch without pretrained weights)."""
+    from transferctl.race import END_TO_END, RaceSetup, race
+
+    weights_none = options.weights.strip().lower() == "none"
+    strategies = ("scratch",) if weights_none else END_TO_END
+    setup = RaceSetup(root, options.val_fraction, options.seed, probe_backbone(top.name, options.weights), options.race_size or top.crop,
+                      options.device, options.precision, options.budget)  # fmt: skip
+    say(f"race on {top.name}: {', '.join(strategies)}, --budget {options.budget:g}s")
+    result = race(setup, strategies, say)
+    if weights_none:
+        result.notes.append("--weights none: fine_tune and pretrained_init would start from random weights too, so only scratch was raced")
+    return result
 
 
 def backbone_of_run(weights: str, trust_code: bool = False) -> str | None:
@@ -500,6 +691,12 @@ def _check_options(options: MeasureOptions) -> None:
         problems.append(Problem("--seed", f"must be 0 or more, got {options.seed}"))
     if options.random_for not in ("best", "all"):
         problems.append(Problem("--random-for", f"must be best or all, got '{options.random_for}'"))
+    if not 0.0 < options.val_fraction < 1.0:
+        problems.append(Problem("--val-fraction", f"must be between 0 and 1, got {options.val_fraction}"))
+    if not 0 <= options.budget < math.inf:
+        problems.append(Problem("--budget", f"must be a number of seconds >= 0, got {options.budget}"))
+    if options.race_size is not None and not 8 <= options.race_size <= 4096:
+        problems.append(Problem("--race-size", f"must be between 8 and 4096 pixels, got {options.race_size}"))
     if problems:
         raise ConfigError(*problems)
 
@@ -507,7 +704,7 @@ def _check_options(options: MeasureOptions) -> None:
 def _notes(summary: DataSummary, splits: Any) -> list[str]:
     notes = []
     if summary.sampled < summary.images:
-        notes.append(f"measured on a stratified sample of {summary.sampled} of {summary.images} images (--max-images)")
+        notes.append(f"probes fit on a stratified sample of {summary.sampled} of {summary.images} training images (--max-images)")
     if splits.test:
         notes.append(f"the {len(splits.test)} test images were not looked at")
     skipped = getattr(splits, "skipped", ())
@@ -516,19 +713,21 @@ def _notes(summary: DataSummary, splits: Any) -> list[str]:
     return notes
 
 
-def _measure_backbones(paths: list[Path], labels: Any, options: MeasureOptions, say: Progress) -> list[BackboneReport]:
-    """Every backbone's own measures, ranked; then the random-init reference for the best (or every) one."""
+def _measure_backbones(paths: list[Path], labels: Any, fit: int, options: MeasureOptions, say: Progress) -> list[BackboneReport]:
+    """Every backbone's own measures, ranked; then the random-init reference for the best (or every) one.
+
+    The first `fit` images are training images (the probes fit on them), the rest validation images."""
     from transferctl.probes import stratified_sample
 
     images = _ImageCache(paths, say)
-    measured = [_measure_one(name, images, labels, options, say) for name in options.backbones]
+    measured = [_measure_one(name, images, labels, fit, options, say) for name in options.backbones]
     ranked = sorted(measured, key=lambda item: _rank_key(item[0]), reverse=True)
-    # At least two images per class, or the reference's probe could not be cross-validated.
-    subset = stratified_sample(labels, max(options.random_images, 2 * len(set(labels.tolist()))), options.seed + 1)
+    # Training images only; at least two a class, or the reference's probe could not be cross-validated.
+    subset = stratified_sample(labels[:fit], max(options.random_images, 2 * len(set(labels.tolist()))), options.seed + 1)
     for report, features, preprocessing in ranked if options.random_for == "all" else ranked[:1]:
         started = time.perf_counter()
-        say(f"{report.name}: random-init reference on {len(subset)} images")
-        add_reference(report, features, _random_features(report.name, preprocessing, images, subset, options), labels, subset, options)
+        say(f"{report.name}: random-init reference on {len(subset)} training images")
+        add_reference(report, features.rows(slice(0, fit)), _random_features(report.name, preprocessing, images, subset, options), labels[:fit], subset, options)
         report.seconds = round(report.seconds + time.perf_counter() - started, 2)
     return [report for report, _, _ in ranked]
 
@@ -550,7 +749,7 @@ class _ImageCache:
         return self.images
 
 
-def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOptions, say: Progress) -> tuple[BackboneReport, Any, Any]:
+def _measure_one(name: str, images: _ImageCache, labels: Any, fit: int, options: MeasureOptions, say: Progress) -> tuple[BackboneReport, Any, Any]:
     from transferctl.data import seeded_torch_rng
     from transferctl.engine import make_runtime
     from transferctl.features import extract, load_probe_network
@@ -565,7 +764,7 @@ def _measure_one(name: str, images: _ImageCache, labels: Any, options: MeasureOp
     say(f"{name}: forward pass over {len(batch)} images ({runtime.device}, {runtime.precision})")
     features = extract(network, batch, runtime, options.batch_size)
     say(f"{name}: probes and LogME")
-    report = score_backbone(name, options, features, labels)
+    report = score_backbone(name, options, features, labels, fit)
     report.source_classes, report.imagenet_top1, report.crop = network.source_classes, network.imagenet_top1, preprocessing.crop
     report.seconds = round(time.perf_counter() - started, 2)
     say(f"{name}: done in {report.seconds:.1f}s")
@@ -587,30 +786,49 @@ def _rank_key(report: BackboneReport) -> tuple[float, float]:
     return (report.logme, report.probe_acc)
 
 
-def score_backbone(name: str, options: MeasureOptions, features: Any, labels: Any) -> BackboneReport:
-    """A backbone's own measures from its features: LogME, the probes (with the half-data gain), stages, source head."""
+def score_backbone(name: str, options: MeasureOptions, features: Any, labels: Any, fit: int | None = None) -> BackboneReport:
+    """A backbone's own measures from its features: LogME, the probes (with the half-data gain), stages, source head.
+
+    The first `fit` rows are training images, the rest validation images: the probes fit on the training
+    images and are scored on the validation ones. `fit` None (or every row): cross-validated within them all.
+    """
     import numpy as np
 
-    from transferctl.probes import logme_with_spread, probe, source_agreement
+    from transferctl.probes import held_out_probe, logme_with_spread, probe, source_agreement
 
-    penultimate = features.penultimate
-    score, spread = logme_with_spread(penultimate, labels, seed=options.seed)
-    top = probe(penultimate, labels, options.folds, options.seed, with_half=True)
-    stage_acc = {
-        group: probe(values, labels, options.folds, options.seed).accuracy for group, values in features.stages.items()
-        if not (values.shape == penultimate.shape and np.allclose(values, penultimate))  # the same as the penultimate layer
-    }  # fmt: skip
+    fit = len(labels) if fit is None else fit
+    train, train_labels = features.rows(slice(0, fit)), labels[:fit]
+    penultimate = train.penultimate
+    score, spread = logme_with_spread(penultimate, train_labels, seed=options.seed)
+    stages = [group for group, values in train.stages.items()
+              if not (values.shape == penultimate.shape and np.allclose(values, penultimate))]  # the same as the penultimate layer: not a cut
+    if fit < len(labels):
+        def fitted(values: Any, with_half: bool = False) -> Any:
+            return held_out_probe(values[:fit], train_labels, values[fit:], labels[fit:], options.folds, options.seed, with_half)
+
+        top = fitted(features.penultimate, with_half=True)
+        held = {group: fitted(features.stages[group]) for group in stages}
+        stage_acc = {group: result.balanced_accuracy for group, result in held.items()}
+        accuracy, gain, val_acc = top.balanced_accuracy, top.gain_from_half, top.accuracy
+        stage_val_acc = {group: result.accuracy for group, result in held.items()}
+    else:
+        top = probe(penultimate, train_labels, options.folds, options.seed, with_half=True)
+        stage_acc = {group: probe(train.stages[group], train_labels, options.folds, options.seed).accuracy for group in stages}
+        accuracy, gain, val_acc, stage_val_acc = top.accuracy, top.gain_from_half, None, {}
     return BackboneReport(
         name=name,
         weights=options.weights,
         logme=score,
         logme_spread=spread,
-        probe_acc=top.accuracy,
-        probe_gain_points=None if top.gain_from_half is None else 100.0 * top.gain_from_half,
+        probe_acc=accuracy,
+        probe_gain_points=None if gain is None else 100.0 * gain,
         stage_acc=stage_acc,
         feature_dim=int(penultimate.shape[1]),
         best_stage=max(stage_acc, key=lambda g: stage_acc[g]) if stage_acc else None,
-        source_agreement=None if features.source_predictions is None else source_agreement(labels, features.source_predictions),
+        source_agreement=None if train.source_predictions is None else source_agreement(train_labels, train.source_predictions),
+        probe_c=top.c,
+        probe_val_acc=val_acc,
+        stage_val_acc=stage_val_acc,
     )
 
 
@@ -619,7 +837,8 @@ def add_reference(report: BackboneReport, features: Any, random_features: Any, l
     from transferctl.probes import probe
 
     sub_labels = labels[subset]
-    everything = len(subset) == len(labels)  # the reference saw every sampled image: reuse the full probes
+    # The reference saw every training image and the probes were cross-validated on them: reuse those probes.
+    everything = len(subset) == len(labels) and report.probe_val_acc is None
 
     def accuracy(values: Any) -> float:
         return probe(values, sub_labels, options.folds, options.seed).accuracy

@@ -21,7 +21,11 @@ def recommend(
     data: Optional[Path] = typer.Option(None, "--data", help="Data mode: measure on this class-per-folder tree. Rule mode: data.root of --write-config."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Data mode: comma-separated backbones to compare (default: resnet18,mobilenet_v3_large,regnet_y_400mf; with run: weights, that run's own). Rule mode: one, for --write-config (default: resnet18)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights for every backbone: DEFAULT | a torchvision weights name | a file | run:<run dir> | none."),
-    max_images: int = typer.Option(1000, "--max-images", help="Measure on a stratified sample of at most this many images."),
+    max_images: int = typer.Option(1000, "--max-images", help="Fit the probes on a stratified sample of at most this many training images (and score them on as many validation images)."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="A flat tree's share of each class that validates, drawn as training draws it (data.val_fraction)."),
+    budget: float = typer.Option(60.0, "--budget", help="Seconds for the race: short real training runs of scratch, fine_tune and pretrained_init (successive halving)."),
+    fast: bool = typer.Option(False, "--fast", help="No race: the four-case rule from forward-pass measures only (about a minute)."),
+    race_size: Optional[int] = typer.Option(None, "--race-size", help="Crop size the race trains at (lower is faster and usually keeps the ranking); default: the measured size."),
     random_images: int = typer.Option(300, "--random-images", help="Images for the random-init reference network (a stratified sub-sample)."),
     random_for: str = typer.Option("best", "--random-for", help="best: the random-init reference for the top-ranked backbone (what the advice uses); all: for every backbone."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size; default: each weights' own preprocessing."),
@@ -57,7 +61,8 @@ def recommend(
     thresholds = Thresholds(small_below, large_from, gain_points, depth_points, worth_points, ami_min)
     with user_errors():
         names = _backbone_names(backbone, weights, trust_code)
-        options = MeasureOptions(names, weights, max_images, random_images, random_for, image_size, folds, seed, device, precision)
+        options = MeasureOptions(names, weights, max_images, random_images, random_for, image_size, folds, seed, device, precision,
+                                 val_fraction=val_fraction, fast=fast, budget=budget, race_size=race_size)  # fmt: skip
         _data_mode(data, options, thresholds, write_config, force, as_json, quiet)
 
 
@@ -106,7 +111,8 @@ def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> 
     return (own,) if own else MeasureOptions().backbones
 
 
-def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None) -> Path:
+def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None, val_fraction: float = 0.2,
+           seed: int = 0) -> Path:  # fmt: skip
     from transferctl.errors import ConfigError, Problem
     from transferctl.recommend import experiment_yaml, write_experiment
 
@@ -114,7 +120,7 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
         raise ConfigError(Problem("--write-config", "needs --data DIR for the experiment's data.root", "add --data path/to/images"))
     if not data.is_dir():
         raise ConfigError(Problem("--data", f"no such folder: {data}", "give the folder of class folders the experiment trains on"))
-    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, image_size=image_size), path, overwrite=force)
+    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction), path, overwrite=force)
 
 
 def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional[Path], force: bool, as_json: bool, quiet: bool) -> None:
@@ -124,7 +130,7 @@ def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional
         err.print(f"[dim]recommend: {escape(message)}[/]")
 
     report = measure(data, options, thresholds, None if quiet else progress)
-    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop) if write_config else None
+    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop, options.val_fraction, options.seed) if write_config else None
     result = {**report.to_dict(), "config": str(written) if written else None}
     if as_json:
         print_json(result)
@@ -132,6 +138,9 @@ def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional
     # Pipes and logs get 80 columns by default, too narrow for the table; a terminal keeps its own width.
     wide = err if err.is_terminal else Console(stderr=True, highlight=False, width=120)
     wide.print(_ranking_table(result))
+    if result["candidates"]:
+        wide.print(_candidates_table(result))
+    err.print(f"[bold]measured:[/] {escape(result['data']['measured_on'])}")
     for note in result["notes"]:
         err.print(f"[dim]note: {escape(note)}[/]")
     err.print(f"[bold]size:[/] {escape('; '.join(result['size_reasons']))}")
@@ -151,7 +160,7 @@ def _print_advice(result: dict[str, Any]) -> None:
 
 
 def _ranking_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"backbones on {result['data']['sampled']} images, best first", title_justify="left")
+    table = Table(title=f"backbones, probes fitted on {result['data']['sampled']} training images, best first by LogME", title_justify="left")
     for column in ("backbone", "LogME", "probe", "random", "best stage", "AMI", "top-1", "s"):
         table.add_column(column, justify="left" if column in ("backbone", "best stage") else "right")
     for row in result["ranking"]:
@@ -166,11 +175,29 @@ def _ranking_table(result: dict[str, Any]) -> Table:
             "-" if row["imagenet_top1"] is None else f"{row['imagenet_top1']:.1f}",
             f"{row['seconds']:.0f}",
         )
+    scored = f"scored on {result['data']['scored']} validation images" if result["data"]["scored"] else "cross-validated"
     table.caption = (
-        "LogME ± spread over stratified halves · probe: cross-validated linear probe on the penultimate layer · "
+        f"LogME ± spread over stratified halves · probe: linear probe on the penultimate layer, {scored} (balanced accuracy) · "
         "random: that probe on a random-init copy (points gained by pretraining) · best stage: best earlier layer "
         "group's probe · AMI: source head vs labels · top-1: ImageNet, from the weights"
     )
+    table.caption_justify = "left"
+    return table
+
+
+def _candidates_table(result: dict[str, Any]) -> Table:
+    pick = result["pick"]
+    table = Table(title="candidates, by measured validation accuracy (± one standard error)", title_justify="left")
+    for column in ("", "strategy", "cut", "backbone", "estimate", "how", "s"):
+        table.add_column(column, justify="right" if column in ("estimate", "s") else "left", overflow="fold")
+    ranked = sorted(result["candidates"], key=lambda c: -1.0 if c["estimate"] is None else c["estimate"], reverse=True)
+    for row in ranked:
+        chosen = (row["strategy"], row["cut"], row["backbone"]) == (pick["strategy"], pick["cut"], pick["backbone"])
+        estimate = "-" if row["estimate"] is None else f"{_pct(row['estimate'])} ± {_pct(row['noise'])}"
+        seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        table.add_row("[green]→[/]" if chosen else "", escape(row["strategy"]), escape(row["cut"] or "-"), escape(row["backbone"]), estimate, escape(row["how"]), seconds)
+    table.caption = ("the pick (→) is the best estimate or, within one standard error of it, the cheapest: "
+                     "feature_extract < a cut < fine_tune < pretrained_init, scratch")  # fmt: skip
     table.caption_justify = "left"
     return table
 
