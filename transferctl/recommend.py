@@ -473,6 +473,7 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
     candidates = frozen_candidates(ranked, summary.scored) + race_candidates(race, top.name, summary.val_images)
     pick = pick_candidate(candidates)
     advice = Advice(size, similar, pick.strategy, pick_reasons(pick, candidates, rule), pick.cut)
+    advice.reasons.append(f"the race trained {top.name}, first of the backbones by LogME ({top.logme:.3f}); every backbone's frozen body was probed")
     notes += race.notes
     return DataReport(summary, thresholds, ranked, advice, size_reasons, similarity_reasons, time.perf_counter() - started, notes,
                       candidates, pick, race.to_dict())  # fmt: skip
