@@ -100,6 +100,17 @@ def test_every_strategy_and_recommends_pick_train_with_default_schedules(quality
     json.dumps(result)  # --json can print it
 
 
+def test_head_schedules_add_minibatch_heads_of_10_to_300_epochs(quality: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(quality, "transferctl", lambda *args: calls.append(args) or ({"strategy": "scratch"} if args[0] == "recommend" else fake_summary(len(calls))))
+    monkeypatch.setattr(quality, "reference_rows", lambda base, data, settings: {})
+    settings = quality.parse_args(["--quick", "--head-schedules"]).settings
+    result = quality.run_benchmark(tmp_path, settings, lambda line: None)
+    names = [row["name"] for row in result["rows"]]
+    assert [name for name in names if "minibatch" in name] == [f"feature_extract, minibatch head {n} epochs" for n in (10, 30, 100, 300)]
+    assert any("schedule.0.epochs=300" in call and "schedule.0.solver=minibatch" in call for call in calls)
+
+
 def test_seeds_need_two_for_a_spread(quality: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     assert quality.parse_args(["--seeds", "3,5"]).settings.seeds == (3, 5)
     assert quality.parse_args(["--quick"]).settings == quality.QUICK
