@@ -166,3 +166,12 @@ def test_the_solved_head_reaches_a_cross_validated_logistic_regression(seed: int
     theirs = float(reference.score(features[val_rows, 0], labels[val_rows]))
     assert 0.4 < theirs < 0.99  # neither trivial nor hopeless: the strength matters
     assert ours >= theirs - 0.02, (ours, theirs)
+
+
+def test_a_class_without_training_rows_keeps_its_output_and_is_not_predicted() -> None:
+    features, labels = blobs(per_class=4, classes=2, width=8, noise=1.0)
+    head = torch.nn.Linear(8, 3)  # the run has a third class, with no training image here
+    HeadSolver(head, features, labels, CPU, seed=0).train_epoch()
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(features[:, 0])).argmax(dim=1)
+    assert head.weight.shape == (3, 8) and torch.equal(predicted, torch.from_numpy(labels))  # the absent class is pushed down

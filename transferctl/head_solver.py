@@ -97,7 +97,7 @@ class HeadSolver:
         start = time.perf_counter()
         group = self.optimizer.param_groups[0]
         if not group["solved"]:
-            self.selection, weight, bias = solve(self.features, self.labels, self.device, self.seed, should_stop)
+            self.selection, weight, bias = solve(self.features, self.labels, self.head.out_features, self.device, self.seed, should_stop)
             with torch.no_grad():
                 self.head.weight.copy_(weight.to(self.head.weight.dtype))
                 self.head.bias.copy_(bias.to(self.head.bias.dtype))
@@ -107,13 +107,13 @@ class HeadSolver:
 
 
 def solve(
-    features: np.ndarray, labels: np.ndarray, device: torch.device, seed: int, should_stop: Callable[[], bool] = lambda: False
+    features: np.ndarray, labels: np.ndarray, classes: int, device: torch.device, seed: int, should_stop: Callable[[], bool] = lambda: False
 ) -> tuple[Selection, torch.Tensor, torch.Tensor]:
-    """Choose the L2 strength, fit on every training row, return it with the head's (weight, bias)."""
+    """Choose the L2 strength, fit on every training row, return it with the head's (weight, bias) for
+    `classes` outputs (a class without training rows among them is only ever pushed down)."""
     design = Design.of(features, device)
     rows = _Rows(features, labels, np.arange(len(labels)), design)
     selection = choose_weight_decay(features, labels, design, seed, should_stop)
-    classes = int(labels.max()) + 1
     weight = torch.zeros(classes, design.width, device=device, requires_grad=True)
     bias = torch.zeros(classes, device=device, requires_grad=True)
     _fit(rows, weight, bias, design.penalty(selection.weight_decay), FINAL_ITERATIONS, should_stop)
