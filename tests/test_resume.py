@@ -577,3 +577,23 @@ def test_train_needs_exactly_one_of_config_and_resume(config_file: Path, tmp_pat
     assert runner.invoke(app, ["train"]).exit_code == 2
     assert runner.invoke(app, ["train", str(config_file), "--resume", str(tmp_path)]).exit_code == 2
     assert runner.invoke(app, ["train", "--resume", str(tmp_path), "--run-dir", str(tmp_path / "x")]).exit_code == 2
+
+
+def test_a_head_phase_an_earlier_version_trained_with_steps_is_solved_on_resume(data: Path, tmp_path: Path, heeded_sigint: None) -> None:
+    """A run written before heads were solved: its last.pt holds an AdamW state for the head phase. Resumed,
+    the head is solved from where its weights are instead of loading that state into the solver's."""
+    raw = raw_experiment(data, tmp_path / "runs")
+    raw["schedule"] = [{**SCHEDULE[0], "solver": "minibatch"}, SCHEDULE[1]]
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(write_experiment(tmp_path / "experiment.yaml", raw)), run, StopAfter(1))
+    # As an earlier version wrote them: no solver field anywhere.
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    written["schedule"][0].pop("solver")
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    last["config"]["schedule"][0].pop("solver")
+    torch.save(last, run / "checkpoints" / "last.pt")
+    resume(run)
+    second = rows(run)[1]
+    assert second["phase"] == "head" and second["epoch"] == 2 and second["head_weight_decay"] is not None

@@ -210,11 +210,19 @@ def incompatibilities(trained: dict[str, Any], now: dict[str, Any], phases_start
             continue
         new = new_phases[index]
         for key in sorted(old.keys() | new.keys()):
-            if old.get(key) != new.get(key):
+            if _phase_field(old, key) != _phase_field(new, key):
                 problems.append(
                     Problem(f"{where}: schedule[{index}].{key}", f"changed from {old.get(key)!r} to {new.get(key)!r}, but phase '{old['name']}' has already started", hint)
                 )
     return problems
+
+
+def _phase_field(phase: dict[str, Any], key: str) -> Any:
+    """A phase's field, or its default where the run was written before the field existed (solver, min_steps)."""
+    from transferctl.config import PhaseConfig
+
+    field = PhaseConfig.model_fields.get(key)
+    return phase.get(key, None if field is None or field.is_required() else field.default)
 
 
 def _restore_model(experiment: Experiment, checkpoint: dict[str, Any], where: str) -> None:

@@ -387,8 +387,11 @@ class _Trainer:
                 if cached is None:
                     self._decode_once()
                 optimizer, scheduler, solver = self._stage_optimizer(stage, cached)
-                if start is not None and epoch == first_epoch and epoch > stage.first_epoch:
-                    load_optimizer_state(optimizer, start.optimizer)  # resumed in the middle of this stage
+                # Resumed in the middle of this stage. A head that an earlier version trained with minibatch steps
+                # has no solver state: it is solved from where its weights are.
+                resumed_here = start is not None and epoch == first_epoch and epoch > stage.first_epoch
+                if resumed_here and (solver is None or "solved" in start.optimizer["param_groups"][0]):
+                    load_optimizer_state(optimizer, start.optimizer)
                     scheduler.load_state_dict(start.scheduler)
             set_train_mode(self.model, backbone.groups, stage.plan)
             lrs = _current_lrs(optimizer) if solver is None else {}  # a solved head has no learning rate
