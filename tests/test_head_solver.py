@@ -60,6 +60,16 @@ def test_the_weight_decay_is_strong_for_noisy_features_and_weak_for_faint_but_cl
     assert strong.weight_decay >= 0.1 and weak.weight_decay <= 1e-2
 
 
+def test_the_strength_is_chosen_on_a_plateau_of_held_out_accuracy_not_on_a_lone_spike(monkeypatch: pytest.MonkeyPatch) -> None:
+    features, labels = blobs(per_class=6, classes=3, width=8, noise=1.0)
+    path = [40, 41, 52, 41, 49, 50, 49, 30, 30, 30, 30, 30, 30]  # each fold's held-out count along WEIGHT_DECAYS
+    scores = iter(path * 3)
+    monkeypatch.setattr(_Rows, "score", lambda self, weight, bias: (0.0, next(scores)))
+    selection = choose_weight_decay(features, labels, Design.of(features, CPU), seed=0)
+    assert selection.weight_decay == head_solver.WEIGHT_DECAYS[5]  # the middle of 49, 50, 49; not the spike at 2
+    assert selection.accuracy == pytest.approx(3 * 50 / len(labels))
+
+
 def test_a_class_of_one_image_gets_the_fallback_strength_and_still_fits() -> None:
     features, labels = blobs(per_class=3, classes=3, width=16, noise=1.0)
     features, labels = features[2:], labels[2:]  # class 0 keeps one image
