@@ -17,7 +17,8 @@ scikit-learn ships 1,797 real 8x8 handwritten digits (`sklearn.datasets.load_dig
    C from 17 values in 1e-4..1e4 chosen by 5-fold cross-validation on the training images only), each on
    the penultimate features and on layer3's pooled ones, and the plain loop fine-tuning every layer from
    the base weights (Adam 1e-3, 30 epochs, batch 32). They run in fp32.
-5. `transferctl recommend --data <target> --weights run:<base> --json`; its pick is trained too when it is
+5. `transferctl recommend --data <target> --weights run:<base> --augment none --json` (the race trains as
+   the experiment file would: without flips); its pick is trained too when it is
    none of the rows above, and judged against the best strategy.
 
 It prints one table (stdout; with --json, the JSON on stdout and the table on stderr): the best validation
@@ -344,7 +345,7 @@ def run_benchmark(work: Path, settings: Settings, say: Callable[[str], None]) ->
 
     say("recommend --data on the target")
     recommend_started = time.perf_counter()
-    recommendation = transferctl("recommend", "--data", str(target_data), "--weights", weights, "--quiet")
+    recommendation = transferctl("recommend", "--data", str(target_data), "--weights", weights, "--augment", "none", "--quiet")
     recommend_seconds = time.perf_counter() - recommend_started
     pick, pick_overrides = pick_row(recommendation)
     say(f"recommend picked {pick}")

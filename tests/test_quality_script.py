@@ -92,6 +92,8 @@ def test_every_strategy_and_recommends_pick_train_with_default_schedules(quality
     assert len(trains) == 1 + 2 * 6  # the base, then five strategies and the pick (a cut of its own), two seeds
     assert not any("schedule" in arg for call in trains[1:] for arg in call)  # the defaults are what is measured
     assert all("backbone.weights=run:/runs/1" in call for call in trains[1:])
+    recommend = next(call for call in calls if call[0] == "recommend")
+    assert recommend[recommend.index("--augment") + 1] == "none"  # the race trains as the experiment file does
     assert [row["name"] for row in result["rows"]][-2:] == ["feature_extract, cut layer2", "plain loop"]
     assert result["recommend"]["row"] == "feature_extract, cut layer2" and result["recommend"]["verdict"] == "won"
     assert Path(quality.os.environ["TRANSFERCTL_CACHE"]).parent == tmp_path  # the features stay in the work folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,5 +108,6 @@ def test_a_race_run_trains_the_data_as_training_will_split_it(tmp_path: Path) ->
     config = race_config(setup(), "pretrained_init", race_schedule("pretrained_init", 0.5), tmp_path)
     assert config.seed == 7 and config.data.val_fraction == 0.25 and config.data.image_size == 32
     assert config.backbone.weights == "DEFAULT" and config.strategy == "pretrained_init"
-    assert config.output.dir == tmp_path and config.early_stopping.patience is None
+    assert config.output.dir == tmp_path and config.early_stopping.patience is None and config.data.augment == "standard"
+    assert race_config(replace(setup(), augment="none"), "scratch", race_schedule("scratch", 0.5), tmp_path).data.augment == "none"
     assert sum(phase.epochs for phase in config.schedule or []) == 5

@@ -97,11 +97,15 @@ class BackboneConfig(_Section):
         return self
 
 
+Augment = Literal["none", "standard"]
+AUGMENTS: tuple[str, ...] = get_args(Augment)
+
+
 class DataConfig(_Section):
     root: Path = Field(description="root/train/<class>/*, root/val/<class>/* (optional root/test), or root/<class>/*; relative to the experiment file")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out for validation when root has no train/ and val/ folders")
     image_size: int | None = Field(None, ge=8, le=4096, description="crop size; null: the weights' own preprocessing")
-    augment: Literal["none", "standard"] = Field("standard", description="standard: random resized crops and flips while training")
+    augment: Augment = Field("standard", description="standard: random resized crops and flips while training")
     batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="images per step, over all processes")
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="data-loading processes, or auto")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: leave unreadable images out (listed before training); error: stop")

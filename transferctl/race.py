@@ -50,6 +50,7 @@ class RaceSetup:
     device: str
     precision: str
     budget_seconds: float
+    augment: str = "standard"  # data.augment: none where a flip or crop changes a label
 
 
 @dataclass
@@ -214,7 +215,7 @@ def race_config(setup: RaceSetup, strategy: str, schedule: list[PhaseConfig], fo
         "name": f"race-{strategy}",
         "seed": setup.seed,
         "backbone": setup.backbone.model_dump(mode="json"),
-        "data": {"root": str(setup.data_root), "val_fraction": setup.val_fraction, "image_size": setup.image_size},
+        "data": {"root": str(setup.data_root), "val_fraction": setup.val_fraction, "image_size": setup.image_size, "augment": setup.augment},
         "strategy": strategy,
         "schedule": [phase.model_dump(mode="json") for phase in schedule],
         "device": setup.device,

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transferctl.errors import ConfigError, DataError, Problem
+from transferctl.errors import ConfigError, DataError, Problem, clip
 
 if TYPE_CHECKING:
     from transferctl.config import BackboneConfig
@@ -134,18 +134,20 @@ def advise(size: str, similar: bool, cut: str | None = None, measured: bool = Fa
 
 
 def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None,
-                    val_fraction: float = 0.2) -> str:  # fmt: skip
+                    val_fraction: float = 0.2, augment: str = "standard") -> str:  # fmt: skip
     """A complete experiment file for the advice, validated exactly as `transferctl train` will read it.
 
     Paths are written relative to the file's own folder (how train reads them), so the pair can be moved together.
     image_size: the size data mode measured at, written so that training sees the images as measured (a
     scratch answer drops the weights, and with them their preprocessing's size). val_fraction: the share data
-    mode held out of a flat tree, so that training holds out the same images.
+    mode held out of a flat tree, so that training holds out the same images. augment: what the race trained with.
     """
     from transferctl.config import config_from_dict, config_to_dict, dump_yaml
 
     from transferctl.config import looks_like_weights_file
 
+    if problem := augment_problem(augment):
+        raise ConfigError(problem)
     folder = path.resolve().parent
     own = python_fields(backbone, weights)  # read before weights is rewritten below
     if advice.strategy == "scratch":
@@ -158,7 +160,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
         "name": _experiment_name(data_root, advice.strategy),
         "seed": seed,
         "backbone": {"name": backbone, "weights": weights, "cut": advice.cut, **own},
-        "data": {"root": _relative(data_root, folder), "image_size": image_size, "val_fraction": val_fraction},
+        "data": {"root": _relative(data_root, folder), "image_size": image_size, "val_fraction": val_fraction, "augment": augment},
         "strategy": advice.strategy,
         "output": {"dir": "runs"},
     }
@@ -224,6 +226,7 @@ class MeasureOptions:
     fast: bool = False  # forward-pass measures and the four-case rule only; no race
     budget: float = 60.0  # seconds for the race of the end-to-end strategies
     race_size: int | None = None  # crop size the race trains at; None: the size measured at
+    augment: str = "standard"  # data.augment of the race's runs and of --write-config: none where a flip or crop changes a label
 
 
 @dataclass
@@ -619,7 +622,7 @@ def _race(root: Path, top: BackboneReport, options: MeasureOptions, say: Progres
     weights_none = options.weights.strip().lower() == "none"
     strategies = ("scratch",) if weights_none else END_TO_END
     setup = RaceSetup(root, options.val_fraction, options.seed, probe_backbone(top.name, options.weights), options.race_size or top.crop,
-                      options.device, options.precision, options.budget)  # fmt: skip
+                      options.device, options.precision, options.budget, options.augment)  # fmt: skip
     say(f"race on {top.name}: {', '.join(strategies)}, --budget {options.budget:g}s")
     result = race(setup, strategies, say)
     if weights_none:
@@ -676,6 +679,12 @@ def _run_backbone_section(weights: str) -> dict[str, Any]:
     return dict(section) if isinstance(section, dict) else {}
 
 
+def augment_problem(augment: str) -> Problem | None:
+    from transferctl.config import AUGMENTS
+
+    return None if augment in AUGMENTS else Problem("--augment", f"must be {' or '.join(AUGMENTS)}, got '{clip(augment)}'")
+
+
 def _check_options(options: MeasureOptions) -> None:
     problems = []
     if not options.backbones:
@@ -690,6 +699,8 @@ def _check_options(options: MeasureOptions) -> None:
         problems.append(Problem("--image-size", f"must be between 8 and 4096 pixels, got {options.image_size}"))
     if options.seed < 0:
         problems.append(Problem("--seed", f"must be 0 or more, got {options.seed}"))
+    if problem := augment_problem(options.augment):
+        problems.append(problem)
     if options.random_for not in ("best", "all"):
         problems.append(Problem("--random-for", f"must be best or all, got '{options.random_for}'"))
     if not 0.0 < options.val_fraction < 1.0:

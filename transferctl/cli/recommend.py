@@ -26,6 +26,7 @@ def recommend(
     budget: float = typer.Option(60.0, "--budget", help="Seconds for the race: short real training runs of scratch, fine_tune and pretrained_init (successive halving)."),
     fast: bool = typer.Option(False, "--fast", help="No race: the four-case rule from forward-pass measures only (about a minute)."),
     race_size: Optional[int] = typer.Option(None, "--race-size", help="Crop size the race trains at (lower is faster and usually keeps the ranking); default: the measured size."),
+    augment: str = typer.Option("standard", "--augment", help="data.augment the race trains with and --write-config writes: standard | none (none where a flip or crop changes a label: digits, text)."),
     random_images: int = typer.Option(300, "--random-images", help="Images for the random-init reference network (a stratified sub-sample)."),
     random_for: str = typer.Option("best", "--random-for", help="best: the random-init reference for the top-ranked backbone (what the advice uses); all: for every backbone."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size; default: each weights' own preprocessing."),
@@ -52,7 +53,7 @@ def recommend(
     if rule_mode:
         if size is None or similar is None:
             raise typer.BadParameter("rule mode needs both --size small|large and --similar yes|no", param_hint="--size/--similar")
-        _rule_mode(size, similar, data, backbone, weights, write_config, force, as_json)
+        _rule_mode(size, similar, data, backbone, weights, write_config, force, as_json, augment)
         return
     if data is None:
         raise typer.BadParameter("give --size and --similar (rule mode), or --data DIR (data mode)", param_hint="--data")
@@ -62,12 +63,12 @@ def recommend(
     with user_errors():
         names = _backbone_names(backbone, weights, trust_code)
         options = MeasureOptions(names, weights, max_images, random_images, random_for, image_size, folds, seed, device, precision,
-                                 val_fraction=val_fraction, fast=fast, budget=budget, race_size=race_size)  # fmt: skip
+                                 val_fraction=val_fraction, fast=fast, budget=budget, race_size=race_size, augment=augment)  # fmt: skip
         _data_mode(data, options, thresholds, write_config, force, as_json, quiet)
 
 
 def _rule_mode(size: str, similar: str, data: Optional[Path], backbone: Optional[str], weights: str,
-               write_config: Optional[Path], force: bool, as_json: bool) -> None:  # fmt: skip
+               write_config: Optional[Path], force: bool, as_json: bool, augment: str) -> None:  # fmt: skip
     from transferctl.recommend import advice_dict, advise
 
     size_value = size.strip().lower()
@@ -81,7 +82,7 @@ def _rule_mode(size: str, similar: str, data: Optional[Path], backbone: Optional
         written = None
         if write_config is not None:
             name = _single_backbone(backbone)
-            written = _write(advice, write_config, data, name, weights, force)
+            written = _write(advice, write_config, data, name, weights, force, augment=augment)
     result = {"mode": "rule", **advice_dict(advice), "config": str(written) if written else None}
     if weights.strip().lower() == "none" and advice.strategy != "scratch":
         err.print(f"[yellow]note:[/] --weights none: {advice.strategy} builds on pretrained weights; with none the body starts random, which is scratch training at best")
@@ -112,7 +113,7 @@ def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> 
 
 
 def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None, val_fraction: float = 0.2,
-           seed: int = 0) -> Path:  # fmt: skip
+           seed: int = 0, augment: str = "standard") -> Path:  # fmt: skip
     from transferctl.errors import ConfigError, Problem
     from transferctl.recommend import experiment_yaml, write_experiment
 
@@ -120,7 +121,7 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
         raise ConfigError(Problem("--write-config", "needs --data DIR for the experiment's data.root", "add --data path/to/images"))
     if not data.is_dir():
         raise ConfigError(Problem("--data", f"no such folder: {data}", "give the folder of class folders the experiment trains on"))
-    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction), path, overwrite=force)
+    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction, augment), path, overwrite=force)
 
 
 def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional[Path], force: bool, as_json: bool, quiet: bool) -> None:
@@ -130,7 +131,7 @@ def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional
         err.print(f"[dim]recommend: {escape(message)}[/]")
 
     report = measure(data, options, thresholds, None if quiet else progress)
-    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop, options.val_fraction, options.seed) if write_config else None
+    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop, options.val_fraction, options.seed, options.augment) if write_config else None
     result = {**report.to_dict(), "config": str(written) if written else None}
     if as_json:
         print_json(result)
