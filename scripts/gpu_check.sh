@@ -8,7 +8,7 @@
 # The device image has PyTorch, torchvision, typer, rich, PyYAML and the rest, but not pydantic: it and
 # its needs come from .whl/, unpacked into /tmp/site (the image's own environment is left as it is).
 # Runs tests/test_cuda.py and tests/test_engine.py, then `scripts/bench.py --device cuda` (resnet50
-# training against a synthetic-data ceiling), each output also written to $OUT for the README.
+# training against a synthetic-data ceiling), each output also written to $OUT for docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -101,7 +101,7 @@ def test_python_object_tags_are_refused(tmp_path: Path) -> None:
 
 
 def test_words_yaml_1_1_reads_as_booleans_stay_words(tmp_path: Path) -> None:
-    """The README's `cache: off` is the field's word; YAML 1.1 would read it as false."""
+    """docs/experiment-file.md's `cache: off` is the field's word; YAML 1.1 would read it as false."""
     config = load_config(write(tmp_path, "data: {root: d, cache: off}\ncompile: yes\nlogging: {tensorboard: off}\n"), ["data.augment=none"])
     assert config.data.cache == "off"
     assert config.compile is True and config.logging.tensorboard is False  # boolean fields still take the words

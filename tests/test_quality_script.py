@@ -1,6 +1,6 @@
 """scripts/quality.py's pieces: the digit folders, recommend's pick as a row, the verdict, the references.
 
-The benchmark itself trains for minutes and is run by hand (README, "Quality on real images"); its --quick
+The benchmark itself trains for minutes and is run by hand (docs/quality.md); its --quick
 smoke version runs end to end in the slow test.
 """
 
