@@ -273,7 +273,7 @@ class ExperimentConfig(_Section):
 
 # Optimizer steps a default phase that trains the body takes at the least: 20 images a class of 5 classes
 # are 4 steps an epoch, and 10 epochs of them left the network far short of a plain 30-epoch loop
-# (README, Quality on real images).
+# (docs/quality.md).
 DEFAULT_MIN_STEPS = 300
 # fine_tune's pretrained layers train at half the head's rate: at a tenth, 300 steps left the body where it
 # was (0.886 on the digits, where a plain loop training everything at one rate reached 0.940); at half,
