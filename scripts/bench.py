@@ -146,7 +146,7 @@ def transferctl_run(
     data: Path, work: Path, strategy: str, schedule: list[dict[str, Any]], device: str = "cpu", name: str = "resnet18", **options: Any
 ) -> dict[str, Any]:
     from transferctl.config import config_from_dict
-    from transferctl.train import train
+    from transferctl.training.train import train
 
     raw = {
         "name": f"bench-{strategy}", "seed": options.get("seed", 0), "backbone": {"name": name, "weights": "none"},
@@ -176,7 +176,7 @@ def batch_clock() -> Any:
     every 0.2 s. images/s between the first report and the last (`steady_speeds`, one per epoch, None for an
     epoch of one report) leave out what an epoch's first batch costs (the loaders' start, the first step).
     """
-    from transferctl.train import SilentObserver
+    from transferctl.training.train import SilentObserver
 
     class BatchClock(SilentObserver):
         def __init__(self) -> None:
@@ -224,11 +224,11 @@ def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: 
     import torch
     import torchvision
 
-    from transferctl.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from transferctl.models.build import IMAGENET_MEAN, IMAGENET_STD
     from transferctl.config import OptimizerConfig
-    from transferctl.engine import Uint8Normalizer, make_grad_scaler, make_runtime, tune_backend
-    from transferctl.phases import build_optimizer
-    from transferctl.synthetic import SOURCE_CLASSES
+    from transferctl.training.engine import Uint8Normalizer, make_grad_scaler, make_runtime, tune_backend
+    from transferctl.training.phases import build_optimizer
+    from transferctl.testing.synthetic import SOURCE_CLASSES
 
     classes = len(SOURCE_CLASSES)
     model = torchvision.models.resnet50(weights=None, num_classes=classes).to(device).to(memory_format=torch.channels_last)
@@ -330,7 +330,7 @@ def scratch_folder(prefix: str, given: Path | None = None) -> Iterator[Path]:
 
 
 def write_data(root: Path, images: int) -> Path:
-    from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
+    from transferctl.testing.synthetic import SOURCE_CLASSES, write_image_folder
 
     if (root / "train").is_dir():
         return root

@@ -39,7 +39,7 @@ def child(setting: str, args: argparse.Namespace) -> dict[str, float]:
     import resource
 
     from bench_optimizer import training_steps
-    from transferctl import engine
+    from transferctl.training import engine
 
     if setting == "returned":
         engine.keep_freed_memory = lambda: False

@@ -42,7 +42,7 @@ class CheckpointWrites:
         self.files, self.bytes = 0, 0
 
     def __enter__(self) -> CheckpointWrites:
-        from transferctl.rundir import RunDir
+        from transferctl.runs.rundir import RunDir
 
         self._real_write = real_write = RunDir._write
 
@@ -55,7 +55,7 @@ class CheckpointWrites:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from transferctl.rundir import RunDir
+        from transferctl.runs.rundir import RunDir
 
         RunDir._write = self._real_write  # type: ignore[method-assign]
 

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (0: this one)")
     args = parser.parse_args()
 
-    from transferctl.image_cache import decode_all
+    from transferctl.data.decoded_cache import decode_all
 
     with tempfile.TemporaryDirectory(prefix="transferctl-bench-") as folder:
         rng = np.random.default_rng(0)

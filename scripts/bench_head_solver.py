@@ -2,7 +2,7 @@
 
     python scripts/bench_head_solver.py [--images 10000] [--width 2048] [--classes 10] [--views 1]
 
-A solved head (transferctl/head_solver.py) chooses its weight decay by 3-fold cross-validation over 8
+A solved head (transferctl/training/head_solver.py) chooses its weight decay by 3-fold cross-validation over 8
 strengths and then fits every row with L-BFGS. The reference does the same job the way a practitioner
 would by hand: `LogisticRegressionCV(Cs=8, cv=3)` (lbfgs) on the same features. Both see Gaussian blobs
 shaped like pooled ReLU features (positive, offset, noisy); the table gives each one's seconds, the ratio
@@ -39,7 +39,7 @@ def main() -> None:
 
     from sklearn.linear_model import LogisticRegressionCV
 
-    from transferctl.head_solver import HeadSolver
+    from transferctl.training.head_solver import HeadSolver
 
     train, train_labels = features(args.images, args.width, args.classes, args.views, seed=0)
     held_out, held_out_labels = features(args.images, args.width, args.classes, 1, seed=1)

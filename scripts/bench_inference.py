@@ -47,7 +47,7 @@ def interleaved(settings: dict[str, Callable[[], float]], rounds: int, unit: str
 def forward_speed(model: Any, runtime: Any, batch: Any, steps: int) -> Callable[[], float]:
     import torch
 
-    from transferctl.engine import _to_device
+    from transferctl.training.engine import _to_device
 
     images, _ = _to_device(batch, torch.zeros(0, dtype=torch.long), runtime)
 
@@ -75,7 +75,7 @@ def model_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     import torch
     import torchvision
 
-    from transferctl.engine import Runtime, make_runtime, prepare_model
+    from transferctl.training.engine import Runtime, make_runtime, prepare_model
 
     batch = torch.randn(args.batch, 3, 224, 224)
     settings = {}
@@ -94,11 +94,11 @@ def model_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
 def predict_settings(args: argparse.Namespace, work: Path) -> dict[str, Callable[[], float]]:
     import torchvision
 
-    from transferctl.backbones import Preprocessing
-    from transferctl.engine import make_runtime, prepare_model
-    from transferctl.inference import eval_transform
-    from transferctl.predict import Predictor
-    from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
+    from transferctl.models.build import Preprocessing
+    from transferctl.training.engine import make_runtime, prepare_model
+    from transferctl.inference.trained_model import eval_transform
+    from transferctl.inference.predict import Predictor
+    from transferctl.testing.synthetic import SOURCE_CLASSES, write_image_folder
 
     root = write_image_folder(work / "images", SOURCE_CLASSES, max(1, args.images // len(SOURCE_CLASSES)), 320, seed=0, layout="flat")
     paths = sorted(str(p) for p in root.rglob("*.png"))

@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fine_tuning_optimizer(model: Any, name: str, fused: bool) -> Any:
     from transferctl.config import config_from_dict
-    from transferctl.families import layer_groups
-    from transferctl.phases import build_optimizer, optimizer_param_groups, plan_phases
+    from transferctl.models.layer_groups import layer_groups
+    from transferctl.training.phases import build_optimizer, optimizer_param_groups, plan_phases
 
     config = config_from_dict({"data": {"root": "d"}, "strategy": "fine_tune", "optimizer": {"name": name}})
     groups = layer_groups("resnet18", model)
@@ -78,8 +78,8 @@ def training_steps(fused: bool, batch: int, size: int) -> Callable[[int], float]
     import torchvision
 
     from transferctl.config import SchedulerConfig
-    from transferctl.engine import make_runtime, prepare_model, train_one_epoch
-    from transferctl.phases import build_scheduler
+    from transferctl.training.engine import make_runtime, prepare_model, train_one_epoch
+    from transferctl.training.phases import build_scheduler
 
     model = torchvision.models.resnet18(weights=None, num_classes=CLASSES)
     runtime = make_runtime("cpu", "auto", model)

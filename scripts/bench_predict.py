@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> None:
 def compare_decoding(args: argparse.Namespace, work: Path) -> None:
     import torchvision
 
-    from transferctl.backbones import Preprocessing
-    from transferctl.engine import make_runtime, prepare_model
-    from transferctl.inference import eval_transform
-    from transferctl.predict import Predictor, default_decode_threads
-    from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
+    from transferctl.models.build import Preprocessing
+    from transferctl.training.engine import make_runtime, prepare_model
+    from transferctl.inference.trained_model import eval_transform
+    from transferctl.inference.predict import Predictor, default_decode_threads
+    from transferctl.testing.synthetic import SOURCE_CLASSES, write_image_folder
     from bench_inference import interleaved, predict_speed, table
 
     root = write_image_folder(work / "images", SOURCE_CLASSES, max(1, args.images // len(SOURCE_CLASSES)), args.size, seed=0, layout="flat")

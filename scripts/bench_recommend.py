@@ -22,13 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from transferctl.recommend import MeasureOptions  # no torch: TORCH_HOME can still be set below
+from transferctl.analysis.recommend import MeasureOptions  # no torch: TORCH_HOME can still be set below
 
 
 
 def make_images(root: Path, images: int, size: int, seed: int) -> Path:
     """`images` generated pictures in 8 shape classes, flat class-per-folder layout."""
-    from transferctl.synthetic import SOURCE_CLASSES, write_image_folder
+    from transferctl.testing.synthetic import SOURCE_CLASSES, write_image_folder
 
     per_class = max(2, images // len(SOURCE_CLASSES))
     return write_image_folder(root, SOURCE_CLASSES, per_class, size, seed, layout="flat")
@@ -40,7 +40,7 @@ def stand_in_weights(torch_home: Path, backbones: list[str]) -> None:
     import torch
     import torchvision
 
-    from transferctl.backbones import cached_weights_path
+    from transferctl.models.build import cached_weights_path
 
     for name in backbones:
         path = cached_weights_path(torchvision.models.get_model_weights(name).DEFAULT)

@@ -42,7 +42,7 @@ def main() -> None:
 def compare(model: str) -> None:
     import timm
 
-    from transferctl.backbones import build_backbone
+    from transferctl.models.build import build_backbone
     from transferctl.config import BackboneConfig
 
     timm.list_models()  # the registry's first build is not what is timed

@@ -57,7 +57,7 @@ def experiment(args: argparse.Namespace, seed: int, data_fields: dict[str, Any],
 
 def main(argv: list[str] | None = None) -> None:
     from transferctl.config import config_from_dict
-    from transferctl.train import train
+    from transferctl.training.train import train
 
     args = parse_args(argv)
     results: dict[str, dict[str, list[float]]] = {name: {"final": [], "best": [], "seconds": []} for name in VARIANTS}

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(stderr=True)
 
-    from transferctl.synthetic import make_transfer_pair
+    from transferctl.testing.synthetic import make_transfer_pair
 
     source, target = make_transfer_pair(args.out / "data", seed=args.seed, overwrite=True)
     runs = args.out / "runs"

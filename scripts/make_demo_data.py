@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transferctl.errors import TransferctlError  # noqa: E402
-from transferctl.synthetic import make_transfer_pair  # noqa: E402
+from transferctl.testing.synthetic import make_transfer_pair  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

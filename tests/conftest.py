@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from transferctl.synthetic import tiny_dataset
+from transferctl.testing.synthetic import tiny_dataset
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from transferctl.train import SilentObserver
+from transferctl.training.train import SilentObserver
 
 
 def experiment(data_root: Path, output_dir: Path, **sections: Any) -> dict[str, Any]:
@@ -35,10 +35,10 @@ def experiment(data_root: Path, output_dir: Path, **sections: Any) -> dict[str, 
 
 
 def cli_with_patched_decoding(patch: str) -> str:
-    """A child process's script: run `patch` (with `data` = transferctl.data in scope, e.g. to slow down or
+    """A child process's script: run `patch` (with `data` = transferctl.data.folders in scope, e.g. to slow down or
     break data.open_rgb), then the real transferctl command line on sys.argv."""
     return f"""import sys
-import transferctl.data as data
+import transferctl.data.folders as data
 {patch.strip()}
 from transferctl.cli import main
 sys.argv[0] = "transferctl"
@@ -66,7 +66,7 @@ def write_experiment(path: Path, raw: dict[str, Any]) -> Path:
 
 def record_checkpoint_writes(monkeypatch: Any, key: str) -> list[tuple[str, Any]]:
     """(kind, payload[key]) of every checkpoint RunDir writes from now on, in order; the files are still written."""
-    from transferctl.rundir import RunDir
+    from transferctl.runs.rundir import RunDir
 
     writes: list[tuple[str, Any]] = []
     real = RunDir.save_checkpoint

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from helpers import experiment, write_experiment
-from transferctl.synthetic import tiny_dataset
+from transferctl.testing.synthetic import tiny_dataset
 
 ONE_EPOCH = [{"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2}]  # for tests that need any trained run
 
@@ -15,7 +15,7 @@ ONE_EPOCH = [{"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2}]  # fo
 def train_tiny_run(base: Path, **sections: object) -> Path:
     """Train the tiny 3-class experiment (red, green, blue; 4/1/1 images per class) into base/run."""
     from transferctl.config import load_config
-    from transferctl.train import train
+    from transferctl.training.train import train
 
     data = tiny_dataset(base / "data", n_classes=3, layout="split", test=True)
     config = write_experiment(base / "experiment.yaml", experiment(data, base / "runs", **sections))

@@ -9,14 +9,16 @@ import textwrap
 import pytest
 import torch
 
-from transferctl import allocator, engine
-from transferctl.engine import Runtime
+from transferctl.training import malloc_tuning as allocator
+
+from transferctl.training import engine
+from transferctl.training.engine import Runtime
 
 # A child process: the setting lasts for the rest of the process, and the test compares before and after.
 FAULTS_PER_BUFFER = textwrap.dedent(
     """
     import resource, torch
-    from transferctl.allocator import keep_freed_memory
+    from transferctl.training.malloc_tuning import keep_freed_memory
 
     def faults_per_buffer():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

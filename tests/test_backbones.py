@@ -9,7 +9,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from transferctl.backbones import build_backbone, cached_weights_path, torchvision_weights
+from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
 from transferctl.config import BackboneConfig
 from transferctl.errors import ConfigError, WeightsError
 

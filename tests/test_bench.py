@@ -1,6 +1,6 @@
 """scripts/bench.py's bookkeeping: which contenders run, how repeats become one row, ratios only with references.
 
-The contenders themselves train for minutes; the benchmark is run by hand (README, Performance).
+The contenders themselves train for minutes; the benchmark is run by hand (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def test_the_ceiling_takes_transferctls_step(bench: ModuleType, monkeypatch: pyt
     # Never run anywhere but on a lent GPU otherwise: here on the CPU, tiny, so a slip shows before then.
     import torch
 
-    from transferctl import engine
+    from transferctl.training import engine
 
     tuned: list[str] = []
     monkeypatch.setattr(engine, "tune_backend", lambda runtime: tuned.append(runtime.device.type))
@@ -208,7 +208,7 @@ def test_the_optimizer_benchmark_compares_the_fused_step_with_torchs_per_tensor_
 
 
 def test_the_checkpoint_benchmark_changes_only_when_checkpoints_are_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transferctl.rundir import RunDir
+    from transferctl.runs.rundir import RunDir
 
     bench_checkpoints = load_script("bench_checkpoints")
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from helpers import experiment
-from transferctl.backbones import Preprocessing
+from transferctl.models.build import Preprocessing
 from transferctl.config import config_from_dict
-from transferctl.data import EpochSampler, ImageDataset, build_transform, discover
-from transferctl.distributed import Shard
+from transferctl.data.folders import EpochSampler, ImageDataset, build_transform, discover
+from transferctl.training.distributed import Shard
 from transferctl.errors import ConfigError
-from transferctl.feature_cache import FeatureBatches, FeatureStore, Views, head_for_features
-from transferctl.train import train
+from transferctl.training.feature_cache import FeatureBatches, FeatureStore, Views, head_for_features
+from transferctl.training.train import train
 
 
 def head_only(data: Path, out: Path, epochs: int = 2, **data_fields: object) -> dict:
@@ -63,7 +63,7 @@ def test_the_key_changes_with_everything_the_features_depend_on(tiny_split_data:
     import PIL
     import torchvision
 
-    from transferctl.feature_cache import CacheSpec
+    from transferctl.training.feature_cache import CacheSpec
 
     samples = discover(tiny_split_data, 0.2, 0).train
     spec = CacheSpec("resnet18", "weights", None, "fc", {"resize": 36, "crop": 32}, "standard", 2, 0, "fp32")
@@ -83,7 +83,7 @@ def test_the_key_changes_with_everything_the_features_depend_on(tiny_split_data:
 
 
 def test_a_file_replaced_with_its_size_and_mtime_kept_changes_the_key(tiny_split_data: Path) -> None:
-    from transferctl.feature_cache import CacheSpec
+    from transferctl.training.feature_cache import CacheSpec
 
     samples = discover(tiny_split_data, 0.2, 0).train
     spec = CacheSpec("resnet18", "weights", None, "fc", {"resize": 36, "crop": 32}, "none", 1, 0, "fp32")
@@ -101,7 +101,7 @@ def test_the_network_digest_covers_code_that_the_weights_do_not_show(tmp_path: P
     import importlib
     import sys
 
-    from transferctl.feature_cache import network_digest
+    from transferctl.training.feature_cache import network_digest
 
     module = tmp_path / "mynet.py"
     module.write_text("import torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        return x.relu()\n")
@@ -166,7 +166,7 @@ def test_ctrl_c_while_features_are_computed_stops_after_the_batch_and_leaves_no_
 ) -> None:
     import signal
 
-    from transferctl import feature_cache
+    from transferctl.training import feature_cache
     from transferctl.errors import TrainingInterrupted
 
     read = feature_cache._Views.__getitem__

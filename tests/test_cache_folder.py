@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from transferctl import cache_folder as cf
+from transferctl.runs import cache_folder as cf
 from transferctl.cli import app
 from transferctl.config import config_from_dict
 from transferctl.errors import ConfigError
-from transferctl.train import train
+from transferctl.training.train import train
 
 runner = CliRunner()
 MB = 2**20

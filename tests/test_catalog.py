@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from transferctl import catalog
-from transferctl.backbones import build_backbone, cached_weights_path, torchvision_weights
-from transferctl.catalog import compact_groups, describe_backbone, list_backbones
+from transferctl.models import catalog
+from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
+from transferctl.models.catalog import compact_groups, describe_backbone, list_backbones
 from transferctl.cli import app
 from transferctl.config import BackboneConfig
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers import record_checkpoint_writes
-from transferctl.checkpointing import CheckpointSaver, on_cpu
+from transferctl.training.checkpoint_timing import CheckpointSaver, on_cpu
 from transferctl.errors import CheckpointError
-from transferctl.rundir import RunDir
+from transferctl.runs.rundir import RunDir
 
 HINT = "free disk space, then resume"
 

@@ -142,7 +142,7 @@ def test_names_with_square_brackets_are_printed_as_written() -> None:
 
     from transferctl.cli.evaluate import render_report
     from transferctl.cli.runs import render_runs
-    from transferctl.runs import RunInfo
+    from transferctl.runs.listing import RunInfo
 
     per_class = [{"class": name, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for name in ("[red]a", "b")]
     report = {"run_dir": "runs/[x]", "split": "val", "images": 2, "top5_accuracy": None, "accuracy": 1.0, "loss": 0.1, "macro_f1": 1.0,

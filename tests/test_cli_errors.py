@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
 from transferctl.cli import app
-from transferctl.rundir import RunDir
-from transferctl.synthetic import tiny_dataset
+from transferctl.runs.rundir import RunDir
+from transferctl.testing.synthetic import tiny_dataset
 
 runner = CliRunner()
 

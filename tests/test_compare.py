@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
 from transferctl.cli import app
-from transferctl.compare import check_existing_runs, derive_schedule, parse_strategies, plan_comparison
+from transferctl.analysis.compare import check_existing_runs, derive_schedule, parse_strategies, plan_comparison
 from transferctl.config import PhaseConfig, config_from_dict, config_to_dict, default_schedule, dump_yaml
 from transferctl.errors import ConfigError
-from transferctl.plots import PHASE_LABEL, StrategyBand, comparison_figure
+from transferctl.analysis.plots import PHASE_LABEL, StrategyBand, comparison_figure
 
 runner = CliRunner()
 

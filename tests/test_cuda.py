@@ -18,11 +18,11 @@ import torchvision
 
 from helpers import experiment
 from transferctl.config import config_from_dict
-from transferctl.engine import make_runtime
+from transferctl.training.engine import make_runtime
 from transferctl.errors import TrainingInterrupted
-from transferctl.resume import resume
-from transferctl.rundir import RunDir
-from transferctl.train import SilentObserver, train
+from transferctl.training.resume import resume
+from transferctl.runs.rundir import RunDir
+from transferctl.training.train import SilentObserver, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,8 +60,8 @@ def test_compile_trains_as_without_it(tiny_split_data: Path, tmp_path: Path) -> 
 
 
 def test_evaluate_and_predict_on_the_gpu_agree_with_the_cpu(tiny_split_data: Path, tmp_path: Path) -> None:
-    from transferctl.evaluate import evaluate_run
-    from transferctl.predict import load_predictor
+    from transferctl.inference.evaluate import evaluate_run
+    from transferctl.inference.predict import load_predictor
 
     run = Path(train_on_gpu(tiny_split_data, tmp_path / "runs", precision="auto")["run_dir"])
     on_gpu, on_cpu = (evaluate_run(run, "last", device=device, precision="fp32").report for device in ("cuda", "cpu"))

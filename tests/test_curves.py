@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from transferctl.curves import (
+from transferctl.analysis.curves import (
     Stat,
     asymptote,
     asymptotic_gain,

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from helpers import experiment
-from transferctl.backbones import build_backbone
+from transferctl.models.build import build_backbone
 from transferctl.config import BackboneConfig, config_from_dict
 from transferctl.errors import ConfigError, WeightsError
-from transferctl.inference import load_trained_model
-from transferctl.train import prepare, train
+from transferctl.inference.trained_model import load_trained_model
+from transferctl.training.train import prepare, train
 
 MODULE = '''
 import torch
@@ -170,7 +170,7 @@ def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_timm_weights_neither_cached_nor_reachable_fail_at_once(empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
 
-    from transferctl import timm_backbones
+    from transferctl.models import timm_models as timm_backbones
 
     monkeypatch.setattr(timm_backbones, "hub_reachable", lambda timeout=3.0: (False, "huggingface.co cannot be reached: Name or service not known"))
     monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: pytest.fail("huggingface_hub would retry for 45 s"))
@@ -183,7 +183,7 @@ def test_timm_weights_in_the_hub_cache_need_no_network(empty_hub_cache: Path, mo
     import timm
     from safetensors.torch import save_file
 
-    from transferctl import timm_backbones
+    from transferctl.models import timm_models as timm_backbones
 
     repo = empty_hub_cache / "models--timm--resnet18.a1_in1k"
     (repo / "refs").mkdir(parents=True)
@@ -199,7 +199,7 @@ def test_timm_weights_in_the_hub_cache_need_no_network(empty_hub_cache: Path, mo
 def test_the_hub_is_probed_only_where_a_connection_can_tell(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from transferctl.timm_backbones import hub_reachable
+    from transferctl.models.timm_models import hub_reachable
 
     without_hub_settings(monkeypatch)
     monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: pytest.fail("no connection attempt"))

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from helpers import experiment
-from transferctl.backbones import Backbone, build_backbone
+from transferctl.models.build import Backbone, build_backbone
 from transferctl.config import BackboneConfig, config_from_dict
-from transferctl.cut import CutNetwork, cut_points, tap_path
+from transferctl.models.cut import CutNetwork, cut_points, tap_path
 from transferctl.errors import ConfigError, WeightsError
-from transferctl.train import describe, prepare, train
+from transferctl.training.train import describe, prepare, train
 
 
 def cut_backbone(name: str, cut: str | None, image_size: int | None = None, classes: int = 3) -> Backbone:

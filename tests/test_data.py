@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transferctl.backbones import Preprocessing
-from transferctl.data import (
+from transferctl.models.build import Preprocessing
+from transferctl.data.folders import (
     DatasetSplits,
     EpochSampler,
     ImageDataset,
@@ -29,7 +29,7 @@ from transferctl.data import (
     worker_error,
 )
 from transferctl.errors import DataError
-from transferctl.synthetic import tiny_dataset
+from transferctl.testing.synthetic import tiny_dataset
 
 PREPROCESSING = Preprocessing(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -418,7 +418,7 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path: Path) ->
     os.mkfifo(root / "cat" / "x.png")
     script = """import json, sys
 from pathlib import Path
-from transferctl.data import discover
+from transferctl.data.folders import discover
 from transferctl.errors import DataError
 splits = discover(Path(sys.argv[1]), 0.5, 0)
 try:
@@ -829,7 +829,7 @@ def test_small_classes_still_get_a_validation_image_or_a_note(tmp_path: Path) ->
 def test_an_image_over_the_pixel_limit_is_refused_in_one_line_without_pillows_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import warnings
 
-    from transferctl.data import decode
+    from transferctl.data.folders import decode
 
     path = write_png(tmp_path / "large.png", size=12)  # 144 pixels: over the limit below, under twice it (Pillow only warns)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)

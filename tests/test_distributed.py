@@ -24,10 +24,10 @@ import torch
 
 from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
 from transferctl.config import load_config
-from transferctl.distributed import Shard, per_rank_batch, shard_length, shard_of
+from transferctl.training.distributed import Shard, per_rank_batch, shard_length, shard_of
 from transferctl.errors import ConfigError
-from transferctl.synthetic import tiny_dataset
-from transferctl.train import train
+from transferctl.testing.synthetic import tiny_dataset
+from transferctl.training.train import train
 
 SCHEDULE = [
     {"name": "head", "epochs": 1, "train": "head", "lr": 1.0e-2},
@@ -120,7 +120,7 @@ def test_a_users_error_under_nproc_is_its_one_line_and_exit_1(config_file: Path,
 
 
 def test_the_launcher_exits_with_its_workers_code() -> None:
-    from transferctl.torchrun import worst_exit_code
+    from transferctl.training.torchrun import worst_exit_code
 
     assert worst_exit_code([1, 0]) == 1 and worst_exit_code([130, 130]) == 130  # a user's error; interrupted
     assert worst_exit_code([-9]) == 137 and worst_exit_code([]) == 1  # killed by SIGKILL; nothing known
@@ -149,14 +149,14 @@ def test_a_stopped_distributed_run_resumes_to_the_same_metrics(two_process_run: 
 
 
 # `transferctl train --nproc N` whose workers are SLOW_RANK (the script given): the launcher's command is
-# PyTorch's (through transferctl.torchrun) with the workers' `-m transferctl` replaced.
+# PyTorch's (through transferctl.training.torchrun) with the workers' `-m transferctl` replaced.
 NPROC_WITH_SLOW_RANKS = """
 import sys
-import transferctl.distributed as distributed
+import transferctl.training.distributed as distributed
 launch_command = distributed.launch_command
 def slow_ranks(nproc, argv):
     command = launch_command(nproc, argv)
-    workers = command.index("-m", command.index("transferctl.torchrun") + 1)
+    workers = command.index("-m", command.index("transferctl.training.torchrun") + 1)
     return [*command[:workers], {rank_script!r}, *command[workers + 2:]]
 distributed.launch_command = slow_ranks
 from transferctl.cli import main
@@ -201,7 +201,7 @@ def test_sigterm_to_train_nproc_stops_every_worker_and_exits_130(config_file: Pa
 # A rank that, once the first epoch is on disk, waits before the second: time for a test to take a node away.
 PAUSE_AFTER_THE_FIRST_EPOCH = """
 import sys, time
-import transferctl.train as train
+import transferctl.training.train as train
 save_epoch = train._Trainer._save_epoch
 def save_then_pause(self, *args, **kwargs):
     save_epoch(self, *args, **kwargs)
@@ -216,13 +216,13 @@ main()
 
 def two_nodes(command: list[str], run_id: str, **env: str) -> list[subprocess.Popen[str]]:
     """Two torchrun agents on this machine as the two nodes of one run (c10d rendezvous on localhost, one
-    process each), as README's two-machine command starts them; the first hosts the rendezvous."""
+    process each), as docs/distributed.md's two-machine command starts them; the first hosts the rendezvous."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     agents = []
     for host in (1, 0):
-        launcher = [sys.executable, "-m", "transferctl.torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+        launcher = [sys.executable, "-m", "transferctl.training.torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", run_id, "--rdzv_conf", f"is_host={host}"]  # fmt: skip
         agents.append(subprocess.Popen([*launcher, *command], env={**cli_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return agents
@@ -305,7 +305,7 @@ def test_shards_cover_every_item_once_and_pad_to_equal_lengths() -> None:
 
 
 def test_a_global_batch_that_does_not_split_evenly_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import transferctl.distributed as distributed
+    import transferctl.training.distributed as distributed
 
     monkeypatch.setattr(distributed, "shard", lambda: Shard(0, 4))
     assert per_rank_batch(32) == 8
@@ -321,8 +321,8 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
     """One of two gloo ranks (torch.multiprocessing): the helpers that talk to the other rank."""
     import torch.distributed as dist
 
-    from transferctl.distributed import TrainingModule, all_ranks_agree, from_main, gather_shards, reduce_stats
-    from transferctl.engine import EpochStats
+    from transferctl.training.distributed import TrainingModule, all_ranks_agree, from_main, gather_shards, reduce_stats
+    from transferctl.training.engine import EpochStats
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

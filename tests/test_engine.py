@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from transferctl import engine
-from transferctl.engine import Runtime, _to_device, choose_device, choose_precision, is_convolutional, make_runtime, predict_logits, prepare_model
+from transferctl.training import engine
+from transferctl.training.engine import Runtime, _to_device, choose_device, choose_precision, is_convolutional, make_runtime, predict_logits, prepare_model
 from transferctl.errors import ConfigError
 
 CPU = torch.device("cpu")

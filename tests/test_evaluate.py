@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from runs_helpers import constant_run, train_tiny_run
 from transferctl.cli import app
-from transferctl.evaluate import calibration_bins, compute_metrics, expected_calibration_error
-from transferctl.synthetic import tiny_dataset
+from transferctl.inference.evaluate import calibration_bins, compute_metrics, expected_calibration_error
+from transferctl.testing.synthetic import tiny_dataset
 
 runner = CliRunner()
 
@@ -166,7 +166,7 @@ def test_evaluate_defaults_to_test_split_and_prints_a_table(trained: Path) -> No
 def test_evaluations_of_other_data_or_checkpoints_never_replace_the_runs_own(trained: Path, tmp_path: Path) -> None:
     import shutil
 
-    from transferctl.runs import describe_run
+    from transferctl.runs.listing import describe_run
 
     run = shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
     holdout = tiny_dataset(tmp_path / "my holdout", n_classes=3, layout="split")

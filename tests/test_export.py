@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from helpers import experiment
 from transferctl.cli import app
 from transferctl.config import config_from_dict
-from transferctl.data import open_rgb
+from transferctl.data.folders import open_rgb
 from transferctl.errors import CheckpointError
-from transferctl.export import export
-from transferctl.inference import eval_transform, load_trained_model
-from transferctl.synthetic import tiny_dataset
-from transferctl.train import train
+from transferctl.inference.export import export
+from transferctl.inference.trained_model import eval_transform, load_trained_model
+from transferctl.testing.synthetic import tiny_dataset
+from transferctl.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from torchvision.models import get_model, list_models
 from torchvision.models import regnet as tv_regnet
 from torchvision.models.vision_transformer import VisionTransformer
 
-from transferctl.families import (
+from transferctl.models.layer_groups import (
     LayerGroups,
     family_of,
     generic_layer_groups,

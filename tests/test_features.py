@@ -7,11 +7,11 @@ import pytest
 import torch
 import torchvision
 
-from transferctl.backbones import build_backbone, cached_weights_path, torchvision_weights
+from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
 from transferctl.config import BackboneConfig
-from transferctl.engine import Runtime
-from transferctl.features import extract, image_key, load_images, load_probe_network, with_preprocessing
-from transferctl.synthetic import tiny_dataset
+from transferctl.training.engine import Runtime
+from transferctl.analysis.probe_features import extract, image_key, load_images, load_probe_network, with_preprocessing
+from transferctl.testing.synthetic import tiny_dataset
 
 CPU = Runtime(torch.device("cpu"), "fp32", channels_last=False)
 
@@ -82,7 +82,7 @@ def test_a_weights_file_keeps_its_own_head_too(tmp_path: Path) -> None:
 
 
 def test_rows_picks_the_same_images_from_every_measure() -> None:
-    from transferctl.features import Features
+    from transferctl.analysis.probe_features import Features
 
     stages = {"layer1": np.arange(12.0).reshape(6, 2), "layer2": np.arange(18.0).reshape(6, 3)}
     features = Features(stages, np.arange(24.0).reshape(6, 4), np.arange(6), 1.5)

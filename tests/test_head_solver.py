@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import Notices, experiment
-from transferctl import head_solver
+from transferctl.training import head_solver
 from transferctl.config import config_from_dict
-from transferctl.head_solver import Design, HeadSolver, _fit, _Rows, choose_weight_decay
-from transferctl.train import describe, prepare, train
+from transferctl.training.head_solver import Design, HeadSolver, _fit, _Rows, choose_weight_decay
+from transferctl.training.train import describe, prepare, train
 
 CPU = torch.device("cpu")
 
@@ -107,7 +107,7 @@ def test_a_memory_mapped_cache_is_read_in_chunks_and_fits_alike(tmp_path: Path, 
 
 
 def test_a_stop_request_stops_the_solve() -> None:
-    from transferctl.engine import TrainingStopped
+    from transferctl.training.engine import TrainingStopped
 
     features, labels = blobs(per_class=4, classes=2, width=8, noise=1.0)
     with pytest.raises(TrainingStopped):

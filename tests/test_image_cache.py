@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from helpers import Notices, experiment
-from transferctl.backbones import Preprocessing
+from transferctl.models.build import Preprocessing
 from transferctl.config import config_from_dict
-from transferctl.data import ImageDataset, build_transform, discover
+from transferctl.data.folders import ImageDataset, build_transform, discover
 from transferctl.errors import DataError
-from transferctl.image_cache import decode_all, estimated_bytes, keep_decoded, resized_size
-from transferctl.synthetic import tiny_dataset
-from transferctl.train import SilentObserver, train
+from transferctl.data.decoded_cache import decode_all, estimated_bytes, keep_decoded, resized_size
+from transferctl.testing.synthetic import tiny_dataset
+from transferctl.training.train import SilentObserver, train
 
 PRE = Preprocessing(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -130,7 +130,7 @@ def test_a_small_budget_decodes_every_epoch_and_says_so(tmp_path: Path) -> None:
 
 
 def loaders_over(root: Path, workers: int) -> dict:
-    from transferctl.data import make_loader
+    from transferctl.data.folders import make_loader
 
     samples = samples_of(root)
     train_set = ImageDataset(samples, build_transform(PRE, "standard", train=True))
@@ -139,7 +139,7 @@ def loaders_over(root: Path, workers: int) -> dict:
 
 
 def test_a_loader_without_workers_gives_the_same_batches(wide_images: Path) -> None:
-    from transferctl.data import set_loader_epoch, without_workers
+    from transferctl.data.folders import set_loader_epoch, without_workers
 
     loader = loaders_over(wide_images, workers=1)["train"]
     inline = without_workers(loader)
@@ -151,7 +151,7 @@ def test_a_loader_without_workers_gives_the_same_batches(wide_images: Path) -> N
 
 @pytest.mark.parametrize("inline", [True, False])
 def test_kept_splits_are_cropped_in_this_process_only_when_asked(wide_images: Path, inline: bool) -> None:
-    from transferctl.image_cache import DecodeOnce
+    from transferctl.data.decoded_cache import DecodeOnce
 
     loaders = loaders_over(wide_images, workers=1)
     notices = Notices()
@@ -164,7 +164,7 @@ def test_kept_splits_are_cropped_in_this_process_only_when_asked(wide_images: Pa
 
 
 def test_a_split_not_kept_keeps_its_workers(wide_images: Path) -> None:
-    from transferctl.image_cache import DecodeOnce
+    from transferctl.data.decoded_cache import DecodeOnce
 
     loaders = loaders_over(wide_images, workers=1)
     data = config_from_dict(experiment(wide_images, wide_images / "runs")).data
@@ -175,8 +175,8 @@ def test_a_split_not_kept_keeps_its_workers(wide_images: Path) -> None:
 def test_crops_go_inline_only_for_cpu_training_on_two_cores_with_automatic_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import os
 
-    from transferctl.engine import Runtime
-    from transferctl.train import crops_inline
+    from transferctl.training.engine import Runtime
+    from transferctl.training.train import crops_inline
 
     automatic = config_from_dict(experiment(tmp_path, tmp_path / "runs", data={"num_workers": "auto"}))
     fixed = config_from_dict(experiment(tmp_path, tmp_path / "runs", data={"num_workers": 1}))

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from transferctl.cli import app
 from transferctl.config import SCHEMA_FILE, json_schema, load_config
 from transferctl.errors import ConfigError, DataError
-from transferctl.init import choose_strategy, init_experiment, inspect_folder
-from transferctl.synthetic import tiny_dataset
+from transferctl.analysis.starter import choose_strategy, init_experiment, inspect_folder
+from transferctl.testing.synthetic import tiny_dataset
 
 runner = CliRunner()
 

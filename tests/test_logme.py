@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from transferctl.logme import fit_class, log_evidence, logme, spectrum
+from transferctl.analysis.logme import fit_class, log_evidence, logme, spectrum
 
 
 def gaussian_log_density(features: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:

@@ -13,15 +13,15 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
-from transferctl import train as train_module
+from transferctl.training import train as train_module
 from transferctl.cli import app
 from transferctl.cli import err as cli_err
 from transferctl.config import config_from_dict
-from transferctl.engine import EpochStats
+from transferctl.training.engine import EpochStats
 from transferctl.errors import ConfigError, TrainingInterrupted
-from transferctl.phases import PhasePlan, group_lrs, plan_phases, stages_of
-from transferctl.resume import resume
-from transferctl.train import SilentObserver, train
+from transferctl.training.phases import PhasePlan, group_lrs, plan_phases, stages_of
+from transferctl.training.resume import resume
+from transferctl.training.train import SilentObserver, train
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 

@@ -5,12 +5,12 @@ import torch
 import torchvision
 from torch import nn
 
-from transferctl.backbones import replace_head
+from transferctl.models.build import replace_head
 from transferctl.config import config_from_dict
-from transferctl.engine import Runtime, train_one_epoch
+from transferctl.training.engine import Runtime, train_one_epoch
 from transferctl.errors import ConfigError
-from transferctl.families import layer_groups
-from transferctl.phases import (
+from transferctl.models.layer_groups import layer_groups
+from transferctl.training.phases import (
     PhasePlan,
     apply_freezing,
     build_optimizer,

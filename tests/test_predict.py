@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from runs_helpers import ONE_EPOCH, constant_run, train_tiny_run
 from transferctl.cli import app
-from transferctl.synthetic import tiny_dataset
+from transferctl.testing.synthetic import tiny_dataset
 
 runner = CliRunner()
 
@@ -258,8 +258,8 @@ def pixel_predictor(decode_threads: int, transform_calls: list[str] | None = Non
     import torch
     from PIL import Image
 
-    from transferctl.engine import Runtime
-    from transferctl.predict import Predictor
+    from transferctl.training.engine import Runtime
+    from transferctl.inference.predict import Predictor
 
     def transform(image: Image.Image) -> torch.Tensor:
         if transform_calls is not None:
@@ -350,7 +350,7 @@ def test_a_bug_in_the_transform_is_not_an_error_record(many_images: list[str]) -
 def test_one_core_is_left_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from transferctl import predict
+    from transferctl.inference import predict
 
     for cores, threads in ((1, 1), (2, 1), (4, 3), (64, 8)):
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)

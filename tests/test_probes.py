@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferctl.probes import (
+from transferctl.analysis.probes import (
     PROBE_C,
     PROBE_CS,
     _scaled,

@@ -10,7 +10,7 @@ import pytest
 
 from transferctl.config import BackboneConfig, ExperimentConfig
 from transferctl.errors import Problem, TrainingError, TrainingInterrupted
-from transferctl.race import END_TO_END, RaceSetup, describe, race, race_config, race_schedule
+from transferctl.analysis.race import END_TO_END, RaceSetup, describe, race, race_config, race_schedule
 
 
 def setup(budget: float = 600.0) -> RaceSetup:

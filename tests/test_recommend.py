@@ -18,7 +18,7 @@ from helpers import experiment
 from transferctl.cli import app
 from transferctl.config import STRATEGIES, load_config
 from transferctl.errors import DataError
-from transferctl.recommend import (
+from transferctl.analysis.recommend import (
     COSTS,
     Advice,
     BackboneReport,
@@ -246,7 +246,7 @@ def test_ranking_is_by_logme() -> None:
 
 
 def test_scores_from_generated_features_find_a_mid_stage_that_separates_the_classes() -> None:
-    from transferctl.features import Features
+    from transferctl.analysis.probe_features import Features
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 25)
@@ -322,8 +322,8 @@ def test_advice_case_names_both_facts() -> None:
 def base_run(module_tmp_path: Path) -> Path:
     """A tiny base model: resnet18 trained for one epoch on three colours, shared by this module's tests."""
     from transferctl.config import config_from_dict
-    from transferctl.synthetic import tiny_dataset
-    from transferctl.train import train
+    from transferctl.testing.synthetic import tiny_dataset
+    from transferctl.training.train import train
 
     folder = module_tmp_path
     data = tiny_dataset(folder / "data", n_classes=3, layout="split")
@@ -334,7 +334,7 @@ def base_run(module_tmp_path: Path) -> Path:
 def test_data_mode_end_to_end_with_a_run_as_weights(base_run: Path, tmp_path: Path) -> None:
     # Also the fast known answer: the base learned colours and the target is four colours, so a frozen body
     # reads them perfectly and, cheapest, is picked; the race's first round (--budget 0) cannot do better.
-    from transferctl.synthetic import tiny_dataset
+    from transferctl.testing.synthetic import tiny_dataset
 
     target = tiny_dataset(tmp_path / "target", n_classes=4, per_class=8, layout="flat", seed=3)
     path = tmp_path / "rec.yaml"
@@ -412,8 +412,8 @@ def test_random_weights_are_measured_the_same_for_a_seed(tiny_flat_data: Path) -
 
 
 def test_data_mode_shows_every_candidate_how_it_was_measured_and_the_pick(monkeypatch: pytest.MonkeyPatch, tiny_split_data: Path) -> None:
-    from transferctl import recommend as module
-    from transferctl.recommend import DataReport, DataSummary
+    from transferctl.analysis import recommend as module
+    from transferctl.analysis.recommend import DataReport, DataSummary
 
     field = [candidate("feature_extract", 0.71), candidate("feature_extract", 0.78, cut="layer2"), candidate("fine_tune", 0.80), candidate("scratch", None)]
     field[2].how, field[3].how = "trained 8 epochs (head 3 + body 5)", "diverged in round 1: the loss became nan"
@@ -471,7 +471,7 @@ def flat_colour(colour: tuple[int, int, int]) -> Any:
 
 
 def split_set(root: Path, classes: dict[str, Any], train: int, val: int, seed: int = 1) -> Path:
-    from transferctl.synthetic import write_image_folder
+    from transferctl.testing.synthetic import write_image_folder
 
     return write_image_folder(root, classes, train + val, 32, seed, "split", val_fraction=val / (train + val))
 
@@ -497,7 +497,7 @@ def estimates(answer: dict[str, Any]) -> dict[str, float]:
 def arrangement_base(module_tmp_path: Path) -> Path:
     """resnet18 trained from scratch to tell horizontal from vertical pairs of white dots (about 100% on val)."""
     from transferctl.config import config_from_dict
-    from transferctl.train import train
+    from transferctl.training.train import train
 
     data = split_set(module_tmp_path / "dots", pairs(), 60, 15, seed=0)
     schedule = [{"name": "all", "epochs": 10, "train": "all", "lr": 1.0e-3}]
@@ -522,7 +522,7 @@ def colour_base(module_tmp_path: Path) -> Path:
     """resnet18 trained hard (lr 1e-2, 160 steps) on an unrelated task: which of four flat colours a picture is.
     (A base trained a step or two is still nearly random, and random features read arrangements well.)"""
     from transferctl.config import config_from_dict
-    from transferctl.train import train
+    from transferctl.training.train import train
 
     data = split_set(module_tmp_path / "colours", {name: flat_colour(rgb) for name, rgb in COLOURS.items()}, 32, 8, seed=0)
     schedule = [{"name": "all", "epochs": 10, "train": "all", "lr": 1.0e-2}]
@@ -555,7 +555,7 @@ def test_known_answer_fine_tune_wins_when_the_features_need_adapting(arrangement
 
 
 def test_data_mode_needs_two_training_images_a_class_after_the_held_out_share(tmp_path: Path) -> None:
-    from transferctl.synthetic import tiny_dataset
+    from transferctl.testing.synthetic import tiny_dataset
 
     flat = tiny_dataset(tmp_path / "flat", n_classes=2, per_class=3, layout="flat")
     result = invoke("recommend", "--data", str(flat), "--weights", "none", "--val-fraction", "0.5", "--device", "cpu")

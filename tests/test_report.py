@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from runs_helpers import train_tiny_run
 from transferctl.cli import app
 from transferctl.errors import CheckpointError, DataError
-from transferctl.plots import PHASE_LABEL, learning_curves_figure
-from transferctl.report import find_run_dirs, load_run_curves, phase_ends, report_runs, summarize_run
+from transferctl.analysis.plots import PHASE_LABEL, learning_curves_figure
+from transferctl.analysis.report import find_run_dirs, load_run_curves, phase_ends, report_runs, summarize_run
 
 runner = CliRunner()
 

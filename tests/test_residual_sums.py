@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from transferctl.engine import Runtime, prepare_model
-from transferctl.residual_sums import batchnorm_in_fp32, batchnorms_feeding_sums
+from transferctl.training.engine import Runtime, prepare_model
+from transferctl.training.bf16_batchnorm import batchnorm_in_fp32, batchnorms_feeding_sums
 
 CPU_BF16 = Runtime(torch.device("cpu"), "bf16", channels_last=True)
 

@@ -21,14 +21,14 @@ import yaml
 from typer.testing import CliRunner
 
 from helpers import cli_with_patched_decoding, experiment, record_checkpoint_writes, slow_decoding, write_experiment
-from transferctl import engine
+from transferctl.training import engine
 from transferctl.cli import app
 from transferctl.config import load_config
 from transferctl.errors import CheckpointError, TrainingInterrupted
-from transferctl.resume import incompatibilities, resume
-from transferctl.rundir import RunDir
-from transferctl.synthetic import tiny_dataset
-from transferctl.train import SilentObserver, resume_command, train
+from transferctl.training.resume import incompatibilities, resume
+from transferctl.runs.rundir import RunDir
+from transferctl.testing.synthetic import tiny_dataset
+from transferctl.training.train import SilentObserver, resume_command, train
 
 # Two phases of two epochs, random crops and flips: resuming must restore the scheduler mid-phase, the
 # next phase's fresh optimizer, and the per-epoch shuffle order and augmentations.
@@ -190,7 +190,7 @@ main()
 # The real CLI, sent a SIGTERM by itself just before it writes the new run directory's first files.
 SIGNAL_WHILE_THE_RUN_IS_MADE = """
 import os, signal, sys
-import transferctl.train as train
+import transferctl.training.train as train
 write_run_header = train.write_run_header
 def signal_then_write(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
@@ -432,7 +432,7 @@ def test_interrupted_run_message(config_file: Path, tmp_path: Path, heeded_sigin
 
 
 def test_a_signal_the_process_ignores_stays_ignored() -> None:
-    from transferctl.interrupts import stop_on_signals
+    from transferctl.training.interrupts import stop_on_signals
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup, or in a background job
     try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from transferctl.errors import CheckpointError
-from transferctl.rundir import (
+from transferctl.runs.rundir import (
     METRIC_COLUMNS,
     RunDir,
     atomic_write_bytes,

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from runs_helpers import ONE_EPOCH, train_tiny_run
 from transferctl.cli import app
-from transferctl.runs import list_runs
+from transferctl.runs.listing import list_runs
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from runs_helpers import train_tiny_run
 from transferctl.cli import app
-from transferctl.show import changes_from_defaults, show_run
+from transferctl.analysis.show import changes_from_defaults, show_run
 
 runner = CliRunner()
 

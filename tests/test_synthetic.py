@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from transferctl.errors import DataError
-from transferctl.synthetic import (
+from transferctl.testing.synthetic import (
     MARKER,
     SHAPES,
     SOURCE_CLASSES,
@@ -166,7 +166,7 @@ def test_target_classes_are_pairs_of_source_shapes() -> None:
 
 
 def test_synthetic_does_not_import_torch() -> None:
-    code = "import sys, transferctl.synthetic; sys.exit('torch' in sys.modules)"
+    code = "import sys, transferctl.testing.synthetic; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
 from transferctl.cli import app
-from transferctl.observers import FanOutObserver
-from transferctl.phases import PhasePlan
-from transferctl.tensorboard import group_learning_rates
+from transferctl.training.observers import FanOutObserver
+from transferctl.training.phases import PhasePlan
+from transferctl.training.tensorboard import group_learning_rates
 
 runner = CliRunner()
 BODY = PhasePlan(1, "body", 2, 1.0e-2, 0.1, "train", ("layer3", "layer4", "head"), ("stem", "layer1", "layer2"))
@@ -63,7 +63,7 @@ def tensorboard_experiment(data: Path, tmp_path: Path) -> Path:
 
 
 def test_missing_package_is_one_line_naming_the_extra(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("transferctl.tensorboard.tensorboard_available", lambda: False)
+    monkeypatch.setattr("transferctl.training.tensorboard.tensorboard_available", lambda: False)
     config = tensorboard_experiment(tiny_split_data, tmp_path)
     result = runner.invoke(app, ["train", str(config), "--quiet"])
     assert result.exit_code == 1
@@ -113,8 +113,8 @@ def test_training_writes_epoch_scalars_and_evaluate_adds_the_confusion_matrix(ti
 
 def test_resume_may_switch_logs_on_and_accepts_runs_from_before_the_logging_section(tmp_path: Path) -> None:
     from transferctl.config import config_from_dict, config_to_dict
-    from transferctl.resume import incompatibilities
-    from transferctl.tensorboard import run_wants_tensorboard
+    from transferctl.training.resume import incompatibilities
+    from transferctl.training.tensorboard import run_wants_tensorboard
 
     now = config_to_dict(config_from_dict({"data": {"root": "d"}, "logging": {"tensorboard": True}}))
     before = {key: value for key, value in now.items() if key != "logging"}
@@ -126,7 +126,7 @@ def test_resume_may_switch_logs_on_and_accepts_runs_from_before_the_logging_sect
 
 
 def test_compare_refuses_too_when_the_package_is_missing(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("transferctl.tensorboard.tensorboard_available", lambda: False)
+    monkeypatch.setattr("transferctl.training.tensorboard.tensorboard_available", lambda: False)
     config = tensorboard_experiment(tiny_split_data, tmp_path)
     result = runner.invoke(app, ["compare", str(config), "--strategies", "scratch,fine_tune", "--seeds", "1", "--out", str(tmp_path / "cmp"), "-q"])
     assert result.exit_code == 1 and "pip install transferctl[tensorboard]" in result.stderr
@@ -134,7 +134,7 @@ def test_compare_refuses_too_when_the_package_is_missing(tiny_split_data: Path, 
 
 def test_one_observer_logs_each_run_into_its_own_directory(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install transferctl[tensorboard])")
-    from transferctl.tensorboard import TensorBoardObserver
+    from transferctl.training.tensorboard import TensorBoardObserver
 
     board = TensorBoardObserver()
     for index, run in enumerate((tmp_path / "a", tmp_path / "b")):

@@ -11,9 +11,9 @@ import yaml
 from helpers import Notices, experiment
 from transferctl.config import config_from_dict
 from transferctl.errors import CheckpointError, WeightsError
-from transferctl.inference import load_trained_model
-from transferctl.rundir import RunDir
-from transferctl.train import describe, prepare, train
+from transferctl.inference.trained_model import load_trained_model
+from transferctl.runs.rundir import RunDir
+from transferctl.training.train import describe, prepare, train
 
 
 def test_a_run_directory_holds_everything_it_promises(tiny_split_data: Path, tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_a_run_directory_holds_everything_it_promises(tiny_split_data: Path, tmp
 
 
 def test_a_last_training_batch_of_one_image_is_left_out_not_a_batchnorm_crash(tmp_path: Path) -> None:
-    from transferctl.synthetic import tiny_dataset
+    from transferctl.testing.synthetic import tiny_dataset
 
     data = tiny_dataset(tmp_path / "fifteen", n_classes=3, layout="split")  # 15 training images
     raw = experiment(data, tmp_path / "runs", data={"batch_size": 7})  # 7 + 7 + 1: BatchNorm cannot train on one image at 1x1
@@ -169,8 +169,8 @@ def test_compile_with_inductor_trains_as_without_it(tiny_split_data: Path, tmp_p
 
 
 def test_loaders_pin_memory_only_for_a_gpu(tiny_split_data: Path) -> None:
-    from transferctl.engine import Runtime
-    from transferctl.train import _loaders
+    from transferctl.training.engine import Runtime
+    from transferctl.training.train import _loaders
 
     config = config_from_dict(experiment(tiny_split_data, tiny_split_data.parent / "runs"))
     loaded = prepare(config, load_weights=False)
@@ -186,7 +186,9 @@ def waited_for_images(notices: Notices) -> list[str]:
 def test_a_run_whose_training_waits_for_images_says_once_what_may_help(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from transferctl import data, train as train_module
+    from transferctl.data import folders as data
+
+    from transferctl.training import train as train_module
 
     real_open = data.open_rgb
 
@@ -206,7 +208,7 @@ def test_a_run_whose_training_waits_for_images_says_once_what_may_help(tiny_spli
 
 
 def test_epochs_on_cached_features_never_say_they_waited_for_images(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transferctl import train as train_module
+    from transferctl.training import train as train_module
 
     monkeypatch.setattr(train_module, "DATA_WAIT_MIN_SECONDS", 0.0)
     monkeypatch.setattr(train_module, "DATA_WAIT_SHARE", 0.0)  # any wait at all would be told
@@ -226,7 +228,7 @@ def test_epochs_on_cached_features_never_say_they_waited_for_images(tiny_split_d
     ],
 )
 def test_data_wait_advice_goes_from_more_workers_to_keeping_images(workers: int, kept: bool, cache: str, advice: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transferctl import train as train_module
+    from transferctl.training import train as train_module
 
     monkeypatch.setattr(train_module, "spare_cores", lambda: 3)
     assert train_module.data_wait_advice(workers, kept, cache) == advice

@@ -1,5 +1,5 @@
 """A run directory names the code its python: backbone runs: rebuilding it from there needs --trust-code or
-the module on TRANSFERCTL_TRUSTED_CODE (transferctl/trust.py), and never imports from the current folder."""
+the module on TRANSFERCTL_TRUSTED_CODE (transferctl/models/trust.py), and never imports from the current folder."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from helpers import experiment, write_experiment
 from runs_helpers import ONE_EPOCH
 from transferctl.cli import app
 from transferctl.errors import CheckpointError
-from transferctl.inference import load_trained_model
-from transferctl.synthetic import tiny_dataset
-from transferctl.trust import TRUSTED_CODE_ENV, require_trusted
+from transferctl.inference.trained_model import load_trained_model
+from transferctl.testing.synthetic import tiny_dataset
+from transferctl.models.trust import TRUSTED_CODE_ENV, require_trusted
 
 runner = CliRunner()
 

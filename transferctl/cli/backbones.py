@@ -16,7 +16,7 @@ def backbones(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
 ) -> None:
     """List the torchvision backbones: parameters, input size, layer groups, weights, ImageNet top-1, cached."""
-    from transferctl.catalog import compact_groups, list_backbones
+    from transferctl.models.catalog import compact_groups, list_backbones
 
     with user_errors():
         rows = list_backbones(filter_text)

@@ -22,7 +22,7 @@ def cache(
 ) -> None:
     """List the cache folder's entries (backbone features, backbone facts) with size and last use; --clear empties it.
     Files the cache did not write are never listed, counted or removed: they are named as left alone."""
-    from transferctl.cache_folder import cache_folder, clear as clear_entries, entries, limit_bytes, others
+    from transferctl.runs.cache_folder import cache_folder, clear as clear_entries, entries, limit_bytes, others
 
     if older_than is not None and not clear:
         raise typer.BadParameter("only applies with --clear", param_hint="--older-than")

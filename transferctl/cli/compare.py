@@ -25,10 +25,10 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train the experiment under each strategy and seed; measure jumpstart, AUC, asymptote and speed-up against scratch."""
-    from transferctl.compare import parse_strategies, plan_comparison, run_comparison
+    from transferctl.analysis.compare import parse_strategies, plan_comparison, run_comparison
     from transferctl.config import load_config
-    from transferctl.progress import make_observer
-    from transferctl.tensorboard import with_tensorboard
+    from transferctl.training.progress import make_observer
+    from transferctl.training.tensorboard import with_tensorboard
 
     with user_errors():
         experiment = load_config(config, overrides or [])
@@ -46,7 +46,7 @@ def compare(
 
 
 def render_comparison(report: dict[str, Any]) -> Table:
-    from transferctl.compare import table_rows
+    from transferctl.analysis.compare import table_rows
 
     header, rows = table_rows(report)
     seeds = len(report["seeds"])

@@ -34,7 +34,7 @@ def evaluate(
     trust_code: bool = TrustCodeOption,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion matrix and calibration of a trained run."""
-    from transferctl.evaluate import SPLIT_CHOICES, evaluate_run
+    from transferctl.inference.evaluate import SPLIT_CHOICES, evaluate_run
 
     if split is not None and split not in SPLIT_CHOICES:
         raise typer.BadParameter(f"'{split}' is not one of {', '.join(SPLIT_CHOICES)}", param_hint="--split")

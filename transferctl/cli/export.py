@@ -10,7 +10,7 @@ import typer
 from transferctl.cli import app, err, print_json, user_errors
 from transferctl.cli.evaluate import TrustCodeOption
 
-FORMATS = ("onnx", "torchscript", "safetensors")  # transferctl.export.FORMATS, without importing torch here
+FORMATS = ("onnx", "torchscript", "safetensors")  # transferctl.inference.export.FORMATS, without importing torch here
 
 
 def _complete_format(incomplete: str) -> list[str]:
@@ -29,7 +29,7 @@ def export_command(
     """Write the trained model for deployment, with model.json (preprocessing, classes) beside it."""
     if fmt not in FORMATS:
         raise typer.BadParameter(f"'{fmt}' is not one of {', '.join(FORMATS)}", param_hint="--format")
-    from transferctl.export import export
+    from transferctl.inference.export import export
 
     with user_errors():
         result = export(run_dir, fmt, checkpoint, out, trust_code)

@@ -29,7 +29,7 @@ def init(
     as_json: bool = typer.Option(False, "--json", help="Print what was found and written as one JSON document on stdout."),
 ) -> None:
     """Look at a folder of images and write an experiment file that `transferctl check` accepts."""
-    from transferctl.init import init_experiment
+    from transferctl.analysis.starter import init_experiment
 
     with user_errors():
         result = init_experiment(data_dir, output, backbone, strategy, force)

@@ -31,7 +31,7 @@ def predict(
     trust_code: bool = TrustCodeOption,
 ) -> None:
     """Print {"path", "label", "score", "top"} per image as JSON Lines; unreadable files get {"path", "error"}."""
-    from transferctl.predict import expand_paths, load_predictor, read_path_lines
+    from transferctl.inference.predict import expand_paths, load_predictor, read_path_lines
 
     if not paths:
         raise typer.BadParameter("give image files or folders, or '-' to read paths from stdin", param_hint="PATHS")

@@ -57,7 +57,7 @@ def recommend(
         return
     if data is None:
         raise typer.BadParameter("give --size and --similar (rule mode), or --data DIR (data mode)", param_hint="--data")
-    from transferctl.recommend import MeasureOptions, Thresholds
+    from transferctl.analysis.recommend import MeasureOptions, Thresholds
 
     thresholds = Thresholds(small_below, large_from, gain_points, depth_points, worth_points, ami_min)
     with user_errors():
@@ -69,7 +69,7 @@ def recommend(
 
 def _rule_mode(size: str, similar: str, data: Optional[Path], backbone: Optional[str], weights: str,
                write_config: Optional[Path], force: bool, as_json: bool, augment: str) -> None:  # fmt: skip
-    from transferctl.recommend import advice_dict, advise
+    from transferctl.analysis.recommend import advice_dict, advise
 
     size_value = size.strip().lower()
     if size_value not in ("small", "large"):
@@ -104,7 +104,7 @@ def _single_backbone(backbone: Optional[str]) -> str:
 
 
 def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> tuple[str, ...]:
-    from transferctl.recommend import MeasureOptions, backbone_of_run
+    from transferctl.analysis.recommend import MeasureOptions, backbone_of_run
 
     if backbone:
         return tuple(n.strip() for n in backbone.split(",") if n.strip())
@@ -115,7 +115,7 @@ def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> 
 def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None, val_fraction: float = 0.2,
            seed: int = 0, augment: str = "standard") -> Path:  # fmt: skip
     from transferctl.errors import ConfigError, Problem
-    from transferctl.recommend import experiment_yaml, write_experiment
+    from transferctl.analysis.recommend import experiment_yaml, write_experiment
 
     if data is None:
         raise ConfigError(Problem("--write-config", "needs --data DIR for the experiment's data.root", "add --data path/to/images"))
@@ -125,7 +125,7 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
 
 
 def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional[Path], force: bool, as_json: bool, quiet: bool) -> None:
-    from transferctl.recommend import measure
+    from transferctl.analysis.recommend import measure
 
     def progress(message: str) -> None:
         err.print(f"[dim]recommend: {escape(message)}[/]")

@@ -20,7 +20,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the run summaries as one JSON document on stdout."),
 ) -> None:
     """Plot loss and accuracy (train and val) per epoch of one or more runs, and summarise them."""
-    from transferctl.report import report_runs
+    from transferctl.analysis.report import report_runs
 
     with user_errors():
         result = report_runs(run_dirs, out)

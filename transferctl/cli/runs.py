@@ -19,7 +19,7 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Print the runs as one JSON list on stdout."),
 ) -> None:
     """List runs: name, backbone, strategy, best val accuracy, epochs, date, status."""
-    from transferctl.runs import list_runs
+    from transferctl.runs.listing import list_runs
 
     with user_errors():
         found = list_runs(folder)

@@ -19,7 +19,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print the run as one JSON document on stdout."),
 ) -> None:
     """A run at a glance: config differences from the defaults, phases, best metrics, timing."""
-    from transferctl.show import show_run
+    from transferctl.analysis.show import show_run
 
     with user_errors():
         shown = show_run(run_dir)

@@ -34,9 +34,9 @@ def train(
     ),
 ) -> None:
     """Train a model as the experiment file says; write checkpoints and metrics to a run directory."""
-    from transferctl.distributed import env_rank, launched
-    from transferctl.interrupts import signals_interrupt
-    from transferctl.tensorboard import run_wants_tensorboard, with_tensorboard
+    from transferctl.training.distributed import env_rank, launched
+    from transferctl.training.interrupts import signals_interrupt
+    from transferctl.training.tensorboard import run_wants_tensorboard, with_tensorboard
 
     if (config is None) == (resume is None):
         raise typer.BadParameter("give an experiment file, or --resume RUN_DIR (not both)", param_hint="CONFIG")
@@ -51,16 +51,16 @@ def train(
     # Before torch is imported (seconds): from here SIGTERM stops the command with exit 130 as Ctrl-C does.
     with user_errors(), signals_interrupt():
         from transferctl.config import load_config
-        from transferctl.progress import make_observer
+        from transferctl.training.progress import make_observer
 
         with make_observer(err, quiet=quiet) as progress:
             if resume is not None:
-                from transferctl.resume import resume as resume_training
+                from transferctl.training.resume import resume as resume_training
 
                 with with_tensorboard(progress, run_wants_tensorboard(resume, overrides or []), f"{resume / 'config.yaml'}: logging.tensorboard") as observer:
                     summary = resume_training(resume, overrides or [], observer, trust_code, restart=restart)
             else:
-                from transferctl.train import train as run_training
+                from transferctl.training.train import train as run_training
 
                 assert config is not None
                 experiment = load_config(config, overrides or [])
@@ -82,8 +82,8 @@ def _launch(
     import subprocess
 
     from transferctl.config import load_config
-    from transferctl.distributed import launch_command, launch_environment
-    from transferctl.interrupts import signals_interrupt
+    from transferctl.training.distributed import launch_command, launch_environment
+    from transferctl.training.interrupts import signals_interrupt
 
     argv = ["train", *([str(config)] if config else ["--resume", str(resume)])]
     argv += [arg for override in overrides for arg in ("--set", override)]
@@ -124,13 +124,13 @@ def check(
 ) -> None:
     """Validate an experiment file and show the resolved plan, without training."""
     from transferctl.config import load_config
-    from transferctl.train import describe, prepare
+    from transferctl.training.train import describe, prepare
 
     with user_errors():
         plan = describe(prepare(load_config(config, overrides or [])))
     if as_json:
         print_json(plan)
         return
-    from transferctl.progress import render_plan
+    from transferctl.training.progress import render_plan
 
     err.print(render_plan(plan))

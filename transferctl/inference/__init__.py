@@ -1,0 +1,1 @@
+"""Using a trained run: the model loaded back, evaluate, predict, export."""

@@ -1,0 +1,265 @@
+"""evaluate: how good a trained model is on a split, class by class, with a confusion matrix plot.
+
+The metrics are scikit-learn's; only the expected calibration error is computed here (no library has
+the standard multi-class, equal-width-bin version). `compute_metrics` works on plain arrays, so it is
+tested against hand-computed cases; `evaluate_run` composes loading, inference and writing.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferctl.data.folders import DatasetSplits, ImageDataset, Sample, data_notices, discover, lookalikes, make_loader, resolve_workers
+from transferctl.errors import DataError, Problem
+
+ECE_BINS = 15
+SPLIT_CHOICES = ("val", "test", "train", "all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on arrays
+
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, top-5, loss, per-class precision/recall/F1/support, F1 averages, confusion, ECE."""
+    from scipy.special import softmax
+    from sklearn import metrics
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n_classes = len(classes)
+    ids = list(range(n_classes))
+    probs = softmax(logits, axis=1)
+    predicted = probs.argmax(axis=1)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(labels, predicted, labels=ids, zero_division=0)
+    calibration = calibration_bins(probs.max(axis=1), predicted == labels)
+    return {
+        "images": int(labels.size),
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "top5_accuracy": float(metrics.top_k_accuracy_score(labels, probs, k=5, labels=ids)) if n_classes > 5 else None,
+        "loss": float(metrics.log_loss(labels, probs, labels=ids)),
+        "macro_f1": float(metrics.f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)),
+        "weighted_f1": float(metrics.f1_score(labels, predicted, labels=ids, average="weighted", zero_division=0)),
+        "ece": expected_calibration_error(calibration),
+        "per_class": [
+            {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        ],
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=ids).tolist(),
+        "calibration": calibration,
+    }
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, Any]]:
+    """Equal-width confidence bins (lower, upper], each with its count, accuracy and mean confidence."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # right=True puts a confidence exactly on an edge into the bin below it, as (lower, upper] says.
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        rows.append({
+            "lower": float(edges[b]),
+            "upper": float(edges[b + 1]),
+            "count": count,
+            "accuracy": float(correct[members].mean()) if count else None,
+            "confidence": float(confidence[members].mean()) if count else None,
+        })  # fmt: skip
+    return rows
+
+
+def expected_calibration_error(bins: list[dict[str, Any]]) -> float:
+    """ECE = sum over bins of (bin size / N) * |accuracy - mean confidence| (Guo et al. 2017)."""
+    total = sum(b["count"] for b in bins)
+    if total == 0:
+        return float("nan")
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The confusion matrix plot
+
+
+def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
+    """A heat map coloured by row (the share of each true class), the counts written in the cells."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+    n = len(classes)
+    side = min(4.0 + 0.45 * n, 30.0)
+    # No pyplot: a bare Figure has no global state and needs no display, whatever the backend setting.
+    figure = Figure(figsize=(side + 1.5, side), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
+    axes.set_xticks(range(n), labels=classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+    axes.set_yticks(range(n), labels=classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    if n <= 40:
+        font = max(5, 11 - n // 5)
+        for row in range(n):
+            for col in range(n):
+                dark = shares[row, col] > 0.5
+                axes.text(col, row, str(counts[row, col]), ha="center", va="center", fontsize=font, color="white" if dark else "black")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole evaluation
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    report: dict[str, Any]
+    json_path: Path
+    png_path: Path
+    notices: tuple[str, ...] = ()  # what discovery left out of the data: unreadable images, other files
+
+
+def evaluate_run(
+    run_dir: Path,
+    checkpoint: str = "best",
+    data: Path | None = None,
+    split: str | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    trust_code: bool = False,
+) -> EvaluationResult:
+    """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes)."""
+    from transferctl.training.engine import predict_logits
+    from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
+    from transferctl.runs.rundir import checkpoint_file
+    from transferctl.runs.listing import read_run_config
+
+    check_runtime_options(device, precision)
+    config = read_run_config(run_dir)
+    if config.logging.tensorboard:
+        from transferctl.training.tensorboard import require_tensorboard
+
+        require_tensorboard(f"{run_dir / 'config.yaml'}: logging.tensorboard")
+    model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
+    root = data if data is not None else config.data.root
+    where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
+    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all")
+    check_same_classes(classes, splits.classes, where, root)
+    split = split or ("test" if splits.test else "val")
+    samples = _relabel(_samples_of(splits, split, root), splits.classes, classes)
+
+    model, runtime = inference_runtime(model, device, precision)
+    dataset = ImageDataset(samples, eval_transform(preprocessing))
+    size = batch_size or config.data.batch_size
+    loader = make_loader(dataset, size, False, resolve_workers(config.data.num_workers, len(samples)), config.seed, runtime.device.type == "cuda")
+    logits, labels = predict_logits(model, loader, runtime)
+
+    report = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint_file(run_dir, checkpoint)),
+        "data_root": str(root.resolve()),
+        "split": split,
+        "classes": classes,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "skipped_images": [str(item.path) for item in splits.skipped],  # unreadable images anywhere in the data folder
+        "evaluated_at": datetime.now().isoformat(timespec="seconds"),
+        **compute_metrics(logits.numpy(), labels.numpy(), classes),
+    }
+    stem = report_stem(run_dir, split, checkpoint, root, config.data.root, runtime.precision)
+    result = _write_report(run_dir, report, stem, tuple(data_notices(splits)))
+    if config.logging.tensorboard:
+        from transferctl.training.tensorboard import log_evaluation
+
+        log_evaluation(run_dir, result.report, result.png_path, result.json_path.stem)
+    return result
+
+
+def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path, precision: str = "fp32") -> str:
+    """eval/<stem>.json: the split's name for the run's own data, best checkpoint and fp32; another data
+    folder's name comes first, another checkpoint's and a lower precision after, so no evaluation replaces
+    one of something else (`runs` and `show` list them all by this name)."""
+    from transferctl.runs.rundir import checkpoint_file
+
+    parts = [split]
+    if root.resolve() != own_root.resolve():
+        parts.insert(0, _file_name_part(root.resolve().name or "data"))
+    chosen = checkpoint_file(run_dir, checkpoint).resolve()
+    if chosen != checkpoint_file(run_dir, "best").resolve():
+        parts.append(_file_name_part(chosen.stem))
+    if precision != "fp32":
+        parts.append(precision)
+    return "-".join(parts)
+
+
+def _file_name_part(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("._-") or "data"
+
+
+def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tuple[str, ...]) -> EvaluationResult:
+    """eval/<stem>.json and eval/<stem>-confusion.png, each written atomically."""
+    from transferctl.runs.rundir import atomic_write_bytes, atomic_write_json
+
+    json_path = run_dir / "eval" / f"{stem}.json"
+    png_path = run_dir / "eval" / f"{stem}-confusion.png"
+    report["confusion_png"] = str(png_path)
+    title = f"{run_dir.name}: {stem}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
+    atomic_write_bytes(png_path, confusion_png(report["confusion_matrix"], report["classes"], title))
+    atomic_write_json(json_path, report)
+    return EvaluationResult(report, json_path, png_path, notices)
+
+
+def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str, split: bool) -> DatasetSplits:
+    """The run's own data.on_bad_image applies: an unreadable image is skipped (and listed) or an error.
+    --split all reads every image of a flat tree: no validation share to draw, however few images."""
+    try:
+        return discover(root, val_fraction, seed, on_bad_image, split)
+    except DataError as exc:
+        # discover names the config field (data.root); here the folder may have come from --data.
+        raise DataError(*(Problem(p.where.replace("data.root", where, 1), p.message, p.hint) for p in exc.problems)) from None
+
+
+def check_same_classes(trained: list[str], found: list[str], where: str, root: Path) -> None:
+    """The model can only be scored on the classes it was trained on, all of them."""
+    missing = sorted(set(trained) - set(found))
+    extra = sorted(set(found) - set(trained))
+    if not missing and not extra:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing)} (trained on, but no folder)")
+    if extra:
+        parts.append(f"extra {', '.join(extra)} (folders the model was not trained on)")
+    parts.append(lookalikes(missing, extra))
+    raise DataError(Problem(where, f"the classes of {root} differ from the run's: {'; '.join(part for part in parts if part)}", f"give a tree with exactly these class folders: {', '.join(trained)}"))
+
+
+def _samples_of(splits: DatasetSplits, split: str, root: Path) -> list[Sample]:
+    samples = splits.train + splits.val + splits.test if split == "all" else splits.split(split)
+    if not samples:
+        have = [name for name in ("train", "val", "test") if splits.split(name)]
+        raise DataError(Problem("--split", f"{root} has no {split} images", f"choose one of: {', '.join(have + ['all'])}"))
+    return samples
+
+
+def _relabel(samples: list[Sample], data_classes: list[str], model_classes: list[str]) -> list[Sample]:
+    """Labels by class name, not folder order: the model's output i is model_classes[i]."""
+    index = {name: i for i, name in enumerate(model_classes)}
+    return [(path, index[data_classes[label]]) for path, label in samples]

@@ -1,0 +1,191 @@
+"""timm models (optional extra `transferctl[timm]`): `backbone.name: timm:<model>`.
+
+Preprocessing comes from the model's pretrained config (timm.data.resolve_data_config: input size,
+crop_pct, mean, std, interpolation), layer groups from the model's own group matcher (the coarse one timm
+uses for layer decay: stem, one group per stage or block, then the head), and the head from
+get_classifier()/reset_classifier(). Weights: `DEFAULT` (timm's pretrained weights, from its local cache,
+downloaded only where there is a network), a pretrained tag (`weights: a1_in1k` means `<model>.a1_in1k`),
+a local file, `run:<dir>`, or `none`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from transferctl.models.build import Backbone, Preprocessing, load_weights_on_top
+from transferctl.config import TIMM_PREFIX, BackboneConfig, looks_like_weights_file
+from transferctl.errors import ConfigError, Problem, WeightsError, did_you_mean
+from transferctl.models.layer_groups import LayerGroups, check_layer_groups, groups_from_parameters
+from transferctl.training.phases import HEAD
+
+INSTALL_HINT = "pip install 'transferctl[timm]'"
+
+
+def import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(Problem("backbone.name", "timm: backbones need the timm package, which is not installed", INSTALL_HINT)) from None
+    return timm
+
+
+def build_timm_backbone(config: BackboneConfig, num_classes: int, image_size: int | None, pretrained: bool = True) -> Backbone:
+    timm = import_timm()
+    name = config.name[len(TIMM_PREFIX) :]
+    source = config.weights if pretrained else "none"
+    hub = source.lower() != "none" and not source.startswith("run:") and not looks_like_weights_file(source)
+    full_name = name if source in ("DEFAULT", "none") or not hub else f"{name}.{source}"
+    _check_name(timm, name.split(".")[0])
+    if hub:
+        check_hub_weights_reachable(timm, full_name)
+    model = _create(timm, full_name, hub, num_classes, image_size)
+    head = _head_path(model)
+    from_run = load_weights_on_top(model, head, source, config.name)
+    groups = timm_layer_groups(model, head)
+    preprocessing = from_run or preprocessing_of_timm(timm, model)
+    description = f"timm {model.pretrained_cfg.get('hf_hub_id') or full_name}" if hub else ("none (random init)" if source.lower() == "none" else source)
+    return Backbone(model, config.name, groups, head, preprocessing.with_image_size(image_size), description)
+
+
+def _check_name(timm: Any, name: str) -> None:
+    names = timm.list_models()
+    if name not in names:
+        raise ConfigError(Problem("backbone.name", f"timm has no model '{name}'", did_you_mean(name, names) + "; timm.list_models() lists them"))
+
+
+def _create(timm: Any, name: str, pretrained: bool, num_classes: int, image_size: int | None) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    try:
+        try:
+            # Transformers fix their position embeddings to the input size; convnets ignore img_size.
+            return timm.create_model(name, pretrained=pretrained, **kwargs, **({"img_size": image_size} if image_size else {}))
+        except TypeError:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
+            raise WeightsError(Problem("backbone.weights", f"timm has no pretrained weights '{name}'", "use DEFAULT, a tag timm lists for the model, a file or none")) from None
+        raise
+    except (OSError, ValueError) as exc:  # offline: huggingface_hub or torch.hub could not fetch the file
+        if not pretrained:
+            raise
+        raise not_downloadable(name, type(exc).__name__) from None
+
+
+def not_downloadable(name: str, reason: str) -> WeightsError:
+    return WeightsError(
+        Problem("backbone.weights", f"timm weights for {name} are not in the local cache and could not be downloaded ({reason})",
+                f"on a machine with a network run: python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy the Hugging Face cache (~/.cache/huggingface) here; or use a weights file")
+    )  # fmt: skip
+
+
+HUB_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm asks the Hugging Face Hub for, in turn
+
+
+def check_hub_weights_reachable(timm: Any, name: str) -> None:
+    """Weights that come from the Hugging Face Hub are either in its local cache or must be downloaded; when
+    neither can be, say so in a few seconds: huggingface_hub itself retries for about 45 s before it gives up."""
+    repo, files = _hub_weights(timm, name)
+    if repo is None or _in_hub_cache(repo, files):
+        return
+    reachable, reason = hub_reachable()
+    if not reachable:
+        raise not_downloadable(name, reason)
+
+
+def _hub_weights(timm: Any, name: str) -> tuple[str | None, tuple[str, ...]]:
+    """The Hub repository of a model's pretrained weights and the files timm would fetch; None when they
+    come from elsewhere (a URL, a local file) or the name is unknown (create_model says so better)."""
+    try:
+        config = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        return None, ()
+    if config is None or not config.hf_hub_id:
+        return None, ()
+    return config.hf_hub_id, (config.hf_hub_filename,) if config.hf_hub_filename else HUB_WEIGHTS_FILES
+
+
+def _in_hub_cache(repo: str, files: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, filename), str) for filename in files)
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether a connection to the Hub's host opens, and why not. Behind a proxy it cannot be told this way,
+    so the answer is yes and huggingface_hub finds out itself."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False, "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True, ""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return False, f"{host} cannot be reached: {exc.strerror or type(exc).__name__}"
+    return True, ""
+
+
+def _head_path(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    for path, module in model.named_modules():
+        if module is classifier and path:
+            return path
+    raise ConfigError(Problem("backbone.name", f"{type(model).__name__} has no classifier layer to replace", "choose a timm classification model"))
+
+
+def timm_layer_groups(model: nn.Module, head: str) -> LayerGroups:
+    """The model's coarse group matcher (stem, stages or blocks, head) as named layer groups."""
+    from timm.models._manipulate import group_parameters
+
+    by_index = group_parameters(model, model.group_matcher(coarse=True))
+    owner: dict[str, str] = {}
+    names = _group_names(list(by_index.values()))
+    for index_names, group in zip(by_index.values(), names):
+        for param in index_names:
+            owner[param] = HEAD if param == head or param.startswith(head + ".") else group
+    groups = [g for g in groups_from_parameters(model, owner) if g[0] != HEAD]
+    return check_layer_groups(model, [*groups, (HEAD, [head])])
+
+
+def _group_names(groups: list[list[str]]) -> list[str]:
+    """stem, then each group named by the module most of its parameters are in and no other group's
+    (layer1, blocks3, stages0); the last group, the final norm beside the head, is pre_logits."""
+    names: list[str] = []
+    for index, params in enumerate(groups):
+        others = [p for i, group in enumerate(groups) if i != index for p in group]
+        if index == 0:
+            name = "stem"
+        elif index == len(groups) - 1:
+            name = "pre_logits"
+        else:
+            name = _own_prefix(params, others).replace(".", "") or f"group{index}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def _own_prefix(params: list[str], others: list[str]) -> str:
+    """The shallowest module prefix that holds most of `params` and none of `others`."""
+    parts = params[0].split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth]) + "."
+        mine = sum(p.startswith(prefix) for p in params)
+        if mine * 2 > len(params) and not any(p.startswith(prefix) for p in others):
+            return prefix[:-1]
+    return ""
+
+
+def preprocessing_of_timm(timm: Any, model: nn.Module) -> Preprocessing:
+    data = timm.data.resolve_data_config({}, model=model)
+    crop = int(data["input_size"][-1])
+    resize = max(crop, round(crop / float(data.get("crop_pct", 0.875))))
+    interpolation = str(data.get("interpolation", "bilinear"))
+    return Preprocessing(resize, crop, tuple(data["mean"]), tuple(data["std"]), interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")  # type: ignore[arg-type]

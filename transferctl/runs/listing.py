@@ -1,0 +1,171 @@
+"""What is in a folder of runs: one row per run directory, read from the files `train` wrote.
+
+No torch here: `transferctl runs` must answer instantly. A run without summary.json is still training or
+was interrupted; it is listed as unfinished with what its metrics say so far, and a damaged file marks
+its run as damaged instead of stopping the listing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import yaml
+
+from transferctl.errors import CheckpointError, DataError, Problem
+from transferctl.paths import checked
+from transferctl.runs.rundir import NUMERIC_METRICS, metric_lines
+
+if TYPE_CHECKING:
+    from transferctl.config import ExperimentConfig
+
+RUN_MARKERS = ("config.yaml", "summary.json")
+TIMINGS = ("seconds", "train_seconds", "data_seconds", "images_per_second")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    path: str
+    name: str
+    status: str  # finished | unfinished | damaged
+    backbone: str | None = None
+    weights: str | None = None
+    strategy: str | None = None
+    best_val_acc: float | None = None
+    epochs: int | None = None
+    date: str | None = None
+    evaluations: dict[str, float] = field(default_factory=dict)  # split -> accuracy, from eval/<split>.json
+    note: str = ""
+    skipped_rows: list[str] = field(default_factory=list)  # damaged metrics.jsonl lines, each "file:line: why"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_run_config(run_dir: Path) -> ExperimentConfig:
+    """The resolved experiment a run was trained with (its config.yaml), validated."""
+    from transferctl.config import config_from_dict  # pydantic: not needed just to list runs
+
+    path = checked(run_dir, CheckpointError) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(Problem(str(run_dir), "no config.yaml: not a transferctl run directory", "pass a folder that `transferctl train` wrote"))
+    raw = _read_yaml_mapping(path)
+    if raw is None:
+        raise CheckpointError(Problem(str(path), "damaged: not a YAML mapping", "restore it from the checkpoint's 'config' entry"))
+    return config_from_dict(raw, source=str(path))
+
+
+def list_runs(folder: Path) -> list[RunInfo]:
+    """Every run directory directly inside folder, oldest first."""
+    if not checked(folder, DataError).is_dir():
+        raise DataError(Problem(str(folder), "no such folder of runs", "pass the output.dir of your experiments; the default is runs"))
+    runs = [describe_run(path) for path in sorted(folder.iterdir()) if is_run_dir(path)]
+    return sorted(runs, key=lambda run: (run.date or "", run.name))
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in RUN_MARKERS)
+
+
+def describe_run(run_dir: Path) -> RunInfo:
+    config = _read_yaml_mapping(run_dir / "config.yaml") or {}
+    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
+    common: dict[str, Any] = {
+        "path": str(run_dir),
+        "name": run_dir.name,
+        "backbone": backbone.get("name"),
+        "weights": backbone.get("weights"),
+        "strategy": config.get("strategy"),
+        "date": _start_date(run_dir),
+        "evaluations": _evaluations(run_dir),
+    }
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = read_json_mapping(summary_path)
+        if summary is None:
+            return RunInfo(status="damaged", note=f"{summary_path} is damaged (not a JSON object)", **common)
+        common["backbone"] = summary.get("backbone", common["backbone"])
+        common["strategy"] = summary.get("strategy", common["strategy"])
+        return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
+    metrics = metric_rows(run_dir / "metrics.jsonl")
+    accuracies = [row["val_acc"] for row in metrics.rows if isinstance(row.get("val_acc"), (int, float))]
+    return RunInfo(
+        status="unfinished",
+        best_val_acc=max(accuracies) if accuracies else None,
+        epochs=len(metrics.rows),
+        note="no summary.json: still training or interrupted",
+        skipped_rows=metrics.skipped,
+        **common,
+    )
+
+
+def _start_date(run_dir: Path) -> str | None:
+    """config.yaml is written when training starts."""
+    for name in ("config.yaml", "summary.json"):
+        path = run_dir / name
+        if path.is_file():
+            return datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+    return None
+
+
+def _evaluations(run_dir: Path) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        report = read_json_mapping(path)
+        if report is not None and isinstance(report.get("accuracy"), (int, float)):
+            found[path.stem] = report["accuracy"]
+    return found
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any] | None:
+    return _read_mapping(path, yaml.safe_load)
+
+
+def read_json_mapping(path: Path) -> dict[str, Any] | None:
+    """A JSON file's mapping, or None when it is missing, damaged or not a mapping."""
+    return _read_mapping(path, json.loads)
+
+
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | None:
+    """The file's mapping, or None when it is missing, unreadable or not a mapping: one damaged run
+    must not stop the listing of the others."""
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # JSONDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class MetricRows:
+    """The rows of a metrics.jsonl that can be used, and a note for each line left out."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[str]
+
+
+def metric_rows(path: Path) -> MetricRows:
+    """The rows of a metrics.jsonl that parse, with numbers where numbers go; none when the file is missing.
+
+    A damaged line is left out with a note naming it ("file:line: why"), as is an unreadable file: a run's
+    other rows and other runs are still shown.
+    """
+    rows, skipped = [], []
+    try:
+        lines = list(metric_lines(path))
+    except FileNotFoundError:
+        return MetricRows([], [])
+    except OSError as exc:
+        return MetricRows([], [f"{path}: cannot read: {exc.strerror or exc}; its rows are left out"])
+    for where, row, problem in lines:
+        if row is not None:
+            wrong = [key for key in (*NUMERIC_METRICS, *TIMINGS) if not isinstance(row.get(key, 0), (int, float))]
+            problem = f"not a metrics row: {', '.join(wrong)} not a number" if wrong else ""
+        if problem:
+            skipped.append(f"{where}: {problem}; the row is left out")
+        else:
+            rows.append(row)
+    return MetricRows(rows, skipped)

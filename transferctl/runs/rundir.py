@@ -1,0 +1,273 @@
+"""The run directory: the contract between commands, and the only place transferctl writes to disk.
+
+Layout:
+  config.yaml        the resolved experiment (every default spelled out)
+  classes.json       class names, in label order
+  env.json           versions, device, precision
+  metrics.jsonl/csv  one row per epoch
+  checkpoints/last.pt, checkpoints/best.pt   loadable with torch.load(weights_only=True)
+  summary.json       best metric, its epoch, timings, paths
+Every file is written to a temporary name, flushed, fsynced and renamed: never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import secrets
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+from transferctl.errors import CheckpointError, Problem
+from transferctl.paths import checked
+
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+METRIC_COLUMNS = (
+    "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
+    "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds", "train_seconds", "head_weight_decay",
+)  # fmt: skip
+
+
+NUMERIC_METRICS = ("global_epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what report plots and sums up
+
+
+def total_data_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """The metric rows' time spent waiting for batches; None when no row has it (written before rows recorded it)."""
+    waits = [row["data_seconds"] for row in rows if isinstance(row.get("data_seconds"), (int, float))]
+    return round(sum(waits), 2) if waits else None
+
+
+def overall_images_per_second(rows: list[dict[str, Any]]) -> float | None:
+    """Images trained over the seconds spent training them, across epochs: a head epoch on cached features
+    runs thousands of images a second, and a plain mean of the epochs' speeds would report that as the run's.
+    Rows written before they recorded train_seconds are left out; None when no row has it."""
+    timed = [(row["images_per_second"], row["train_seconds"]) for row in rows
+             if isinstance(row.get("images_per_second"), (int, float)) and isinstance(row.get("train_seconds"), (int, float))]  # fmt: skip
+    seconds = sum(spent for _, spent in timed)
+    return round(sum(speed * spent for speed, spent in timed) / seconds, 1) if seconds > 0 else None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: it makes 0600 files and the rename keeps that mode; 0o666 honours the umask.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json_text(data))
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+def create_run_dir(output_dir: Path, name: str, now: datetime | None = None) -> Path:
+    """<output>/<name>-<YYYYmmdd-HHMMSS>, made exclusively: an existing run is never reused."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    checked(output_dir, CheckpointError, "output.dir")
+    with _folder_problems("output.dir", output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 100):
+            candidate = output_dir / (f"{name}-{stamp}" if attempt == 1 else f"{name}-{stamp}-{attempt}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    raise CheckpointError(Problem("output.dir", f"too many runs named {name}-{stamp} in {output_dir}", "wait a second or rename"))
+
+
+def claim_run_dir(path: Path) -> Path:
+    """A run directory the user named: it must not exist yet."""
+    if checked(path, CheckpointError, "--run-dir").exists():
+        raise CheckpointError(Problem("--run-dir", f"{path} already exists", "choose a new path; runs are never overwritten"))
+    with _folder_problems("--run-dir", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+    return path
+
+
+@contextlib.contextmanager
+def _folder_problems(field: str, path: Path) -> Iterator[None]:
+    """A run folder that cannot be made (a file in its way, a read-only or full disk) is the user's to fix."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError):
+        blocking = file_in_the_way(path) or path
+        raise CheckpointError(Problem(field, f"cannot make {path}: {blocking} is a file", f"point {field} at a folder")) from None
+    except OSError as exc:
+        raise CheckpointError(Problem(field, f"cannot make {path}: {exc.strerror or exc}", f"point {field} at a writable folder")) from None
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The first of folder and the folders above it that exists as something else than a folder."""
+    return next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
+
+
+class RunDir:
+    """Writer and reader of one run directory.
+
+    writer=False: a distributed training rank other than 0, which computes what rank 0 writes and writes
+    nothing itself (no files, no checkpoints, no lock): one run directory, one writer.
+    """
+
+    def __init__(self, path: Path, writer: bool = True) -> None:
+        self.path = path
+        self.writer = writer
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_text(name, json_text(data))
+
+    def write_text(self, name: str, text: str) -> None:
+        self._write(self.path / name, text.encode("utf-8"))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Atomically; a full disk or a read-only folder is a user's problem, and the old file survives."""
+        if not self.writer:
+            return
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CheckpointError(Problem(str(path), f"cannot write: {reason}; the previous version of the file is intact", "free disk space or fix permissions, then retry")) from None
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(Problem(str(self.path), f"no {name}: not a transferctl run directory", "pass a folder that `transferctl train` wrote")) from None
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(Problem(str(path), f"damaged JSON: {exc.msg} at line {exc.lineno}", "restore it or re-run")) from None
+        except UnicodeDecodeError:
+            raise CheckpointError(Problem(str(path), "damaged JSON: not UTF-8 text", "restore it or re-run")) from None
+
+    def metrics(self, numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl, one JSON object an epoch, with `numbers` numbers; a damaged row names its line."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for where, row, problem in metric_lines(path):
+            if row is None:
+                raise CheckpointError(Problem(where, problem, "restore it or re-run"))
+            if not all(isinstance(row.get(key), (int, float)) for key in numbers):
+                raise CheckpointError(Problem(where, f"not a metrics row: {', '.join(numbers)} must be numbers", "restore it or re-run"))
+            rows.append(row)
+        return rows
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite both metric files whole (tiny files): a crash never leaves a torn or duplicated row."""
+        self.write_text("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.write_text("metrics.csv", buffer.getvalue())
+
+    def save_checkpoint(self, kind: str, payload: dict[str, Any]) -> Path:
+        import torch
+
+        path = self.checkpoints / f"{kind}.pt"
+        if not self.writer:
+            return path
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        self._write(path, buffer.getvalue())
+        return path
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temporary files a killed process left behind (never the files they were to replace)."""
+        if not self.writer:
+            return []
+        stale = [p for folder in (self.path, self.checkpoints) if folder.is_dir() for p in folder.glob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Only one process trains in a run directory at a time (a second `--resume` is refused)."""
+        if not self.writer:
+            yield
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; runs are still never overwritten
+            yield
+            return
+        with (self.path / LOCK).open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise CheckpointError(Problem(str(self.path), "another transferctl process is training in this run directory", "wait for it to finish or stop it first")) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def metric_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str]]:
+    """Each non-blank line of a metrics.jsonl as ("file:line", row, "") or ("file:line", None, what is wrong).
+
+    Decoded line by line: one byte that is not UTF-8 costs its own row, not the whole file.
+    """
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield where, None, "damaged row: not UTF-8 text"
+            continue
+        except json.JSONDecodeError as exc:
+            yield where, None, f"damaged JSON: {exc.msg}"
+            continue
+        yield (where, row, "") if isinstance(row, dict) else (where, None, "not a metrics row: each line is a JSON object")
+
+
+def checkpoint_file(run_dir: Path, which: str) -> Path:
+    """best | last | a path to a checkpoint file."""
+    if which in ("best", "last"):
+        return run_dir / CHECKPOINTS / f"{which}.pt"
+    return Path(which)
+
+
+def load_run_checkpoint(run_dir: Path, which: str = "best", where: str = "") -> dict[str, Any]:
+    from transferctl.runs.safeload import load_torch_file
+
+    checked(run_dir, CheckpointError, where)
+    where = where or str(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(Problem(where, f"no such run directory: {run_dir}", "give a folder written by `transferctl train`"))
+    path = checkpoint_file(run_dir, which)
+    if not checked(path, CheckpointError).is_file():
+        raise CheckpointError(Problem(where, f"no checkpoint at {path}", "train the run first, or pick --checkpoint last"))
+    checkpoint = load_torch_file(path, CheckpointError, where)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "classes" not in checkpoint:
+        raise CheckpointError(Problem(where, f"{path} is not a transferctl checkpoint", "use a checkpoint from a run directory"))
+    return checkpoint

@@ -1,0 +1,1 @@
+"""Generated image datasets for tests, demos and benchmarks."""

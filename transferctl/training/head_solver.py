@@ -1,0 +1,317 @@
+"""A head-only phase on cached features, solved: multinomial logistic regression fitted to convergence.
+
+With the body frozen and its features cached, training a new linear head is a convex problem (softmax
+cross-entropy plus an L2 penalty). A few dozen minibatch steps leave it under-trained, and the frozen
+features then look worse than they are. Linear-probe protocols (Kornblith et al. 2019, CLIP) fit it with
+full-batch L-BFGS instead, the L2 strength chosen on held-out training images; so does this module. The
+strength is chosen by stratified k-fold cross-validation on the training images (never on val), then the
+head is fitted on every cached view of every training image, in the phase's first epoch. What an epoch
+row means for a solved head, and the solve's time: docs/experiment-file.md (Phases); its accuracy beside a
+plain loop and LogisticRegressionCV: docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferctl.training.engine import EpochStats, NonFiniteLossError, TrainingStopped
+
+# L2 strengths tried, on features scaled to a root mean square of 1 (Design: so one grid means the same for
+# every backbone and layer), strongest first: each fold walks this regularisation path warm-started from the
+# last strength. Half a decade apart: a decade apart lost 3 to 5 points to scikit-learn's
+# LogisticRegressionCV (17 values) on noisy blobs.
+WEIGHT_DECAYS = tuple(float(10.0**exponent) for exponent in np.arange(1.0, -5.01, -0.5))
+# The least penalty on the head's own weights: a body whose features hardly vary (a random network's can be
+# 1e-10 in size) must not get a head that magnifies them by 1e10, which fine-tuning that body would blow up.
+MIN_HEAD_DECAY = 1.0e-8
+FALLBACK_WEIGHT_DECAY = 1.0e-3  # when some class has a single training image: no fold can hold it out
+MAX_FOLDS = 3
+SELECTION_IMAGES = 1000  # above this, the strength is chosen on a stratified sample: the solves stay seconds
+PATH_ITERATIONS = 30  # per strength and fold: warm starts along the path make that enough to rank them
+FINAL_ITERATIONS = 1000
+HISTORY = 20
+ROWS_PER_CHUNK = 65536  # rows on the device at once: a cache larger than RESIDENT_BYTES is read in chunks
+RESIDENT_BYTES = 2**30
+MAX_PENALTY = 1.0e10  # on unit-scale features: weights of at most about 1e-10
+SINGLE_THREAD_ELEMENTS = 2**21  # cached feature values up to which the solve runs on one CPU thread
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen L2 strength and how it was chosen, for the run's notices."""
+
+    weight_decay: float
+    folds: int
+    images: int
+    accuracy: float | None  # held-out accuracy at the chosen strength (None: not cross-validated)
+
+    def describe(self) -> str:
+        if self.accuracy is None:
+            return f"weight decay {self.weight_decay:g} (a class has one training image: no cross-validation)"
+        return (f"weight decay {self.weight_decay:g}, chosen by {self.folds}-fold cross-validation on {self.images} "
+                f"training images (held-out accuracy {self.accuracy:.3f})")  # fmt: skip
+
+
+def solvable(head: nn.Module) -> bool:
+    """Only a plain linear layer on the cached features is a logistic regression."""
+    return isinstance(head, nn.Linear) and head.bias is not None
+
+
+class SolvedHeadState(torch.optim.Optimizer):
+    """What a checkpoint keeps of a solved head besides its weights: the chosen weight decay and whether the
+    solve is done. An optimizer, so that the trainer saves and restores it like any other; never stepped."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.0, "weight_decay": None, "solved": False})  # lr: for the scheduler the trainer keeps
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        raise RuntimeError("a solved head is fitted by HeadSolver, not stepped")
+
+
+class HeadSolver:
+    """Fits a linear head to the cached features of a phase's training images, once, in its first epoch.
+
+    The problem is convex, so the first epoch reaches the optimum; later epochs (and a resume after the
+    first) find it solved and only measure. The trainer checkpoints `optimizer` like any optimizer.
+    """
+
+    def __init__(self, head: nn.Linear, features: np.ndarray, labels: np.ndarray, device: torch.device, seed: int) -> None:
+        self.head, self.features, self.labels, self.device, self.seed = head, features, labels, device, seed
+        self.optimizer = SolvedHeadState(head.parameters())
+        self.scheduler = torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
+        self.selection: Selection | None = None
+
+    @property
+    def weight_decay(self) -> float | None:
+        return self.optimizer.param_groups[0]["weight_decay"]
+
+    def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> EpochStats:
+        start = time.perf_counter()
+        group = self.optimizer.param_groups[0]
+        if not group["solved"]:
+            self.selection, weight, bias = solve(self.features, self.labels, self.head.out_features, self.device, self.seed, should_stop)
+            with torch.no_grad():
+                self.head.weight.copy_(weight.to(self.head.weight.dtype))
+                self.head.bias.copy_(bias.to(self.head.bias.dtype))
+            group.update(weight_decay=self.selection.weight_decay, solved=True)
+        loss, correct, count = _score_raw(self.features, self.labels, self.head, self.device)
+        return EpochStats(loss, correct / count, count, time.perf_counter() - start)
+
+
+def solve(
+    features: np.ndarray, labels: np.ndarray, classes: int, device: torch.device, seed: int, should_stop: Callable[[], bool] = lambda: False
+) -> tuple[Selection, torch.Tensor, torch.Tensor]:
+    """Choose the L2 strength, fit on every training row, return it with the head's (weight, bias) for
+    `classes` outputs (a class without training rows among them is only ever pushed down)."""
+    design = Design.of(features, device)
+    rows = _Rows(features, labels, np.arange(len(labels)), design)
+    selection = choose_weight_decay(features, labels, design, seed, should_stop)
+    weight = torch.zeros(classes, design.width, device=device, requires_grad=True)
+    bias = torch.zeros(classes, device=device, requires_grad=True)
+    _fit(rows, weight, bias, design.penalty(selection.weight_decay), FINAL_ITERATIONS, should_stop)
+    head_weight, head_bias = design.to_head(weight.detach(), bias.detach())
+    return selection, head_weight, head_bias
+
+
+@contextlib.contextmanager
+def _cpu_threads_for(elements: int, device: torch.device) -> Iterator[None]:
+    """One CPU thread for a small fit: its operations are too small to share, and two threads waiting on each
+    other beside another busy process made a 12-image solve take 3 to 11 s instead of 0.2 s."""
+    small = device.type == "cpu" and elements <= SINGLE_THREAD_ELEMENTS
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
+
+
+def choose_weight_decay(features: np.ndarray, labels: np.ndarray, design: Design, seed: int, should_stop: Callable[[], bool] = lambda: False) -> Selection:
+    """The L2 strength with the best held-out accuracy over stratified folds of the training images, smoothed
+    along the path (ties: the stronger). Fitting uses every cached view of a fold's images, scoring the clean view 0."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from transferctl.analysis.probes import stratified_sample
+
+    counts = np.bincount(labels)
+    folds = min(MAX_FOLDS, int(counts[counts > 0].min()))
+    if folds < 2:
+        return Selection(FALLBACK_WEIGHT_DECAY, 0, len(labels), None)
+    images = stratified_sample(labels, SELECTION_IMAGES, seed) if len(labels) > SELECTION_IMAGES else np.arange(len(labels))
+    correct = np.zeros(len(WEIGHT_DECAYS))
+    classes = int(labels.max()) + 1
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
+    for fitted, held_out in splitter.split(images, labels[images]):
+        rows = _Rows(features, labels, images[fitted], design)
+        scored = _Rows(features, labels, images[held_out], design, views=1)
+        weight = torch.zeros(classes, design.width, device=design.device, requires_grad=True)
+        bias = torch.zeros(classes, device=design.device, requires_grad=True)
+        for index, decay in enumerate(WEIGHT_DECAYS):
+            _fit(rows, weight, bias, design.penalty(decay), PATH_ITERATIONS, should_stop)
+            with torch.no_grad():
+                correct[index] += scored.score(weight, bias)[1]
+    best = int(np.argmax(_smoothed(correct)))  # the first of the best: the strongest, whose small weights fine-tuning starts well from
+    return Selection(WEIGHT_DECAYS[best], folds, len(images), float(correct[best] / len(images)))
+
+
+def _smoothed(correct: np.ndarray) -> np.ndarray:
+    """Held-out counts averaged with their neighbours on the path (weights 1, 2, 1; the ends repeated). With
+    ~100 held-out images a count is ragged from one strength to the next, and the raw maximum is often a
+    lucky spike: on the real digits (docs/quality.md; 10 seeds) choosing on the smoothed
+    curve gained 1 point on the penultimate features and lost nothing elsewhere."""
+    padded = np.concatenate([correct[:1], correct, correct[-1:]])
+    return padded[:-2] + 2 * padded[1:-1] + padded[2:]
+
+
+@dataclass(frozen=True)
+class Design:
+    """The coordinates the problem is solved in: features centred and divided by their root mean square (the
+    weight decay is taken in these units, and L-BFGS is better conditioned) and, with fewer training rows
+    than feature dimensions, rotated onto the rows' span. The L2 penalty is invariant under that
+    rotation and the best weights lie in that span, so the solution is exact, at (rows x rows) instead of
+    (rows x width) cost."""
+
+    mean: torch.Tensor  # (D,)
+    scale: float
+    basis: torch.Tensor | None  # (D, r) orthonormal columns, or None: solved in the centred features themselves
+    device: torch.device
+
+    @classmethod
+    def of(cls, features: np.ndarray, device: torch.device) -> Design:
+        rows, width = features.shape[0] * features.shape[1], features.shape[2]
+        total, squares = torch.zeros(width, dtype=torch.float64), 0.0
+        for block in _blocks(features, np.arange(features.shape[0])):
+            values = torch.from_numpy(block).double()
+            total += values.sum(dim=0)
+            squares += float((values**2).sum())
+        mean = (total / rows).float().to(device)
+        scale = math.sqrt(squares / (rows * width)) or 1.0
+        basis = None
+        if rows < width:
+            centred = (torch.from_numpy(_rows_of(features, np.arange(features.shape[0]))).to(device) - mean) / scale
+            _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+            kept = singular > singular.max() * 1e-6  # the span's own directions; the rest is rounding
+            basis = vh[kept].T.contiguous()
+        return cls(mean, scale, basis, device)
+
+    @property
+    def width(self) -> int:
+        return int(self.basis.shape[1]) if self.basis is not None else int(self.mean.shape[0])
+
+    def penalty(self, weight_decay: float) -> float:
+        """The strength on the solver's weights A (on unit-size features): weight_decay, but at least
+        MIN_HEAD_DECAY on the head's own weights W = A / scale; capped where the answer is A = 0 anyway."""
+        return min(max(weight_decay, MIN_HEAD_DECAY / self.scale**2), MAX_PENALTY)
+
+    def transform(self, block: torch.Tensor) -> torch.Tensor:
+        centred = (block.to(self.device) - self.mean) / self.scale
+        return centred @ self.basis if self.basis is not None else centred
+
+    def to_head(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the head on raw features: logits = W((x - mean)/scale)B^T + b."""
+        raw = (weight @ self.basis.T if self.basis is not None else weight) / self.scale
+        return raw, bias - raw @ self.mean
+
+
+def _blocks(features: np.ndarray, images: np.ndarray, views: int | None = None) -> Iterator[np.ndarray]:
+    """Rows (every view of each image, or the first `views`) of `images`, as float32 arrays of bounded size."""
+    views = views or features.shape[1]
+    per_chunk = max(1, ROWS_PER_CHUNK // views)
+    for start in range(0, len(images), per_chunk):
+        yield _rows_of(features, images[start : start + per_chunk], views)
+
+
+def _rows_of(features: np.ndarray, images: np.ndarray, views: int | None = None) -> np.ndarray:
+    views = views or features.shape[1]
+    contiguous = len(images) > 0 and images[-1] - images[0] == len(images) - 1  # a memmap slice reads only those rows
+    block = features[images[0] : images[-1] + 1, :views] if contiguous else features[images, :views]
+    # Writable: torch warns about tensors over a read-only memmap (a reused cache file).
+    return np.require(block, dtype=np.float32, requirements=["C", "W"]).reshape(-1, features.shape[2])
+
+
+class _Rows:
+    """Some images' rows in the solver's coordinates, with their labels: held on the device up to
+    RESIDENT_BYTES, else (a memory-mapped cache over data.cache_memory_mb) read chunk by chunk."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, images: np.ndarray, design: Design, views: int | None = None) -> None:
+        self.features, self.labels, self.images, self.design = features, labels, images, design
+        self.views = views or features.shape[1]
+        self.count = len(images) * self.views
+        self.resident = self.count * features.shape[2] * 4 <= RESIDENT_BYTES
+        self.loaded = list(self._load()) if self.resident else []
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loaded) if self.resident else self._load()
+
+    def _load(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        per_chunk = max(1, ROWS_PER_CHUNK // self.views)
+        for start in range(0, len(self.images), per_chunk):
+            images = self.images[start : start + per_chunk]
+            rows = self.design.transform(torch.from_numpy(_rows_of(self.features, images, self.views)))
+            yield rows, torch.from_numpy(np.repeat(self.labels[images], self.views)).to(self.design.device)
+
+    def loss_and_backward(self, weight: torch.Tensor, bias: torch.Tensor, decay: float) -> torch.Tensor:
+        """Mean cross-entropy over every row plus decay/2 x |weight|^2 (the bias is not decayed), its gradient
+        accumulated into weight.grad and bias.grad."""
+        total = torch.zeros((), device=weight.device)
+        for block, targets in self.chunks():
+            loss = nn.functional.cross_entropy(nn.functional.linear(block, weight, bias), targets, reduction="sum") / self.count
+            loss.backward()
+            total += loss.detach()
+        penalty = 0.5 * decay * weight.pow(2).sum()
+        penalty.backward()
+        return total + penalty.detach()
+
+    def score(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, int]:
+        """(mean cross-entropy, correct count) over every row, without the penalty."""
+        loss, correct = 0.0, 0
+        for block, targets in self.chunks():
+            logits = nn.functional.linear(block, weight, bias)
+            loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == targets).sum())
+        return loss / max(self.count, 1), correct
+
+
+def _fit(rows: _Rows, weight: torch.Tensor, bias: torch.Tensor, decay: float, iterations: int, should_stop: Callable[[], bool]) -> None:
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iterations, history_size=HISTORY, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-6, tolerance_change=1e-9)  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        if should_stop():
+            raise TrainingStopped("stopped while solving the head")
+        optimizer.zero_grad(set_to_none=True)
+        loss = rows.loss_and_backward(weight, bias, decay)
+        if not math.isfinite(float(loss)):
+            raise NonFiniteLossError(f"training loss became {float(loss)} while solving the head")
+        return loss
+
+    with _cpu_threads_for(rows.count * weight.shape[1], weight.device):
+        optimizer.step(closure)
+
+
+@torch.no_grad()
+def _score_raw(features: np.ndarray, labels: np.ndarray, head: nn.Linear, device: torch.device) -> tuple[float, int, int]:
+    """The head's mean cross-entropy and correct count on every cached training row, as the epoch's train stats."""
+    loss, correct, count = 0.0, 0, 0
+    views = features.shape[1]
+    per_chunk = max(1, ROWS_PER_CHUNK // views)
+    for start in range(0, features.shape[0], per_chunk):
+        images = np.arange(start, min(start + per_chunk, features.shape[0]))
+        rows = torch.from_numpy(_rows_of(features, images)).to(device=device, dtype=head.weight.dtype)
+        targets = torch.from_numpy(np.repeat(labels[images], views)).to(device)
+        logits = head(rows).float()
+        loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == targets).sum())
+        count += len(targets)
+    return loss / max(count, 1), correct, count

@@ -1,0 +1,618 @@
+"""train(config) -> summary: data, backbone and phases composed into a run directory.
+
+Every epoch ends with a checkpoint (checkpoints/last.pt, written at once or soon after: checkpointing.py)
+that holds all an uninterrupted run would carry into the next epoch: model, optimizer, scheduler, grad
+scaler, early-stopping state, best row, metric rows and random-number-generator states. The shuffle order
+and augmentations of an epoch depend only on (seed, global epoch), so resuming from last.pt (resume.py)
+continues exactly as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from transferctl import __version__
+from transferctl.models.build import Backbone, build_backbone
+from transferctl.training.checkpoint_timing import CheckpointSaver
+from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml
+from transferctl.data.folders import (
+    DatasetSplits,
+    ImageDataset,
+    build_transform,
+    data_notices,
+    discover,
+    make_loader,
+    resolve_workers,
+    set_loader_epoch,
+    spare_cores,
+    split_fingerprint,
+    worker_error,
+)
+from transferctl.training.distributed import (
+    TrainingModule,
+    agreed_stop,
+    device_spec,
+    from_main,
+    is_lost_contact,
+    is_main,
+    lost_contact,
+    per_rank_batch,
+    process_group,
+    reduce_stats,
+    shard,
+)
+from transferctl.training.engine import (
+    EpochStats,
+    NonFiniteLossError,
+    Runtime,
+    TrainingStopped,
+    cpu_has_bf16_units,
+    evaluate,
+    make_grad_scaler,
+    make_runtime,
+    prepare_model,
+    restore_rng_states,
+    rng_states,
+    seed_everything,
+    train_one_epoch,
+)
+from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
+from transferctl.training.feature_cache import FrozenBodyShortcut
+from transferctl.training.head_solver import HeadSolver, solvable
+from transferctl.data.decoded_cache import DecodeOnce
+from transferctl.training.interrupts import StopRequest, stop_on_signals
+from transferctl.training.phases import (
+    HEAD,
+    PhasePlan,
+    Stage,
+    apply_freezing,
+    build_optimizer,
+    build_scheduler,
+    describe_phase,
+    load_optimizer_state,
+    optimizer_param_groups,
+    plan_phases,
+    refuse_single_image_batches,
+    set_train_mode,
+    stage_at,
+    stages_of,
+)
+from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir, overall_images_per_second, total_data_seconds
+
+CHECKPOINT_FORMAT = 2  # 2: last.pt carries everything resume needs (rows, early-stopping state, ...)
+
+
+class TrainObserver(Protocol):
+    """How the CLI watches training; library code never prints."""
+
+    def notice(self, message: str) -> None: ...
+
+    def run_started(self, run_dir: Path) -> None: ...
+
+    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None: ...
+
+    def batch_done(self, index: int, count: int, running_loss: float) -> None: ...
+
+    def epoch_done(self, row: dict[str, Any]) -> None: ...
+
+
+class SilentObserver:
+    def notice(self, message: str) -> None:
+        pass
+
+    def run_started(self, run_dir: Path) -> None:
+        pass
+
+    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
+        pass
+
+    def batch_done(self, index: int, count: int, running_loss: float) -> None:
+        pass
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Experiment:
+    """Everything built from a config before the first step: what `check` shows and `train` runs."""
+
+    config: ExperimentConfig
+    splits: DatasetSplits
+    backbone: Backbone
+    plans: list[PhasePlan]
+
+
+@dataclass
+class ResumePoint:
+    """Where a run stopped (from its last.pt): the end of epoch `epoch` of phase `phase_index`."""
+
+    phase_index: int
+    epoch: int
+    phase_done: bool  # the phase ran all its epochs or stopped early: the next one starts fresh
+    phase_best: dict[str, Any] | None
+    stale: int  # epochs since the phase's metric last improved
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    elapsed: float  # seconds spent in earlier sessions
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
+    """Data, backbone and phases; load_weights=False when a checkpoint will provide every weight."""
+    splits = discover(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image)
+    pretrained = load_weights and config.loads_pretrained_weights
+    backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
+    plans = plan_phases(config, backbone.group_names, math.ceil(len(splits.train) / config.data.batch_size))
+    refuse_single_image_batches(backbone.model, backbone.groups, plans, per_rank_batch(config.data.batch_size), shard().world)
+    return Experiment(config, splits, backbone, plans)
+
+
+def describe(experiment: Experiment) -> dict[str, Any]:
+    """The resolved plan, as `transferctl check` prints it: with the device and precision train would use
+    on this machine, so a device it lacks (or fp16 on a CPU) is refused here as train would refuse it."""
+    config, backbone, splits = experiment.config, experiment.backbone, experiment.splits
+    runtime = make_runtime(config.device, config.precision, backbone.model, config.compile)
+    return {
+        "name": config.name,
+        "strategy": config.strategy,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "cut": backbone.cut,
+        "layer_groups": backbone.group_names,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "data": {
+            "root": str(splits.root), "layout": splits.layout, "classes": splits.classes, **splits.counts(),
+            "skipped": len(splits.skipped), "notices": data_notices(splits),
+        },  # fmt: skip
+        "phases": [
+            {**describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay, config.early_stopping.patience),
+             "head_solved": solves_head(config, backbone, plan)}
+            for plan in experiment.plans
+        ],  # fmt: skip
+    }
+
+
+def solves_head(config: ExperimentConfig, backbone: Backbone, plan: PhasePlan) -> bool:
+    """Whether the phase starts by solving its head (head_solver.py): its first stage trains the head alone,
+    on cached features, and the head is a linear layer. The run still falls back to minibatch steps, with a
+    note, when the network's head output turns out not to be its output (the features cannot be cached)."""
+    first = stages_of(plan, backbone.group_names)[0].plan
+    return plan.solver == "auto" and config.data.cache != "off" and first.backbone_frozen and solvable(backbone.model.get_submodule(backbone.head_path))
+
+
+def train(config: ExperimentConfig, run_dir: Path | None = None, observer: TrainObserver | None = None) -> dict[str, Any]:
+    """Train as the config says; write everything into a new run directory; return the summary.
+
+    Under torchrun every rank calls this; rank 0 names and writes the run directory (see distributed.py).
+    """
+    with process_group():
+        seed_everything(config.seed)
+        experiment = prepare(config)
+        session = Session.start(experiment)
+        # From the run directory's making on, a stop signal waits for its files, then stops at the first step:
+        # the folder is then one that --resume takes.
+        with stop_on_signals():
+            path = from_main(lambda: claim_run_dir(run_dir) if run_dir else create_run_dir(config.output.dir, config.name))
+            run = RunDir(path, writer=is_main())
+            with run.lock():
+                write_run_header(run, experiment, session.runtime)
+                return session.train(run, observer or SilentObserver())
+
+
+@dataclass
+class Session:
+    """The experiment placed on a device, with its loaders: ready to train from the start or a resume point."""
+
+    experiment: Experiment
+    runtime: Runtime
+    model: torch.nn.Module
+    loaders: dict[str, Any]
+
+    @classmethod
+    def start(cls, experiment: Experiment) -> Session:
+        config = experiment.config
+        runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model, config.compile)
+        model = prepare_model(experiment.backbone.model, runtime)
+        return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
+
+    def train(self, run: RunDir, observer: TrainObserver, start: ResumePoint | None = None) -> dict[str, Any]:
+        observer = observer if is_main() else SilentObserver()  # one progress display, rank 0's
+        observer.run_started(run.path)
+        for line in data_notices(self.experiment.splits):
+            observer.notice(line)
+        return _Trainer(self, run, observer, start).run()
+
+
+def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime) -> dict[str, Any]:
+    pre = experiment.backbone.preprocessing
+    splits = experiment.splits
+    workers = resolve_workers(config.data.num_workers, len(splits.train))
+    pin = runtime.device.type == "cuda"
+    train_set = ImageDataset(splits.train, build_transform(pre, config.data.augment, train=True))
+    val_set = ImageDataset(splits.val, build_transform(pre, config.data.augment, train=False))
+    batch, part = per_rank_batch(config.data.batch_size), shard()  # this rank's share of each global batch
+    return {
+        "train": make_loader(train_set, batch, True, workers, config.seed, pin, part),
+        "val": make_loader(val_set, batch, False, workers, config.seed, pin, part),
+    }
+
+
+DATA_WAIT_SHARE = 0.3  # of an epoch's training time spent waiting for images: above it, a notice says what may help
+DATA_WAIT_MIN_SECONDS = 2.0  # shorter epochs are too noisy to judge
+
+
+def data_wait_advice(workers: int, images_kept: bool, cache: str) -> str:
+    """What may make images arrive faster, in the order worth trying."""
+    if workers < spare_cores():
+        return f"more data.num_workers may help (now {workers}; {spare_cores()} cores could prepare images)"
+    if not images_kept:
+        setting = "raise data.cache_memory_mb" if cache != "off" else "set data.cache: auto"
+        return f"{setting}, so that the decoded images are kept in memory instead of decoded every epoch"
+    return "every spare core already prepares images from the decoded ones in memory"
+
+
+def crops_inline(config: ExperimentConfig, runtime: Runtime) -> bool:
+    """Whether images kept decoded are cropped in the training process rather than in a worker: on a
+    two-core CPU, where the worker would take a core from the model's two threads. Only `num_workers: auto`."""
+    return runtime.device.type == "cpu" and config.data.num_workers == "auto" and spare_cores() == 1
+
+
+def write_run_header(run: RunDir, experiment: Experiment, runtime: Runtime, **env_extra: Any) -> None:
+    run.write_text("config.yaml", dump_yaml(config_to_dict(experiment.config)))
+    run.write_json("classes.json", experiment.splits.classes)
+    run.write_json("env.json", {**environment(runtime), **env_extra})
+
+
+def environment(runtime: Runtime) -> dict[str, Any]:
+    import torchvision
+
+    info = {
+        "transferctl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "channels_last": runtime.channels_last,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16_units": cpu_has_bf16_units(),
+    }
+    if runtime.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(runtime.device)
+    return info
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"transferctl train --resume {shlex.quote(str(run_dir))}"
+
+
+@dataclass
+class _PhaseState:
+    """Early stopping within one phase."""
+
+    best: dict[str, Any] | None = None
+    stale: int = 0
+
+
+class _Trainer:
+    """The loop over phases and epochs; holds the state a checkpoint must capture."""
+
+    def __init__(self, session: Session, run: RunDir, observer: TrainObserver, start: ResumePoint | None) -> None:
+        self.experiment = session.experiment
+        self.config = session.experiment.config
+        self.runtime = session.runtime
+        self.model = session.model
+        self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
+        self.loaders = session.loaders
+        stop = lambda: self.stop()  # noqa: E731 - late: run() replaces self.stop once it listens for signals
+        self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice, stop)
+        self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice, crops_inline(self.config, self.runtime))
+        self.run_dir = run
+        self.saver = CheckpointSaver(run, self.config.output.checkpoint_seconds, f"free disk space, then: {resume_command(run.path)}")
+        self.observer = observer
+        self.start = start
+        self.rows: list[dict[str, Any]] = list(start.rows) if start else []
+        self.best: dict[str, Any] | None = start.best if start else None
+        self.earlier_seconds = start.elapsed if start else 0.0
+        self.started = time.perf_counter()
+        self.stop = StopRequest()
+        self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
+        self.data_wait_told = False
+        self.solver_told = False
+        self.full_epochs = 0  # epochs that ran the backbone on images (not on cached features)
+        self.data_fingerprint = split_fingerprint(self.experiment.splits)  # in every checkpoint: resume compares it
+
+    def run(self) -> dict[str, Any]:
+        start = self.start
+        first = 0 if start is None else start.phase_index + int(start.phase_done)
+        with stop_on_signals() as request:
+            self.stop = agreed_stop(request)  # under torchrun: a signal to any rank stops all at the same step
+            if start is not None:
+                # Last: nothing between here and the first step may draw random numbers.
+                restore_rng_states(start.rng)
+            try:
+                for plan in self.experiment.plans[first:]:
+                    resuming = start is not None and plan.index == start.phase_index
+                    self._run_phase(plan, start if resuming else None)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now; atomic writes left every file whole
+                raise self._interrupted(*self.position) from None
+            except RuntimeError as exc:
+                if not is_lost_contact(exc):
+                    raise
+                raise lost_contact(exc, resume_command(self.run_dir.path)) from None  # another rank or node is gone
+            finally:
+                self.saver.flush()  # stopped, diverged or failed: the last finished epoch still reaches the disk
+            summary = self._summary()  # still listening: a signal now is too late to stop anything
+            self.run_dir.write_json("summary.json", summary)
+        return summary
+
+    def _run_phase(self, plan: PhasePlan, start: ResumePoint | None) -> None:
+        backbone = self.experiment.backbone
+        stages = stages_of(plan, backbone.group_names)  # one, unless the phase unfreezes gradually
+        scaler = make_grad_scaler(self.runtime)
+        state, first_epoch = _PhaseState(), 1
+        if start is not None:
+            if scaler is not None and start.scaler:
+                scaler.load_state_dict(start.scaler)
+            state, first_epoch = _PhaseState(start.phase_best, start.stale), start.epoch + 1
+        self.observer.phase_started(plan, len(self.loaders["train"]))
+        stage: Stage | None = None
+        for epoch in range(first_epoch, plan.epochs + 1):
+            self.position = (plan, epoch)
+            if self.stop():
+                raise self._interrupted(plan, epoch)
+            if stage is None or epoch > stage.last_epoch:
+                stage = stage_at(stages, epoch)
+                if len(stages) > 1 and stage.first_epoch == epoch:
+                    self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training {', '.join(stage.plan.trainable)}")
+                try:
+                    cached = self.shortcut.path_for(stage.plan)  # a frozen body: the head trains on cached features
+                except TrainingStopped:
+                    raise self._interrupted(plan, epoch) from None
+                if cached is None:
+                    self._decode_once()
+                optimizer, scheduler, solver = self._stage_optimizer(stage, cached)
+                # Resumed in the middle of this stage. A head that an earlier version trained with minibatch steps
+                # has no solver state: it is solved from where its weights are.
+                resumed_here = start is not None and epoch == first_epoch and epoch > stage.first_epoch
+                if resumed_here and (solver is None or "solved" in start.optimizer["param_groups"][0]):
+                    load_optimizer_state(optimizer, start.optimizer)
+                    scheduler.load_state_dict(start.scheduler)
+            set_train_mode(self.model, backbone.groups, stage.plan)
+            lrs = _current_lrs(optimizer) if solver is None else {}  # a solved head has no learning rate
+            set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
+            stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached) if solver is None else self._solve_epoch(plan, epoch, solver)
+            if cached is None:
+                self.full_epochs += 1
+                self._notice_data_wait(plan, epoch, stats)
+            val = self._evaluate(plan, epoch, cached)
+            row = self._row(plan, epoch, lrs, stats, val)
+            if solver is not None:
+                row["head_weight_decay"] = solver.weight_decay
+            done = self._early_stop(plan, state, row) or epoch == plan.epochs
+            self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
+            self.observer.epoch_done(row)
+            if done:
+                break
+
+    def _notice_data_wait(self, plan: PhasePlan, epoch: int, stats: EpochStats) -> None:
+        """Once a run: say when training spent much of an epoch waiting for images, and what may help. Not in
+        the first such epoch, whose wait includes starting the loader's workers, nor where kept images are
+        cropped in the training process on purpose (two cores: crops_inline)."""
+        if self.data_wait_told or self.full_epochs < 2 or stats.seconds < DATA_WAIT_MIN_SECONDS or stats.data_seconds < DATA_WAIT_SHARE * stats.seconds:
+            return
+        kept = any(record["split"] == "train" for record in self.decode_once.records)
+        if kept and self.decode_once.inline:
+            return
+        self.data_wait_told = True
+        advice = data_wait_advice(self.loaders["train"].num_workers, kept, self.config.data.cache)
+        self.observer.notice(f"phase '{plan.name}' epoch {epoch}: training waited for images {stats.data_seconds / stats.seconds:.0%} of the time; {advice}")
+
+    def _decode_once(self) -> None:
+        try:
+            self.decode_once.prepare()
+        except DataError as exc:
+            raise worker_error(exc) from None
+
+    def _stage_optimizer(self, stage: Stage, cached: tuple[Any, Any] | None) -> tuple[Any, Any, HeadSolver | None]:
+        """A fresh optimizer and schedule over exactly what this stage trains (the whole phase, or one unfreezing
+        step): the configured optimizer, or, for a linear head on cached features, its L-BFGS solver."""
+        backbone = self.experiment.backbone
+        apply_freezing(self.model, backbone.groups, stage.plan)
+        head = self.model.get_submodule(backbone.head_path)
+        if cached is not None and stage.plan.solver == "auto" and solvable(head):
+            store = cached[1]["train"].store
+            solver = HeadSolver(head, store.features, store.labels, self.runtime.device, self.config.seed)
+            if not self.solver_told:
+                self.solver_told = True
+                self.observer.notice(f"phase '{stage.plan.name}': the head is solved to convergence in its first epoch (L-BFGS on the cached features; "
+                                     "lr unused; solver: minibatch trains it with the optimizer instead)")
+            return solver.optimizer, solver.scheduler, solver
+        optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, backbone.groups, stage.plan, self.config.optimizer.weight_decay))
+        return optimizer, build_scheduler(optimizer, self.config.scheduler, stage.epochs, len(self.loaders["train"])), None
+
+    def _solve_epoch(self, plan: PhasePlan, epoch: int, solver: HeadSolver) -> EpochStats:
+        """An epoch of a solved head. Every rank holds every cached row and solves the same problem, so the
+        stats need no reduction across ranks."""
+        choosing = solver.weight_decay is None
+        try:
+            stats = solver.train_epoch(self.stop)
+        except TrainingStopped:
+            raise self._interrupted(plan, epoch) from None
+        except NonFiniteLossError as exc:
+            raise self._diverged(plan, epoch, str(exc)) from None
+        if choosing and solver.selection is not None:
+            self.observer.notice(f"phase '{plan.name}': head {solver.selection.describe()}")
+        return stats
+
+    def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, cached: tuple[Any, Any] | None = None) -> EpochStats:
+        model, loaders = cached or (self.stepped(), self.loaders)
+        try:
+            stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
+        except TrainingStopped:
+            raise self._interrupted(plan, epoch) from None
+        except DataError as exc:
+            raise worker_error(exc) from None
+        except NonFiniteLossError as exc:
+            raise self._diverged(plan, epoch, str(exc)) from None
+        return reduce_stats(stats)  # every rank's images: the metrics one process would report
+
+    def _evaluate(self, plan: PhasePlan, epoch: int, cached: tuple[Any, Any] | None = None) -> EpochStats:
+        # Validation finishes even when a stop is requested: the epoch's checkpoint is moments away.
+        model, loaders = cached or (self.model, self.loaders)
+        try:
+            val = reduce_stats(evaluate(model, loaders["val"], self.runtime))  # every rank's shard
+        except DataError as exc:
+            raise worker_error(exc) from None
+        if val.images and not math.isfinite(val.loss):
+            # The weights themselves have gone bad: this epoch must not become the "last good" checkpoint.
+            raise self._diverged(plan, epoch, f"validation loss became {val.loss}")
+        return val
+
+    def _diverged(self, plan: PhasePlan, epoch: int, what: str) -> TrainingError:
+        last = self.run_dir.checkpoints / "last.pt"
+        kept = f"the last good checkpoint is {last}" if self.rows else "no epoch finished, so no checkpoint was written"
+        hint = f"lower schedule[{plan.index}].lr (now {plan.lr:g}) and train again"
+        if self.rows and self.rows[-1]["phase_index"] < plan.index:
+            # The phase had not saved an epoch yet, so a resume may still change its learning rate.
+            hint = f"lower schedule[{plan.index}].lr (now {plan.lr:g}), e.g. {resume_command(self.run_dir.path)} --set schedule.{plan.index}.lr={plan.lr / 10:g}"
+        return TrainingError(Problem(f"schedule[{plan.index}] ({plan.name}), epoch {epoch}", f"{what}; {kept}", hint))
+
+    def _interrupted(self, plan: PhasePlan, epoch: int) -> TrainingInterrupted:
+        path = self.run_dir.path
+        if self.rows:
+            last = self.rows[-1]
+            saved = f"checkpoints/last.pt holds the last completed epoch ({last['phase']} epoch {last['epoch']}, global epoch {last['global_epoch']})"
+        else:
+            saved = "no epoch had finished, so a resume starts from the beginning"
+        return TrainingInterrupted(
+            Problem(str(path), f"stopped by {self.stop.name or 'SIGINT'} during phase '{plan.name}' epoch {epoch}; {saved}", f"resume with: {resume_command(path)}")
+        )
+
+    def _row(self, plan: PhasePlan, epoch: int, lrs: dict[str, float], stats: EpochStats, val: EpochStats) -> dict[str, Any]:
+        return {
+            "phase": plan.name,
+            "phase_index": plan.index,
+            "epoch": epoch,
+            "global_epoch": len(self.rows) + 1,
+            "lr_head": lrs.get(HEAD),
+            "lr_backbone": lrs.get("backbone"),
+            "train_loss": stats.loss,
+            "train_acc": stats.accuracy,
+            "val_loss": val.loss,
+            "val_acc": val.accuracy,
+            "seconds": round(stats.seconds + val.seconds, 3),
+            "images_per_second": round(stats.images_per_second, 1),
+            "data_seconds": round(stats.data_seconds, 3),  # of the training's seconds, waiting for batches
+            "train_seconds": round(stats.seconds, 3),  # of `seconds`, training (the rest validates)
+        }
+
+    def _early_stop(self, plan: PhasePlan, state: _PhaseState, row: dict[str, Any]) -> bool:
+        """Update the phase's early-stopping state with an epoch's row; True when the phase should end.
+        The phase's own until_plateau.patience overrides early_stopping.patience."""
+        if state.best is None or self._better(row, state.best):
+            state.best, state.stale = row, 0
+        else:
+            state.stale += 1
+        patience = plan.patience if plan.patience is not None else self.config.early_stopping.patience
+        return patience is not None and state.stale >= patience
+
+    def _better(self, row: dict[str, Any], than: dict[str, Any]) -> bool:
+        metric = self.config.early_stopping.metric
+        if metric == "val_loss":
+            return row[metric] < than[metric]
+        return row[metric] > than[metric]
+
+    def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, state: _PhaseState, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+        """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
+        last.pt with all a resume needs. The saver writes them now or soon (checkpointing.py)."""
+        self.rows.append(row)
+        improved = self.best is None or self._better(row, self.best)
+        if improved:
+            self.best = row
+        if not self.run_dir.writer:
+            return
+        payload = self._payload(plan, epoch)
+        last = {
+            **payload,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_states(),
+            "phase_done": done,
+            "phase_best": dict(state.best) if state.best else None,
+            "stale": state.stale,
+            "rows": [dict(r) for r in self.rows],
+            "elapsed": self._elapsed(),
+        }
+        self.saver.save(last, payload if improved else None, phase_done=done)
+
+    def _payload(self, plan: PhasePlan, epoch: int) -> dict[str, Any]:
+        backbone = self.experiment.backbone
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),  # live tensors: the saver copies or converts them (checkpointing.on_cpu)
+            "classes": list(self.experiment.splits.classes),
+            "data": self.data_fingerprint,
+            "backbone": {"name": backbone.name, "weights": backbone.weights, "head": backbone.head_path, "cut": self.config.backbone.cut},
+            "preprocessing": backbone.preprocessing.to_dict(),
+            "phase_index": plan.index,
+            "epoch": epoch,
+            "global_epoch": len(self.rows),
+            "best": dict(self.best) if self.best else None,
+            "config": config_to_dict(self.config),
+        }
+
+    def _elapsed(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+    def _summary(self) -> dict[str, Any]:
+        assert self.best is not None, "a schedule always has at least one epoch"
+        train_seconds = sum(r["seconds"] for r in self.rows)
+        return {
+            "run_dir": str(self.run_dir.path),
+            "name": self.config.name,
+            "backbone": self.experiment.backbone.name,
+            "strategy": self.config.strategy,
+            "metric": self.config.early_stopping.metric,
+            "best_val_acc": self.best["val_acc"],
+            "best_val_loss": self.best["val_loss"],
+            "best_epoch": self.best["global_epoch"],
+            "best_phase": self.best["phase"],
+            "final_val_acc": self.rows[-1]["val_acc"],
+            "epochs": len(self.rows),
+            "seconds": round(self._elapsed(), 2),
+            "train_seconds": round(train_seconds, 2),
+            "data_seconds": total_data_seconds(self.rows),
+            "images_per_second": overall_images_per_second(self.rows),
+            "device": str(self.runtime.device),
+            "precision": self.runtime.precision,
+            "feature_cache": self.shortcut.records,
+            "decoded_images": self.decode_once.records,
+            "skipped_images": [str(item.path) for item in self.experiment.splits.skipped],
+            "checkpoints": {"best": str(self.run_dir.checkpoints / "best.pt"), "last": str(self.run_dir.checkpoints / "last.pt")},
+        }
+
+
+def _current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The head's lr and the backbone's (the largest of its groups) at the start of an epoch."""
+    lrs: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        key = HEAD if group["name"].split("/")[0] == HEAD else "backbone"
+        lrs[key] = max(lrs.get(key, 0.0), group["lr"])
+    return lrs
