@@ -226,7 +226,8 @@ def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: 
 
     from transferctl.models.build import IMAGENET_MEAN, IMAGENET_STD
     from transferctl.config import OptimizerConfig
-    from transferctl.training.engine import Uint8Normalizer, make_grad_scaler, make_runtime, tune_backend
+    from transferctl.training.engine import make_grad_scaler
+    from transferctl.training.runtime import Uint8Normalizer, make_runtime, tune_backend
     from transferctl.training.phases import build_optimizer
     from transferctl.testing.synthetic import SOURCE_CLASSES
 

@@ -1,9 +1,9 @@
-"""CPU training with freed memory kept in the process (allocator.py) against glibc's default, in one run.
+"""CPU training with freed memory kept in the process (malloc_tuning.py) against glibc's default, in one run.
 
     python scripts/bench_allocator.py [--pairs 6] [--steps 12] [--batch 32] [--size 224]
 
 The setting lasts for a process's life, so every measurement is its own child process: transferctl's
-training step (bench_optimizer.training_steps: engine.prepare_model, then engine.train_one_epoch on a fixed
+training step (bench_optimizer.training_steps: runtime.prepare_model, then engine.train_one_epoch on a fixed
 batch; resnet18, precision auto, the fine-tuning optimizer) for --steps steps after two warm-up steps, once as transferctl runs it
 ("kept") and once with allocator.keep_freed_memory switched off ("returned", glibc's default). Each pair
 runs both, the order alternating from pair to pair, so drifting speed hits both alike. Prints each
@@ -39,10 +39,10 @@ def child(setting: str, args: argparse.Namespace) -> dict[str, float]:
     import resource
 
     from bench_optimizer import training_steps
-    from transferctl.training import engine
+    from transferctl.training import runtime as runtime_module
 
     if setting == "returned":
-        engine.keep_freed_memory = lambda: False
+        runtime_module.keep_freed_memory = lambda: False
     run = training_steps(fused=True, batch=args.batch, size=args.size)
     run(2)  # warm-up: oneDNN picks its kernels, the heap grows to its working size
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

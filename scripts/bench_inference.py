@@ -47,9 +47,9 @@ def interleaved(settings: dict[str, Callable[[], float]], rounds: int, unit: str
 def forward_speed(model: Any, runtime: Any, batch: Any, steps: int) -> Callable[[], float]:
     import torch
 
-    from transferctl.training.engine import _to_device
+    from transferctl.training.runtime import to_device
 
-    images, _ = _to_device(batch, torch.zeros(0, dtype=torch.long), runtime)
+    images, _ = to_device(batch, torch.zeros(0, dtype=torch.long), runtime)
 
     @torch.no_grad()
     def measure() -> float:
@@ -75,7 +75,7 @@ def model_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     import torch
     import torchvision
 
-    from transferctl.training.engine import Runtime, make_runtime, prepare_model
+    from transferctl.training.runtime import Runtime, make_runtime, prepare_model
 
     batch = torch.randn(args.batch, 3, 224, 224)
     settings = {}
@@ -95,7 +95,7 @@ def predict_settings(args: argparse.Namespace, work: Path) -> dict[str, Callable
     import torchvision
 
     from transferctl.models.build import Preprocessing
-    from transferctl.training.engine import make_runtime, prepare_model
+    from transferctl.training.runtime import make_runtime, prepare_model
     from transferctl.inference.trained_model import eval_transform
     from transferctl.inference.predict import Predictor
     from transferctl.testing.synthetic import SOURCE_CLASSES, write_image_folder

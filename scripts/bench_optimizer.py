@@ -78,7 +78,8 @@ def training_steps(fused: bool, batch: int, size: int) -> Callable[[int], float]
     import torchvision
 
     from transferctl.config import SchedulerConfig
-    from transferctl.training.engine import make_runtime, prepare_model, train_one_epoch
+    from transferctl.training.engine import train_one_epoch
+    from transferctl.training.runtime import make_runtime, prepare_model
     from transferctl.training.phases import build_scheduler
 
     model = torchvision.models.resnet18(weights=None, num_classes=CLASSES)

@@ -39,7 +39,7 @@ def compare_decoding(args: argparse.Namespace, work: Path) -> None:
     import torchvision
 
     from transferctl.models.build import Preprocessing
-    from transferctl.training.engine import make_runtime, prepare_model
+    from transferctl.training.runtime import make_runtime, prepare_model
     from transferctl.inference.trained_model import eval_transform
     from transferctl.inference.predict import Predictor, default_decode_threads
     from transferctl.testing.synthetic import SOURCE_CLASSES, write_image_folder

@@ -11,8 +11,8 @@ import torch
 
 from transferctl.training import malloc_tuning as allocator
 
-from transferctl.training import engine
-from transferctl.training.engine import Runtime
+from transferctl.training import runtime as runtime_module
+from transferctl.training.runtime import Runtime
 
 # A child process: the setting lasts for the rest of the process, and the test compares before and after.
 FAULTS_PER_BUFFER = textwrap.dedent(
@@ -53,9 +53,9 @@ def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_cpu_training_keeps_freed_memory_and_inference_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
-    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(runtime_module, "keep_freed_memory", lambda: calls.append(True) or True)
     runtime = Runtime(torch.device("cpu"), "fp32", channels_last=False)
-    engine.prepare_model(torch.nn.Linear(2, 2), runtime, training=False)
+    runtime_module.prepare_model(torch.nn.Linear(2, 2), runtime, training=False)
     assert calls == []
-    engine.prepare_model(torch.nn.Linear(2, 2), runtime, training=True)
+    runtime_module.prepare_model(torch.nn.Linear(2, 2), runtime, training=True)
     assert calls == [True]

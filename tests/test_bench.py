@@ -127,15 +127,15 @@ def test_the_ceiling_takes_transferctls_step(bench: ModuleType, monkeypatch: pyt
     # Never run anywhere but on a lent GPU otherwise: here on the CPU, tiny, so a slip shows before then.
     import torch
 
-    from transferctl.training import engine
+    from transferctl.training import runtime as runtime_module
 
     tuned: list[str] = []
-    monkeypatch.setattr(engine, "tune_backend", lambda runtime: tuned.append(runtime.device.type))
+    monkeypatch.setattr(runtime_module, "tune_backend", lambda runtime: tuned.append(runtime.device.type))
     ceiling = bench.cuda_ceiling("cpu", steps=2, warmup=1, batch=2, size=32, rounds=1)
 
     assert ceiling["images_per_second"] > 0 and ceiling["fused_step"] and tuned == ["cpu"]
     assert ceiling["copied_float32"] > 0 and ceiling["copied_uint8"] > 0
-    assert ceiling["precision"] == engine.choose_precision("auto", torch.device("cpu"))
+    assert ceiling["precision"] == runtime_module.choose_precision("auto", torch.device("cpu"))
 
 
 def test_gpu_runs_default_to_more_images_and_epochs(bench: ModuleType) -> None:

@@ -1,4 +1,4 @@
-"""checkpointing.py: an epoch's checkpoints are written when due, else held as copies and written later."""
+"""checkpoint_timing.py: an epoch's checkpoints are written when due, else held as copies and written later."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torchvision
 
 from helpers import experiment
 from transferctl.config import config_from_dict
-from transferctl.training.engine import make_runtime
+from transferctl.training.runtime import make_runtime
 from transferctl.errors import TrainingInterrupted
 from transferctl.training.resume import resume
 from transferctl.runs.rundir import RunDir
@@ -80,7 +80,7 @@ class StopAfterSecondEpoch(SilentObserver):
 
 
 def test_a_run_stopped_in_an_epoch_held_in_memory_resumes_on_the_gpu(tiny_split_data: Path, tmp_path: Path, heeded_sigint: None) -> None:
-    # Held epochs are copied to the CPU (checkpointing.py); the fused CUDA step must get its state back on the GPU.
+    # Held epochs are copied to the CPU (checkpoint_timing.py); the fused CUDA step must get its state back on the GPU.
     schedule = [{"name": "all", "epochs": 4, "train": "all", "lr": 1e-3}]
     raw = experiment(tiny_split_data, tmp_path / "runs", device="cuda", precision="fp32", strategy="scratch", schedule=schedule, output={"checkpoint_seconds": 3600})
     train(config_from_dict(raw), tmp_path / "whole")

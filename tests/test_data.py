@@ -1,4 +1,4 @@
-"""data.py: finding classes and splits, decoding every image mode to RGB, transforms, datasets."""
+"""data/folders.py: finding classes and splits, decoding every image mode to RGB, transforms, datasets."""
 
 from __future__ import annotations
 

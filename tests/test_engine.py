@@ -10,16 +10,17 @@ import torch
 import torchvision
 
 from transferctl.training import engine
-from transferctl.training.engine import Runtime, _to_device, choose_device, choose_precision, is_convolutional, make_runtime, predict_logits, prepare_model
+from transferctl.training import runtime as runtime_module
+from transferctl.training.runtime import Runtime, choose_device, choose_precision, is_convolutional, make_runtime, predict_logits, prepare_model, to_device
 from transferctl.errors import ConfigError
 
 CPU = torch.device("cpu")
 
 
 def test_auto_precision_is_bf16_only_on_cpus_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(runtime_module, "cpu_has_bf16_units", lambda: True)
     assert choose_precision("auto", CPU) == "bf16"
-    monkeypatch.setattr(engine, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(runtime_module, "cpu_has_bf16_units", lambda: False)
     assert choose_precision("auto", CPU) == "fp32"
     assert choose_precision("bf16", CPU) == "bf16" and choose_precision("fp32", CPU) == "fp32"
 
@@ -62,7 +63,7 @@ def test_uint8_batches_are_normalised_as_torchvision_normalises_images(channels_
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    batch = engine.Uint8Normalizer(mean, std, Runtime(CPU, "fp32", channels_last))(images)
+    batch = runtime_module.Uint8Normalizer(mean, std, Runtime(CPU, "fp32", channels_last))(images)
     expected = torch.stack([T.Normalize(mean, std)(image.float() / 255.0) for image in images])
     torch.testing.assert_close(batch, expected)
     assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -80,7 +81,7 @@ def test_the_model_and_its_batches_use_channels_last() -> None:
     runtime = Runtime(CPU, "fp32", channels_last=True)
     model = prepare_model(torchvision.models.resnet18(num_classes=3), runtime)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    images, _ = _to_device(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), runtime)
+    images, _ = to_device(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), runtime)
     assert images.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -212,9 +213,9 @@ def test_a_diverging_loss_still_stops_the_epoch_between_reports() -> None:
 
 def test_cudnn_times_its_algorithms_only_for_gpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    engine.tune_backend(Runtime(CPU, "fp32", False))
+    runtime_module.tune_backend(Runtime(CPU, "fp32", False))
     assert torch.backends.cudnn.benchmark is False
-    engine.tune_backend(Runtime(torch.device("cuda"), "bf16", True))
+    runtime_module.tune_backend(Runtime(torch.device("cuda"), "bf16", True))
     assert torch.backends.cudnn.benchmark is True
 
 
@@ -223,8 +224,8 @@ def test_batches_go_to_a_gpu_without_blocking_and_stay_put_on_a_cpu(monkeypatch:
     copies: list[tuple[str, bool]] = []
     monkeypatch.setattr(torch.Tensor, "to", lambda tensor, device, non_blocking=False: copies.append((str(device), non_blocking)) or tensor)
     images, labels = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
-    _to_device(images, labels, Runtime(torch.device("cuda"), "bf16", channels_last=True))
+    to_device(images, labels, Runtime(torch.device("cuda"), "bf16", channels_last=True))
     assert copies == [("cuda", True), ("cuda", True)]  # from pinned memory, overlapping the previous step
     copies.clear()
-    _to_device(images, labels, Runtime(CPU, "fp32", channels_last=False))
+    to_device(images, labels, Runtime(CPU, "fp32", channels_last=False))
     assert copies == [("cpu", False), ("cpu", False)]

@@ -9,7 +9,7 @@ import torchvision
 
 from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
 from transferctl.config import BackboneConfig
-from transferctl.training.engine import Runtime
+from transferctl.training.runtime import Runtime
 from transferctl.analysis.probe_features import extract, image_key, load_images, load_probe_network, with_preprocessing
 from transferctl.testing.synthetic import tiny_dataset
 

@@ -175,7 +175,7 @@ def test_a_split_not_kept_keeps_its_workers(wide_images: Path) -> None:
 def test_crops_go_inline_only_for_cpu_training_on_two_cores_with_automatic_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import os
 
-    from transferctl.training.engine import Runtime
+    from transferctl.training.runtime import Runtime
     from transferctl.training.train import crops_inline
 
     automatic = config_from_dict(experiment(tmp_path, tmp_path / "runs", data={"num_workers": "auto"}))

@@ -7,7 +7,8 @@ from torch import nn
 
 from transferctl.models.build import replace_head
 from transferctl.config import config_from_dict
-from transferctl.training.engine import Runtime, train_one_epoch
+from transferctl.training.engine import train_one_epoch
+from transferctl.training.runtime import Runtime
 from transferctl.errors import ConfigError
 from transferctl.models.layer_groups import layer_groups
 from transferctl.training.phases import (

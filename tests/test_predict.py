@@ -258,7 +258,7 @@ def pixel_predictor(decode_threads: int, transform_calls: list[str] | None = Non
     import torch
     from PIL import Image
 
-    from transferctl.training.engine import Runtime
+    from transferctl.training.runtime import Runtime
     from transferctl.inference.predict import Predictor
 
     def transform(image: Image.Image) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""residual_sums.py: under CPU bf16 autocast, the BatchNorm layers whose output is summed get fp32 input,
+"""bf16_batchnorm.py: under CPU bf16 autocast, the BatchNorm layers whose output is summed get fp32 input,
 so residual streams stay fp32, and the others stay in bf16."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transferctl.training.engine import Runtime, prepare_model
+from transferctl.training.runtime import Runtime, prepare_model
 from transferctl.training.bf16_batchnorm import batchnorm_in_fp32, batchnorms_feeding_sums
 
 CPU_BF16 = Runtime(torch.device("cpu"), "bf16", channels_last=True)

@@ -169,7 +169,7 @@ def test_compile_with_inductor_trains_as_without_it(tiny_split_data: Path, tmp_p
 
 
 def test_loaders_pin_memory_only_for_a_gpu(tiny_split_data: Path) -> None:
-    from transferctl.training.engine import Runtime
+    from transferctl.training.runtime import Runtime
     from transferctl.training.train import _loaders
 
     config = config_from_dict(experiment(tiny_split_data, tiny_split_data.parent / "runs"))

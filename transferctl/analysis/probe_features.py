@@ -20,7 +20,7 @@ from torch import nn
 from transferctl.models.build import Backbone, Preprocessing, build_backbone, replace_head, torchvision_weights
 from transferctl.config import PYTHON_PREFIX, BackboneConfig, looks_like_weights_file
 from transferctl.models.cut import cut_points, layout_of, pool, stage_hooks, tap_path
-from transferctl.training.engine import Runtime, Uint8Normalizer
+from transferctl.training.runtime import Runtime, Uint8Normalizer
 from transferctl.errors import DataError, Problem
 
 

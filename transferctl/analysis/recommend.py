@@ -763,7 +763,7 @@ class _ImageCache:
 
 def _measure_one(name: str, images: _ImageCache, labels: Any, fit: int, options: MeasureOptions, say: Progress) -> tuple[BackboneReport, Any, Any]:
     from transferctl.data.folders import seeded_torch_rng
-    from transferctl.training.engine import make_runtime
+    from transferctl.training.runtime import make_runtime
     from transferctl.analysis.probe_features import extract, load_probe_network
 
     started = time.perf_counter()
@@ -785,7 +785,7 @@ def _measure_one(name: str, images: _ImageCache, labels: Any, fit: int, options:
 
 def _random_features(name: str, preprocessing: Any, images: _ImageCache, subset: Any, options: MeasureOptions) -> Any:
     from transferctl.data.folders import seeded_torch_rng
-    from transferctl.training.engine import make_runtime
+    from transferctl.training.runtime import make_runtime
     from transferctl.analysis.probe_features import extract, load_probe_network, with_preprocessing
 
     with seeded_torch_rng(options.seed):  # pretrained=False: options.weights are left out, the architecture kept

@@ -146,7 +146,7 @@ def evaluate_run(
     trust_code: bool = False,
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes)."""
-    from transferctl.training.engine import predict_logits
+    from transferctl.training.runtime import predict_logits
     from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
     from transferctl.runs.rundir import checkpoint_file
     from transferctl.runs.listing import read_run_config

@@ -175,7 +175,7 @@ class Predictor:
     def _flush(self, pending: list[_Pending]) -> Iterator[dict[str, Any]]:
         import torch
 
-        from transferctl.training.engine import predict_logits
+        from transferctl.training.runtime import predict_logits
 
         images = [item.image for item in pending if item.error is None]
         probabilities = None

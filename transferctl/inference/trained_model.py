@@ -20,7 +20,7 @@ from torch import nn
 from transferctl.models.build import Preprocessing, build_backbone
 from transferctl.config import _DEVICE_PATTERN, BackboneConfig
 from transferctl.data.folders import build_transform
-from transferctl.training.engine import Runtime, make_runtime, prepare_model
+from transferctl.training.runtime import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
 from transferctl.paths import checked
 from transferctl.runs.rundir import CHECKPOINTS, checkpoint_file, load_run_checkpoint

@@ -45,7 +45,7 @@ _NOT_ELEMENTWISE = (
 def batchnorm_in_fp32(model: nn.Module) -> None:
     """Feed fp32 activations to the training BatchNorm layers whose output is summed (see the module doc).
 
-    For CPU bf16 training only (engine.prepare_model). In eval mode a BatchNorm is a fixed per-channel
+    For CPU bf16 training only (runtime.prepare_model). In eval mode a BatchNorm is a fixed per-channel
     affine map and stays in bf16. Preparing a model twice adds no second hook.
     """
     for module in batchnorms_feeding_sums(model):

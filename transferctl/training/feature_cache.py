@@ -30,7 +30,8 @@ from transferctl.runs.cache_folder import CACHE_ENV, LIMIT_ENV, about_path, desc
 from transferctl.data.folders import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.training.distributed import active as distributed_active
 from transferctl.training.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
-from transferctl.training.engine import Runtime, TrainingStopped, logits_of
+from transferctl.training.engine import TrainingStopped
+from transferctl.training.runtime import Runtime, logits_of
 from transferctl.errors import ConfigError, Problem
 
 FORMAT = 2  # bump when what a cache file holds changes (2: view 0 is the clean view)
@@ -244,7 +245,7 @@ def _compute(
     model: nn.Module, spec: CacheSpec, loader: Any, count: int, runtime: Runtime, mode: str, budget_mb: int, path: Path,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[np.ndarray, str]:
-    from transferctl.training.engine import _to_device
+    from transferctl.training.runtime import to_device
 
     head = model.get_submodule(spec.head_path)
     captured: dict[str, torch.Tensor] = {}
@@ -263,7 +264,7 @@ def _compute(
     try:
         row = 0
         for images, _ in loader:
-            images, _ = _to_device(images, torch.zeros(0, dtype=torch.long), runtime)
+            images, _ = to_device(images, torch.zeros(0, dtype=torch.long), runtime)
             with runtime.autocast():
                 output = logits_of(model(images))
             if output is not captured["output"] or captured["input"].ndim != 2:

@@ -1,6 +1,6 @@
 """train(config) -> summary: data, backbone and phases composed into a run directory.
 
-Every epoch ends with a checkpoint (checkpoints/last.pt, written at once or soon after: checkpointing.py)
+Every epoch ends with a checkpoint (checkpoints/last.pt, written at once or soon after: checkpoint_timing.py)
 that holds all an uninterrupted run would carry into the next epoch: model, optimizer, scheduler, grad
 scaler, early-stopping state, best row, metric rows and random-number-generator states. The shuffle order
 and augmentations of an epoch depend only on (seed, global epoch), so resuming from last.pt (resume.py)
@@ -49,21 +49,8 @@ from transferctl.training.distributed import (
     reduce_stats,
     shard,
 )
-from transferctl.training.engine import (
-    EpochStats,
-    NonFiniteLossError,
-    Runtime,
-    TrainingStopped,
-    cpu_has_bf16_units,
-    evaluate,
-    make_grad_scaler,
-    make_runtime,
-    prepare_model,
-    restore_rng_states,
-    rng_states,
-    seed_everything,
-    train_one_epoch,
-)
+from transferctl.training.engine import EpochStats, NonFiniteLossError, TrainingStopped, evaluate, make_grad_scaler, restore_rng_states, rng_states, seed_everything, train_one_epoch
+from transferctl.training.runtime import Runtime, cpu_has_bf16_units, make_runtime, prepare_model
 from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
 from transferctl.training.feature_cache import FrozenBodyShortcut
 from transferctl.training.head_solver import HeadSolver, solvable
@@ -540,7 +527,7 @@ class _Trainer:
 
     def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, state: _PhaseState, optimizer: Any, scheduler: Any, scaler: Any) -> None:
         """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
-        last.pt with all a resume needs. The saver writes them now or soon (checkpointing.py)."""
+        last.pt with all a resume needs. The saver writes them now or soon (checkpoint_timing.py)."""
         self.rows.append(row)
         improved = self.best is None or self._better(row, self.best)
         if improved:
