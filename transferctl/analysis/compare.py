@@ -226,7 +226,7 @@ def _cannot_resume(path: Path) -> str | None:
     """Why an unfinished run cannot be resumed (no config.yaml; a damaged or too old last.pt), or None.
     Without the check, a damaged last.pt stopped every rerun of the comparison at the same place."""
     from transferctl.training.resume import resume_point
-    from transferctl.runs.rundir import checkpoint_file, load_run_checkpoint
+    from transferctl.runs.checkpoint import checkpoint_file, load_run_checkpoint
 
     if not (path / "config.yaml").is_file():
         return "no config.yaml"

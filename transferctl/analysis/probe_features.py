@@ -97,9 +97,9 @@ def _source_state(name: str, weights: str) -> dict[str, torch.Tensor] | None:
     if weights.lower() == "none":
         return None
     if weights.startswith("run:"):
-        from transferctl.runs.rundir import load_run_checkpoint
+        from transferctl.runs.checkpoint import load_run_checkpoint
 
-        return load_run_checkpoint(Path(weights[4:]), "best", where="--weights")["model"]
+        return load_run_checkpoint(Path(weights[4:]), "best", where="--weights").model
     if looks_like_weights_file(weights):
         from transferctl.errors import WeightsError
         from transferctl.runs.safeload import load_state_dict

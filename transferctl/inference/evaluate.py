@@ -148,7 +148,7 @@ def evaluate_run(
     """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes)."""
     from transferctl.training.runtime import predict_logits
     from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
-    from transferctl.runs.rundir import checkpoint_file
+    from transferctl.runs.checkpoint import checkpoint_file
     from transferctl.runs.listing import read_run_config
 
     check_runtime_options(device, precision)
@@ -196,7 +196,7 @@ def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root
     """eval/<stem>.json: the split's name for the run's own data, best checkpoint and fp32; another data
     folder's name comes first, another checkpoint's and a lower precision after, so no evaluation replaces
     one of something else (`runs` and `show` list them all by this name)."""
-    from transferctl.runs.rundir import checkpoint_file
+    from transferctl.runs.checkpoint import checkpoint_file
 
     parts = [split]
     if root.resolve() != own_root.resolve():

@@ -25,7 +25,7 @@ from torch import nn
 from transferctl.data.folders import DECODING_STEPS
 from transferctl.errors import CheckpointError, Problem, TransferctlError
 from transferctl.inference.trained_model import load_trained_model
-from transferctl.runs.rundir import load_run_checkpoint
+from transferctl.runs.checkpoint import Checkpoint, load_run_checkpoint
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
@@ -59,8 +59,8 @@ def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None =
         raise CheckpointError(Problem(str(out), f"cannot create the export folder: {exc.strerror}", "choose another --out")) from None
     target = out / FILE_NAMES[fmt]
     sidecar = out / SIDECAR
-    payload = load_run_checkpoint(run_dir, checkpoint)  # for the backbone entry and the epoch it holds
-    meta = sidecar_payload(fmt, target.name, classes, preprocessing.to_dict(), payload, run_dir, checkpoint)
+    saved = load_run_checkpoint(run_dir, checkpoint)  # for the backbone entry and the epoch it holds
+    meta = sidecar_payload(fmt, target.name, classes, preprocessing.to_dict(), saved, run_dir, checkpoint)
     meta["files"] = {**_earlier_files(out, meta["source"]), fmt: target.name}
     example = torch.rand(2, 3, preprocessing.crop, preprocessing.crop, generator=torch.Generator().manual_seed(0))
     writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
@@ -121,7 +121,7 @@ def _same_weights_files(earlier: dict[str, Any], sidecar: Path, source: dict[str
     return {fmt: name for fmt, name in files.items() if FILE_NAMES.get(fmt) == name} if isinstance(files, dict) else {}
 
 
-def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict[str, Any], checkpoint: dict[str, Any], run_dir: Path, which: str) -> dict[str, Any]:
+def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict[str, Any], checkpoint: Checkpoint, run_dir: Path, which: str) -> dict[str, Any]:
     return {
         "format": fmt,
         "file": file,
@@ -130,8 +130,8 @@ def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict
         "output": {"name": "logits", "shape": [None, len(classes)], "softmax": "not applied"},
         "preprocessing": preprocessing,
         "classes": classes,
-        "backbone": checkpoint.get("backbone", {}),
-        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": which, "phase_index": checkpoint.get("phase_index"), "epoch": checkpoint.get("epoch")},
+        "backbone": checkpoint.backbone,
+        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": which, "phase_index": checkpoint.phase_index, "epoch": checkpoint.epoch},
     }  # fmt: skip
 
 

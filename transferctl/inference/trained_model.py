@@ -23,7 +23,8 @@ from transferctl.data.folders import build_transform
 from transferctl.training.runtime import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
 from transferctl.paths import checked
-from transferctl.runs.rundir import CHECKPOINTS, checkpoint_file, load_run_checkpoint
+from transferctl.runs.checkpoint import Checkpoint, checkpoint_file, load_run_checkpoint
+from transferctl.runs.rundir import CHECKPOINTS
 from transferctl.models.trust import require_trusted
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -44,21 +45,21 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool
     if checkpoint in ("best", "last") and checked(run_dir, CheckpointError).is_dir() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
                                       "pass a folder that `transferctl train` wrote"))
-    payload = load_run_checkpoint(run_dir, checkpoint)
-    classes = [str(name) for name in payload["classes"]]
+    saved = load_run_checkpoint(run_dir, checkpoint)
+    classes = [str(name) for name in saved.classes]
     try:
-        preprocessing = Preprocessing.from_dict(payload["preprocessing"])
+        preprocessing = Preprocessing.from_dict(saved.preprocessing)
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(Problem(where, "has no usable 'preprocessing' entry", "use a checkpoint written by `transferctl train`")) from None
-    model = _build_architecture(payload, len(classes), preprocessing, where, trust_code)
-    _load_strictly(model, payload["model"], where)
+    model = _build_architecture(saved, len(classes), preprocessing, where, trust_code)
+    _load_strictly(model, saved.model, where)
     model.eval()
     return TrainedModel(model, classes, preprocessing)
 
 
-def _backbone_config(payload: dict[str, Any], where: str) -> BackboneConfig:
+def _backbone_config(checkpoint: Checkpoint, where: str) -> BackboneConfig:
     """The run's own backbone section (it may carry fields beyond name), with the weights left out."""
-    section = dict((payload.get("config") or {}).get("backbone") or payload.get("backbone") or {})
+    section = dict((checkpoint.config or {}).get("backbone") or checkpoint.backbone or {})
     if "name" not in section:
         raise CheckpointError(Problem(where, "does not say which backbone it holds", "use a checkpoint written by `transferctl train`"))
     section["weights"] = "none"  # every weight comes from the checkpoint: nothing to read or download
@@ -69,8 +70,8 @@ def _backbone_config(payload: dict[str, Any], where: str) -> BackboneConfig:
         raise CheckpointError(Problem(where, f"has an invalid backbone entry: {exc.errors()[0]['msg']}", "use a checkpoint written by `transferctl train`")) from None
 
 
-def _build_architecture(payload: dict[str, Any], num_classes: int, preprocessing: Preprocessing, where: str, trust_code: bool) -> nn.Module:
-    config = _backbone_config(payload, where)
+def _build_architecture(checkpoint: Checkpoint, num_classes: int, preprocessing: Preprocessing, where: str, trust_code: bool) -> nn.Module:
+    config = _backbone_config(checkpoint, where)
     require_trusted(config.name, where, trust_code)
     try:
         # The crop size is the image size the run trained at (it matters to ViTs' position embeddings).

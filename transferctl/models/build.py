@@ -249,15 +249,15 @@ def _state_from_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _state_from_run(run_dir: Path, model_name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
-    from transferctl.runs.rundir import load_run_checkpoint
+    from transferctl.runs.checkpoint import load_run_checkpoint
 
     checkpoint = load_run_checkpoint(run_dir, "best", where="backbone.weights")
-    trained_on = checkpoint.get("backbone", {}).get("name")
+    trained_on = checkpoint.backbone.get("name")
     if trained_on and trained_on != model_name:
         raise WeightsError(
             Problem("backbone.weights", f"run {run_dir} trained a {trained_on}, not a {model_name}", f"set backbone.name: {trained_on}")
         )
-    return checkpoint["model"], Preprocessing.from_dict(checkpoint["preprocessing"])
+    return checkpoint.model, Preprocessing.from_dict(checkpoint.preprocessing)
 
 
 def replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:

@@ -5,7 +5,7 @@ Layout:
   classes.json       class names, in label order
   env.json           versions, device, precision
   metrics.jsonl/csv  one row per epoch
-  checkpoints/last.pt, checkpoints/best.pt   loadable with torch.load(weights_only=True)
+  checkpoints/last.pt, checkpoints/best.pt   loadable with torch.load(weights_only=True); fields: checkpoint.py
   summary.json       best metric, its epoch, timings, paths
 Every file is written to a temporary name, flushed, fsynced and renamed: never half-written.
 """
@@ -249,25 +249,3 @@ def metric_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str]]
             continue
         yield (where, row, "") if isinstance(row, dict) else (where, None, "not a metrics row: each line is a JSON object")
 
-
-def checkpoint_file(run_dir: Path, which: str) -> Path:
-    """best | last | a path to a checkpoint file."""
-    if which in ("best", "last"):
-        return run_dir / CHECKPOINTS / f"{which}.pt"
-    return Path(which)
-
-
-def load_run_checkpoint(run_dir: Path, which: str = "best", where: str = "") -> dict[str, Any]:
-    from transferctl.runs.safeload import load_torch_file
-
-    checked(run_dir, CheckpointError, where)
-    where = where or str(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(Problem(where, f"no such run directory: {run_dir}", "give a folder written by `transferctl train`"))
-    path = checkpoint_file(run_dir, which)
-    if not checked(path, CheckpointError).is_file():
-        raise CheckpointError(Problem(where, f"no checkpoint at {path}", "train the run first, or pick --checkpoint last"))
-    checkpoint = load_torch_file(path, CheckpointError, where)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "classes" not in checkpoint:
-        raise CheckpointError(Problem(where, f"{path} is not a transferctl checkpoint", "use a checkpoint from a run directory"))
-    return checkpoint

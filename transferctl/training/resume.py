@@ -24,7 +24,8 @@ from transferctl.training.distributed import from_main, is_main, process_group
 from transferctl.training.engine import seed_everything
 from transferctl.errors import CheckpointError, Problem
 from transferctl.paths import checked
-from transferctl.runs.rundir import RunDir, load_run_checkpoint, metric_lines
+from transferctl.runs.checkpoint import Checkpoint, LastCheckpoint, load_run_checkpoint
+from transferctl.runs.rundir import RunDir, metric_lines
 from transferctl.models.trust import require_trusted
 from transferctl.training.train import (
     Experiment,
@@ -72,7 +73,7 @@ def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: Tra
             # Stopped before the first epoch ended: nothing to continue, so start over in the same folder.
             return _start_over(run, config, observer, f"{run.path}: no epoch had finished; starting from the beginning")
         start = resume_point(checkpoint, str(run.checkpoints / "last.pt"))
-        problems = incompatibilities(checkpoint["config"], config_to_dict(config), start.phase_index + 1, str(config_file))
+        problems = incompatibilities(checkpoint.config or {}, config_to_dict(config), start.phase_index + 1, str(config_file))
         if problems:
             raise CheckpointError(*problems)
         finished = from_main(lambda: dict(run.read_json("summary.json")) if (run.path / "summary.json").is_file() else None)
@@ -80,7 +81,7 @@ def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: Tra
             observer.notice(f"{run.path}: already finished all {len(start.rows)} epochs; nothing to resume")
             return finished
         experiment = prepare(config, load_weights=False)
-        changed = changed_images(checkpoint.get("data"), split_fingerprint(experiment.splits))
+        changed = changed_images(checkpoint.data, split_fingerprint(experiment.splits))
         if changed:
             observer.notice(changed)
         _restore_model(experiment, checkpoint, str(run.checkpoints / "last.pt"))
@@ -104,7 +105,7 @@ def _start_over(run: RunDir, config: ExperimentConfig, observer: TrainObserver, 
     return session.train(run, observer)
 
 
-def _last_checkpoint(run: RunDir) -> dict[str, Any] | None:
+def _last_checkpoint(run: RunDir) -> Checkpoint | None:
     """last.pt; None only when no epoch finished. Missing after epochs finished, or damaged: refused, since
     starting over would replace best.pt and the metrics of the epochs that did finish."""
     last = run.checkpoints / "last.pt"
@@ -173,23 +174,24 @@ def _open_run(run_dir: Path) -> RunDir:
     return RunDir(run_dir)
 
 
-def resume_point(checkpoint: dict[str, Any], where: str) -> ResumePoint:
-    missing = [key for key in RESUME_STATE if key not in checkpoint]
+def resume_point(checkpoint: Checkpoint, where: str) -> ResumePoint:
+    missing = [name for name in RESUME_STATE if getattr(checkpoint, name, None) is None]
     if missing:
         raise CheckpointError(Problem(where, f"has no resume state ({', '.join(missing)} missing)", "it was written by an older transferctl; start a new run"))
+    assert isinstance(checkpoint, LastCheckpoint)  # it has an optimizer state, which only last.pt holds
     return ResumePoint(
-        phase_index=int(checkpoint["phase_index"]),
-        epoch=int(checkpoint["epoch"]),
-        phase_done=bool(checkpoint["phase_done"]),
-        phase_best=checkpoint.get("phase_best"),
-        stale=int(checkpoint["stale"]),
-        rows=list(checkpoint["rows"]),
-        best=checkpoint.get("best"),
-        elapsed=float(checkpoint.get("elapsed", 0.0)),
-        optimizer=checkpoint["optimizer"],
-        scheduler=checkpoint["scheduler"],
-        scaler=checkpoint.get("scaler"),
-        rng=checkpoint["rng"],
+        phase_index=int(checkpoint.phase_index),
+        epoch=int(checkpoint.epoch),
+        phase_done=bool(checkpoint.phase_done),
+        phase_best=checkpoint.phase_best,
+        stale=int(checkpoint.stale),
+        rows=list(checkpoint.rows),
+        best=checkpoint.best,
+        elapsed=float(checkpoint.elapsed or 0.0),
+        optimizer=checkpoint.optimizer,
+        scheduler=checkpoint.scheduler,
+        scaler=checkpoint.scaler,
+        rng=checkpoint.rng,
     )
 
 
@@ -225,9 +227,9 @@ def _phase_field(phase: dict[str, Any], key: str) -> Any:
     return phase.get(key, None if field is None or field.is_required() else field.default)
 
 
-def _restore_model(experiment: Experiment, checkpoint: dict[str, Any], where: str) -> None:
+def _restore_model(experiment: Experiment, checkpoint: Checkpoint, where: str) -> None:
     """The checkpoint's classes, weights and preprocessing, into the freshly built (untrained) backbone."""
-    classes, found = list(checkpoint["classes"]), experiment.splits.classes
+    classes, found = list(checkpoint.classes), experiment.splits.classes
     if found != classes:
         detail = class_differences(classes, found) or "a different order"
         raise CheckpointError(
@@ -235,9 +237,9 @@ def _restore_model(experiment: Experiment, checkpoint: dict[str, Any], where: st
         )
     backbone = experiment.backbone
     try:
-        backbone.model.load_state_dict(checkpoint["model"], strict=True)
+        backbone.model.load_state_dict(checkpoint.model, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(Problem(where, f"weights do not fit {backbone.name}: {detail}", "the checkpoint is damaged; start a new run")) from None
-    backbone.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
-    backbone.weights = str(checkpoint.get("backbone", {}).get("weights", backbone.weights))
+    backbone.preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
+    backbone.weights = str(checkpoint.backbone.get("weights", backbone.weights))

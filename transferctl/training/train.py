@@ -72,9 +72,8 @@ from transferctl.training.phases import (
     stage_at,
     stages_of,
 )
+from transferctl.runs.checkpoint import CHECKPOINT_FORMAT, Checkpoint, LastCheckpoint
 from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir, overall_images_per_second, total_data_seconds
-
-CHECKPOINT_FORMAT = 2  # 2: last.pt carries everything resume needs (rows, early-stopping state, ...)
 
 
 class TrainObserver(Protocol):
@@ -534,36 +533,36 @@ class _Trainer:
             self.best = row
         if not self.run_dir.writer:
             return
-        payload = self._payload(plan, epoch)
-        last = {
-            **payload,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_states(),
-            "phase_done": done,
-            "phase_best": dict(state.best) if state.best else None,
-            "stale": state.stale,
-            "rows": [dict(r) for r in self.rows],
-            "elapsed": self._elapsed(),
-        }
-        self.saver.save(last, payload if improved else None, phase_done=done)
+        best = self._checkpoint(plan, epoch)
+        last = LastCheckpoint(
+            **vars(best),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            rng=rng_states(),
+            phase_done=done,
+            phase_best=dict(state.best) if state.best else None,
+            stale=state.stale,
+            rows=[dict(r) for r in self.rows],
+            elapsed=self._elapsed(),
+        )
+        self.saver.save(last.to_payload(), best.to_payload() if improved else None, phase_done=done)
 
-    def _payload(self, plan: PhasePlan, epoch: int) -> dict[str, Any]:
+    def _checkpoint(self, plan: PhasePlan, epoch: int) -> Checkpoint:
         backbone = self.experiment.backbone
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),  # live tensors: the saver copies or converts them (checkpointing.on_cpu)
-            "classes": list(self.experiment.splits.classes),
-            "data": self.data_fingerprint,
-            "backbone": {"name": backbone.name, "weights": backbone.weights, "head": backbone.head_path, "cut": self.config.backbone.cut},
-            "preprocessing": backbone.preprocessing.to_dict(),
-            "phase_index": plan.index,
-            "epoch": epoch,
-            "global_epoch": len(self.rows),
-            "best": dict(self.best) if self.best else None,
-            "config": config_to_dict(self.config),
-        }
+        return Checkpoint(
+            format=CHECKPOINT_FORMAT,
+            model=self.model.state_dict(),  # live tensors: the saver copies or converts them (checkpoint_timing.on_cpu)
+            classes=list(self.experiment.splits.classes),
+            data=self.data_fingerprint,
+            backbone={"name": backbone.name, "weights": backbone.weights, "head": backbone.head_path, "cut": self.config.backbone.cut},
+            preprocessing=backbone.preprocessing.to_dict(),
+            phase_index=plan.index,
+            epoch=epoch,
+            global_epoch=len(self.rows),
+            best=dict(self.best) if self.best else None,
+            config=config_to_dict(self.config),
+        )
 
     def _elapsed(self) -> float:
         return self.earlier_seconds + time.perf_counter() - self.started
