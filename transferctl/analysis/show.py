@@ -7,14 +7,13 @@ interrupted) is shown from its metrics so far.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from transferctl.errors import CheckpointError, Problem
 from transferctl.paths import checked
-from transferctl.runs.listing import describe_run, metric_rows, read_json_mapping, read_run_config
-from transferctl.runs.rundir import overall_images_per_second, total_data_seconds
+from transferctl.runs.listing import describe_run, metric_rows, read_run_config
+from transferctl.runs.rundir import overall_images_per_second, read_json, read_json_mapping, total_data_seconds
 
 # Paths differ from run to run by nature; show names them in its header instead of as changes.
 NOT_COMPARED = ("data.root", "output.dir")
@@ -31,9 +30,9 @@ def show_run(run_dir: Path) -> dict[str, Any]:
     info = describe_run(run_dir)
     summary = _checked_summary(run_dir / "summary.json")
     env = read_json_mapping(run_dir / "env.json") or {}
-    metrics = metric_rows(run_dir / "metrics.jsonl")
+    metrics = metric_rows(run_dir)
     rows = metrics.rows
-    classes = _optional_json(run_dir / "classes.json")
+    classes = read_json(run_dir / "classes.json", strict=False)
     metric = config.early_stopping.metric
     return {
         "run_dir": str(run_dir),
@@ -156,11 +155,3 @@ def _checked_summary(path: Path) -> dict[str, Any]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise CheckpointError(Problem(str(path), f"{key} is {value!r}, not a number", "restore the file or re-run"))
     return summary
-
-
-def _optional_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-

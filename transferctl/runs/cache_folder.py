@@ -12,7 +12,6 @@ from before the manifest still count as the cache's: docs/performance.md (Speed,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from transferctl.errors import ConfigError, Problem
+from transferctl.runs.rundir import atomic_write_json, atomic_write_text, read_json_mapping
 
 CACHE_ENV = "TRANSFERCTL_CACHE"
 LIMIT_ENV = "TRANSFERCTL_CACHE_MAX_MB"
@@ -115,11 +115,11 @@ def _in_cache_format(path: Path) -> bool:
             with path.open("rb") as handle:
                 return handle.read(len(NPY_MAGIC)) == NPY_MAGIC
         if DESCRIPTION.fullmatch(path.name):
-            return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+            return read_json_mapping(path) is not None
         if path.name == FACTS_FILE:
-            facts = json.loads(path.read_text(encoding="utf-8"))
-            return isinstance(facts, dict) and facts.keys() == {"key", "facts"} and isinstance(facts["key"], str) and isinstance(facts["facts"], dict)
-    except (OSError, ValueError):
+            facts = read_json_mapping(path)
+            return facts is not None and facts.keys() == {"key", "facts"} and isinstance(facts["key"], str) and isinstance(facts["facts"], dict)
+    except OSError:
         return False
     return False
 
@@ -159,8 +159,6 @@ def _forget_removed(folder: Path) -> None:
     if not listed:
         return
     present = sorted(name for name in listed if _exists(folder / name))
-    from transferctl.runs.rundir import atomic_write_text
-
     with contextlib.suppress(OSError):
         if present:
             atomic_write_text(folder / MANIFEST, MANIFEST_HEADER + "".join(f"{name}\n" for name in present))
@@ -192,18 +190,12 @@ def _entry(path: Path) -> CacheEntry | None:
 
 
 def _read_about(path: Path) -> dict[str, Any]:
-    try:
-        about = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return about if isinstance(about, dict) else {}
+    return read_json_mapping(path) or {}
 
 
 def save_json(path: Path, data: Any) -> None:
     """Write a cache file whole or not at all; a read-only or full cache folder is no error, it only costs
     the next run the work the file would have saved. So is a file of that name the cache did not write: kept."""
-    from transferctl.runs.rundir import atomic_write_json
-
     if _exists(path) and not is_ours(path, _listed(path.parent) or set()):
         return
     record(path)

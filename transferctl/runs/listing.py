@@ -7,23 +7,21 @@ its run as damaged instead of stopping the listing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from transferctl.errors import CheckpointError, DataError, Problem
 from transferctl.paths import checked
-from transferctl.runs.rundir import NUMERIC_METRICS, metric_lines
+from transferctl.runs.rundir import NUMERIC_METRICS, TIMINGS, MetricRows, read_json_mapping, read_metrics
 
 if TYPE_CHECKING:
     from transferctl.config import ExperimentConfig
 
 RUN_MARKERS = ("config.yaml", "summary.json")
-TIMINGS = ("seconds", "train_seconds", "data_seconds", "images_per_second")
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def describe_run(run_dir: Path) -> RunInfo:
         common["backbone"] = summary.get("backbone", common["backbone"])
         common["strategy"] = summary.get("strategy", common["strategy"])
         return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
-    metrics = metric_rows(run_dir / "metrics.jsonl")
+    metrics = metric_rows(run_dir)
     accuracies = [row["val_acc"] for row in metrics.rows if isinstance(row.get("val_acc"), (int, float))]
     return RunInfo(
         status="unfinished",
@@ -121,51 +119,15 @@ def _evaluations(run_dir: Path) -> dict[str, float]:
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any] | None:
-    return _read_mapping(path, yaml.safe_load)
-
-
-def read_json_mapping(path: Path) -> dict[str, Any] | None:
-    """A JSON file's mapping, or None when it is missing, damaged or not a mapping."""
-    return _read_mapping(path, json.loads)
-
-
-def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | None:
     """The file's mapping, or None when it is missing, unreadable or not a mapping: one damaged run
     must not stop the listing of the others."""
     try:
-        data = parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # JSONDecodeError is a ValueError
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # a UnicodeDecodeError is a ValueError, and so is a bad date
         return None
     return data if isinstance(data, dict) else None
 
 
-@dataclass(frozen=True)
-class MetricRows:
-    """The rows of a metrics.jsonl that can be used, and a note for each line left out."""
-
-    rows: list[dict[str, Any]]
-    skipped: list[str]
-
-
-def metric_rows(path: Path) -> MetricRows:
-    """The rows of a metrics.jsonl that parse, with numbers where numbers go; none when the file is missing.
-
-    A damaged line is left out with a note naming it ("file:line: why"), as is an unreadable file: a run's
-    other rows and other runs are still shown.
-    """
-    rows, skipped = [], []
-    try:
-        lines = list(metric_lines(path))
-    except FileNotFoundError:
-        return MetricRows([], [])
-    except OSError as exc:
-        return MetricRows([], [f"{path}: cannot read: {exc.strerror or exc}; its rows are left out"])
-    for where, row, problem in lines:
-        if row is not None:
-            wrong = [key for key in (*NUMERIC_METRICS, *TIMINGS) if not isinstance(row.get(key, 0), (int, float))]
-            problem = f"not a metrics row: {', '.join(wrong)} not a number" if wrong else ""
-        if problem:
-            skipped.append(f"{where}: {problem}; the row is left out")
-        else:
-            rows.append(row)
-    return MetricRows(rows, skipped)
+def metric_rows(run_dir: Path) -> MetricRows:
+    """A run's metric rows as listings show them (read_metrics, lenient): a damaged line is left out with a note."""
+    return read_metrics(run_dir / "metrics.jsonl", (*NUMERIC_METRICS, *TIMINGS), strict=False)

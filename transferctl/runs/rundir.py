@@ -18,6 +18,7 @@ import io
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,7 @@ METRIC_COLUMNS = (
 
 
 NUMERIC_METRICS = ("global_epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what report plots and sums up
+TIMINGS = ("seconds", "train_seconds", "data_seconds", "images_per_second")
 
 
 def total_data_seconds(rows: list[dict[str, Any]]) -> float | None:
@@ -155,29 +157,14 @@ class RunDir:
             raise CheckpointError(Problem(str(path), f"cannot write: {reason}; the previous version of the file is intact", "free disk space or fix permissions, then retry")) from None
 
     def read_json(self, name: str) -> Any:
-        path = self.path / name
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return read_json(self.path / name)
         except FileNotFoundError:
             raise CheckpointError(Problem(str(self.path), f"no {name}: not a transferctl run directory", "pass a folder that `transferctl train` wrote")) from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(Problem(str(path), f"damaged JSON: {exc.msg} at line {exc.lineno}", "restore it or re-run")) from None
-        except UnicodeDecodeError:
-            raise CheckpointError(Problem(str(path), "damaged JSON: not UTF-8 text", "restore it or re-run")) from None
 
     def metrics(self, numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl, one JSON object an epoch, with `numbers` numbers; a damaged row names its line."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        rows = []
-        for where, row, problem in metric_lines(path):
-            if row is None:
-                raise CheckpointError(Problem(where, problem, "restore it or re-run"))
-            if not all(isinstance(row.get(key), (int, float)) for key in numbers):
-                raise CheckpointError(Problem(where, f"not a metrics row: {', '.join(numbers)} must be numbers", "restore it or re-run"))
-            rows.append(row)
-        return rows
+        """The rows of metrics.jsonl, with `numbers` numbers; a damaged row is an error that names its line."""
+        return read_metrics(self.path / "metrics.jsonl", numbers).rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite both metric files whole (tiny files): a crash never leaves a torn or duplicated row."""
@@ -228,6 +215,73 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_json(path: Path, strict: bool = True) -> Any:
+    """A JSON file's value. strict: a damaged file is an error that names it (a missing or unreadable one
+    raises OSError, for the caller to say what it means); lenient: None for all of them, so that one
+    damaged run does not stop a listing of the others."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if not strict:
+            return None
+        if isinstance(exc, OSError):
+            raise
+        damage = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise CheckpointError(Problem(str(path), f"damaged JSON: {damage}", "restore it or re-run")) from None
+
+
+def read_json_mapping(path: Path) -> dict[str, Any] | None:
+    """A JSON file's mapping, or None when it is missing, damaged or not a mapping."""
+    data = read_json(path, strict=False)
+    return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class MetricRows:
+    """The rows of a metrics.jsonl that can be used, and a note for each line left out."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[str]
+
+
+def read_metrics(path: Path, numbers: tuple[str, ...] = (), strict: bool = True) -> MetricRows:
+    """The rows of a metrics.jsonl, one JSON object an epoch, whose `numbers` are numbers; none when the file is missing.
+
+    strict: a damaged line, or a row without its numbers, is an error that names its line. Lenient: it is
+    left out with a note ("file:line: why"), as is an unreadable file, and a row may lack a number (earlier
+    versions wrote fewer columns): a run's other rows and other runs are still shown.
+    """
+    if strict and not path.is_file():
+        return MetricRows([], [])
+    try:
+        lines = list(metric_lines(path))
+    except FileNotFoundError:
+        return MetricRows([], [])
+    except OSError as exc:
+        if strict:
+            raise
+        return MetricRows([], [f"{path}: cannot read: {exc.strerror or exc}; its rows are left out"])
+    rows, skipped = [], []
+    for where, row, problem in lines:
+        if row is not None:
+            problem = _wrong_numbers(row, numbers, strict)
+        if not problem:
+            rows.append(row)
+        elif strict:
+            raise CheckpointError(Problem(where, problem, "restore it or re-run"))
+        else:
+            skipped.append(f"{where}: {problem}; the row is left out")
+    return MetricRows(rows, skipped)
+
+
+def _wrong_numbers(row: dict[str, Any], numbers: tuple[str, ...], strict: bool) -> str:
+    """What is wrong with a metrics row's numbers; "" when nothing is."""
+    wrong = [key for key in numbers if not isinstance(row.get(key) if strict else row.get(key, 0), (int, float))]
+    if not wrong:
+        return ""
+    return f"not a metrics row: {', '.join(numbers)} must be numbers" if strict else f"not a metrics row: {', '.join(wrong)} not a number"
 
 
 def metric_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str]]:

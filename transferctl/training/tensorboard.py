@@ -123,7 +123,7 @@ def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path, n
 
     from transferctl.runs.listing import metric_rows
 
-    step = len(metric_rows(run_dir / "metrics.jsonl").rows)
+    step = len(metric_rows(run_dir).rows)
     with Image.open(io.BytesIO(confusion_png.read_bytes())) as image:
         pixels = np.asarray(image.convert("RGB"))
     writer = summary_writer(run_dir, f"{run_dir / 'config.yaml'}: logging.tensorboard")
