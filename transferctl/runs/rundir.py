@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from transferctl.errors import CheckpointError, Problem
+from transferctl.errors import CheckpointError, Problem, TransferctlError
 from transferctl.paths import checked
 
 CHECKPOINTS = "checkpoints"
@@ -68,6 +68,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, data: bytes | str, error: type[TransferctlError] = CheckpointError) -> None:
+    """atomic_write_bytes for a file the user asked for: a full disk or a read-only folder is theirs to fix,
+    said in one line that names the file (as `error`, the caller's kind of problem)."""
+    try:
+        atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise error(Problem(str(path), f"cannot write: {reason}; any earlier version of the file is left as it was", "free disk space or fix permissions, or write elsewhere, then retry")) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -147,14 +157,8 @@ class RunDir:
         self._write(self.path / name, text.encode("utf-8"))
 
     def _write(self, path: Path, data: bytes) -> None:
-        """Atomically; a full disk or a read-only folder is a user's problem, and the old file survives."""
-        if not self.writer:
-            return
-        try:
-            atomic_write_bytes(path, data)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise CheckpointError(Problem(str(path), f"cannot write: {reason}; the previous version of the file is intact", "free disk space or fix permissions, then retry")) from None
+        if self.writer:
+            write_atomically(path, data)
 
     def read_json(self, name: str) -> Any:
         try:
