@@ -224,7 +224,7 @@ def cuda_ceiling(device: str = "cuda", steps: int = 30, warmup: int = 5, batch: 
     import torch
     import torchvision
 
-    from transferctl.models.build import IMAGENET_MEAN, IMAGENET_STD
+    from transferctl.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
     from transferctl.config import OptimizerConfig
     from transferctl.training.engine import make_grad_scaler
     from transferctl.training.runtime import Uint8Normalizer, make_runtime, tune_backend

@@ -94,7 +94,7 @@ def model_settings(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
 def predict_settings(args: argparse.Namespace, work: Path) -> dict[str, Callable[[], float]]:
     import torchvision
 
-    from transferctl.models.build import Preprocessing
+    from transferctl.data.preprocessing import Preprocessing
     from transferctl.training.runtime import make_runtime, prepare_model
     from transferctl.inference.trained_model import eval_transform
     from transferctl.inference.predict import Predictor

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 def compare_decoding(args: argparse.Namespace, work: Path) -> None:
     import torchvision
 
-    from transferctl.models.build import Preprocessing
+    from transferctl.data.preprocessing import Preprocessing
     from transferctl.training.runtime import make_runtime, prepare_model
     from transferctl.inference.trained_model import eval_transform
     from transferctl.inference.predict import Predictor, default_decode_threads

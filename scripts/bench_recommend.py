@@ -40,7 +40,7 @@ def stand_in_weights(torch_home: Path, backbones: list[str]) -> None:
     import torch
     import torchvision
 
-    from transferctl.models.build import cached_weights_path
+    from transferctl.models.torchvision_models import cached_weights_path
 
     for name in backbones:
         path = cached_weights_path(torchvision.models.get_model_weights(name).DEFAULT)

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
+from transferctl.models.build import build_backbone
+from transferctl.models.torchvision_models import cached_weights_path, torchvision_weights
 from transferctl.config import BackboneConfig
 from transferctl.errors import ConfigError, WeightsError
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import experiment
-from transferctl.models.build import Preprocessing
+from transferctl.data.preprocessing import Preprocessing
 from transferctl.config import config_from_dict
 from transferctl.data.folders import EpochSampler, ImageDataset, build_transform, discover
 from transferctl.training.distributed import Shard

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from transferctl.models import catalog
-from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
+from transferctl.models.build import build_backbone
+from transferctl.models.torchvision_models import cached_weights_path, torchvision_weights
 from transferctl.models.catalog import compact_groups, describe_backbone, list_backbones
 from transferctl.cli import app
 from transferctl.config import BackboneConfig

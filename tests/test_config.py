@@ -12,6 +12,7 @@ from transferctl.config import (
     default_schedule,
     dump_yaml,
     load_config,
+    parse_weights,
     schedule_of,
 )
 from transferctl.errors import ConfigError
@@ -159,6 +160,17 @@ def test_a_boolean_is_not_a_number(tmp_path: Path, field: str) -> None:
 
 def test_null_weights_mean_none(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "data: {root: d}\nbackbone: {weights: null}\n")).backbone.weights == "none"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [("none", "none", ""), ("None", "none", ""), ("DEFAULT", "hub", "DEFAULT"), ("IMAGENET1K_V2", "hub", "IMAGENET1K_V2"),
+     ("a1_in1k", "hub", "a1_in1k"), ("w.pth", "file", "w.pth"), ("models/w", "file", "models/w"), ("run:runs/a", "run", "runs/a")],
+)  # fmt: skip
+def test_weights_are_parsed_once_into_their_source(text: str, kind: str, value: str) -> None:
+    source = parse_weights(text)
+    assert (source.kind, source.value) == (kind, value)
+    assert str(source) == ("none" if kind == "none" else text)  # written back as the file said it
 
 
 def test_override_errors_name_the_override() -> None:

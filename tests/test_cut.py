@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from helpers import experiment
-from transferctl.models.build import Backbone, build_backbone
+from transferctl.models.backbone import Backbone
+from transferctl.models.build import build_backbone
 from transferctl.config import BackboneConfig, config_from_dict
 from transferctl.models.cut import CutNetwork, cut_points, tap_path
 from transferctl.errors import ConfigError, WeightsError

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transferctl.models.build import Preprocessing
+from transferctl.data.preprocessing import Preprocessing
 from transferctl.data.folders import (
     DatasetSplits,
     EpochSampler,

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from transferctl.models.build import build_backbone, cached_weights_path, torchvision_weights
+from transferctl.models.build import build_backbone
+from transferctl.models.torchvision_models import cached_weights_path, torchvision_weights
 from transferctl.config import BackboneConfig
 from transferctl.training.runtime import Runtime
 from transferctl.analysis.probe_features import extract, image_key, load_images, load_probe_network, with_preprocessing

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import Notices, experiment
-from transferctl.models.build import Preprocessing
+from transferctl.data.preprocessing import Preprocessing
 from transferctl.config import config_from_dict
 from transferctl.data.folders import ImageDataset, build_transform, discover
 from transferctl.errors import DataError

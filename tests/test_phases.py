@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transferctl.models.build import replace_head
+from transferctl.models.backbone import replace_head
 from transferctl.config import config_from_dict
 from transferctl.training.engine import train_one_epoch
 from transferctl.training.runtime import Runtime

@@ -6,6 +6,7 @@ This module must not import torch: `check`-free commands such as `recommend` bui
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
@@ -22,6 +23,8 @@ _TRAIN_PATTERN = re.compile(r"^(head|all|last:\d+)$")
 PYTHON_PREFIX = "python:"  # backbone.name: python:package.module:function, your own nn.Module
 PYTHON_FIELDS = ("head", "groups", "mean", "std")  # backbone fields only python: backbones have: what their code does not say
 TIMM_PREFIX = "timm:"  # backbone.name: timm:<model>, with the optional timm package
+RUN_PREFIX = "run:"  # backbone.weights: run:<run dir>, an earlier run's best checkpoint
+WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 
 MAX_SEED = 2**63 - 1  # torch's generators take seeds of 64 bits
@@ -65,6 +68,43 @@ class _Section(BaseModel):
         return value
 
 
+WeightsKind = Literal["none", "hub", "file", "run"]
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """`backbone.weights` parsed once: no weights, a hub's (DEFAULT, a torchvision weights name or a timm tag),
+    a local state-dict file, or an earlier run's best checkpoint. transferctl.models turns it into tensors."""
+
+    kind: WeightsKind
+    value: str = ""  # hub: the weights name; file: the file; run: the run directory
+
+    @property
+    def path(self) -> Path:
+        return Path(self.value)
+
+    def moved_to(self, path: Path | str) -> WeightsSource:
+        """The same file or run at another path (resolved, or made relative)."""
+        return replace(self, value=str(path))
+
+    def __str__(self) -> str:
+        """As an experiment file writes it."""
+        return {"none": "none", "run": RUN_PREFIX + self.value}.get(self.kind, self.value)
+
+
+NO_WEIGHTS = WeightsSource("none")
+
+
+def parse_weights(text: str) -> WeightsSource:
+    if text.lower() == "none":
+        return NO_WEIGHTS
+    if text.startswith(RUN_PREFIX):
+        return WeightsSource("run", text[len(RUN_PREFIX) :])
+    if text.endswith(WEIGHTS_FILE_SUFFIXES) or "/" in text:
+        return WeightsSource("file", text)
+    return WeightsSource("hub", text)
+
+
 class BackboneConfig(_Section):
     name: str = Field("resnet18", description="any torchvision classification model (`transferctl check` lists its layer groups)")
     weights: str = Field(
@@ -85,6 +125,10 @@ class BackboneConfig(_Section):
     def _null_is_none(cls, value: Any) -> Any:
         """`weights: null` (or empty) means no weights, as `none` does: YAML's word for nothing."""
         return "none" if value is None else value
+
+    @property
+    def weights_source(self) -> WeightsSource:
+        return parse_weights(self.weights)
 
     @model_validator(mode="after")
     def _custom_fields_need_python(self) -> BackboneConfig:
@@ -268,7 +312,7 @@ class ExperimentConfig(_Section):
     @property
     def loads_pretrained_weights(self) -> bool:
         """scratch ignores the weights entry: the network starts from random values."""
-        return self.strategy != "scratch" and self.backbone.weights.lower() != "none"
+        return self.strategy != "scratch" and self.backbone.weights_source.kind != "none"
 
 
 # Optimizer steps a default phase that trains the body takes at the least: 20 images a class of 5 classes
@@ -489,11 +533,8 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig
     def resolve(path: Path, field: str) -> Path:
         return path if path.is_absolute() else resolved(base_dir / path, ConfigError, field)
 
-    weights = config.backbone.weights
-    if weights.startswith("run:"):
-        weights = "run:" + str(resolve(Path(weights[4:]), "backbone.weights"))
-    elif looks_like_weights_file(weights):
-        weights = str(resolve(Path(weights), "backbone.weights"))
+    source = config.backbone.weights_source
+    weights = str(source.moved_to(resolve(source.path, "backbone.weights"))) if source.kind in ("file", "run") else config.backbone.weights
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"root": resolve(config.data.root, "data.root")}),
@@ -501,11 +542,6 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig
             "backbone": config.backbone.model_copy(update={"weights": weights}),
         }
     )
-
-
-def looks_like_weights_file(weights: str) -> bool:
-    """A weights entry naming a local file rather than a torchvision weights name."""
-    return weights.endswith((".pt", ".pth", ".safetensors", ".bin")) or "/" in weights
 
 
 def _pydantic_problem(source: str, error: dict[str, Any]) -> Problem:

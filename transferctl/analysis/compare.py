@@ -150,7 +150,7 @@ def plan_comparison(config: ExperimentConfig, strategies: tuple[str, ...], seeds
     plateaus = [phase.name for phase in schedule_of(config) if phase.until_plateau is not None]
     if plateaus:
         notices.append(f"until_plateau of phase(s) {', '.join(plateaus)} is ignored: every run trains all {sum(p.epochs for p in reference)} epochs so that the curves line up")
-    if config.backbone.weights.lower() == "none" and set(strategies) - {BASELINE}:
+    if config.backbone.weights_source.kind == "none" and set(strategies) - {BASELINE}:
         notices.append("backbone.weights is none: the other strategies start from random weights too, so this compares schedules, not transfer")
     return ComparisonPlan(out, source, config.name, strategies, seed_list, sum(p.epochs for p in reference), schedules, runs, tuple(notices))
 

@@ -17,8 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.models.build import Backbone, Preprocessing, build_backbone, replace_head, torchvision_weights
-from transferctl.config import PYTHON_PREFIX, BackboneConfig, looks_like_weights_file
+from transferctl.config import PYTHON_PREFIX, BackboneConfig, WeightsSource
+from transferctl.data.preprocessing import Preprocessing
+from transferctl.models.backbone import Backbone, replace_head
+from transferctl.models.build import build_backbone
+from transferctl.models.source_state import load_source_state
+from transferctl.models.torchvision_models import torchvision_weights
 from transferctl.models.cut import cut_points, layout_of, pool, stage_hooks, tap_path
 from transferctl.training.runtime import Runtime, Uint8Normalizer
 from transferctl.errors import DataError, Problem
@@ -54,11 +58,11 @@ class Features:
 
 def load_probe_network(config: BackboneConfig, image_size: int | None, pretrained: bool = True) -> ProbeNetwork:
     """Build the backbone as train would; keep the weights' own head when they have one."""
-    name, weights = config.name, config.weights
+    name, source = config.name, config.weights_source
     backbone = build_backbone(config, num_classes=2, image_size=image_size, pretrained=pretrained)
-    source_classes = _restore_source_head(backbone, weights) if pretrained else None
+    source_classes = _restore_source_head(backbone, source) if pretrained else None
     taps = {group: tap_path(backbone.model, backbone.groups, group) for group in cut_points(backbone.model, backbone.groups)}
-    return ProbeNetwork(backbone, taps, _stage_layout(name), source_classes, imagenet_top1(name, weights) if pretrained else None)
+    return ProbeNetwork(backbone, taps, _stage_layout(name), source_classes, imagenet_top1(name, source) if pretrained else None)
 
 
 def _stage_layout(name: str) -> str:
@@ -67,45 +71,26 @@ def _stage_layout(name: str) -> str:
     return "nchw" if name.startswith(PYTHON_PREFIX) else layout_of(name)
 
 
-def imagenet_top1(name: str, weights: str) -> float | None:
+def imagenet_top1(name: str, source: WeightsSource) -> float | None:
     """ImageNet-1K top-1 accuracy (percent) from torchvision's weights metadata; None for other sources."""
-    if _is_torchvision_source(weights):
-        metrics = torchvision_weights(name, weights).meta.get("_metrics", {})
+    if source.kind == "hub":
+        metrics = torchvision_weights(name, source.value).meta.get("_metrics", {})
         top1 = metrics.get("ImageNet-1K", {}).get("acc@1")
         return float(top1) if top1 is not None else None
     return None
 
 
-def _is_torchvision_source(weights: str) -> bool:
-    return weights.lower() != "none" and not weights.startswith("run:") and not looks_like_weights_file(weights)
-
-
-def _restore_source_head(backbone: Backbone, weights: str) -> int | None:
+def _restore_source_head(backbone: Backbone, source: WeightsSource) -> int | None:
     """Put the weights' own classifier back (build_backbone replaced it) so its predictions can be compared."""
-    state = _source_state(backbone.name, weights)
+    state = load_source_state(source, backbone.name, where="--weights")
     head = backbone.head_path
-    head_state = {key[len(head) + 1 :]: value for key, value in (state or {}).items() if key.startswith(head + ".")}
+    head_state = {key[len(head) + 1 :]: value for key, value in (state.weights if state else {}).items() if key.startswith(head + ".")}
     if "weight" not in head_state:
         return None
     outputs = int(head_state["weight"].shape[0])
     replace_head(backbone.model, head, outputs)
     backbone.model.get_submodule(head).load_state_dict(head_state)
     return outputs
-
-
-def _source_state(name: str, weights: str) -> dict[str, torch.Tensor] | None:
-    if weights.lower() == "none":
-        return None
-    if weights.startswith("run:"):
-        from transferctl.runs.checkpoint import load_run_checkpoint
-
-        return load_run_checkpoint(Path(weights[4:]), "best", where="--weights").model
-    if looks_like_weights_file(weights):
-        from transferctl.errors import WeightsError
-        from transferctl.runs.safeload import load_state_dict
-
-        return load_state_dict(Path(weights), WeightsError, where="--weights")
-    return torchvision_weights(name, weights).get_state_dict(progress=False)
 
 
 def with_preprocessing(network: ProbeNetwork, preprocessing: Preprocessing) -> ProbeNetwork:

@@ -142,20 +142,17 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
     scratch answer drops the weights, and with them their preprocessing's size). val_fraction: the share data
     mode held out of a flat tree, so that training holds out the same images. augment: what the race trained with.
     """
-    from transferctl.config import config_from_dict, config_to_dict, dump_yaml
-
-    from transferctl.config import looks_like_weights_file
+    from transferctl.config import config_from_dict, config_to_dict, dump_yaml, parse_weights
 
     if problem := augment_problem(augment):
         raise ConfigError(problem)
     folder = path.resolve().parent
     own = python_fields(backbone, weights)  # read before weights is rewritten below
+    source = parse_weights(weights)
     if advice.strategy == "scratch":
         weights = "none"  # scratch ignores weights; saying so keeps the file honest
-    elif weights.startswith("run:"):
-        weights = "run:" + _relative(Path(weights[4:]), folder)
-    elif looks_like_weights_file(weights):
-        weights = _relative(Path(weights), folder)
+    elif source.kind in ("file", "run"):
+        weights = str(source.moved_to(_relative(source.path, folder)))
     raw: dict[str, Any] = {
         "name": _experiment_name(data_root, advice.strategy),
         "seed": seed,
@@ -618,8 +615,9 @@ def pick_reasons(pick: Candidate, candidates: Sequence[Candidate], rule: Advice)
 def _race(root: Path, top: BackboneReport, options: MeasureOptions, say: Progress) -> Any:
     """The end-to-end strategies raced on the top-ranked backbone (only scratch without pretrained weights)."""
     from transferctl.analysis.race import END_TO_END, RaceSetup, race
+    from transferctl.config import parse_weights
 
-    weights_none = options.weights.strip().lower() == "none"
+    weights_none = parse_weights(options.weights.strip()).kind == "none"
     strategies = ("scratch",) if weights_none else END_TO_END
     setup = RaceSetup(root, options.val_fraction, options.seed, probe_backbone(top.name, options.weights), options.race_size or top.crop,
                       options.device, options.precision, options.budget, options.augment)  # fmt: skip
@@ -633,12 +631,13 @@ def _race(root: Path, top: BackboneReport, options: MeasureOptions, say: Progres
 def backbone_of_run(weights: str, trust_code: bool = False) -> str | None:
     """For `run:<dir>` weights, the backbone that run trained (from its config.yaml), so it need not be repeated.
     A python: one is then named by the run, not by the user: refused unless trust_code (transferctl/models/trust.py)."""
+    from transferctl.config import parse_weights
     from transferctl.models.trust import require_trusted
 
     name = _run_backbone_section(weights).get("name")
     if not name:
         return None
-    require_trusted(str(name), str(Path(weights[4:]) / "config.yaml"), trust_code)
+    require_trusted(str(name), str(parse_weights(weights).path / "config.yaml"), trust_code)
     return str(name)
 
 
@@ -668,11 +667,12 @@ def python_fields(name: str, weights: str) -> dict[str, Any]:
 
 def _run_backbone_section(weights: str) -> dict[str, Any]:
     """The backbone section of the config.yaml of the run that `run:` weights name; {} for other weights."""
-    if not weights.startswith("run:"):
-        return {}
-    from transferctl.config import read_yaml
+    from transferctl.config import parse_weights, read_yaml
 
-    path = Path(weights[4:]) / "config.yaml"
+    source = parse_weights(weights)
+    if source.kind != "run":
+        return {}
+    path = source.path / "config.yaml"
     if not path.is_file():
         return {}
     section = read_yaml(path).get("backbone")

@@ -180,7 +180,7 @@ def choose_strategy(strategy: str, inspection: DataInspection) -> tuple[str, Adv
 
 
 def check_backbone_name(name: str) -> None:
-    from transferctl.models.build import classification_models  # torchvision: only here
+    from transferctl.models.torchvision_models import classification_models  # torchvision: only here
 
     names = classification_models()
     if name not in names:

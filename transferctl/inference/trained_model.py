@@ -17,7 +17,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from transferctl.models.build import Preprocessing, build_backbone
+from transferctl.data.preprocessing import Preprocessing
+from transferctl.models.build import build_backbone
 from transferctl.config import _DEVICE_PATTERN, BackboneConfig
 from transferctl.data.folders import build_transform
 from transferctl.training.runtime import Runtime, make_runtime, prepare_model

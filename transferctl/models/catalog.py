@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from transferctl.models.build import _AUX_LOGIT_FAMILIES, cached_weights_path, classification_models, preprocessing_of
+from transferctl.models.torchvision_models import AUX_LOGIT_FAMILIES, cached_weights_path, classification_models, preprocessing_of
 from transferctl.models.layer_groups import layer_groups
 
 
@@ -108,7 +108,7 @@ def _meta_model(name: str) -> torch.nn.Module:
     import torchvision
     from torchvision.models import regnet
 
-    extra = {"aux_logits": False, "init_weights": False} if name in _AUX_LOGIT_FAMILIES else {}
+    extra = {"aux_logits": False, "init_weights": False} if name in AUX_LOGIT_FAMILIES else {}
     original = regnet.BlockParams.from_init_params.__func__  # type: ignore[attr-defined]
 
     def on_cpu(cls: type, *args: Any, **kwargs: Any) -> Any:

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from transferctl.errors import ConfigError, Problem, did_you_mean
-from transferctl.models.layer_groups import LayerGroups, family_of, parameters_by_group
+from transferctl.models.layer_groups import HEAD, LayerGroups, family_of, parameters_by_group
 
 BODY = "body"
-HEAD = "head"
 # Groups that already sit between the pooled features and the classifier: cutting there changes nothing.
 _NOT_CUTTABLE = ("pre_logits", HEAD)
 _AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # googlenet / inception_v3 side classifiers

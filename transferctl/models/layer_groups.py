@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 LayerGroups = list[tuple[str, list[str]]]  # ordered from input (first) to output (last)
+HEAD = "head"  # the group of the classification layer, every backbone's last: what a new task replaces
 
 __all__ = [
+    "HEAD",
     "LayerGroups",
     "check_layer_groups",
     "family_of",
@@ -39,7 +41,7 @@ __all__ = [
 def layer_groups(model_name: str, model: nn.Module) -> LayerGroups:
     """Named layer groups of a torchvision classification model, from the input side to the head.
 
-    The last entry is always ("head", [path of the final classification layer]). Raises KeyError
+    The last entry is always (HEAD, [path of the final classification layer]). Raises KeyError
     for a model name of no known family (see `family_of`), ValueError when the model does not
     have the structure its family expects (e.g. a torchvision version that changed it).
     """
@@ -93,14 +95,14 @@ def generic_layer_groups(model: nn.Module, head_path: str) -> LayerGroups:
         paths = _paths_except(child, name, head_path) if inside else [name]
         if _has_params(model, paths):
             # timm-style models keep a norm or pooling layer next to `head.fc`; "head" is taken.
-            groups.append(("pre_logits" if name == "head" else name, paths))
+            groups.append(("pre_logits" if name == HEAD else name, paths))
         else:
             (groups[-1][1] if groups else leading).extend(paths)
     if groups:
         groups[0] = (groups[0][0], leading + groups[0][1])
     elif leading:
         groups = [("body", leading)]
-    return _finalize(model, [*groups, ("head", [head_path])])
+    return _finalize(model, [*groups, (HEAD, [head_path])])
 
 
 def check_layer_groups(model: nn.Module, groups: LayerGroups) -> LayerGroups:
@@ -159,7 +161,7 @@ def parameters_by_group(model: nn.Module, groups: LayerGroups) -> dict[str, list
 def _resnet(model: nn.Module) -> LayerGroups:
     stages = [name for name, _ in model.named_children() if re.fullmatch(r"layer\d+", name)]
     stem = _children_before(model, stages[0])
-    return [("stem", stem), *[(name, [name]) for name in stages], ("head", ["fc"])]
+    return [("stem", stem), *[(name, [name]) for name in stages], (HEAD, ["fc"])]
 
 
 def _vgg_like(model: nn.Module) -> LayerGroups:
@@ -168,20 +170,20 @@ def _vgg_like(model: nn.Module) -> LayerGroups:
     segments = _split_after(_child_paths(model, "features"), model, nn.MaxPool2d)
     segments = [seg for seg in segments if _has_params(model, seg)]
     pre_logits, head = _split_head(model, "classifier")
-    return [*_stem_and_stages(segments), ("pre_logits", pre_logits), ("head", [head])]
+    return [*_stem_and_stages(segments), ("pre_logits", pre_logits), (HEAD, [head])]
 
 
 def _squeezenet(model: nn.Module) -> LayerGroups:
     segments = _split_after(_child_paths(model, "features"), model, nn.MaxPool2d)
     segments = [seg for seg in segments if _has_params(model, seg)]
     _, head = _split_head(model, "classifier")  # the 1x1 conv producing class scores
-    return [*_stem_and_stages(segments), ("head", [head])]
+    return [*_stem_and_stages(segments), (HEAD, [head])]
 
 
 def _densenet(model: nn.Module) -> LayerGroups:
     # A stage is a dense block plus the transition (or final norm5) that follows it.
     segments = _split_before(_child_paths(model, "features"), _matches(r"features\.denseblock\d+"))
-    return [*_stem_and_stages(segments), ("head", ["classifier"])]
+    return [*_stem_and_stages(segments), (HEAD, ["classifier"])]
 
 
 def _efficientnet(model: nn.Module) -> LayerGroups:
@@ -216,7 +218,7 @@ def _stem_stages_classifier(model: nn.Module, stem: list[str], stages: list[list
         *_numbered("stage", stages),
         ("final_conv", final_conv),
         ("pre_logits", pre_logits),
-        ("head", [head]),
+        (HEAD, [head]),
     ]
 
 
@@ -227,13 +229,13 @@ def _shufflenet(model: nn.Module) -> LayerGroups:
         ("stem", _children_before(model, stages[0])),
         *[(name, [name]) for name in stages],
         ("final_conv", ["conv5"]),
-        ("head", ["fc"]),
+        (HEAD, ["fc"]),
     ]
 
 
 def _regnet(model: nn.Module) -> LayerGroups:
     stages = [[p] for p in _child_paths(model, "trunk_output")]
-    return [("stem", ["stem"]), *_numbered("stage", stages), ("head", ["fc"])]
+    return [("stem", ["stem"]), *_numbered("stage", stages), (HEAD, ["fc"])]
 
 
 def _googlenet(model: nn.Module) -> LayerGroups:
@@ -254,14 +256,14 @@ def _convnext(model: nn.Module) -> LayerGroups:
 
     stages = _downsample_stages(model, "features", CNBlock)
     pre_logits, head = _split_head(model, "classifier")  # classifier[0] is a pretrained LayerNorm
-    return [*stages, ("pre_logits", pre_logits), ("head", [head])]
+    return [*stages, ("pre_logits", pre_logits), (HEAD, [head])]
 
 
 def _swin(model: nn.Module) -> LayerGroups:
     from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 
     stages = _downsample_stages(model, "features", (SwinTransformerBlock, SwinTransformerBlockV2))
-    return [*stages, ("pre_logits", ["norm"]), ("head", ["head"])]
+    return [*stages, ("pre_logits", ["norm"]), (HEAD, ["head"])]
 
 
 def _maxvit(model: nn.Module) -> LayerGroups:
@@ -271,7 +273,7 @@ def _maxvit(model: nn.Module) -> LayerGroups:
         ("stem", ["stem"]),
         *_numbered("stage", stages),
         ("pre_logits", pre_logits),
-        ("head", [head]),
+        (HEAD, [head]),
     ]
 
 
@@ -286,7 +288,7 @@ def _vit(model: nn.Module) -> LayerGroups:
         *_numbered("block", blocks, start=0),  # encoder_layer_0 -> block0
         ("norm", ["encoder.ln"]),
         ("pre_logits", pre_logits),
-        ("head", [head]),
+        (HEAD, [head]),
     ]
 
 
@@ -431,7 +433,7 @@ def _by_top_level_key(model: nn.Module, key: Callable[[str], str | None]) -> Lay
         current = group or current
         if current is not None:
             groups.setdefault(current, []).append(name)
-    return [*groups.items(), ("head", ["fc"])]
+    return [*groups.items(), (HEAD, ["fc"])]
 
 
 def _inception_key(stage: str, prefix: str, aux: dict[str, str]) -> Callable[[str], str | None]:

@@ -22,31 +22,47 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-from transferctl.models.build import IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocessing, load_weights_on_top, replace_head
-from transferctl.config import PYTHON_PREFIX, BackboneConfig
+from transferctl.config import PYTHON_PREFIX, BackboneConfig, WeightsSource
+from transferctl.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from transferctl.errors import ConfigError, Problem, did_you_mean
-from transferctl.models.layer_groups import LayerGroups, check_layer_groups, groups_from_parameters
-from transferctl.training.phases import HEAD as HEAD_GROUP
+from transferctl.models.backbone import replace_head
+from transferctl.models.layer_groups import HEAD, LayerGroups, check_layer_groups, groups_from_parameters
 
 DEFAULT_IMAGE_SIZE = 224
 _IMPORT_HINT = "the module must be importable: install its package, or put its folder on PYTHONPATH (PYTHONPATH=. for the current folder)"
 
 
-def build_python_backbone(config: BackboneConfig, num_classes: int, image_size: int | None, pretrained: bool = True) -> Backbone:
+# ---------------------------------------------------------------------------------------------
+# The builder's steps (transferctl.models.build calls them in its one order)
+
+
+def architecture(config: BackboneConfig, source: WeightsSource, num_classes: int, image_size: int | None) -> nn.Module:
+    """Whatever the user's function returns, with whatever weights it loads itself."""
     with _user_code():
-        model = _call(_import_function(config.name), config.name)
+        return _call(_import_function(config.name), config.name)
+
+
+def head_path(config: BackboneConfig, model: nn.Module) -> str:
     head = config.head or ""
     _check_head(model, head, config.name)
+    return head
+
+
+def new_head(model: nn.Module, head: str, num_classes: int) -> None:
     replace_head(model, head, num_classes)
-    source = config.weights if pretrained else "none"
-    from_run = load_weights_on_top(model, head, source, config.name)
-    groups = _groups(model, head, config.groups)
-    size = image_size or DEFAULT_IMAGE_SIZE
-    preprocessing = Preprocessing(round(size * 256 / 224), size, config.mean or IMAGENET_MEAN, config.std or IMAGENET_STD)
-    if from_run is not None:
-        preprocessing = from_run.with_image_size(image_size)
-    described = "its own (python: function)" if source.lower() == "none" else source
-    return Backbone(model, config.name, groups, head, preprocessing, described)
+
+
+def groups(config: BackboneConfig, model: nn.Module, head: str) -> LayerGroups:
+    return _groups(model, head, config.groups)
+
+
+def preprocessing(config: BackboneConfig, model: nn.Module, source: WeightsSource) -> Preprocessing:
+    """ImageNet's recipe (resize 256, crop 224) with the configured normalisation; data.image_size rescales it."""
+    return Preprocessing(round(DEFAULT_IMAGE_SIZE * 256 / 224), DEFAULT_IMAGE_SIZE, config.mean or IMAGENET_MEAN, config.std or IMAGENET_STD)
+
+
+def description(config: BackboneConfig, model: nn.Module, source: WeightsSource) -> str:
+    return "its own (python: function)" if source.kind == "none" else str(source)
 
 
 def _import_function(name: str) -> Callable[[], Any]:
@@ -98,13 +114,13 @@ def _check_head(model: nn.Module, head: str, name: str) -> None:
 def _groups(model: nn.Module, head: str, named: dict[str, list[str]] | None) -> LayerGroups:
     if not named:
         # Everything before the head is one group: feature_extract and fine_tune work without more config.
-        owner = {n: (HEAD_GROUP if n == head or n.startswith(head + ".") else "body") for n, _ in model.named_parameters()}
+        owner = {n: (HEAD if n == head or n.startswith(head + ".") else "body") for n, _ in model.named_parameters()}
         groups = groups_from_parameters(model, owner)
-        return [group for group in groups if group[0] != HEAD_GROUP] + [(HEAD_GROUP, [head])]
-    if HEAD_GROUP in named:
+        return [group for group in groups if group[0] != HEAD] + [(HEAD, [head])]
+    if HEAD in named:
         raise ConfigError(Problem("backbone.groups", "'head' is the group of backbone.head; name the other groups only"))
     try:
-        return check_layer_groups(model, [*((name, list(paths)) for name, paths in named.items()), (HEAD_GROUP, [head])])
+        return check_layer_groups(model, [*((name, list(paths)) for name, paths in named.items()), (HEAD, [head])])
     except ValueError as exc:
         raise ConfigError(Problem("backbone.groups", str(exc), "list module prefixes so that every parameter but the head's is in one group")) from None
 

@@ -14,11 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from transferctl.models.build import Backbone, Preprocessing, load_weights_on_top
-from transferctl.config import TIMM_PREFIX, BackboneConfig, looks_like_weights_file
+from transferctl.config import TIMM_PREFIX, BackboneConfig, WeightsSource
+from transferctl.data.preprocessing import Preprocessing
 from transferctl.errors import ConfigError, Problem, WeightsError, did_you_mean
-from transferctl.models.layer_groups import LayerGroups, check_layer_groups, groups_from_parameters
-from transferctl.training.phases import HEAD
+from transferctl.models.layer_groups import HEAD, LayerGroups, check_layer_groups, groups_from_parameters
 
 INSTALL_HINT = "pip install 'transferctl[timm]'"
 
@@ -31,22 +30,52 @@ def import_timm() -> Any:
     return timm
 
 
-def build_timm_backbone(config: BackboneConfig, num_classes: int, image_size: int | None, pretrained: bool = True) -> Backbone:
+# ---------------------------------------------------------------------------------------------
+# The builder's steps (transferctl.models.build calls them in its one order)
+
+
+def architecture(config: BackboneConfig, source: WeightsSource, num_classes: int, image_size: int | None) -> nn.Module:
+    """The model, with its head of num_classes outputs already new: timm's loader leaves the pretrained
+    classifier out when the sizes differ, so hub weights come with the architecture, as timm builds them."""
     timm = import_timm()
-    name = config.name[len(TIMM_PREFIX) :]
-    source = config.weights if pretrained else "none"
-    hub = source.lower() != "none" and not source.startswith("run:") and not looks_like_weights_file(source)
-    full_name = name if source in ("DEFAULT", "none") or not hub else f"{name}.{source}"
-    _check_name(timm, name.split(".")[0])
+    full_name = _full_name(config, source)
+    _check_name(timm, full_name.split(".")[0])
+    hub = source.kind == "hub"
     if hub:
         check_hub_weights_reachable(timm, full_name)
-    model = _create(timm, full_name, hub, num_classes, image_size)
-    head = _head_path(model)
-    from_run = load_weights_on_top(model, head, source, config.name)
-    groups = timm_layer_groups(model, head)
-    preprocessing = from_run or preprocessing_of_timm(timm, model)
-    description = f"timm {model.pretrained_cfg.get('hf_hub_id') or full_name}" if hub else ("none (random init)" if source.lower() == "none" else source)
-    return Backbone(model, config.name, groups, head, preprocessing.with_image_size(image_size), description)
+    return _create(timm, full_name, hub, num_classes, image_size)
+
+
+def head_path(config: BackboneConfig, model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    for path, module in model.named_modules():
+        if module is classifier and path:
+            return path
+    raise ConfigError(Problem("backbone.name", f"{type(model).__name__} has no classifier layer to replace", "choose a timm classification model"))
+
+
+def new_head(model: nn.Module, head: str, num_classes: int) -> None:
+    """Nothing to do: create_model(num_classes=...) made the head new (see architecture)."""
+
+
+def groups(config: BackboneConfig, model: nn.Module, head: str) -> LayerGroups:
+    return timm_layer_groups(model, head)
+
+
+def preprocessing(config: BackboneConfig, model: nn.Module, source: WeightsSource) -> Preprocessing:
+    return preprocessing_of_timm(import_timm(), model)
+
+
+def description(config: BackboneConfig, model: nn.Module, source: WeightsSource) -> str:
+    if source.kind == "hub":
+        return f"timm {model.pretrained_cfg.get('hf_hub_id') or _full_name(config, source)}"
+    return "none (random init)" if source.kind == "none" else str(source)
+
+
+def _full_name(config: BackboneConfig, source: WeightsSource) -> str:
+    """timm's name of the model with its pretrained tag: `weights: a1_in1k` means `<model>.a1_in1k`."""
+    name = config.name[len(TIMM_PREFIX) :]
+    return f"{name}.{source.value}" if source.kind == "hub" and source.value != "DEFAULT" else name
 
 
 def _check_name(timm: Any, name: str) -> None:
@@ -130,14 +159,6 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"{host} cannot be reached: {exc.strerror or type(exc).__name__}"
     return True, ""
-
-
-def _head_path(model: nn.Module) -> str:
-    classifier = model.get_classifier()
-    for path, module in model.named_modules():
-        if module is classifier and path:
-            return path
-    raise ConfigError(Problem("backbone.name", f"{type(model).__name__} has no classifier layer to replace", "choose a timm classification model"))
 
 
 def timm_layer_groups(model: nn.Module, head: str) -> LayerGroups:

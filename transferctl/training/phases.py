@@ -16,9 +16,7 @@ from torch import nn
 
 from transferctl.config import ExperimentConfig, OptimizerConfig, SchedulerConfig, schedule_of
 from transferctl.errors import ConfigError, Problem, did_you_mean, quote
-from transferctl.models.layer_groups import LayerGroups, parameters_by_group
-
-HEAD = "head"
+from transferctl.models.layer_groups import HEAD, LayerGroups, parameters_by_group
 
 
 @dataclass(frozen=True)

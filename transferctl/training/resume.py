@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transferctl.models.build import Preprocessing
+from transferctl.data.preprocessing import Preprocessing
 from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml, flatten, load_config, schedule_of
 from transferctl.data.folders import changed_images, class_differences, split_fingerprint
 from transferctl.training.distributed import from_main, is_main, process_group

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import torch
 
 from transferctl import __version__
-from transferctl.models.build import Backbone, build_backbone
+from transferctl.models.backbone import Backbone
+from transferctl.models.build import build_backbone
 from transferctl.training.checkpoint_timing import CheckpointSaver
 from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml
 from transferctl.data.folders import (
