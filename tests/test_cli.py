@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,13 @@ def test_names_with_square_brackets_are_printed_as_written() -> None:
     console.print(render_runs([RunInfo(path="runs/[bold]r", name="[bold]r", status="finished", backbone="resnet18")]))
     text = console.export_text()
     assert "[red]a" in text and "runs/[x]" in text and "[bold]r" in text
+
+
+def test_help_lists_the_commands_in_the_order_a_user_meets_them() -> None:
+    from transferctl.cli import CHOOSE, COMMAND_ORDER, INSPECT, START, TRAIN, USE
+
+    text = invoke("--help").stdout
+    panels = [text.index(title) for title in (START, TRAIN, USE, CHOOSE, INSPECT)]
+    assert panels == sorted(panels)
+    listed = [match.group(1) for match in re.finditer(r"^│ ([a-z][a-z-]*) {2,}\S", text, re.M)]
+    assert listed == list(COMMAND_ORDER) and listed[:5] == ["init", "backbones", "schema", "check", "train"]

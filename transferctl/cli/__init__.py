@@ -28,6 +28,15 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# `--help` groups the commands in the order a user meets them.
+START = "Start: look at your images, pick a backbone"
+TRAIN = "Train"
+USE = "Use the trained model"
+CHOOSE = "Choose and compare strategies"
+INSPECT = "Inspect runs and the cache"
+# Each panel lists its commands in this order: the order they are used in.
+COMMAND_ORDER = ("init", "backbones", "schema", "check", "train", "evaluate", "predict", "export", "recommend", "compare", "runs", "show", "report", "cache")
+
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
@@ -157,6 +166,7 @@ def _register_commands() -> None:
 
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{module}")
+    app.registered_commands.sort(key=lambda command: COMMAND_ORDER.index(command.name or command.callback.__name__))
 
 
 _register_commands()

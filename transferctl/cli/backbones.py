@@ -7,10 +7,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import START, app, err, print_json, user_errors
 
 
-@app.command()
+@app.command(rich_help_panel=START)
 def backbones(
     filter_text: Optional[str] = typer.Option(None, "--filter", help="Only models whose name contains TEXT (e.g. resnet, vit_)."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import INSPECT, app, err, print_json, user_errors
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def cache(
     clear: bool = typer.Option(False, "--clear", help="Remove the entries (all, or those --older-than)."),
     older_than: Optional[float] = typer.Option(None, "--older-than", min=0, metavar="DAYS", help="With --clear: only entries last used more than DAYS ago."),

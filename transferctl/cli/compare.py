@@ -9,12 +9,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import CHOOSE, app, err, print_json, user_errors
 from transferctl.cli.report import table_console
 from transferctl.cli.train import ConfigArg, SetOption
 
 
-@app.command()
+@app.command(rich_help_panel=CHOOSE)
 def compare(
     config: Path = ConfigArg,
     strategies: str = typer.Option("scratch,feature_extract,fine_tune", "--strategies", help="Comma-separated strategies; scratch is required (the baseline)."),

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import USE, app, err, print_json, user_errors
 
 RunDirArg = typer.Argument(..., file_okay=False, help="A run directory written by `transferctl train`.")
 CheckpointOption = typer.Option("best", "--checkpoint", help="best | last | path to a checkpoint file.")
@@ -21,7 +21,7 @@ TrustCodeOption = typer.Option(
 BatchSizeOption = typer.Option(None, "--batch-size", min=1, help="Images per batch (default: the run's data.batch_size).")
 
 
-@app.command()
+@app.command(rich_help_panel=USE)
 def evaluate(
     run_dir: Path = RunDirArg,
     checkpoint: str = CheckpointOption,

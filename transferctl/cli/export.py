@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import USE, app, err, print_json, user_errors
 from transferctl.cli.evaluate import TrustCodeOption
 
 FORMATS = ("onnx", "torchscript", "safetensors")  # transferctl.inference.export.FORMATS, without importing torch here
@@ -17,7 +17,7 @@ def _complete_format(incomplete: str) -> list[str]:
     return [name for name in FORMATS if name.startswith(incomplete)]
 
 
-@app.command("export")
+@app.command("export", rich_help_panel=USE)
 def export_command(
     run_dir: Path = typer.Argument(..., file_okay=False, help="A run directory written by `transferctl train`."),
     fmt: str = typer.Option(..., "--format", "-f", help="onnx | torchscript | safetensors.", autocompletion=_complete_format),

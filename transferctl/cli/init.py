@@ -10,13 +10,13 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import START, app, err, print_json, user_errors
 
 STRATEGY_CHOICES = ("auto", "feature_extract", "fine_tune", "scratch", "pretrained_init")
 SHOWN_CLASSES = 12
 
 
-@app.command()
+@app.command(rich_help_panel=START)
 def init(
     data_dir: Path = typer.Argument(..., file_okay=False, help="A folder of images: DIR/train/<class>/*, DIR/val/<class>/* (optional DIR/test), or DIR/<class>/*."),
     backbone: str = typer.Option("resnet18", "--backbone", help="A torchvision classification model."),

@@ -12,13 +12,13 @@ from typing import Iterator, List, Optional
 import typer
 from rich.markup import escape
 
-from transferctl.cli import EXIT_INTERRUPTED, app, err, user_errors, write_stdout
+from transferctl.cli import EXIT_INTERRUPTED, USE, app, err, user_errors, write_stdout
 from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg, TrustCodeOption
 from transferctl.errors import Problem
 from transferctl.paths import shown
 
 
-@app.command()
+@app.command(rich_help_panel=USE)
 def predict(
     run_dir: Path = RunDirArg,
     paths: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' alone reads paths from stdin, one per line."),

@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import CHOOSE, app, err, print_json, user_errors
 
 
 
-@app.command()
+@app.command(rich_help_panel=CHOOSE)
 def recommend(
     size: Optional[str] = typer.Option(None, "--size", help="Rule mode: small or large (images per class: small below 100, large from 1,000)."),
     similar: Optional[str] = typer.Option(None, "--similar", help="Rule mode: yes or no, is the task like the pretraining data (ImageNet photos)?"),

@@ -10,10 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import INSPECT, app, err, print_json, user_errors
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories, or folders of them (a compare folder, an output.dir)."),
     out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="The PNG to write (default: learning-curves.png in the one folder given, else in the current directory)."),

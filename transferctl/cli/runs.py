@@ -10,10 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import INSPECT, app, err, print_json, user_errors
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def runs(
     folder: Path = typer.Argument(Path("runs"), file_okay=False, help="A folder of run directories (an experiment's output.dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print the runs as one JSON list on stdout."),

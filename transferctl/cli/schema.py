@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from transferctl.cli import app, print_json
+from transferctl.cli import START, app, print_json
 
 
-@app.command()
+@app.command(rich_help_panel=START)
 def schema() -> None:
     """Print the JSON Schema of the experiment file (e.g. `transferctl schema > transferctl.schema.json`)."""
     from transferctl.config import json_schema

@@ -10,10 +10,10 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import INSPECT, app, err, print_json, user_errors
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def show(
     run_dir: Path = typer.Argument(..., file_okay=False, help="A run directory written by `transferctl train`."),
     as_json: bool = typer.Option(False, "--json", help="Print the run as one JSON document on stdout."),

@@ -7,13 +7,13 @@ from typing import Any, List, Optional
 
 import typer
 
-from transferctl.cli import app, err, print_json, user_errors
+from transferctl.cli import TRAIN, app, err, print_json, user_errors
 
 ConfigArg = typer.Argument(..., exists=False, dir_okay=False, help="The experiment YAML file.")
 SetOption = typer.Option(None, "--set", help="Override a field: --set data.batch_size=16 (repeatable).")
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def train(
     config: Optional[Path] = typer.Argument(None, dir_okay=False, help="The experiment YAML file (not with --resume)."),
     overrides: Optional[List[str]] = SetOption,
@@ -116,7 +116,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def check(
     config: Path = ConfigArg,
     overrides: Optional[List[str]] = SetOption,
