@@ -63,7 +63,12 @@ def groups(config: BackboneConfig, model: nn.Module, head: str) -> LayerGroups:
 
 
 def preprocessing(config: BackboneConfig, model: nn.Module, source: WeightsSource) -> Preprocessing:
-    return preprocessing_of_timm(import_timm(), model)
+    """What the model's pretrained config says (timm.data.resolve_data_config), with or without its weights."""
+    data = import_timm().data.resolve_data_config({}, model=model)
+    crop = int(data["input_size"][-1])
+    resize = max(crop, round(crop / float(data.get("crop_pct", 0.875))))
+    interpolation = str(data.get("interpolation", "bilinear"))
+    return Preprocessing(resize, crop, tuple(data["mean"]), tuple(data["std"]), interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")  # type: ignore[arg-type]
 
 
 def description(config: BackboneConfig, model: nn.Module, source: WeightsSource) -> str:
@@ -202,11 +207,3 @@ def _own_prefix(params: list[str], others: list[str]) -> str:
         if mine * 2 > len(params) and not any(p.startswith(prefix) for p in others):
             return prefix[:-1]
     return ""
-
-
-def preprocessing_of_timm(timm: Any, model: nn.Module) -> Preprocessing:
-    data = timm.data.resolve_data_config({}, model=model)
-    crop = int(data["input_size"][-1])
-    resize = max(crop, round(crop / float(data.get("crop_pct", 0.875))))
-    interpolation = str(data.get("interpolation", "bilinear"))
-    return Preprocessing(resize, crop, tuple(data["mean"]), tuple(data["std"]), interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")  # type: ignore[arg-type]
