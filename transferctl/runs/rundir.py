@@ -71,13 +71,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_atomically(path: Path, data: bytes | str, error: type[TransferctlError] = CheckpointError) -> None:
-    """atomic_write_bytes for a file the user asked for: a full disk or a read-only folder is theirs to fix,
+    """atomic_write_bytes for a file the user asked for or needs: a full disk or a read-only folder is theirs to fix,
     said in one line that names the file (as `error`, the caller's kind of problem)."""
     try:
         atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise error(Problem(str(path), f"cannot write: {reason}; any earlier version of the file is left as it was", "free disk space or fix permissions, or write elsewhere, then retry")) from None
+        raise error(Problem(str(path), f"cannot write: {reason}; the previous version of the file, if any, is intact", "free disk space or fix permissions, or write elsewhere, then retry")) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
