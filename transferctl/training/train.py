@@ -58,7 +58,6 @@ from transferctl.training.head_solver import HeadSolver, solvable
 from transferctl.data.decoded_cache import DecodeOnce
 from transferctl.training.interrupts import StopRequest, stop_on_signals
 from transferctl.training.phases import (
-    HEAD,
     PhasePlan,
     Stage,
     apply_freezing,
@@ -74,7 +73,9 @@ from transferctl.training.phases import (
     stages_of,
 )
 from transferctl.runs.checkpoint import CHECKPOINT_FORMAT, Checkpoint, LastCheckpoint
-from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir, overall_images_per_second, total_data_seconds
+from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir
+from transferctl.training.early_stopping import EarlyStopping, is_better
+from transferctl.training.run_records import current_lrs, epoch_row, run_summary
 
 
 class TrainObserver(Protocol):
@@ -288,14 +289,6 @@ def resume_command(run_dir: Path) -> str:
     return f"transferctl train --resume {shlex.quote(str(run_dir))}"
 
 
-@dataclass
-class _PhaseState:
-    """Early stopping within one phase."""
-
-    best: dict[str, Any] | None = None
-    stale: int = 0
-
-
 class _Trainer:
     """The loop over phases and epochs; holds the state a checkpoint must capture."""
 
@@ -352,11 +345,13 @@ class _Trainer:
         backbone = self.experiment.backbone
         stages = stages_of(plan, backbone.group_names)  # one, unless the phase unfreezes gradually
         scaler = make_grad_scaler(self.runtime)
-        state, first_epoch = _PhaseState(), 1
+        # The phase's own until_plateau.patience overrides early_stopping.patience.
+        stopping = EarlyStopping(self.config.early_stopping.metric, plan.patience if plan.patience is not None else self.config.early_stopping.patience)
+        first_epoch = 1
         if start is not None:
             if scaler is not None and start.scaler:
                 scaler.load_state_dict(start.scaler)
-            state, first_epoch = _PhaseState(start.phase_best, start.stale), start.epoch + 1
+            stopping.best, stopping.stale, first_epoch = start.phase_best, start.stale, start.epoch + 1
         self.observer.phase_started(plan, len(self.loaders["train"]))
         stage: Stage | None = None
         for epoch in range(first_epoch, plan.epochs + 1):
@@ -381,18 +376,18 @@ class _Trainer:
                     load_optimizer_state(optimizer, start.optimizer)
                     scheduler.load_state_dict(start.scheduler)
             set_train_mode(self.model, backbone.groups, stage.plan)
-            lrs = _current_lrs(optimizer) if solver is None else {}  # a solved head has no learning rate
+            lrs = current_lrs(optimizer) if solver is None else {}  # a solved head has no learning rate
             set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
             stats = self._train_epoch(plan, epoch, optimizer, scheduler, scaler, cached) if solver is None else self._solve_epoch(plan, epoch, solver)
             if cached is None:
                 self.full_epochs += 1
                 self._notice_data_wait(plan, epoch, stats)
             val = self._evaluate(plan, epoch, cached)
-            row = self._row(plan, epoch, lrs, stats, val)
+            row = epoch_row(plan, epoch, len(self.rows) + 1, lrs, stats, val)
             if solver is not None:
                 row["head_weight_decay"] = solver.weight_decay
-            done = self._early_stop(plan, state, row) or epoch == plan.epochs
-            self._save_epoch(plan, epoch, row, done, state, optimizer, scheduler, scaler)
+            done = stopping.update(row) or epoch == plan.epochs
+            self._save_epoch(plan, epoch, row, done, stopping, optimizer, scheduler, scaler)
             self.observer.epoch_done(row)
             if done:
                 break
@@ -491,45 +486,11 @@ class _Trainer:
             Problem(str(path), f"stopped by {self.stop.name or 'SIGINT'} during phase '{plan.name}' epoch {epoch}; {saved}", f"resume with: {resume_command(path)}")
         )
 
-    def _row(self, plan: PhasePlan, epoch: int, lrs: dict[str, float], stats: EpochStats, val: EpochStats) -> dict[str, Any]:
-        return {
-            "phase": plan.name,
-            "phase_index": plan.index,
-            "epoch": epoch,
-            "global_epoch": len(self.rows) + 1,
-            "lr_head": lrs.get(HEAD),
-            "lr_backbone": lrs.get("backbone"),
-            "train_loss": stats.loss,
-            "train_acc": stats.accuracy,
-            "val_loss": val.loss,
-            "val_acc": val.accuracy,
-            "seconds": round(stats.seconds + val.seconds, 3),
-            "images_per_second": round(stats.images_per_second, 1),
-            "data_seconds": round(stats.data_seconds, 3),  # of the training's seconds, waiting for batches
-            "train_seconds": round(stats.seconds, 3),  # of `seconds`, training (the rest validates)
-        }
-
-    def _early_stop(self, plan: PhasePlan, state: _PhaseState, row: dict[str, Any]) -> bool:
-        """Update the phase's early-stopping state with an epoch's row; True when the phase should end.
-        The phase's own until_plateau.patience overrides early_stopping.patience."""
-        if state.best is None or self._better(row, state.best):
-            state.best, state.stale = row, 0
-        else:
-            state.stale += 1
-        patience = plan.patience if plan.patience is not None else self.config.early_stopping.patience
-        return patience is not None and state.stale >= patience
-
-    def _better(self, row: dict[str, Any], than: dict[str, Any]) -> bool:
-        metric = self.config.early_stopping.metric
-        if metric == "val_loss":
-            return row[metric] < than[metric]
-        return row[metric] > than[metric]
-
-    def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, state: _PhaseState, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, stopping: EarlyStopping, optimizer: Any, scheduler: Any, scaler: Any) -> None:
         """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
         last.pt with all a resume needs. The saver writes them now or soon (checkpoint_timing.py)."""
         self.rows.append(row)
-        improved = self.best is None or self._better(row, self.best)
+        improved = self.best is None or is_better(row, self.best, self.config.early_stopping.metric)
         if improved:
             self.best = row
         if not self.run_dir.writer:
@@ -542,8 +503,8 @@ class _Trainer:
             scaler=scaler.state_dict() if scaler is not None else None,
             rng=rng_states(),
             phase_done=done,
-            phase_best=dict(state.best) if state.best else None,
-            stale=state.stale,
+            phase_best=dict(stopping.best) if stopping.best else None,
+            stale=stopping.stale,
             rows=[dict(r) for r in self.rows],
             elapsed=self._elapsed(),
         )
@@ -570,36 +531,8 @@ class _Trainer:
 
     def _summary(self) -> dict[str, Any]:
         assert self.best is not None, "a schedule always has at least one epoch"
-        train_seconds = sum(r["seconds"] for r in self.rows)
-        return {
-            "run_dir": str(self.run_dir.path),
-            "name": self.config.name,
-            "backbone": self.experiment.backbone.name,
-            "strategy": self.config.strategy,
-            "metric": self.config.early_stopping.metric,
-            "best_val_acc": self.best["val_acc"],
-            "best_val_loss": self.best["val_loss"],
-            "best_epoch": self.best["global_epoch"],
-            "best_phase": self.best["phase"],
-            "final_val_acc": self.rows[-1]["val_acc"],
-            "epochs": len(self.rows),
-            "seconds": round(self._elapsed(), 2),
-            "train_seconds": round(train_seconds, 2),
-            "data_seconds": total_data_seconds(self.rows),
-            "images_per_second": overall_images_per_second(self.rows),
-            "device": str(self.runtime.device),
-            "precision": self.runtime.precision,
-            "feature_cache": self.shortcut.records,
-            "decoded_images": self.decode_once.records,
-            "skipped_images": [str(item.path) for item in self.experiment.splits.skipped],
-            "checkpoints": {"best": str(self.run_dir.checkpoints / "best.pt"), "last": str(self.run_dir.checkpoints / "last.pt")},
-        }
-
-
-def _current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The head's lr and the backbone's (the largest of its groups) at the start of an epoch."""
-    lrs: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        key = HEAD if group["name"].split("/")[0] == HEAD else "backbone"
-        lrs[key] = max(lrs.get(key, 0.0), group["lr"])
-    return lrs
+        return run_summary(
+            self.run_dir.path, self.config, self.experiment.backbone.name, self.rows, self.best, seconds=self._elapsed(), device=str(self.runtime.device),
+            precision=self.runtime.precision, feature_cache=self.shortcut.records, decoded_images=self.decode_once.records,
+            skipped_images=[str(item.path) for item in self.experiment.splits.skipped],
+        )  # fmt: skip
