@@ -35,7 +35,8 @@ from transferctl.config import (
 )
 from transferctl.analysis.curves import DEFINITIONS, Stat, measure, mean_band, negative_transfer, summarize
 from transferctl.errors import CheckpointError, ConfigError, Problem, TransferctlError, did_you_mean
-from transferctl.analysis.report import RunCurves, load_run_curves, write_output
+from transferctl.analysis.report import RunCurves, load_run_curves
+from transferctl.runs.rundir import write_atomically
 
 if TYPE_CHECKING:
     from transferctl.training.train import TrainObserver
@@ -332,9 +333,9 @@ def write_report(plan: ComparisonPlan, report: dict[str, Any]) -> None:
 
     bands = [StrategyBand(s, c["mean"], c["sd"], c["phase_ends"], len(plan.seeds)) for s, c in report["curves"].items()]
     figure = comparison_figure(bands, f"{plan.title}: validation accuracy per epoch ({len(plan.seeds)} seeds, {plan.epochs} epochs)")
-    write_output(plan.out / "curves.png", png_bytes(figure))
-    write_output(plan.out / "report.md", render_markdown(report))
-    write_output(plan.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_atomically(plan.out / "curves.png", png_bytes(figure))
+    write_atomically(plan.out / "report.md", render_markdown(report))
+    write_atomically(plan.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

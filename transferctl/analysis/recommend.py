@@ -169,16 +169,13 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
 
 
 def write_experiment(text: str, path: Path, overwrite: bool = False) -> Path:
-    from transferctl.runs.rundir import atomic_write_text
+    from transferctl.runs.rundir import write_atomically
 
     if path.is_dir():
         raise ConfigError(Problem("--write-config", f"{path} is a folder", f"name a file, e.g. {path / 'experiment.yaml'}"))
     if path.exists() and not overwrite:
         raise ConfigError(Problem("--write-config", f"{path} already exists", "choose another file, or pass --force to replace it"))
-    try:
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise ConfigError(Problem("--write-config", f"cannot write {path}: {exc.strerror or exc}", "choose a writable folder")) from None
+    write_atomically(path, text, ConfigError)
     return path
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from transferctl.analysis.curves import auc
 from transferctl.errors import CheckpointError, DataError, Problem
-from transferctl.runs.rundir import NUMERIC_METRICS, RunDir, atomic_write_bytes
+from transferctl.runs.rundir import NUMERIC_METRICS, RunDir, write_atomically
 from transferctl.runs.listing import RunInfo, describe_run, is_run_dir
 
 PNG_NAME = "learning-curves.png"
@@ -108,13 +108,5 @@ def report_runs(paths: Sequence[Path], png: Path | None = None) -> RunReport:
     if not any(run.rows for run in runs):
         raise CheckpointError(Problem(", ".join(str(p) for p in paths), "no run has finished an epoch yet", "wait for the first epoch, then retry"))
     png = png or default_png(paths)
-    write_output(png, png_bytes(learning_curves_figure(runs)))
+    write_atomically(png, png_bytes(learning_curves_figure(runs)))
     return RunReport([summarize_run(run) for run in runs], png)
-
-
-def write_output(path: Path, data: bytes | str) -> None:
-    """Atomically; a full disk or a read-only folder is the user's to fix."""
-    try:
-        atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
-    except OSError as exc:
-        raise CheckpointError(Problem(str(path), f"cannot write: {exc.strerror or exc}", "free disk space or fix permissions, or choose another path")) from None

@@ -24,7 +24,7 @@ from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from
 from transferctl.data.folders import BadImage, DatasetSplits, Sample, discover
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.analysis.recommend import Advice, Thresholds, advise, judge_size
-from transferctl.runs.rundir import file_in_the_way
+from transferctl.runs.rundir import file_in_the_way, write_atomically
 
 HEADER_SAMPLE = 2000  # images whose headers are read for sizes and modes (evenly spread over the folder)
 AUTO = "auto"
@@ -228,17 +228,8 @@ def init_experiment(data_dir: Path, output: Path, backbone: str = "resnet18", st
     text = experiment_text(inspection, data_dir, output, backbone, chosen, advice)
     schema_path = output.parent / SCHEMA_FILE
     _write_schema(schema_path)  # first: a schema that cannot be written must not leave a half-done init behind
-    _write(output, text)
+    write_atomically(output, text, ConfigError)
     return InitResult(inspection, chosen, advice, output, schema_path, text)
-
-
-def _write(path: Path, text: str) -> None:
-    from transferctl.runs.rundir import atomic_write_text
-
-    try:
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise ConfigError(Problem(str(path), f"cannot write: {exc.strerror or exc}", "check the folder exists and is writable")) from None
 
 
 def _write_schema(path: Path) -> None:
@@ -247,7 +238,7 @@ def _write_schema(path: Path) -> None:
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
-        _write(path, text)
+        write_atomically(path, text, ConfigError)
 
 
 def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, backbone: str, strategy: str, advice: Advice | None) -> str:
