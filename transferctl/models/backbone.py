@@ -45,8 +45,9 @@ def replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:
     setattr(parent, attribute, new)
 
 
-def load_body_weights(model: nn.Module, state: dict[str, torch.Tensor], head_path: str, source: str) -> None:
-    """Load every weight but the head's; the file's own classifier belongs to another task."""
+def fitting_body(model: nn.Module, state: dict[str, torch.Tensor], head_path: str, source: str) -> dict[str, torch.Tensor]:
+    """Every weight of `state` but the head's (the file's own classifier belongs to another task), checked to
+    fit `model` exactly: a WeightsError names the keys that are missing, unexpected or of the wrong shape."""
     own_head = head_path + "."
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(own_head)}
     given = {k: v for k, v in state.items() if not k.startswith(own_head) and not k.startswith(_AUX_HEAD_PREFIXES)}
@@ -58,7 +59,14 @@ def load_body_weights(model: nn.Module, state: dict[str, torch.Tensor], head_pat
     if missing or unexpected or reshaped:
         raise WeightsError(Problem("backbone.weights", f"{source} does not fit this architecture: {_mismatch_summary(missing, unexpected, reshaped)}",
                                    "use weights saved from the same backbone.name"))
-    model.load_state_dict(given, strict=False)
+    return given
+
+
+def load_body(model: nn.Module, body: dict[str, torch.Tensor]) -> None:
+    """Load weights that fitting_body checked against `model`. A cut since has dropped some of its layers
+    (transferctl.models.cut keeps the rest as they are): their weights go with them."""
+    kept = model.state_dict()
+    model.load_state_dict({key: value for key, value in body.items() if key in kept}, strict=False)
 
 
 def _mismatch_summary(missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:

@@ -1,20 +1,22 @@
 """Build a backbone in one order, whatever its kind (torchvision, `timm:`, `python:`) and weights source
 (`config.WeightsSource`): the architecture (hub weights come with it, as torchvision and timm build them),
-the source's state, a new head, the body's weights from that state, layer groups and preprocessing, then
-the cut. Weights saved from a cut network fit only a cut one, so those load right after the cut.
+the source's state, a new head, layer groups and preprocessing, the cut, then the body's weights from the
+source's state. A whole network's state is checked against the whole network before the cut drops layers;
+one saved from a cut network fits only once the network is cut.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from transferctl.config import NO_WEIGHTS, PYTHON_PREFIX, TIMM_PREFIX, BackboneConfig, WeightsSource
 from transferctl.data.preprocessing import Preprocessing
 from transferctl.errors import ConfigError, Problem, WeightsError
 from transferctl.models import torchvision_models
-from transferctl.models.backbone import Backbone, load_body_weights
+from transferctl.models.backbone import Backbone, fitting_body, load_body
 from transferctl.models.cut import cut_network, is_cut_state
 from transferctl.models.layer_groups import HEAD, LayerGroups
 from transferctl.models.source_state import SourceState, load_source_state
@@ -44,8 +46,8 @@ def build_backbone(config: BackboneConfig, num_classes: int, image_size: int | N
     state = None if source.kind == "hub" else load_source_state(source, config.name)  # hub weights came with it
     builder.new_head(model, head, num_classes)
     saved_cut = state if state is not None and _cuttable(config) and is_cut_state(state.weights) else None
-    if state is not None and saved_cut is None:
-        load_body_weights(model, state.weights, head, str(source))
+    whole = model  # a cut keeps it as its body, so the whole network's weights still load into it
+    body = fitting_body(whole, state.weights, head, str(source)) if state is not None and saved_cut is None else None
     groups = builder.groups(config, model, head)
     preprocessing = _preprocessing(builder, config, model, source, state).with_image_size(image_size)
     description = builder.description(config, model, source)
@@ -53,7 +55,9 @@ def build_backbone(config: BackboneConfig, num_classes: int, image_size: int | N
         model, groups = cut_network(config.name, model, groups, config.cut, num_classes, preprocessing.crop)
         head = HEAD
     if saved_cut is not None:
-        _load_cut_state(model, saved_cut, config, source)
+        load_body(model, _fitting_cut_body(model, saved_cut, config, source))
+    elif body is not None:
+        load_body(whole, body)
     return Backbone(model, config.name, groups, head, preprocessing, description, config.cut)
 
 
@@ -83,11 +87,11 @@ def _preprocessing(builder: Builder, config: BackboneConfig, model: nn.Module, s
     return builder.preprocessing(config, model, source)
 
 
-def _load_cut_state(model: nn.Module, state: SourceState, config: BackboneConfig, source: WeightsSource) -> None:
+def _fitting_cut_body(model: nn.Module, state: SourceState, config: BackboneConfig, source: WeightsSource) -> dict[str, torch.Tensor]:
     hint = "set backbone.cut to the layer group those weights were cut after (the run's config.yaml says which)"
     if config.cut is None:
         raise WeightsError(Problem("backbone.weights", f"{source} holds a {config.name} cut short by backbone.cut, not a whole one", hint))
     try:
-        load_body_weights(model, state.weights, HEAD, str(source))
+        return fitting_body(model, state.weights, HEAD, str(source))
     except WeightsError:
         raise WeightsError(Problem("backbone.weights", f"{source} holds a {config.name} cut after another layer group than '{config.cut}'", hint)) from None
