@@ -176,7 +176,7 @@ def batch_clock() -> Any:
     every 0.2 s. images/s between the first report and the last (`steady_speeds`, one per epoch, None for an
     epoch of one report) leave out what an epoch's first batch costs (the loaders' start, the first step).
     """
-    from transferctl.training.train import SilentObserver
+    from transferctl.training.observers import SilentObserver
 
     class BatchClock(SilentObserver):
         def __init__(self) -> None:

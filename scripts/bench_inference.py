@@ -4,7 +4,7 @@
 
 The model alone: resnet18 forward passes on a fixed 224 px batch (no data loading), as the performance
 issue's table measured them: fp32 in the default layout (the usual tutorial loop), fp32 channels-last,
-and transferctl's inference runtime under `precision: auto` (engine.make_runtime + prepare_model with
+and transferctl's inference runtime under `precision: auto` (runtime.make_runtime + prepare_model with
 training=False: channels-last, bf16 autocast where the CPU has bf16 units). Then `predict` end to end:
 transferctl's Predictor on --images generated 320 px PNGs (decoding included) with `--precision fp32`
 (predict's default) and `--precision auto`. Settings alternate for --rounds rounds; each prints its

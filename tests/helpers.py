@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from transferctl.training.train import SilentObserver
+from transferctl.training.observers import SilentObserver
 
 
 def experiment(data_root: Path, output_dir: Path, **sections: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from helpers import experiment
 from transferctl.data.preprocessing import Preprocessing
 from transferctl.config import config_from_dict
 from transferctl.data.folders import EpochSampler, ImageDataset, build_transform, discover
-from transferctl.training.distributed import Shard
+from transferctl.data.sharding import Shard
 from transferctl.errors import ConfigError
 from transferctl.training.feature_cache import FeatureBatches, FeatureStore, Views, head_for_features
 from transferctl.training.train import train

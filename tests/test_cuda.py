@@ -22,7 +22,8 @@ from transferctl.training.runtime import make_runtime
 from transferctl.errors import TrainingInterrupted
 from transferctl.training.resume import resume
 from transferctl.runs.rundir import RunDir
-from transferctl.training.train import SilentObserver, train
+from transferctl.training.train import train
+from transferctl.training.observers import SilentObserver
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -24,7 +24,8 @@ import torch
 
 from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
 from transferctl.config import load_config
-from transferctl.training.distributed import Shard, per_rank_batch, shard_length, shard_of
+from transferctl.training.distributed import per_rank_batch
+from transferctl.data.sharding import Shard, shard_length, shard_of
 from transferctl.errors import ConfigError
 from transferctl.testing.synthetic import tiny_dataset
 from transferctl.training.train import train

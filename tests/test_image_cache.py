@@ -16,7 +16,8 @@ from transferctl.data.folders import ImageDataset, build_transform, discover
 from transferctl.errors import DataError
 from transferctl.data.decoded_cache import decode_all, estimated_bytes, keep_decoded, resized_size
 from transferctl.testing.synthetic import tiny_dataset
-from transferctl.training.train import SilentObserver, train
+from transferctl.training.train import train
+from transferctl.training.observers import SilentObserver
 
 PRE = Preprocessing(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -21,7 +21,8 @@ from transferctl.training.engine import EpochStats
 from transferctl.errors import ConfigError, TrainingInterrupted
 from transferctl.training.phases import PhasePlan, group_lrs, plan_phases, stages_of
 from transferctl.training.resume import resume
-from transferctl.training.train import SilentObserver, train
+from transferctl.training.train import train
+from transferctl.training.observers import SilentObserver
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 

@@ -3,17 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferctl.analysis.probes import (
-    PROBE_C,
-    PROBE_CS,
-    _scaled,
-    held_out_probe,
-    logme_with_spread,
-    probe,
-    source_agreement,
-    stratified_order,
-    stratified_sample,
-)
+from transferctl.analysis.probes import PROBE_C, PROBE_CS, _scaled, held_out_probe, logme_with_spread, probe, source_agreement
+
+from transferctl.data.sampling import stratified_order, stratified_sample
 
 LABELS = np.repeat(np.arange(4), 30)
 

@@ -15,7 +15,8 @@ from runs_helpers import train_tiny_run
 from transferctl.cli import app
 from transferctl.errors import CheckpointError, DataError
 from transferctl.analysis.plots import PHASE_LABEL, learning_curves_figure
-from transferctl.analysis.report import find_run_dirs, load_run_curves, phase_ends, report_runs, summarize_run
+from transferctl.analysis.curves import phase_ends
+from transferctl.analysis.report import find_run_dirs, load_run_curves, report_runs, summarize_run
 
 runner = CliRunner()
 

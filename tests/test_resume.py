@@ -21,14 +21,15 @@ import yaml
 from typer.testing import CliRunner
 
 from helpers import cli_with_patched_decoding, experiment, record_checkpoint_writes, slow_decoding, write_experiment
-from transferctl.training import engine
+from transferctl.training import runtime as runtime_module
 from transferctl.cli import app
 from transferctl.config import load_config
 from transferctl.errors import CheckpointError, TrainingInterrupted
 from transferctl.training.resume import incompatibilities, resume
 from transferctl.runs.rundir import RunDir
 from transferctl.testing.synthetic import tiny_dataset
-from transferctl.training.train import SilentObserver, resume_command, train
+from transferctl.training.train import resume_command, train
+from transferctl.training.observers import SilentObserver
 
 # Two phases of two epochs, random crops and flips: resuming must restore the scheduler mid-phase, the
 # next phase's fresh optimizer, and the per-epoch shuffle order and augmentations.
@@ -397,7 +398,7 @@ def test_restart_applies_only_to_a_resume(config_file: Path) -> None:
 
 def test_an_fp16_run_resumes_with_its_grad_scaler(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, heeded_sigint: None) -> None:
     """fp16 is for GPUs; PyTorch's CPU autocast and GradScaler take the same path, so the choice is patched."""
-    monkeypatch.setattr(engine, "choose_precision", lambda spec, device: "fp16")
+    monkeypatch.setattr(runtime_module, "choose_precision", lambda spec, device: "fp16")
     schedule = [{"name": "all", "epochs": 3, "train": "all", "lr": 1.0e-2}]
     config = write_experiment(tmp_path / "fp16.yaml", experiment(data, tmp_path / "runs", backbone={"name": "mobilenet_v3_small", "weights": "none"}, schedule=schedule))
     train(load_config(config), tmp_path / "reference")

@@ -18,7 +18,7 @@ from transferctl.paths import checked, resolved
 
 Strategy = Literal["feature_extract", "fine_tune", "scratch", "pretrained_init"]
 STRATEGIES: tuple[str, ...] = ("feature_extract", "fine_tune", "scratch", "pretrained_init")
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TRAIN_PATTERN = re.compile(r"^(head|all|last:\d+)$")
 PYTHON_PREFIX = "python:"  # backbone.name: python:package.module:function, your own nn.Module
 PYTHON_FIELDS = ("head", "groups", "mean", "std")  # backbone fields only python: backbones have: what their code does not say
@@ -269,7 +269,7 @@ class ExperimentConfig(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     # The pattern is for editors (JSON Schema); _device_spec gives the error message.
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps", json_schema_extra={"pattern": _DEVICE_PATTERN.pattern})
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps", json_schema_extra={"pattern": DEVICE_PATTERN.pattern})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware has it, else fp32")
     compile: bool = Field(False, description="torch.compile the model (pays off on GPUs for long runs; the first steps are slow)")
     output: OutputConfig = OutputConfig()
@@ -278,7 +278,7 @@ class ExperimentConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device_spec(cls, value: str) -> str:
-        if not _DEVICE_PATTERN.match(value):
+        if not DEVICE_PATTERN.match(value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 

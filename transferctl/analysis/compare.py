@@ -35,11 +35,12 @@ from transferctl.config import (
 )
 from transferctl.analysis.curves import DEFINITIONS, Stat, measure, mean_band, negative_transfer, summarize
 from transferctl.errors import CheckpointError, ConfigError, Problem, TransferctlError, did_you_mean
-from transferctl.analysis.report import RunCurves, load_run_curves
+from transferctl.analysis.curves import RunCurves
+from transferctl.analysis.report import load_run_curves
 from transferctl.runs.rundir import write_atomically
 
 if TYPE_CHECKING:
-    from transferctl.training.train import TrainObserver
+    from transferctl.training.observers import TrainObserver
 
 BASELINE = "scratch"
 FINE_TUNE_HEAD_SHARE = 3 / 8  # the default fine_tune schedule: head 3 of 8 epochs, body 5

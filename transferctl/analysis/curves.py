@@ -5,7 +5,8 @@ against the scratch curve of the same seed (same data split, same number of epoc
 results are then summarised as mean ± sample standard deviation over the seeds.
 
 No torch and no I/O here: `compare` feeds these the curves it read from the run directories, and the
-tests feed them hand-made curves with known answers.
+tests feed them hand-made curves with known answers. RunCurves holds one run's rows as report, compare and
+plots share them (report reads them from disk).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+from transferctl.runs.listing import RunInfo
 
 Curve = Sequence[float]
 
@@ -173,3 +177,28 @@ def mean_band(curves: Sequence[Curve]) -> tuple[list[float], list[float] | None]
     mean = [statistics.fmean(column) for column in columns]
     sd = [statistics.stdev(column) for column in columns] if len(checked) >= 2 else None
     return mean, sd
+
+
+@dataclass(frozen=True)
+class RunCurves:
+    """A run directory's metric rows (one per epoch) with what `runs` knows about it."""
+
+    path: Path
+    info: RunInfo
+    rows: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def series(self, key: str) -> list[float]:
+        return [row[key] for row in self.rows]
+
+    @property
+    def phase_ends(self) -> list[int]:
+        return phase_ends(self.rows)
+
+
+def phase_ends(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The global epochs after which a new phase starts."""
+    return [a["global_epoch"] for a, b in zip(rows, rows[1:]) if a.get("phase_index", a["phase"]) != b.get("phase_index", b["phase"])]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from transferctl.analysis.report import RunCurves
+    from transferctl.analysis.curves import RunCurves
 
 STRATEGY_COLOURS = {"scratch": "tab:gray", "feature_extract": "tab:blue", "fine_tune": "tab:orange", "pretrained_init": "tab:green"}
 PHASE_LABEL = "_phase boundary"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transferctl.analysis.logme import logme
+from transferctl.data.sampling import stratified_sample
 
 # Inverse L2 strengths tried, strongest first (each fit warm-starts from the last), on features centred and
 # scaled to unit mean variance per dimension: the penalty then means the same on every layer and backbone.
@@ -57,31 +58,6 @@ def one_blas_thread() -> Iterator[None]:
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
-    """A permutation of the indices whose every prefix is a stratified sample: one image of each class, then a
-    second of each (a cross-validated probe needs two), then the classes in proportion.
-
-    Each class is shuffled; its first two members go to the front rounds, its i-th member gets the position
-    (i + u) / count with u uniform in [0, 1), and the rest follow by position, so a prefix of length
-    n >= 2 x classes holds two of every class (that has two) and about n * share of each.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    positions = np.empty(len(labels))
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rng.shuffle(members)
-        positions[members] = (np.arange(len(members)) + rng.uniform(0.0, 1.0)) / len(members)
-        front = members[:2]
-        positions[front] = np.arange(len(front)) - 2.0 + rng.uniform(0.0, 0.5)
-    return np.argsort(positions, kind="stable")
-
-
-def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Sorted indices of a class-proportional sample of n items (all of them when n >= len(labels))."""
-    return np.sort(stratified_order(labels, seed)[: min(n, len(labels))])
 
 
 def folds_for(labels: np.ndarray, wanted: int) -> int:

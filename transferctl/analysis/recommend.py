@@ -494,7 +494,7 @@ def _training_view(root: Path, options: MeasureOptions) -> _TrainingView:
     import numpy as np
 
     from transferctl.data.folders import discover
-    from transferctl.analysis.probes import stratified_sample
+    from transferctl.data.sampling import stratified_sample
 
     splits = discover(root, options.val_fraction, options.seed)
     train_labels = np.array([label for _, label in splits.train], dtype=int)
@@ -726,7 +726,7 @@ def _measure_backbones(paths: list[Path], labels: Any, fit: int, options: Measur
     """Every backbone's own measures, ranked; then the random-init reference for the best (or every) one.
 
     The first `fit` images are training images (the probes fit on them), the rest validation images."""
-    from transferctl.analysis.probes import stratified_sample
+    from transferctl.data.sampling import stratified_sample
 
     images = _ImageCache(paths, say)
     measured = [_measure_one(name, images, labels, fit, options, say) for name in options.backbones]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferctl.analysis.curves import auc
+from transferctl.analysis.curves import RunCurves, auc
 from transferctl.errors import CheckpointError, DataError, Problem
 from transferctl.runs.rundir import NUMERIC_METRICS, RunDir, write_atomically
 from transferctl.runs.listing import RunInfo, describe_run, is_run_dir
@@ -20,34 +20,9 @@ PNG_NAME = "learning-curves.png"
 
 
 @dataclass(frozen=True)
-class RunCurves:
-    """A run directory's metric rows (one per epoch) with what `runs` knows about it."""
-
-    path: Path
-    info: RunInfo
-    rows: list[dict[str, Any]]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def series(self, key: str) -> list[float]:
-        return [row[key] for row in self.rows]
-
-    @property
-    def phase_ends(self) -> list[int]:
-        return phase_ends(self.rows)
-
-
-@dataclass(frozen=True)
 class RunReport:
     runs: list[dict[str, Any]]
     png: Path
-
-
-def phase_ends(rows: Sequence[dict[str, Any]]) -> list[int]:
-    """The global epochs after which a new phase starts."""
-    return [a["global_epoch"] for a, b in zip(rows, rows[1:]) if a.get("phase_index", a["phase"]) != b.get("phase_index", b["phase"])]
 
 
 def find_run_dirs(paths: Sequence[Path]) -> list[Path]:

@@ -11,16 +11,14 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from transferctl.training.distributed import Shard, shard_length, shard_of
+from transferctl.data.sharding import Shard, shard_length, shard_of
 from transferctl.errors import DataError, Problem
 from transferctl.paths import checked, open_regular, shown
 
 if TYPE_CHECKING:
     import torch
-
-    from transferctl.data.decoded_cache import DecodedImages
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "val", "test")
@@ -516,18 +514,24 @@ def decode(path: Path) -> Any:
         raise DataError(Problem(str(path), f"cannot be decoded: {_first_line(exc)}", "remove or replace the file")) from None
 
 
+class DecodedPixels(Protocol):
+    """Images decoded once and kept (data/decoded_cache.py), by their index in the dataset's samples."""
+
+    def image(self, index: int) -> Any: ...  # a PIL image, as decode() returns
+
+
 class ImageDataset:
     """(image tensor, label) pairs from a list of samples.
 
     Items are indices, or (index, seed) pairs from an EpochSampler: the transform's random crop and flip
     then come from that seed alone, never from RNG state left by earlier images, epochs or workers.
-    `decoded` (image_cache.keep_decoded) holds the images already decoded and resized, when they fit in memory.
+    `decoded` (decoded_cache.keep_decoded) holds the images already decoded and resized, when they fit in memory.
     """
 
     def __init__(self, samples: list[Sample], transform: Callable[[Any], Any]) -> None:
         self.samples = samples
         self.transform = transform
-        self.decoded: DecodedImages | None = None
+        self.decoded: DecodedPixels | None = None
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -19,7 +19,7 @@ from torch import nn
 
 from transferctl.data.preprocessing import Preprocessing
 from transferctl.models.build import build_backbone
-from transferctl.config import _DEVICE_PATTERN, BackboneConfig
+from transferctl.config import DEVICE_PATTERN, BackboneConfig
 from transferctl.data.folders import build_transform
 from transferctl.training.runtime import Runtime, make_runtime, prepare_model
 from transferctl.errors import CheckpointError, ConfigError, Problem
@@ -104,7 +104,7 @@ def inference_runtime(model: nn.Module, device: str, precision: str) -> tuple[nn
 
 def check_runtime_options(device: str, precision: str) -> None:
     """Refuse a misspelt --device or --precision before spending seconds loading a model."""
-    if not _DEVICE_PATTERN.match(device):
+    if not DEVICE_PATTERN.match(device):
         raise ConfigError(Problem("--device", f"'{device}' is not a device", "use auto, cpu, cuda, cuda:N or mps"))
     if precision not in PRECISIONS:
         raise ConfigError(Problem("--precision", f"'{precision}' is not a precision", f"use one of {', '.join(PRECISIONS)}"))

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
 
+from transferctl.data.sharding import Shard
 from transferctl.errors import ConfigError, Problem, TrainingError, TransferctlError
 
 T = TypeVar("T")
@@ -33,14 +33,6 @@ TIMEOUT_VARIABLE = "TRANSFERCTL_DIST_TIMEOUT"  # seconds a collective may wait f
 DEFAULT_TIMEOUT_S = 600.0
 # What gloo's errors say when the other side is gone or too slow (it raises them as plain RuntimeErrors).
 GLOO_FAILURES = ("gloo/transport", "Timed out waiting", "Connection closed by peer", "Connection reset by peer")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Which part of the data this process handles: every `world`-th item, starting at `rank`."""
-
-    rank: int = 0
-    world: int = 1
 
 
 def env_world_size() -> int:
@@ -162,30 +154,6 @@ def per_rank_batch(batch_size: int, where: str = "data.batch_size") -> int:
         choices = " or ".join(str(n) for n in (lower, upper) if n > 0)
         raise ConfigError(Problem(where, f"{batch_size} images per step cannot be split evenly over {world} processes", f"use a multiple of {world}, e.g. {choices}"))
     return batch_size // world
-
-
-def shard_of(order: list[T], part: Shard, pad: bool) -> list[T]:
-    """Every `world`-th item from `rank`. With pad, the order first wraps around to a multiple of world (as
-    DistributedSampler does), so every rank takes the same number of steps; without, shards may differ by one.
-
-    With per-rank batches of b, the k-th batches of all ranks together are items k*b*world .. (k+1)*b*world of
-    the order: the global batch a single process would take.
-    """
-    if part.world == 1:
-        return order
-    if pad and order:
-        total = -(-len(order) // part.world) * part.world
-        order = (order * (total // len(order) + 1))[:total]
-    return order[part.rank :: part.world]
-
-
-def shard_length(size: int, part: Shard, pad: bool) -> int:
-    """len(shard_of(items, part, pad)) for `size` items, without building the list."""
-    if part.world == 1 or size == 0:
-        return size
-    if pad:
-        return -(-size // part.world)
-    return len(range(part.rank, size, part.world))
 
 
 def from_main(produce: Callable[[], T]) -> T:

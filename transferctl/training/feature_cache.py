@@ -29,7 +29,8 @@ from torch import nn
 from transferctl.runs.cache_folder import CACHE_ENV, LIMIT_ENV, about_path, describe, features_path, keep_under_limit, limit_bytes, mark_used
 from transferctl.data.folders import EpochSampler, ImageDataset, Sample, build_transform
 from transferctl.training.distributed import active as distributed_active
-from transferctl.training.distributed import all_ranks_agree, gather_shards, is_main, shard, shard_of, wrap_for_training
+from transferctl.training.distributed import all_ranks_agree, gather_shards, is_main, shard, wrap_for_training
+from transferctl.data.sharding import shard_of
 from transferctl.training.engine import TrainingStopped
 from transferctl.training.runtime import Runtime, logits_of
 from transferctl.errors import ConfigError, Problem

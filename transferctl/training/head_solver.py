@@ -142,7 +142,7 @@ def choose_weight_decay(features: np.ndarray, labels: np.ndarray, design: Design
     along the path (ties: the stronger). Fitting uses every cached view of a fold's images, scoring the clean view 0."""
     from sklearn.model_selection import StratifiedKFold
 
-    from transferctl.analysis.probes import stratified_sample
+    from transferctl.data.sampling import stratified_sample
 
     counts = np.bincount(labels)
     folds = min(MAX_FOLDS, int(counts[counts > 0].min()))

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from transferctl.training.phases import PhasePlan
-from transferctl.training.train import SilentObserver as QuietObserver
+from transferctl.training.observers import SilentObserver as QuietObserver
 
 
 def epoch_line(row: dict[str, Any], epochs_in_phase: int | None = None) -> str:

@@ -27,17 +27,8 @@ from transferctl.paths import checked
 from transferctl.runs.checkpoint import Checkpoint, LastCheckpoint, load_run_checkpoint
 from transferctl.runs.rundir import RunDir, metric_lines
 from transferctl.models.trust import require_trusted
-from transferctl.training.train import (
-    Experiment,
-    ResumePoint,
-    Session,
-    SilentObserver,
-    TrainObserver,
-    environment,
-    prepare,
-    resume_command,
-    write_run_header,
-)
+from transferctl.training.train import Experiment, ResumePoint, Session, environment, prepare, resume_command, write_run_header
+from transferctl.training.observers import SilentObserver, TrainObserver
 
 # Fields a resume may change: none of them changes what the next epoch computes on a CPU.
 CHANGEABLE = ("name", "device", "precision", "output.dir", "output.checkpoint_seconds", "data.root", "data.num_workers", "data.on_bad_image", "early_stopping.patience", "logging.tensorboard")

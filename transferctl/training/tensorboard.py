@@ -19,7 +19,7 @@ from transferctl.training.observers import FanOutObserver
 
 if TYPE_CHECKING:
     from transferctl.training.phases import PhasePlan
-    from transferctl.training.train import TrainObserver
+    from transferctl.training.observers import TrainObserver
 
 LOG_DIR = "tensorboard"
 INSTALL_HINT = "pip install transferctl[tensorboard], or set logging.tensorboard: false"

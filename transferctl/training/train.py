@@ -15,7 +15,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -75,38 +75,8 @@ from transferctl.training.phases import (
 from transferctl.runs.checkpoint import CHECKPOINT_FORMAT, Checkpoint, LastCheckpoint
 from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir
 from transferctl.training.early_stopping import EarlyStopping, is_better
+from transferctl.training.observers import SilentObserver, TrainObserver
 from transferctl.training.run_records import current_lrs, epoch_row, run_summary
-
-
-class TrainObserver(Protocol):
-    """How the CLI watches training; library code never prints."""
-
-    def notice(self, message: str) -> None: ...
-
-    def run_started(self, run_dir: Path) -> None: ...
-
-    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None: ...
-
-    def batch_done(self, index: int, count: int, running_loss: float) -> None: ...
-
-    def epoch_done(self, row: dict[str, Any]) -> None: ...
-
-
-class SilentObserver:
-    def notice(self, message: str) -> None:
-        pass
-
-    def run_started(self, run_dir: Path) -> None:
-        pass
-
-    def phase_started(self, plan: PhasePlan, batches_per_epoch: int) -> None:
-        pass
-
-    def batch_done(self, index: int, count: int, running_loss: float) -> None:
-        pass
-
-    def epoch_done(self, row: dict[str, Any]) -> None:
-        pass
 
 
 @dataclass
