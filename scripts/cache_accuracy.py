@@ -2,7 +2,7 @@
 
     python scripts/cache_accuracy.py [--base demo/runs/demo-base-...] [--seeds 5] [--epochs 18]
 
-With `augment: none` the cached head phase equals the uncached one (tests/test_cache.py). With
+With `augment: none` the cached head phase equals the uncached one (tests/training/test_feature_cache.py). With
 `augment: standard` it cannot: without the cache every epoch runs the backbone on new random crops, with it
 each epoch draws one of `data.cached_views` views computed once (view 0 the clean centre crop). This
 trains the demo's feature_extract task (its base run's weights, the target shapes, `augment: standard`)

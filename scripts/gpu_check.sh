@@ -7,7 +7,7 @@
 # then, through the device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540).
 # The device image has PyTorch, torchvision, typer, rich, PyYAML and the rest, but not pydantic: it and
 # its needs come from .whl/, unpacked into /tmp/site (the image's own environment is left as it is).
-# Runs tests/test_cuda.py and tests/test_engine.py, then `scripts/bench.py --device cuda` (resnet50
+# Runs tests/training/test_cuda.py and tests/training/test_engine.py, then `scripts/bench.py --device cuda` (resnet50
 # training against a synthetic-data ceiling), each output also written to $OUT for docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,6 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'capability', torch.cuda.is_available() and torch.cuda.get_device_capability())" | tee -a "$OUT/gpu.txt"
 status=0
-"$PY" -m pytest -rA tests/test_cuda.py tests/test_engine.py 2>&1 | tee "$OUT/tests.txt" || status=1
+"$PY" -m pytest -rA tests/training/test_cuda.py tests/training/test_engine.py 2>&1 | tee "$OUT/tests.txt" || status=1
 "$PY" scripts/bench.py --device cuda 2>&1 | tee "$OUT/bench.txt" || status=1
 exit $status

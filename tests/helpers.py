@@ -1,10 +1,15 @@
-"""Small builders shared by the tests: experiment files for tiny, fast runs."""
+"""Small builders shared by the tests: experiment files for tiny, fast runs, observers, one thread."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 
 from transferctl.training.observers import SilentObserver
@@ -87,3 +92,43 @@ class Notices(SilentObserver):
 
     def notice(self, message: str) -> None:
         self.lines.append(message)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (import it, and mark the module with usefixtures or autouse):
+    this process and children started with OMP_NUM_THREADS=1 then add up sums in the same order, and on a
+    shared, busy CPU one thread is several times faster than two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def head_only(data: Path, out: Path, epochs: int = 2, **data_fields: object) -> dict:
+    # Minibatch steps: these tests compare cached features with full forward passes, which cannot be solved.
+    raw = experiment(data, out, strategy="feature_extract", schedule=[{"name": "head", "epochs": epochs, "train": "head", "lr": 1e-2, "solver": "minibatch"}])
+    raw["data"].update(data_fields)
+    return raw
+
+
+# A command run in a fresh interpreter, then which heavy libraries it imported (the instant commands import none).
+NO_TORCH = """
+import sys
+from transferctl.cli import main
+sys.argv = ["transferctl", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code or 0
+heavy = sorted(name for name in ("torch", "torchvision", "sklearn", "matplotlib") if name in sys.modules)
+sys.stderr.write("HEAVY=" + ",".join(heavy) + "\\n")
+sys.exit(code)
+"""
+
+
+def heavy_imports(*args: str) -> str:
+    """The heavy libraries `transferctl ARGS` imported, as the last stderr line 'HEAVY=...'."""
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.strip().splitlines()[-1]

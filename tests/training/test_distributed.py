@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from helpers import cli_with_patched_decoding, experiment, slow_decoding, write_experiment
+from helpers import cli_with_patched_decoding, experiment, one_thread, slow_decoding, write_experiment
 from transferctl.config import load_config
 from transferctl.training.distributed import per_rank_batch
 from transferctl.data.sharding import Shard, shard_length, shard_of
@@ -52,13 +52,7 @@ if os.environ.get("RANK") == "1":
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One thread here and in every rank (OMP_NUM_THREADS below): on a shared CPU, and for equal sums."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,7 @@ def config_file(module_tmp_path: Path) -> Path:
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def transferctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

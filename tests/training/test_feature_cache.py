@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import experiment
+from helpers import experiment, head_only
 from transferctl.data.preprocessing import Preprocessing
 from transferctl.config import config_from_dict
 from transferctl.data.folders import EpochSampler, ImageDataset, build_transform, discover
@@ -18,13 +18,6 @@ from transferctl.data.sharding import Shard
 from transferctl.errors import ConfigError
 from transferctl.training.feature_cache import FeatureBatches, FeatureStore, Views, head_for_features
 from transferctl.training.train import train
-
-
-def head_only(data: Path, out: Path, epochs: int = 2, **data_fields: object) -> dict:
-    # Minibatch steps: these tests compare cached features with full forward passes, which cannot be solved.
-    raw = experiment(data, out, strategy="feature_extract", schedule=[{"name": "head", "epochs": epochs, "train": "head", "lr": 1e-2, "solver": "minibatch"}])
-    raw["data"].update(data_fields)
-    return raw
 
 
 def run(raw: dict) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:

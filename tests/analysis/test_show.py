@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from helpers import heavy_imports
 from runs_helpers import train_tiny_run
 from transferctl.cli import app
 from transferctl.analysis.show import changes_from_defaults, show_run
@@ -117,7 +118,6 @@ def test_not_a_run_directory_is_one_line(tmp_path: Path) -> None:
 
 
 def test_show_does_not_import_torch(tmp_path: Path) -> None:
-    from test_runs import heavy_imports
 
     run = write_run(tmp_path / "run", {"name": "x", "data": {"root": str(tmp_path)}}, [row(0, 1, 0.5, 1)])
     assert heavy_imports("show", str(run)) == "HEAVY="

@@ -102,7 +102,7 @@ def test_fast_paths_predict_what_fp32_predicts() -> None:
 
 
 def test_batchnorm_gets_fp32_input_only_for_training_under_cpu_bf16() -> None:
-    """Which layers, and why: tests/test_residual_sums.py."""
+    """Which layers, and why: tests/training/test_bf16_batchnorm.py."""
     bf16 = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True))
     fp32 = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "fp32", channels_last=True))
     inference = prepare_model(torchvision.models.resnet18(num_classes=3), Runtime(CPU, "bf16", channels_last=True), training=False)

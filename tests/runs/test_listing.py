@@ -9,31 +9,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from helpers import heavy_imports
 from runs_helpers import ONE_EPOCH, train_tiny_run
 from transferctl.cli import app
 from transferctl.runs.listing import list_runs
 
 runner = CliRunner()
-
-NO_TORCH = """
-import sys
-from transferctl.cli import main
-sys.argv = ["transferctl", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code or 0
-heavy = sorted(name for name in ("torch", "torchvision", "sklearn", "matplotlib") if name in sys.modules)
-sys.stderr.write("HEAVY=" + ",".join(heavy) + "\\n")
-sys.exit(code)
-"""
-
-
-def heavy_imports(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stderr.strip().splitlines()[-1]
-
 
 def test_help_does_not_import_torch() -> None:
     assert heavy_imports("--help") == "HEAVY="

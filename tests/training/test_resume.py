@@ -20,7 +20,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import cli_with_patched_decoding, experiment, record_checkpoint_writes, slow_decoding, write_experiment
+from helpers import Notices, cli_with_patched_decoding, experiment, one_thread, record_checkpoint_writes, slow_decoding, write_experiment
 from transferctl.training import runtime as runtime_module
 from transferctl.cli import app
 from transferctl.config import load_config
@@ -45,21 +45,14 @@ MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc")
 CHILD = cli_with_patched_decoding("import torch\ntorch.set_num_threads(1)\n" + slow_decoding(0.05))
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def raw_experiment(data: Path, runs: Path, checkpoint_seconds: float = 0) -> dict[str, Any]:
     # mobilenet_v3_small: BatchNorm statistics and dropout (the RNG state matters), and fast on a CPU.
     # checkpoint_seconds 0: every epoch is written at once, so that a kill -9 after any epoch keeps it.
     return experiment(data, runs, backbone={"name": "mobilenet_v3_small", "weights": "none"}, schedule=SCHEDULE, data={"augment": "standard"},
                       output={"checkpoint_seconds": checkpoint_seconds})  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Same thread count in this process and the child (CHILD sets it too): the sums then add up in the
-    same order, and on a shared, busy CPU one thread is several times faster than two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +120,7 @@ def start_child(config_file: Path, run: Path) -> subprocess.Popen[str]:
     script = run.parent / "child.py"
     script.write_text(CHILD)
     command = [sys.executable, str(script), "train", str(config_file), "--run-dir", str(run), "--quiet"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
 
 
 def wait_for_rows(run: Path, child: subprocess.Popen[str], count: int, timeout: float = 240.0) -> None:
@@ -509,14 +502,6 @@ def test_resume_refuses_data_with_other_classes(stopped: Path, tmp_path: Path) -
 
     with pytest.raises(CheckpointError, match=r"differ from the run's: extra \['yellow'\]"):
         resume(run, [f"data.root={other}"])
-
-
-class Notices(SilentObserver):
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def notice(self, message: str) -> None:
-        self.lines.append(message)
 
 
 def test_resume_says_when_the_images_are_not_those_the_run_started_on(stopped: Path, data: Path, tmp_path: Path) -> None:

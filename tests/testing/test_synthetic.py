@@ -24,7 +24,7 @@ from transferctl.testing.synthetic import (
     write_image_folder,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def count_pngs(folder: Path) -> dict[str, int]:

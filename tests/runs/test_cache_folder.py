@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import Notices, head_only, heavy_imports
 from transferctl.runs import cache_folder as cf
 from transferctl.cli import app
 from transferctl.config import config_from_dict
@@ -184,8 +185,6 @@ def test_the_limit_never_counts_or_removes_what_the_cache_did_not_write(isolated
 
 def test_a_new_features_file_is_described_and_pushes_out_the_oldest(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from test_cache import head_only
-    from test_image_cache import Notices
 
     stranger = features(isolated_feature_cache, "stranger", 1, used=86400)
     monkeypatch.setenv(cf.LIMIT_ENV, "1")
@@ -201,7 +200,6 @@ def test_a_new_features_file_is_described_and_pushes_out_the_oldest(tiny_split_d
 
 
 def test_a_reused_entry_without_a_description_gets_one(tiny_split_data: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
-    from test_cache import head_only
 
     raw = head_only(tiny_split_data, tmp_path / "a", cache="disk", epochs=1)
     train(config_from_dict(raw))
@@ -213,7 +211,6 @@ def test_a_reused_entry_without_a_description_gets_one(tiny_split_data: Path, tm
 
 
 def test_a_mistyped_limit_stops_training_before_any_work(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_cache import head_only
 
     monkeypatch.setenv(cf.LIMIT_ENV, "lots")
     with pytest.raises(ConfigError, match="TRANSFERCTL_CACHE_MAX_MB"):
@@ -255,7 +252,6 @@ def test_cache_refuses_bad_input_in_one_line(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_cache_does_not_import_torch(isolated_feature_cache: Path) -> None:
-    from test_runs import heavy_imports
 
     features(isolated_feature_cache, "a", 0.1, used=60)
     assert heavy_imports("cache") == "HEAVY="
