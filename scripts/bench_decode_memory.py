@@ -1,4 +1,4 @@
-"""Peak memory of keeping the decoded images (image_cache.decode_all) against the size of what it keeps.
+"""Peak memory of keeping the decoded images (data/decoded_cache.decode_all) against the size of what it keeps.
 
     python scripts/bench_decode_memory.py [--images 600] [--workers 0]
 

@@ -154,7 +154,7 @@ class DataConfig(_Section):
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="data-loading processes, or auto")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: leave unreadable images out (listed before training); error: stop")
     cache: Literal["auto", "off", "memory", "disk"] = Field(
-        "auto", description="features of the frozen backbone, computed once for head-only phases: auto | off | memory | disk (see README, Speed)"
+        "auto", description="features of the frozen backbone, computed once for head-only phases: auto | off | memory | disk (see docs/performance.md, Speed)"
     )
     cached_views: int = Field(
         1, ge=1, le=64, description="views cached per image with augment: standard: the clean centre crop, then random crops and flips (one is drawn per epoch)"

@@ -23,7 +23,7 @@ def backbones(
     if as_json:
         print_json(rows)
         return
-    table = Table(title=f"{len(rows)} torchvision backbones (timm:<model> and python:module:function also work: see README)")
+    table = Table(title=f"{len(rows)} torchvision backbones (timm:<model> and python:module:function also work: see docs/experiment-file.md)")
     for column in ("name", "params", "input", "layer groups", "weights (top-1, * = cached)"):
         table.add_column(column, overflow="fold")
     for row in rows:

@@ -53,7 +53,7 @@ def choose_device(spec: str) -> torch.device:
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16_units() -> bool:
-    """AMX or AVX512-BF16: the CPU multiplies bf16 natively, so autocast to bf16 is ~2-3x faster."""
+    """AMX or AVX512-BF16: the CPU multiplies bf16 natively, so autocast to bf16 pays (docs/performance.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
