@@ -363,3 +363,21 @@ def test_config_objects_are_frozen(tmp_path: Path) -> None:
     with pytest.raises(Exception):
         config.seed = 3  # type: ignore[misc]
     assert isinstance(config, ExperimentConfig)
+
+
+@pytest.mark.parametrize("augment", ["none", "standard", "randaugment", "trivialaugment", "autoaugment", "augmix"])
+def test_every_augmentation_and_random_erasing_are_accepted(tmp_path: Path, augment: str) -> None:
+    config = load_config(write(tmp_path, f"data: {{root: images, augment: {augment}, random_erasing: 0.25}}\n"))
+    assert (config.data.augment, config.data.random_erasing, config.data.random_views) == (augment, 0.25, True)
+    assert load_config(write(tmp_path, "data: {root: images}\n")).data.random_erasing is None  # off unless asked for
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("augment", "randaug"), ("augment", "[standard]"), ("random_erasing", "0"), ("random_erasing", "1.5"), ("random_erasing", "often")],
+)
+def test_a_bad_augmentation_is_one_line_naming_its_field(tmp_path: Path, field: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"data: {{root: images, {field}: {value}}}\n"))
+    (message,) = messages(caught.value)
+    assert f"data.{field}" in message and "\n" not in message

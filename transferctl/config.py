@@ -141,7 +141,8 @@ class BackboneConfig(_Section):
         return self
 
 
-Augment = Literal["none", "standard"]
+# standard: random resized crops and flips; the others add torchvision's policy of that name to standard (data/folders.py).
+Augment = Literal["none", "standard", "randaugment", "trivialaugment", "autoaugment", "augmix"]
 AUGMENTS: tuple[str, ...] = get_args(Augment)
 
 
@@ -149,7 +150,14 @@ class DataConfig(_Section):
     root: Path = Field(description="root/train/<class>/*, root/val/<class>/* (optional root/test), or root/<class>/*; relative to the experiment file")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out for validation when root has no train/ and val/ folders")
     image_size: int | None = Field(None, ge=8, le=4096, description="crop size; null: the weights' own preprocessing")
-    augment: Augment = Field("standard", description="standard: random resized crops and flips while training")
+    augment: Augment = Field(
+        "standard",
+        description="standard: random resized crops and flips while training; randaugment | trivialaugment | autoaugment | augmix: "
+                    "standard, then torchvision's policy of that name",
+    )  # fmt: skip
+    random_erasing: float | None = Field(
+        None, gt=0.0, le=1.0, description="probability of erasing a random rectangle of each training image (torchvision's RandomErasing); null: never"
+    )
     batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="images per step, over all processes")
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="data-loading processes, or auto")
     on_bad_image: Literal["skip", "error"] = Field("skip", description="skip: leave unreadable images out (listed before training); error: stop")
@@ -157,7 +165,7 @@ class DataConfig(_Section):
         "auto", description="features of the frozen backbone, computed once for head-only phases: auto | off | memory | disk (see docs/performance.md, Speed)"
     )
     cached_views: int = Field(
-        1, ge=1, le=64, description="views cached per image with augment: standard: the clean centre crop, then random crops and flips (one is drawn per epoch)"
+        1, ge=1, le=64, description="views cached per image with augmentation: the clean centre crop, then augmented views (one is drawn per epoch)"
     )
     cache_memory_mb: int = Field(1024, ge=0, le=MAX_MEMORY_MB, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
 
@@ -175,6 +183,11 @@ class DataConfig(_Section):
     @classmethod
     def _root_named(cls, value: Any) -> Any:
         return _a_path(value)
+
+    @property
+    def random_views(self) -> bool:
+        """Whether a training image looks different each time it is drawn (augmentation or erasing)."""
+        return self.augment != "none" or self.random_erasing is not None
 
 
 class PlateauConfig(_Section):

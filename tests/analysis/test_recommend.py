@@ -127,7 +127,7 @@ def test_write_config_refuses_to_overwrite_and_needs_data(tiny_split_data: Path,
      ("--budget", "-1", "--budget: must be a number of seconds >= 0, got -1.0"),
      ("--val-fraction", "1", "--val-fraction: must be between 0 and 1, got 1.0"),
      ("--race-size", "4", "--race-size: must be between 8 and 4096 pixels, got 4"),
-     ("--augment", "flip", "--augment: must be none or standard, got 'flip'")],
+     ("--augment", "flip", "--augment: must be none, standard, randaugment, trivialaugment, autoaugment or augmix, got 'flip'")],
 )  # fmt: skip
 def test_measurement_flags_out_of_range_are_one_line(tiny_flat_data: Path, flag: str, value: str, expected: str) -> None:
     result = invoke("recommend", "--data", str(tiny_flat_data), "--weights", "none", flag, value, "--device", "cpu", "-q")
@@ -146,7 +146,9 @@ def test_write_config_writes_the_augmentation_asked_for_and_refuses_an_unknown_o
     assert invoke(*rule, "--augment", "none").exit_code == 0
     assert yaml.safe_load(path.read_text())["data"]["augment"] == "none"
     result = invoke(*rule, "--augment", "mirror", "--force")
-    assert result.exit_code == 1 and result.stderr.strip().splitlines() == ["error: --augment: must be none or standard, got 'mirror'"]
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        "error: --augment: must be none, standard, randaugment, trivialaugment, autoaugment or augmix, got 'mirror'"
+    ]
 
 
 def test_write_config_refuses_a_folder_and_missing_data(tiny_split_data: Path, tmp_path: Path) -> None:

@@ -26,8 +26,10 @@ from transferctl.data.folders import (
     resolve_workers,
     stratified_split,
     to_rgb,
+    transform_names,
     worker_error,
 )
+from transferctl.config import AUGMENTS
 from transferctl.errors import DataError
 from transferctl.testing.synthetic import tiny_dataset
 
@@ -859,3 +861,49 @@ def test_only_a_training_batch_of_one_image_is_left_out() -> None:
     assert len(make_loader(nine, 4, shuffle=True, workers=0, seed=0)) == 2
     assert not make_loader(nine, 3, shuffle=True, workers=0, seed=0).drop_last  # 3 + 3 + 3
     assert not make_loader(nine, 4, shuffle=False, workers=0, seed=0).drop_last  # evaluation sees every image
+
+
+# --------------------------------------------------------------------------- augmentation policies and random erasing
+
+POLICIES = {"randaugment": "RandAugment", "trivialaugment": "TrivialAugmentWide", "autoaugment": "AutoAugment", "augmix": "AugMix"}
+
+
+def noise_image(path: Path) -> Path:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_each_augmentation_gives_crop_sized_tensors_reproducible_from_the_seed(tmp_path: Path, augment: str) -> None:
+    dataset = ImageDataset([(noise_image(tmp_path / "a.png"), 0)], build_transform(PREPROCESSING, augment, train=True))
+    first, again, other = (dataset[(0, seed)][0] for seed in (7, 7, 8))
+    assert first.shape == (3, 32, 32) and first.dtype == torch.float32
+    assert torch.equal(first, again)  # a resumed run draws the same views
+    assert torch.equal(first, other) == (augment == "none")
+
+
+@pytest.mark.parametrize(("augment", "policy"), POLICIES.items())
+def test_a_policy_is_standard_then_the_torchvision_policy_on_the_8_bit_image(augment: str, policy: str) -> None:
+    assert transform_names(build_transform(PREPROCESSING, augment, train=True)) == [
+        "RandomResizedCrop", "RandomHorizontalFlip", policy, "ToTensor", "Normalize"
+    ]  # fmt: skip
+    assert transform_names(build_transform(PREPROCESSING, augment, train=False)) == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+
+
+def test_a_policy_changes_the_pixels_that_standard_gives_for_the_same_seed(tmp_path: Path) -> None:
+    image = noise_image(tmp_path / "a.png")
+    standard = ImageDataset([(image, 0)], build_transform(PREPROCESSING, "standard", train=True))
+    for augment in POLICIES:
+        policy = ImageDataset([(image, 0)], build_transform(PREPROCESSING, augment, train=True))
+        assert not torch.equal(policy[(0, 3)][0], standard[(0, 3)][0]), augment
+
+
+@pytest.mark.parametrize("augment", ["none", "standard", "randaugment"])
+def test_random_erasing_erases_a_rectangle_of_the_normalised_training_tensor(tmp_path: Path, augment: str) -> None:
+    image = noise_image(tmp_path / "a.png")
+    plain = ImageDataset([(image, 0)], build_transform(PREPROCESSING, augment, train=True))[(0, 5)][0]
+    erased = ImageDataset([(image, 0)], build_transform(PREPROCESSING, augment, train=True, random_erasing=1.0))[(0, 5)][0]
+    changed = erased != plain
+    assert changed.any() and (erased[changed] == 0).all()  # zero after normalisation: the mean colour
+    assert transform_names(build_transform(PREPROCESSING, augment, train=True, random_erasing=0.25))[-1] == "RandomErasing(p=0.25)"
+    assert "RandomErasing" not in str(transform_names(build_transform(PREPROCESSING, augment, train=False, random_erasing=1.0)))

@@ -239,3 +239,26 @@ def test_a_dropout_before_the_head_still_trains() -> None:
     head = head_for_features(model, "1.1")
     assert isinstance(head, torch.nn.Sequential) and isinstance(head[0], torch.nn.Dropout) and head[1] is model[1][1]
     assert head_for_features(model, "0") is model[0]
+
+
+def test_the_key_changes_with_the_augmentation_and_random_erasing(tiny_split_data: Path) -> None:
+    import dataclasses
+
+    from transferctl.config import AUGMENTS
+    from transferctl.training.feature_cache import CacheSpec
+
+    samples = discover(tiny_split_data, 0.2, 0).train
+    spec = CacheSpec("resnet18", "weights", None, "fc", {"resize": 36, "crop": 32}, "standard", 2, 0, "fp32")
+    keys = [dataclasses.replace(spec, augment=augment).key(samples) for augment in AUGMENTS]
+    keys += [dataclasses.replace(spec, random_erasing=p).key(samples) for p in (0.25, 0.5)]
+    assert len(set(keys)) == len(AUGMENTS) + 2
+    erased = dataclasses.replace(spec, augment="none", random_erasing=0.25)
+    assert erased.key(samples) != dataclasses.replace(erased, seed=1).key(samples)  # erasing alone draws its views from the seed
+
+
+@pytest.mark.parametrize("augment", ["none", "standard", "randaugment", "trivialaugment", "autoaugment", "augmix"])
+def test_each_augmentation_trains_on_cached_views_then_through_the_body(tiny_split_data: Path, tmp_path: Path, augment: str) -> None:
+    raw = experiment(tiny_split_data, tmp_path / "runs", data={"augment": augment, "random_erasing": 0.5, "cached_views": 2, "cache": "memory"})
+    summary, _, rows = run(raw)
+    assert [r["views"] for r in summary["feature_cache"]] == [2, 1]  # train: the clean view and a random one; val: clean
+    assert [r["phase"] for r in rows] == ["head", "body"] and all(np.isfinite(r["train_loss"]) for r in rows)

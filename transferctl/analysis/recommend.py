@@ -679,7 +679,7 @@ def _run_backbone_section(weights: str) -> dict[str, Any]:
 def augment_problem(augment: str) -> Problem | None:
     from transferctl.config import AUGMENTS
 
-    return None if augment in AUGMENTS else Problem("--augment", f"must be {' or '.join(AUGMENTS)}, got '{clip(augment)}'")
+    return None if augment in AUGMENTS else Problem("--augment", f"must be {', '.join(AUGMENTS[:-1])} or {AUGMENTS[-1]}, got '{clip(augment)}'")
 
 
 def _check_options(options: MeasureOptions) -> None:

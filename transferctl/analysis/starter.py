@@ -258,7 +258,7 @@ def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, ba
         _field("  root", str(root), "relative to this file"),
         _field("  val_fraction", 0.2, "not used: the data has train/ and val/ folders" if split else "held out of each class for validation"),
         _field("  image_size", None, _image_size_comment(inspection.images)),
-        _field("  augment", "standard", "none | standard (random resized crops and flips while training)"),
+        _field("  augment", "standard", "none | standard (random resized crops and flips while training) | randaugment | trivialaugment | autoaugment | augmix"),
         _field("  batch_size", 32),
         _field("  num_workers", "auto"),
         _field("  on_bad_image", "skip", "skip: leave unreadable images out | error: stop"),

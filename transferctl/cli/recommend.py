@@ -26,7 +26,7 @@ def recommend(
     budget: float = typer.Option(60.0, "--budget", help="Seconds for the race: short real training runs of scratch, fine_tune and pretrained_init (successive halving)."),
     fast: bool = typer.Option(False, "--fast", help="No race: the four-case rule from forward-pass measures only (about a minute)."),
     race_size: Optional[int] = typer.Option(None, "--race-size", help="Crop size the race trains at (lower is faster and usually keeps the ranking); default: the measured size."),
-    augment: str = typer.Option("standard", "--augment", help="data.augment the race trains with and --write-config writes: standard | none (none where a flip or crop changes a label: digits, text)."),
+    augment: str = typer.Option("standard", "--augment", help="data.augment the race trains with and --write-config writes: standard | none | randaugment | trivialaugment | autoaugment | augmix (none where a flip or crop changes a label: digits, text)."),
     random_images: int = typer.Option(300, "--random-images", help="Images for the random-init reference network (a stratified sub-sample)."),
     random_for: str = typer.Option("best", "--random-for", help="best: the random-init reference for the top-ranked backbone (what the advice uses); all: for every backbone."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size; default: each weights' own preprocessing."),

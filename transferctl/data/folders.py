@@ -491,19 +491,40 @@ def resized_short_side(image: Any, short_side: int, interpolation: str) -> Any:
     return F.resize(image, short_side, interpolation=InterpolationMode(interpolation), antialias=True)
 
 
-def build_transform(preprocessing: Any, augment: str, train: bool) -> Callable[[Any], Any]:
-    """The pretrained weights' own preprocessing; training adds random crops and flips when asked."""
+def build_transform(preprocessing: Any, augment: str, train: bool, random_erasing: float | None = None) -> Callable[[Any], Any]:
+    """The pretrained weights' own preprocessing; training adds random crops and flips when asked, then the
+    named policy on the 8-bit image (the policies are defined on its 0-255 pixels), and erasing on the
+    normalised tensor (an erased patch reads as the mean colour, as in torchvision's reference recipe)."""
     from torchvision import transforms as T
+    from torchvision.transforms import v2
 
     interpolation = T.InterpolationMode(preprocessing.interpolation)
     normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
-    if train and augment == "standard":
-        return T.Compose(
-            [T.RandomResizedCrop(preprocessing.crop, interpolation=interpolation, antialias=True), T.RandomHorizontalFlip(), *normalize]
-        )
+    erase = [v2.RandomErasing(p=random_erasing)] if train and random_erasing is not None else []
+    if train and augment != "none":
+        crop_and_flip = [T.RandomResizedCrop(preprocessing.crop, interpolation=interpolation, antialias=True), T.RandomHorizontalFlip()]
+        return T.Compose([*crop_and_flip, *_policy(augment, interpolation), *normalize, *erase])
     return T.Compose(
-        [T.Resize(preprocessing.resize, interpolation=interpolation, antialias=True), T.CenterCrop(preprocessing.crop), *normalize]
+        [T.Resize(preprocessing.resize, interpolation=interpolation, antialias=True), T.CenterCrop(preprocessing.crop), *normalize, *erase]
     )
+
+
+def _policy(augment: str, interpolation: Any) -> list[Any]:
+    """torchvision's automatic augmentation policy named by data.augment (none for standard), with their
+    published defaults (AutoAugment: the ImageNet policy)."""
+    from torchvision.transforms import v2
+
+    if augment == "standard":
+        return []
+    policies = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment, "augmix": v2.AugMix}
+    return [policies[augment](interpolation=interpolation)]
+
+
+def transform_names(transform: Any) -> list[str]:
+    """The steps of a build_transform pipeline as `check` names them: 'RandAugment', 'RandomErasing(p=0.25)'."""
+    from torchvision.transforms import v2
+
+    return [type(step).__name__ + (f"(p={step.p:g})" if isinstance(step, v2.RandomErasing) else "") for step in transform.transforms]
 
 
 def decode(path: Path) -> Any:

@@ -98,22 +98,30 @@ class CacheSpec:
     cut: str | None
     head_path: str
     preprocessing: dict[str, Any]
-    augment: str  # none | standard
+    augment: str  # data.augment: none | standard | a policy's name
     views: int
     seed: int
     precision: str
     network: str = ""  # network_digest: the code the weights run in
     device: str = "cpu"  # the device type: a GPU's fp32 convolutions may use TF32 and give other features
+    random_erasing: float | None = None  # data.random_erasing
 
     def key(self, samples: list[Sample]) -> str:
         parts = {
             "format": FORMAT, "libraries": library_versions(), "backbone": self.backbone, "cut": self.cut, "head": self.head_path,
             "weights": self.weights, "network": self.network, "preprocessing": self.preprocessing, "augment": self.augment,
             # Augmented views are drawn from the run seed; without augmentation the seed changes nothing.
-            "views": self.views, "seed": self.seed if self.augment != "none" else None, "precision": self.precision,
+            "views": self.views, "seed": self.seed if self.random else None, "precision": self.precision,
             "device": self.device, "files": files_fingerprint(samples),
         }  # fmt: skip
+        if self.random_erasing is not None:  # only when set: the files cached before the option keep their keys
+            parts["random_erasing"] = self.random_erasing
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    @property
+    def random(self) -> bool:
+        """Whether the views after the clean one are random (drawn from the seed)."""
+        return self.augment != "none" or self.random_erasing is not None
 
 
 @dataclass
@@ -442,11 +450,12 @@ class FrozenBodyShortcut:
 
     def _build(self, plan: Any, digest: str) -> dict[str, Any]:
         data, backbone = self.config.data, self.backbone
-        views = data.cached_views if data.augment != "none" else 1
+        views = data.cached_views if data.random_views else 1
         spec = CacheSpec(backbone.name, digest, backbone.cut, backbone.head_path, backbone.preprocessing.to_dict(), data.augment, views,
-                         self.config.seed, self.runtime.precision, network_digest(self.model), self.runtime.device.type)  # fmt: skip
+                         self.config.seed, self.runtime.precision, network_digest(self.model), self.runtime.device.type,
+                         data.random_erasing)  # fmt: skip
         stores = {}
-        for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1))):
+        for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1, random_erasing=None))):
             loader = self.loaders[split]
             views_of_split = Views(loader.dataset, self._clean(loader.dataset), spec_of_split.views, self.config.seed)
             stores[split] = load_or_compute(spec_of_split, data.cache, data.cache_memory_mb, self.model, views_of_split, self.runtime,

@@ -105,6 +105,7 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("layer groups", ", ".join(plan["layer_groups"]))
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
     header.add_row("data", f"{escape(data['root'])} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
+    header.add_row("augment", f"{_augmentation_name(plan['augmentation'])}: {', '.join(plan['augmentation']['train'])}")
     header.add_row("runs on", f"{plan['device']}, {plan['precision']}")
     phases = Table(title="phases")
     # "ends early" only when some phase may: the table stays narrow enough for an 80-column terminal.
@@ -127,8 +128,27 @@ def render_plan(plan: dict[str, Any]) -> Group:
     if any(phase.get("head_solved") for phase in plan["phases"]):
         caption += (" A solved head is fitted to convergence on the cached features in its first epoch, its weight decay chosen by"
                     " cross-validation on the training images (solver: minibatch trains it at lr instead).")  # fmt: skip
-    notes = [Text(f"note: {line}", style="yellow") for line in data.get("notices", [])]
+    notes = [Text(f"note: {line}", style="yellow") for line in [*data.get("notices", []), *_cached_views_cost(plan["augmentation"])]]
     return Group(header, *notes, phases, caption)
+
+
+def _augmentation_name(augmentation: dict[str, Any]) -> str:
+    erasing = augmentation["random_erasing"]
+    return augmentation["augment"] + (f" + random_erasing {erasing:g}" if erasing is not None else "")
+
+
+def _cached_views_cost(augmentation: dict[str, Any]) -> list[str]:
+    """What a random augmentation becomes in the phases that train the head on cached features: a fixed
+    set of views, each computed by one forward pass over the training images."""
+    phases, views = augmentation["cached_phases"], augmentation["cached_views"]
+    if not (augmentation["random"] and phases):
+        return []
+    name, where = _augmentation_name(augmentation), ", ".join(escape(phase) for phase in phases)
+    if views == 1:
+        return [f"{name}: phase {where} trains the head on cached features of the clean view alone, without the augmentation; "
+                "data.cached_views: N adds N-1 augmented views (one forward pass of the training images each)"]  # fmt: skip
+    return [f"{name}: {views} cached views = {views} forward passes of the training images (the clean view and {views - 1} augmented) "
+            f"in phase {where}; raise data.cached_views for more variety"]  # fmt: skip
 
 
 def _unfreezing(steps: list[dict[str, Any]]) -> str:

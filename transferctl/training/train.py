@@ -35,6 +35,7 @@ from transferctl.data.folders import (
     set_loader_epoch,
     spare_cores,
     split_fingerprint,
+    transform_names,
     worker_error,
 )
 from transferctl.training.distributed import (
@@ -141,7 +142,18 @@ def describe(experiment: Experiment) -> dict[str, Any]:
              "head_solved": solves_head(config, backbone, plan)}
             for plan in experiment.plans
         ],  # fmt: skip
+        "augmentation": describe_augmentation(config, backbone, experiment.plans),
     }
+
+
+def describe_augmentation(config: ExperimentConfig, backbone: Backbone, plans: list[PhasePlan]) -> dict[str, Any]:
+    """The training transform's steps, and what the feature cache makes of them: the phases whose head
+    trains on cached features see `cached_views` fixed views per image, each one forward pass to compute."""
+    data = config.data
+    transform = build_transform(backbone.preprocessing, data.augment, train=True, random_erasing=data.random_erasing)
+    cached = [plan.name for plan in plans if data.cache != "off" and stages_of(plan, backbone.group_names)[0].plan.backbone_frozen]
+    return {"augment": data.augment, "random_erasing": data.random_erasing, "train": transform_names(transform), "random": data.random_views,
+            "cached_phases": cached, "cached_views": data.cached_views if data.random_views else 1}  # fmt: skip
 
 
 def solves_head(config: ExperimentConfig, backbone: Backbone, plan: PhasePlan) -> bool:
@@ -200,7 +212,7 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     splits = experiment.splits
     workers = resolve_workers(config.data.num_workers, len(splits.train))
     pin = runtime.device.type == "cuda"
-    train_set = ImageDataset(splits.train, build_transform(pre, config.data.augment, train=True))
+    train_set = ImageDataset(splits.train, build_transform(pre, config.data.augment, train=True, random_erasing=config.data.random_erasing))
     val_set = ImageDataset(splits.val, build_transform(pre, config.data.augment, train=False))
     batch, part = per_rank_batch(config.data.batch_size), shard()  # this rank's share of each global batch
     return {
