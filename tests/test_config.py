@@ -381,3 +381,12 @@ def test_a_bad_augmentation_is_one_line_naming_its_field(tmp_path: Path, field: 
         load_config(write(tmp_path, f"data: {{root: images, {field}: {value}}}\n"))
     (message,) = messages(caught.value)
     assert f"data.{field}" in message and "\n" not in message
+
+
+def test_a_misspelt_choice_names_the_closest_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: images, augment: randaug}\n"))
+    assert messages(caught.value)[0].endswith("(got 'randaug') (did you mean 'randaugment'?)")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "data: {root: images, augment: sideways}\n"))
+    assert "did you mean" not in messages(caught.value)[0]  # nothing close: the message lists the choices

@@ -5,6 +5,7 @@ This module must not import torch: `check`-free commands such as `recommend` bui
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -573,6 +574,10 @@ def _pydantic_problem(source: str, error: dict[str, Any]) -> Problem:
     value = error.get("input")
     if kind == "value_error" and isinstance(value, (dict, list)):
         return Problem(where, message)  # our own check of a section or list, whose message names what is wrong
+    if kind == "literal_error" and isinstance(value, str):
+        # A misspelt choice (augment: randaug) gets the closest one named, as a misspelt field does.
+        close = difflib.get_close_matches(value, re.findall(r"'([^']*)'", error["ctx"]["expected"]), n=1)
+        return Problem(where, f"{message} (got {quote(value)})", f"did you mean '{close[0]}'?" if close else "")
     return Problem(where, f"{message} (got {quote(value)})")
 
 
