@@ -239,3 +239,40 @@ def test_an_unreadable_image_follows_the_runs_on_bad_image_policy(trained: Path,
     config.write_text(config.read_text().replace("on_bad_image: skip", "on_bad_image: error"))
     result = invoke("evaluate", strict, "--data", data, "--device", "cpu")
     assert result.exit_code == 1 and "broken.png" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation (--tta)
+
+
+def test_tta_reports_the_averaged_numbers_beside_the_plain_ones(trained: Path) -> None:
+    from rich.console import Console
+
+    from transferctl.cli.evaluate import render_report
+
+    plain = json.loads(invoke("evaluate", trained, "--split", "val", "--json", "--device", "cpu").stdout)
+    result = invoke("evaluate", trained, "--split", "val", "--json", "--device", "cpu", "--tta", "flip")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert plain["tta"] == "none" and "plain" not in plain
+    assert report["tta"] == "flip"
+    for key in ("accuracy", "loss", "macro_f1", "ece"):
+        assert report["plain"][key] == pytest.approx(plain[key])
+    assert report["plain"]["confusion_matrix"] == plain["confusion_matrix"]
+    assert report["loss"] != pytest.approx(plain["loss"])  # the top-level numbers are the averaged probabilities'
+    # Its own files, named for it: the plain evaluation's stay as they were.
+    assert json.loads((trained / "eval" / "val-tta-flip.json").read_text()) == report
+    assert (trained / "eval" / "val-tta-flip-confusion.png").is_file()
+    assert json.loads((trained / "eval" / "val.json").read_text())["tta"] == "none"
+
+    console = Console(record=True, width=200)
+    console.print(render_report(report))
+    text = console.export_text()
+    assert f"with --tta flip: accuracy {report['accuracy']:.4f}" in text and f"without:         accuracy {plain['accuracy']:.4f}" in text
+
+
+def test_an_unknown_tta_is_one_line(trained: Path) -> None:
+    result = invoke("evaluate", trained, "--tta", "crop", "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "--tta: 'crop' is not a test-time augmentation" in result.stderr

@@ -366,3 +366,41 @@ def test_a_file_name_that_is_not_utf8_is_still_valid_json_in_utf8() -> None:
     line = json_line({"path": latin1, "label": "caf\u00e9"})
     assert os.fsencode(json.loads(line.encode("utf-8").decode("utf-8"))["path"]) == b"photos/caf\xe9.png"
     assert json_line({"path": "photos/caf\u00e9.png"}) == '{"path": "photos/caf\u00e9.png"}'  # UTF-8 names stay readable
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation (--tta)
+
+
+def test_tta_records_hold_the_probabilities_averaged_over_the_image_and_its_flip(many_images: list[str]) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from transferctl.inference.predict import Predictor
+    from transferctl.training.runtime import Runtime
+
+    def transform(image: Image.Image) -> torch.Tensor:  # the left and right halves' mean colours: (3, 1, 2)
+        return torch.as_tensor(np.array(image.resize((2, 1))), dtype=torch.float32).permute(2, 0, 1) / 255
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    paths = many_images[:5]
+    predictor = Predictor(model, ["r", "g", "b"], transform, Runtime(torch.device("cpu"), "fp32", False), 3, 0, tta="flip")
+    records = list(predictor.predict(paths, batch_size=2))
+    with torch.no_grad():
+        images = torch.stack([transform(Image.open(path).convert("RGB")) for path in paths])
+        expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
+    assert [record["tta"] for record in records] == ["flip"] * 5
+    assert [record["score"] for record in records] == pytest.approx(expected.max(1).values.tolist(), abs=1e-6)
+    plain = list(Predictor(model, ["r", "g", "b"], transform, Runtime(torch.device("cpu"), "fp32", False), 3, 0).predict(paths, batch_size=2))
+    assert "tta" not in plain[0] and [r["score"] for r in plain] != pytest.approx([r["score"] for r in records], abs=1e-6)
+
+
+def test_predict_tta_on_the_command_line(run: Path, images: Path) -> None:
+    result = invoke("predict", run, images / "00.png", "--tta", "flip", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["tta"] == "flip" and record["label"] == "red"  # the constant run: both views give its logits
+    result = invoke("predict", run, images / "00.png", "--tta", "mirror", "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == "" and "--tta: 'mirror' is not a test-time augmentation" in result.stderr

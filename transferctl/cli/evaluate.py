@@ -19,6 +19,7 @@ TrustCodeOption = typer.Option(
     False, "--trust-code", help="Let a python: backbone that the run names be imported and run (its code runs: only for runs you trust; or list the module in TRANSFERCTL_TRUSTED_CODE)."
 )
 BatchSizeOption = typer.Option(None, "--batch-size", min=1, help="Images per batch (default: the run's data.batch_size).")
+TtaOption = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (softmax probabilities averaged over the image and its mirror image).")
 
 
 @app.command(rich_help_panel=USE)
@@ -32,6 +33,7 @@ def evaluate(
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     trust_code: bool = TrustCodeOption,
+    tta: str = TtaOption,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion matrix and calibration of a trained run."""
     from transferctl.inference.evaluate import SPLIT_CHOICES, evaluate_run
@@ -39,7 +41,7 @@ def evaluate(
     if split is not None and split not in SPLIT_CHOICES:
         raise typer.BadParameter(f"'{split}' is not one of {', '.join(SPLIT_CHOICES)}", param_hint="--split")
     with user_errors():
-        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision, trust_code)
+        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision, trust_code, tta)
     for notice in result.notices:
         err.print(f"note: {notice}", style="yellow", markup=False)
     if as_json:
@@ -50,13 +52,12 @@ def evaluate(
 
 
 def render_report(report: dict[str, Any]) -> Table:
-    """Headline numbers in the caption, then one row per class."""
-    top5 = report["top5_accuracy"]
-    caption = (
-        f"accuracy {report['accuracy']:.4f}" + (f"   top-5 {top5:.4f}" if top5 is not None else "")
-        + f"   loss {report['loss']:.4f}   macro F1 {report['macro_f1']:.4f}   weighted F1 {report['weighted_f1']:.4f}"
-        + f"   ECE {report['ece']:.4f}"
-    )
+    """Headline numbers in the caption (with --tta, the same numbers without it below), then one row per class."""
+    caption = _headline(report)
+    tta = report.get("tta", "none")
+    if tta != "none":
+        label = f"with --tta {tta}: "
+        caption = f"{label}{caption}\n{'without:':<{len(label)}}{_headline(report['plain'])}"
     table = Table(title=f"{escape(report['run_dir'])}: {report['split']} ({report['images']} images)", caption=caption, caption_justify="left")
     table.add_column("class")
     for column in ("precision", "recall", "F1", "support"):
@@ -64,3 +65,12 @@ def render_report(report: dict[str, Any]) -> Table:
     for row in report["per_class"]:
         table.add_row(escape(row["class"]), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     return table
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    top5 = metrics["top5_accuracy"]
+    return (
+        f"accuracy {metrics['accuracy']:.4f}" + (f"   top-5 {top5:.4f}" if top5 is not None else "")
+        + f"   loss {metrics['loss']:.4f}   macro F1 {metrics['macro_f1']:.4f}   weighted F1 {metrics['weighted_f1']:.4f}"
+        + f"   ECE {metrics['ece']:.4f}"
+    )

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from transferctl.cli import EXIT_INTERRUPTED, USE, app, err, user_errors, write_stdout
-from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg, TrustCodeOption
+from transferctl.cli.evaluate import CheckpointOption, DeviceOption, PrecisionOption, RunDirArg, TrustCodeOption, TtaOption
 from transferctl.errors import Problem
 from transferctl.paths import shown
 
@@ -29,6 +29,7 @@ def predict(
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     trust_code: bool = TrustCodeOption,
+    tta: str = TtaOption,
 ) -> None:
     """Print {"path", "label", "score", "top"} per image as JSON Lines; unreadable files get {"path", "error"}."""
     from transferctl.inference.predict import expand_paths, load_predictor, read_path_lines
@@ -39,7 +40,7 @@ def predict(
         raise typer.BadParameter("'-' (read paths from stdin) must be the only path", param_hint="PATHS")
     failed = done = 0
     with user_errors(), _leaving_at_once_on_ctrl_c(paths == ["-"]):
-        predictor = load_predictor(run_dir, checkpoint, device, precision, top_k, trust_code)
+        predictor = load_predictor(run_dir, checkpoint, device, precision, top_k, trust_code, tta)
         inputs = read_path_lines(sys.stdin) if paths == ["-"] else iter(paths)
         for record in predictor.predict(expand_paths(inputs), batch_size):
             _write_line(record)

@@ -144,14 +144,18 @@ def evaluate_run(
     device: str = "auto",
     precision: str = "fp32",
     trust_code: bool = False,
+    tta: str = "none",
 ) -> EvaluationResult:
-    """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes)."""
-    from transferctl.training.runtime import predict_logits
+    """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes).
+    With tta (inference/tta.py) the report's numbers are those of the averaged probabilities, and
+    report["plain"] holds the same numbers without it."""
+    from transferctl.inference.tta import as_logits, averaged_probabilities, check_tta, view_logits
     from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
     from transferctl.runs.checkpoint import checkpoint_file
     from transferctl.runs.listing import read_run_config
 
     check_runtime_options(device, precision)
+    check_tta(tta)
     config = read_run_config(run_dir)
     if config.logging.tensorboard:
         from transferctl.training.tensorboard import require_tensorboard
@@ -169,7 +173,8 @@ def evaluate_run(
     dataset = ImageDataset(samples, eval_transform(preprocessing))
     size = batch_size or config.data.batch_size
     loader = make_loader(dataset, size, False, resolve_workers(config.data.num_workers, len(samples)), config.seed, runtime.device.type == "cuda")
-    logits, labels = predict_logits(model, loader, runtime)
+    logits, labels = view_logits(model, loader, runtime, tta)
+    plain = compute_metrics(logits[0].numpy(), labels.numpy(), classes)
 
     report = {
         "run_dir": str(run_dir),
@@ -181,9 +186,12 @@ def evaluate_run(
         "precision": runtime.precision,
         "skipped_images": [str(item.path) for item in splits.skipped],  # unreadable images anywhere in the data folder
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
-        **compute_metrics(logits.numpy(), labels.numpy(), classes),
+        "tta": tta,
+        **(plain if tta == "none" else compute_metrics(as_logits(averaged_probabilities(logits)).numpy(), labels.numpy(), classes)),
     }
-    stem = report_stem(run_dir, split, checkpoint, root, config.data.root, runtime.precision)
+    if tta != "none":
+        report["plain"] = plain
+    stem = report_stem(run_dir, split, checkpoint, root, config.data.root, runtime.precision, tta)
     result = _write_report(run_dir, report, stem, tuple(data_notices(splits)))
     if config.logging.tensorboard:
         from transferctl.training.tensorboard import log_evaluation
@@ -192,10 +200,10 @@ def evaluate_run(
     return result
 
 
-def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path, precision: str = "fp32") -> str:
+def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path, precision: str = "fp32", tta: str = "none") -> str:
     """eval/<stem>.json: the split's name for the run's own data, best checkpoint and fp32; another data
-    folder's name comes first, another checkpoint's and a lower precision after, so no evaluation replaces
-    one of something else (`runs` and `show` list them all by this name)."""
+    folder's name comes first, another checkpoint's, a lower precision and test-time augmentation
+    (tta-flip) after, so no evaluation replaces one of something else (`runs` and `show` list them all by this name)."""
     from transferctl.runs.checkpoint import checkpoint_file
 
     parts = [split]
@@ -206,6 +214,8 @@ def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root
         parts.append(_file_name_part(chosen.stem))
     if precision != "fp32":
         parts.append(precision)
+    if tta != "none":
+        parts.append(f"tta-{tta}")
     return "-".join(parts)
 
 

@@ -103,10 +103,13 @@ class Predictor:
     """A trained model ready to label images; yields one dict per input path.
 
     decode_threads: threads that decode the files ahead of the model (0: decode in this thread, in turn).
+    tta: test-time augmentation (inference/tta.py): each record's probabilities are averaged over its views
+    and the record says so ("tta": "flip").
     """
 
     def __init__(
-        self, model: Any, classes: list[str], transform: Any, runtime: Any, top_k: int = DEFAULT_TOP_K, decode_threads: int | None = None
+        self, model: Any, classes: list[str], transform: Any, runtime: Any, top_k: int = DEFAULT_TOP_K, decode_threads: int | None = None,
+        tta: str = "none",
     ) -> None:
         self.model = model
         self.classes = classes
@@ -114,6 +117,7 @@ class Predictor:
         self.runtime = runtime
         self.top_k = max(1, min(top_k, len(classes)))
         self.decode_threads = default_decode_threads() if decode_threads is None else decode_threads
+        self.tta = tta
 
     def predict(self, paths: Iterable[str], batch_size: int) -> Iterator[dict[str, Any]]:
         pending: list[_Pending] = []
@@ -175,14 +179,14 @@ class Predictor:
     def _flush(self, pending: list[_Pending]) -> Iterator[dict[str, Any]]:
         import torch
 
-        from transferctl.training.runtime import predict_logits
+        from transferctl.inference.tta import averaged_probabilities, view_logits
 
         images = [item.image for item in pending if item.error is None]
         probabilities = None
         if images:
             batch = torch.stack(images)
-            logits, _ = predict_logits(self.model, [(batch, torch.zeros(len(images), dtype=torch.long))], self.runtime)
-            probabilities = torch.softmax(logits, dim=1)
+            logits, _ = view_logits(self.model, [(batch, torch.zeros(len(images), dtype=torch.long))], self.runtime, self.tta)
+            probabilities = averaged_probabilities(logits)  # with one view (no tta): its softmax
         row = 0
         for item in pending:
             if item.error is not None:
@@ -197,13 +201,16 @@ class Predictor:
 
         scores, indices = torch.topk(probabilities, self.top_k)
         top = [[self.classes[int(i)], round(float(s), 6)] for s, i in zip(scores, indices)]
-        return {"path": path, "label": top[0][0], "score": top[0][1], "top": top}
+        record = {"path": path, "label": top[0][0], "score": top[0][1], "top": top}
+        return record if self.tta == "none" else {**record, "tta": self.tta}
 
 
-def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int, trust_code: bool = False) -> Predictor:
+def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int, trust_code: bool = False, tta: str = "none") -> Predictor:
     from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
+    from transferctl.inference.tta import check_tta
 
     check_runtime_options(device, precision)
+    check_tta(tta)
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
     model, runtime = inference_runtime(model, device, precision)
-    return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k)
+    return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k, tta=tta)
