@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import scratch_folder  # noqa: E402
 from demo import transferctl  # noqa: E402
 from quality import Settings as QualitySettings  # noqa: E402
-from quality import experiment_files, write_digits  # noqa: E402
+from quality import experiment_files, print_result, write_digits  # noqa: E402
 
 BODY_STEPS = 100
 RARE_DIGITS = ("7", "8", "9")
@@ -188,14 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with scratch_folder("transferctl-kit-", args.work) as work:
         result = run_benchmark(work, args.settings, lambda line: print(f"kit: {line}", file=sys.stderr, flush=True))
-    result["command"] = " ".join(["python scripts/kit.py", *(sys.argv[1:] if argv is None else argv)])
-    text = table(result) + f"\n\ntotal {result['seconds'] / 60:.1f} min"
-    if args.json:
-        print(text, file=sys.stderr)
-        print(json.dumps(result, indent=2))
-    else:
-        print(text)
-    return result
+    return print_result(result, table, "kit.py", argv, args.json)
 
 
 if __name__ == "__main__":

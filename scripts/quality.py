@@ -379,9 +379,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with scratch_folder("transferctl-quality-", args.work) as work:
         result = run_benchmark(work, args.settings, lambda line: print(f"quality: {line}", file=sys.stderr, flush=True))
-    result["command"] = " ".join(["python scripts/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    return print_result(result, table, "quality.py", argv, args.json)
+
+
+def print_result(result: dict[str, Any], table: Callable[[dict[str, Any]], str], script: str, argv: list[str] | None, as_json: bool) -> dict[str, Any]:
+    """The table on stdout, or with --json the JSON on stdout and the table on stderr; the command is recorded."""
+    result["command"] = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
     text = table(result) + f"\n\ntotal {result['seconds'] / 60:.1f} min"
-    if args.json:
+    if as_json:
         print(text, file=sys.stderr)
         print(json.dumps(result, indent=2))
     else:
