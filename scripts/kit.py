@@ -148,9 +148,13 @@ def run_benchmark(work: Path, settings: Settings, say: Callable[[str], None]) ->
                 common = ["strategy=fine_tune", f"seed={seed}", f"backbone.weights=run:{base['run_dir']}", f"data.root={target}",
                           f"schedule.1.min_steps={settings.body_steps}"]  # fmt: skip
                 sets = [arg for override in (*common, *overrides) for arg in ("--set", override)]
-                summary = transferctl("train", str(target_yaml), *sets, "--quiet")
-                rows = metric_rows(Path(summary["run_dir"]))
                 cell = cells.setdefault(name, {}).setdefault(target_name, {"acc": [], "balanced_acc": [], "seconds": []})
+                try:
+                    summary = transferctl("train", str(target_yaml), *sets, "--quiet")
+                except SystemExit as failure:  # an option this checkout lacks, or a diverged run: its cells stay empty ("-")
+                    say(f"seed {seed} {target_name} {name}: {failure}")
+                    continue
+                rows = metric_rows(Path(summary["run_dir"]))
                 cell["acc"].append(summary["best_val_acc"])
                 balanced_acc = best(rows, "balanced_acc")
                 if balanced_acc is not None:

@@ -77,3 +77,20 @@ def test_the_quick_benchmark_runs_end_to_end(kit: ModuleType, tmp_path: Path, ca
     printed = json.loads(capsys.readouterr().out)
     assert printed["cells"] == result["cells"] and set(result["cells"]) == {"defaults", "loss.label_smoothing: 0.1", "defaults + evaluate --tta flip"}
     assert all(0.0 <= acc <= 1.0 for cells in result["cells"].values() for target in cells.values() for acc in target["acc"])
+
+
+def test_a_row_whose_training_fails_is_left_empty_and_the_others_go_on(kit: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_transferctl(*args: str) -> dict[str, Any]:
+        if "ema.decay=0.99" in args:
+            raise SystemExit("`train` failed with exit code 1")
+        if args[0] == "evaluate":
+            return {"accuracy": 0.5, "per_class": [{"recall": 0.5}]}
+        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"val_acc": 0.6}) + "\n")
+        return {"run_dir": str(run), "best_val_acc": 0.6, "seconds": 1.0}
+
+    monkeypatch.setattr(kit, "transferctl", fake_transferctl)
+    result = kit.run_benchmark(tmp_path / "work", kit.parse_args(["--quick", "--only", "ema: {decay: 0.99}"]).settings, lambda line: None)
+    assert result["cells"]["ema: {decay: 0.99}"]["balanced"]["acc"] == [] and len(result["cells"]["defaults"]["balanced"]["acc"]) == 2
+    assert "| ema: {decay: 0.99} | - | - | - | - | - |" in kit.table(result)
