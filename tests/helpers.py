@@ -132,3 +132,14 @@ def heavy_imports(*args: str) -> str:
     done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stderr.strip().splitlines()[-1]
+
+
+def imbalanced_dataset(root: Path) -> Path:
+    """tiny_dataset's split layout with 15 images of red and green, of which 12 train, and 1 training image of
+    blue (val keeps 3 of each): the smallest training class has less than a tenth of the largest."""
+    from transferctl.testing.synthetic import tiny_dataset
+
+    data = tiny_dataset(root, n_classes=3, per_class=15, layout="split")
+    for path in sorted((data / "train" / "blue").iterdir())[1:]:
+        path.unlink()
+    return data

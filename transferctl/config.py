@@ -169,6 +169,11 @@ class DataConfig(_Section):
         1, ge=1, le=64, description="views cached per image with augmentation: the clean centre crop, then augmented views (one is drawn per epoch)"
     )
     cache_memory_mb: int = Field(1024, ge=0, le=MAX_MEMORY_MB, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="shuffle: every training image once an epoch; balanced: as many draws, with replacement, each class equally likely "
+                    "(WeightedRandomSampler's weights)",
+    )  # fmt: skip
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -240,8 +245,36 @@ class SchedulerConfig(_Section):
     warmup_epochs: float = Field(0.0, ge=0.0)
 
 
+ClassWeights = Union[Literal["none", "balanced"], list[float]]
+MAX_CLASS_WEIGHT = 1.0e6
+
+
+class LossConfig(_Section):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each target spread evenly over the classes (nn.CrossEntropyLoss's label_smoothing)")
+    class_weights: ClassWeights = Field(
+        "none",
+        description="none | balanced (scikit-learn's compute_class_weight on the training images) | one weight per class, in the order of the class folders' names",
+    )
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _none_balanced_or_weights(cls, value: Any) -> Any:
+        """One message for every wrong value (pydantic's own gives one line per branch of the Union); null is none."""
+        if value is None or value in ("none", "balanced"):
+            return "none" if value is None else value
+        if isinstance(value, list) and value and all(_positive_number(weight) for weight in value):
+            return [float(weight) for weight in value]
+        raise ValueError(f"must be none, balanced or a list of weights above 0 (at most {MAX_CLASS_WEIGHT:g}), one per class")
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CLASS_WEIGHT
+
+
 class EarlyStoppingConfig(_Section):
-    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    metric: Literal["val_acc", "val_loss", "balanced_acc", "macro_f1"] = Field(
+        "val_acc", description="what early stopping and best.pt follow: val_acc | val_loss | balanced_acc | macro_f1 (of the validation images)"
+    )
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
 
 
@@ -282,6 +315,7 @@ class ExperimentConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    loss: LossConfig = LossConfig()
     # The pattern is for editors (JSON Schema); _device_spec gives the error message.
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps", json_schema_extra={"pattern": DEVICE_PATTERN.pattern})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware has it, else fp32")

@@ -148,3 +148,17 @@ def test_explicit_strategy_and_backbone(tiny_flat_data: Path, tmp_path: Path) ->
     assert raw["backbone"] == {"name": "mobilenet_v3_small", "weights": "none"} and raw["schedule"][0]["train"] == "all"
     wrong = invoke("init", str(tiny_flat_data), "-o", str(tmp_path / "f.yaml"), "--backbone", "resnet180")
     assert wrong.exit_code == 1 and "did you mean 'resnet18'" in wrong.stderr
+
+
+def test_init_warns_about_imbalanced_classes_and_names_what_helps(tmp_path: Path) -> None:
+    data = tiny_dataset(tmp_path / "data", per_class=15, layout="flat")
+    for path in sorted((data / "blue").iterdir())[1:]:
+        path.unlink()
+    expected = ("data.root: imbalanced classes, the smallest (blue, 1 image) has less than a tenth of the largest (red, 15); "
+                "consider loss.class_weights: balanced, data.sampler: balanced, early_stopping.metric: balanced_acc")  # fmt: skip
+    assert inspect_folder(data).imbalance == expected
+    result = invoke("init", str(data), "-o", str(tmp_path / "exp.yaml"), "--strategy", "feature_extract")
+    assert result.exit_code == 0 and "warning:" in result.stderr and "loss.class_weights: balanced" in result.stderr
+    header = " ".join(line.lstrip("# ").strip() for line in (tmp_path / "exp.yaml").read_text().splitlines() if line.startswith("#"))
+    assert f"Warning: {expected}." in header
+    assert inspect_folder(tiny_dataset(tmp_path / "even", layout="flat")).imbalance is None

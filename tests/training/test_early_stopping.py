@@ -30,3 +30,14 @@ def test_a_resumed_phase_counts_on_from_its_saved_state() -> None:
     best, worse = rows(0.8, 0.5)
     stopping = EarlyStopping("val_acc", patience=2, best=best, stale=1)
     assert stopping.update(worse) and stopping.best is best
+
+
+def test_balanced_acc_and_macro_f1_follow_their_own_columns() -> None:
+    # Accuracy rises while the minority class is lost: balanced accuracy and macro F1 fall.
+    before = {"val_acc": 0.90, "val_loss": 0.3, "val_balanced_acc": 0.80, "val_macro_f1": 0.75}
+    after = {"val_acc": 0.95, "val_loss": 0.2, "val_balanced_acc": 0.60, "val_macro_f1": 0.55}
+    assert is_better(after, before, "val_acc")
+    assert not is_better(after, before, "balanced_acc") and is_better(before, after, "balanced_acc")
+    assert not is_better(after, before, "macro_f1") and is_better(before, after, "macro_f1")
+    stopping = EarlyStopping("balanced_acc", patience=1)
+    assert [stopping.update(row) for row in (before, after)] == [False, True] and stopping.best is before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -229,3 +230,47 @@ def test_batches_go_to_a_gpu_without_blocking_and_stay_put_on_a_cpu(monkeypatch:
     copies.clear()
     to_device(images, labels, Runtime(CPU, "fp32", channels_last=False))
     assert copies == [("cpu", False), ("cpu", False)]
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits for image i are the i-th row of a table (the image holds its index)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.table[images[:, 0].long()]
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # scikit-learn's own call below
+def test_validation_metrics_are_scikit_learns_and_its_loss_stays_plain_cross_entropy() -> None:
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    # 4 classes: class 3 never appears, class 2 is predicted but never true, class 1 is mostly missed.
+    truth = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 0])
+    predicted = torch.tensor([0, 0, 0, 0, 0, 1, 1, 0, 2, 2])
+    table = torch.nn.functional.one_hot(predicted, 4).float() * 3.0
+    batches = [(torch.arange(0, 6).float()[:, None], truth[:6]), (torch.arange(6, 10).float()[:, None], truth[6:])]
+    stats = engine.evaluate(FixedLogits(table), batches, Runtime(CPU, "fp32", False))
+    assert stats.accuracy == pytest.approx(0.6)
+    assert stats.balanced_accuracy == pytest.approx(balanced_accuracy_score(truth, predicted)) == pytest.approx((5 / 7 + 1 / 3) / 2)
+    assert stats.macro_f1 == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert stats.loss == pytest.approx(float(torch.nn.functional.cross_entropy(table, truth)))
+    empty = engine.evaluate(FixedLogits(table), [], Runtime(CPU, "fp32", False))
+    assert empty.images == 0 and np.isnan(empty.balanced_accuracy) and np.isnan(empty.macro_f1)
+
+
+def test_train_one_epoch_minimises_the_loss_it_is_given() -> None:
+    images, labels = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+    runtime = Runtime(CPU, "fp32", False)
+    results = []
+    for loss_fn in (None, torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0]), label_smoothing=0.2)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no step: the reported loss is the first weights'
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        results.append(engine.train_one_epoch(model, [(images, labels)], optimizer, scheduler, runtime, loss_fn=loss_fn).loss)
+        expected = (loss_fn or torch.nn.CrossEntropyLoss())(model(images), labels).item()
+        assert results[-1] == pytest.approx(expected)
+    assert results[0] != pytest.approx(results[1])

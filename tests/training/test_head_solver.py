@@ -185,3 +185,50 @@ def test_a_class_without_training_rows_keeps_its_output_and_is_not_predicted() -
     with torch.no_grad():
         predicted = head(torch.from_numpy(features[:, 0])).argmax(dim=1)
     assert head.weight.shape == (3, 8) and torch.equal(predicted, torch.from_numpy(labels))  # the absent class is pushed down
+
+
+def _solved_logits(features: np.ndarray, labels: np.ndarray, objective: head_solver.Objective, decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fitted (weight, bias) in the solver's coordinates, and those coordinates' rows."""
+    design = Design.of(features, CPU)
+    rows = _Rows(features, labels, np.arange(len(labels)), design, objective=objective)
+    weight = torch.zeros(3, design.width, requires_grad=True)
+    bias = torch.zeros(3, requires_grad=True)
+    _fit(rows, weight, bias, decay, 1000, lambda: False)
+    return weight.detach(), bias.detach(), design.transform(torch.from_numpy(features[:, 0]))
+
+
+def test_the_solved_head_minimises_the_runs_weighted_and_smoothed_loss() -> None:
+    features, labels = blobs(per_class=10, classes=3, width=8, noise=6.0)
+    features, labels = features[:23], labels[:23]  # 10, 10 and 3 images
+    loss = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0]), label_smoothing=0.2)
+    decay = 1e-2
+    weight, bias, rows = _solved_logits(features, labels, head_solver.Objective.of(loss), decay)
+    # At the optimum of nn.CrossEntropyLoss's own weighted, smoothed mean plus the penalty, its gradient vanishes.
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    objective = loss(rows @ weight.T + bias, torch.from_numpy(labels)) + 0.5 * decay * weight.pow(2).sum()
+    objective.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    plain, _, _ = _solved_logits(features, labels, head_solver.Objective(), decay)
+    assert (plain - weight.detach()).abs().max() > 1e-2  # without the run's loss the head is another one
+
+
+def test_balanced_sampling_weighs_rows_as_balanced_class_weights_would() -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from transferctl.data.imbalance import balanced_sample_weights
+
+    features, labels = blobs(per_class=10, classes=3, width=8, noise=6.0)
+    features, labels = features[:23], labels[:23]
+    sampled = head_solver.Objective(image_weights=balanced_sample_weights(labels))
+    weighted = head_solver.Objective(class_weights=torch.tensor(compute_class_weight("balanced", classes=np.arange(3), y=labels), dtype=torch.float32))
+    by_sampling, _, _ = _solved_logits(features, labels, sampled, 1e-2)
+    by_weights, _, _ = _solved_logits(features, labels, weighted, 1e-2)
+    torch.testing.assert_close(by_sampling, by_weights, atol=1e-4, rtol=1e-4)
+
+
+def test_a_solved_head_phase_reports_the_runs_training_loss(tiny_split_data: Path, tmp_path: Path) -> None:
+    plain = rows_of(train(config_from_dict(feature_extract(tiny_split_data, tmp_path / "a"))))
+    smoothed = rows_of(train(config_from_dict({**feature_extract(tiny_split_data, tmp_path / "b"), "loss": {"label_smoothing": 0.3}})))
+    assert smoothed[0]["train_loss"] > plain[0]["train_loss"]  # smoothing keeps the loss of separable data away from 0
+    assert smoothed[0]["val_loss"] != smoothed[0]["train_loss"]

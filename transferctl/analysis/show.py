@@ -118,11 +118,14 @@ def _best(summary: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> d
             "phase": summary.get("best_phase"),
             "final_val_acc": summary.get("final_val_acc"),
         }
-    scored = [row for row in rows if isinstance(row.get(metric), (int, float))]
+    from transferctl.training.early_stopping import METRIC_COLUMN
+
+    column = METRIC_COLUMN.get(metric, metric)  # balanced_acc: the rows' val_balanced_acc
+    scored = [row for row in rows if isinstance(row.get(column), (int, float))]
     if not scored:
         return None
     pick = min if metric == "val_loss" else max
-    best = pick(scored, key=lambda row: row[metric])
+    best = pick(scored, key=lambda row: row[column])
     return {
         "metric": metric,
         "val_acc": best.get("val_acc"),

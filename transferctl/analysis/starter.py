@@ -22,6 +22,7 @@ import yaml
 
 from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from_dict, default_schedule, json_schema, parse_yaml
 from transferctl.data.folders import BadImage, DatasetSplits, Sample, discover
+from transferctl.data.imbalance import imbalance_warning
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.analysis.recommend import Advice, Thresholds, advise, judge_size
 from transferctl.runs.rundir import file_in_the_way, write_atomically
@@ -79,6 +80,11 @@ class DataInspection:
     def total(self) -> int:
         return sum(sum(per_class.values()) for per_class in self.counts.values())
 
+    @property
+    def imbalance(self) -> str | None:
+        """The warning when the smallest class (train+val) has less than a tenth of the largest's images."""
+        return imbalance_warning(self.labelled_per_class)
+
     def to_dict(self) -> dict[str, Any]:
         smallest, smallest_count = self.smallest_class
         return {
@@ -89,6 +95,7 @@ class DataInspection:
             "counts": self.counts,
             "median_per_class": self.median_per_class,
             "smallest_class": {"name": smallest, "images": smallest_count},
+            "imbalance": self.imbalance,
             "image_sizes": {
                 "sampled": self.images.sampled,
                 "min": list(self.images.min_size),
@@ -298,6 +305,8 @@ def _header_lines(inspection: DataInspection, data_dir: Path, output: Path, stra
     if inspection.unreadable:
         first = inspection.unreadable[0]
         lines.append(f"{len(inspection.unreadable)} unreadable file(s) will be left out (data.on_bad_image: skip), e.g. {first.path} ({first.reason}).")
+    if inspection.imbalance:
+        lines.append(f"Warning: {inspection.imbalance}.")
     if advice is not None:
         lines.append(f"Strategy: {strategy}, by recommend's rule: {advice.reasons[0]}.")
         lines.append(

@@ -63,6 +63,8 @@ def render_inspection(data: dict[str, Any]) -> Group:
         spread = f"all {low}" if low == high else f"median {mid}, from {low} to {high}"
         modes = ", ".join(f"{mode} {count}" for mode, count in data["modes"].items())
         lines.append(f"sizes: {spread}; modes: {modes} ({sizes['sampled']} headers read)")
+    if data["imbalance"]:
+        lines.append(f"[yellow]warning:[/] {escape(data['imbalance'])}")
     if data["unreadable"]:
         first = data["unreadable"][0]
         lines.append(f"[yellow]unreadable:[/] {len(data['unreadable'])} file(s) left out, e.g. {escape(first['path'])} ({escape(first['reason'])})")

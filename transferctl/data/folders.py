@@ -8,6 +8,7 @@ import os
 import random
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -591,15 +592,18 @@ class EpochSampler:
     any number of workers (persistent workers keep RNG state across epochs, so nothing may rely on it).
     Under distributed training each rank takes its `shard` of that one order (distributed.shard_of): padded
     for training, so every rank takes the same number of steps; unpadded for evaluation, so no image counts twice.
+    With `weights` (one per image; data.sampler: balanced) the epoch is `size` draws with replacement, as
+    WeightedRandomSampler makes them, from the same seeded generator.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: Shard | None = None, pad: bool = True) -> None:
+    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: Shard | None = None, pad: bool = True, weights: Sequence[float] | None = None) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
         self.shard = shard or Shard()
         self.pad = pad
         self.epoch = 1
+        self.weights = weights
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -611,6 +615,11 @@ class EpochSampler:
         import torch
 
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            # WeightedRandomSampler's own draw, which takes no generator per epoch: an image drawn twice gets two seeds.
+            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.size, replacement=True, generator=generator)
+            seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+            return iter(shard_of(list(zip(order.tolist(), seeds.tolist())), self.shard, self.pad))
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
         return iter(shard_of(list(zip(order.tolist(), seeds[order].tolist())), self.shard, self.pad))
@@ -656,8 +665,12 @@ def spare_cores() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, shard: Shard | None = None) -> Any:
-    """A DataLoader; shuffling ones use an EpochSampler (call set_loader_epoch before each epoch).
+def make_loader(
+    dataset: Any, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, shard: Shard | None = None,
+    weights: Sequence[float] | None = None,
+) -> Any:  # fmt: skip
+    """A DataLoader; shuffling ones use an EpochSampler (call set_loader_epoch before each epoch), which
+    draws by `weights` (one per image) when given.
 
     With a shard of several ranks, this rank's part: training shards padded to equal length, others not.
     """
@@ -667,7 +680,7 @@ def make_loader(dataset: Any, batch_size: int, shuffle: bool, workers: int, seed
     generator = torch.Generator()
     generator.manual_seed(seed)
     sharded = shard is not None and shard.world > 1
-    sampler = EpochSampler(len(dataset), seed, shuffle, shard, pad=shuffle) if shuffle or sharded else None
+    sampler = EpochSampler(len(dataset), seed, shuffle, shard, pad=shuffle, weights=weights if shuffle else None) if shuffle or sharded else None
     return DataLoader(
         dataset,
         batch_size=batch_size,

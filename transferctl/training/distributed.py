@@ -214,7 +214,18 @@ def reduce_stats(stats: Any) -> Any:
     loss_sum, correct, images = sums.tolist()
     if images == 0:
         return EpochStats(float("nan"), float("nan"), 0, seconds, data_seconds)
-    return EpochStats(loss_sum / images, correct / images, int(images), seconds, data_seconds)
+    return EpochStats(loss_sum / images, correct / images, int(images), seconds, data_seconds, confusion=_summed_confusion(stats.confusion))
+
+
+def _summed_confusion(confusion: Any) -> Any:
+    """Validation's confusion counts over every rank. Gathered as objects: a rank without validation images
+    has none, so the ranks' arrays need not agree in shape for an all_reduce."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, confusion)
+    present = [counts for counts in gathered if counts is not None]
+    return sum(present[1:], present[0]) if present else None
 
 
 def wrap_for_training(model: Any, device: Any) -> Any:

@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# early_stopping.metric -> the metrics row's column it follows (all of the validation images).
+METRIC_COLUMN = {"val_acc": "val_acc", "val_loss": "val_loss", "balanced_acc": "val_balanced_acc", "macro_f1": "val_macro_f1"}
+
+
 def is_better(row: dict[str, Any], than: dict[str, Any], metric: str) -> bool:
-    """Whether the row beats `than` on the metric: a lower val_loss, a higher accuracy."""
+    """Whether the row beats `than` on the metric: a lower val_loss, a higher accuracy or F1."""
+    column = METRIC_COLUMN[metric]
     if metric == "val_loss":
-        return row[metric] < than[metric]
-    return row[metric] > than[metric]
+        return row[column] < than[column]
+    return row[column] > than[column]
 
 
 @dataclass

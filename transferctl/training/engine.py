@@ -26,10 +26,41 @@ class EpochStats:
     images: int
     seconds: float
     data_seconds: float = 0.0  # of `seconds`, spent waiting for the next batch (training only)
+    # Validation only: counts of (true class, predicted class), summed over ranks (distributed.reduce_stats).
+    confusion: np.ndarray | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """scikit-learn's balanced_accuracy_score: the mean recall of the classes that have validation images."""
+        from sklearn.metrics import balanced_accuracy_score
+
+        truth, predicted = _pairs(self.confusion)
+        if not len(truth):
+            return float("nan")
+        with warnings.catch_warnings():  # a class predicted but never true: recall is over the true classes, as documented
+            warnings.simplefilter("ignore")
+            return float(balanced_accuracy_score(truth, predicted))
+
+    @property
+    def macro_f1(self) -> float:
+        """scikit-learn's f1_score(average='macro') over the classes that are true or predicted (0 where undefined)."""
+        from sklearn.metrics import f1_score
+
+        truth, predicted = _pairs(self.confusion)
+        return float(f1_score(truth, predicted, average="macro", zero_division=0)) if len(truth) else float("nan")
+
+
+def _pairs(confusion: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) labels, one pair per image, that a confusion matrix counts; scikit-learn's metrics take these."""
+    if confusion is None:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    truth, predicted = np.nonzero(confusion)
+    counts = confusion[truth, predicted].astype(np.int64)
+    return np.repeat(truth, counts), np.repeat(predicted, counts)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +81,7 @@ def train_one_epoch(
     on_batch: BatchCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     report_seconds: float = REPORT_SECONDS,
+    loss_fn: nn.Module | None = None,
 ) -> EpochStats:
     """One pass over the batches; the model must already be in the phase's train/eval modes.
 
@@ -58,8 +90,9 @@ def train_one_epoch(
     on_batch hears of the first and last batches and of one every report_seconds in between: reading the
     running loss waits for the GPU to finish every step queued so far, so doing it after every batch
     would leave the GPU idle while the next step is being queued.
+    loss_fn is the run's loss (loss.py: label smoothing, class weights), on the runtime's device; None: plain cross-entropy.
     """
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     start = time.perf_counter()
     total_loss = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
@@ -140,9 +173,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     logits, labels = predict_logits(model, batches, runtime)
     if labels.numel() == 0:
         return EpochStats(float("nan"), float("nan"), 0, time.perf_counter() - start)
-    loss = float(nn.functional.cross_entropy(logits, labels))
-    accuracy = float((logits.argmax(dim=1) == labels).float().mean())
-    return EpochStats(loss, accuracy, labels.numel(), time.perf_counter() - start)
+    loss = float(nn.functional.cross_entropy(logits, labels))  # plain cross-entropy, whatever the training loss
+    predicted = logits.argmax(dim=1)
+    accuracy = float((predicted == labels).float().mean())
+    return EpochStats(loss, accuracy, labels.numel(), time.perf_counter() - start, confusion=confusion_counts(labels, predicted, logits.shape[1]))
+
+
+def confusion_counts(labels: torch.Tensor, predicted: torch.Tensor, classes: int) -> np.ndarray:
+    """scikit-learn's confusion_matrix over every class: rows true, columns predicted."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels.numpy(), predicted.numpy(), labels=np.arange(classes))
 
 
 def make_grad_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:

@@ -61,6 +61,41 @@ class Selection:
                 f"training images (held-out accuracy {self.accuracy:.3f})")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The run's training loss (loss.py) over every cached row, so that a solved head fits what minibatch steps
+    would: nn.CrossEntropyLoss's class weights and label smoothing, and, with data.sampler: balanced, each
+    image weighted by its chance of being drawn (what the sampler's batches average to). The mean is
+    normalised as nn.CrossEntropyLoss's weighted mean is: by the rows' summed weight of their target class."""
+
+    class_weights: torch.Tensor | None = None  # (classes,)
+    label_smoothing: float = 0.0
+    image_weights: np.ndarray | None = None  # (images,): data.sampler balanced's draw weights
+
+    @classmethod
+    def of(cls, loss: nn.CrossEntropyLoss | None, image_weights: np.ndarray | None = None) -> Objective:
+        if loss is None:
+            return cls(image_weights=image_weights)
+        return cls(loss.weight.detach().float().cpu() if loss.weight is not None else None, float(loss.label_smoothing), image_weights)
+
+    def row_weights(self, images: np.ndarray, views: int) -> np.ndarray | None:
+        """Each row's weight from the sampler (None: all alike)."""
+        return None if self.image_weights is None else np.repeat(self.image_weights[images], views).astype(np.float32)
+
+    def normaliser(self, labels: np.ndarray, images: np.ndarray, views: int) -> float:
+        """The sum the rows' summed losses are divided by: their count when nothing is weighted."""
+        weight = np.ones(len(images)) if self.image_weights is None else self.image_weights[images].astype(np.float64)
+        if self.class_weights is not None:
+            weight = weight * self.class_weights.double().numpy()[labels[images]]
+        return float(weight.sum()) * views
+
+    def summed(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The rows' losses, summed (divide by `normaliser` for the mean)."""
+        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        losses = nn.functional.cross_entropy(logits, targets, weight=weight, label_smoothing=self.label_smoothing, reduction="none")
+        return (losses * rows).sum() if rows is not None else losses.sum()
+
+
 def solvable(head: nn.Module) -> bool:
     """Only a plain linear layer on the cached features is a logistic regression."""
     return isinstance(head, nn.Linear) and head.bias is not None
@@ -84,8 +119,11 @@ class HeadSolver:
     first) find it solved and only measure. The trainer checkpoints `optimizer` like any optimizer.
     """
 
-    def __init__(self, head: nn.Linear, features: np.ndarray, labels: np.ndarray, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, head: nn.Linear, features: np.ndarray, labels: np.ndarray, device: torch.device, seed: int, objective: Objective | None = None,
+    ) -> None:  # fmt: skip
         self.head, self.features, self.labels, self.device, self.seed = head, features, labels, device, seed
+        self.objective = objective or Objective()
         self.optimizer = SolvedHeadState(head.parameters())
         self.scheduler = torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
         self.selection: Selection | None = None
@@ -98,23 +136,25 @@ class HeadSolver:
         start = time.perf_counter()
         group = self.optimizer.param_groups[0]
         if not group["solved"]:
-            self.selection, weight, bias = solve(self.features, self.labels, self.head.out_features, self.device, self.seed, should_stop)
+            self.selection, weight, bias = solve(self.features, self.labels, self.head.out_features, self.device, self.seed, should_stop, self.objective)
             with torch.no_grad():
                 self.head.weight.copy_(weight.to(self.head.weight.dtype))
                 self.head.bias.copy_(bias.to(self.head.bias.dtype))
             group.update(weight_decay=self.selection.weight_decay, solved=True)
-        loss, correct, count = _score_raw(self.features, self.labels, self.head, self.device)
+        loss, correct, count = _score_raw(self.features, self.labels, self.head, self.device, self.objective)
         return EpochStats(loss, correct / count, count, time.perf_counter() - start)
 
 
 def solve(
-    features: np.ndarray, labels: np.ndarray, classes: int, device: torch.device, seed: int, should_stop: Callable[[], bool] = lambda: False
+    features: np.ndarray, labels: np.ndarray, classes: int, device: torch.device, seed: int, should_stop: Callable[[], bool] = lambda: False,
+    objective: Objective | None = None,
 ) -> tuple[Selection, torch.Tensor, torch.Tensor]:
     """Choose the L2 strength, fit on every training row, return it with the head's (weight, bias) for
     `classes` outputs (a class without training rows among them is only ever pushed down)."""
+    objective = objective or Objective()
     design = Design.of(features, device)
-    rows = _Rows(features, labels, np.arange(len(labels)), design)
-    selection = choose_weight_decay(features, labels, design, seed, should_stop)
+    rows = _Rows(features, labels, np.arange(len(labels)), design, objective=objective)
+    selection = choose_weight_decay(features, labels, design, seed, should_stop, objective)
     weight = torch.zeros(classes, design.width, device=device, requires_grad=True)
     bias = torch.zeros(classes, device=device, requires_grad=True)
     _fit(rows, weight, bias, design.penalty(selection.weight_decay), FINAL_ITERATIONS, should_stop)
@@ -137,9 +177,12 @@ def _cpu_threads_for(elements: int, device: torch.device) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def choose_weight_decay(features: np.ndarray, labels: np.ndarray, design: Design, seed: int, should_stop: Callable[[], bool] = lambda: False) -> Selection:
+def choose_weight_decay(
+    features: np.ndarray, labels: np.ndarray, design: Design, seed: int, should_stop: Callable[[], bool] = lambda: False, objective: Objective | None = None,
+) -> Selection:  # fmt: skip
     """The L2 strength with the best held-out accuracy over stratified folds of the training images, smoothed
-    along the path (ties: the stronger). Fitting uses every cached view of a fold's images, scoring the clean view 0."""
+    along the path (ties: the stronger). Fitting uses every cached view of a fold's images, scoring the clean view 0;
+    the folds fit the run's objective, and score plain accuracy."""
     from sklearn.model_selection import StratifiedKFold
 
     from transferctl.data.sampling import stratified_sample
@@ -153,7 +196,7 @@ def choose_weight_decay(features: np.ndarray, labels: np.ndarray, design: Design
     classes = int(labels.max()) + 1
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
     for fitted, held_out in splitter.split(images, labels[images]):
-        rows = _Rows(features, labels, images[fitted], design)
+        rows = _Rows(features, labels, images[fitted], design, objective=objective)
         scored = _Rows(features, labels, images[held_out], design, views=1)
         weight = torch.zeros(classes, design.width, device=design.device, requires_grad=True)
         bias = torch.zeros(classes, device=design.device, requires_grad=True)
@@ -244,29 +287,35 @@ class _Rows:
     """Some images' rows in the solver's coordinates, with their labels: held on the device up to
     RESIDENT_BYTES, else (a memory-mapped cache over data.cache_memory_mb) read chunk by chunk."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, images: np.ndarray, design: Design, views: int | None = None) -> None:
+    def __init__(
+        self, features: np.ndarray, labels: np.ndarray, images: np.ndarray, design: Design, views: int | None = None, objective: Objective | None = None,
+    ) -> None:  # fmt: skip
         self.features, self.labels, self.images, self.design = features, labels, images, design
         self.views = views or features.shape[1]
         self.count = len(images) * self.views
+        self.objective = objective or Objective()
+        self.normaliser = self.objective.normaliser(labels, images, self.views)
         self.resident = self.count * features.shape[2] * 4 <= RESIDENT_BYTES
         self.loaded = list(self._load()) if self.resident else []
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         return iter(self.loaded) if self.resident else self._load()
 
-    def _load(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _load(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         per_chunk = max(1, ROWS_PER_CHUNK // self.views)
         for start in range(0, len(self.images), per_chunk):
             images = self.images[start : start + per_chunk]
             rows = self.design.transform(torch.from_numpy(_rows_of(self.features, images, self.views)))
-            yield rows, torch.from_numpy(np.repeat(self.labels[images], self.views)).to(self.design.device)
+            weights = self.objective.row_weights(images, self.views)
+            yield (rows, torch.from_numpy(np.repeat(self.labels[images], self.views)).to(self.design.device),
+                   torch.from_numpy(weights).to(self.design.device) if weights is not None else None)  # fmt: skip
 
     def loss_and_backward(self, weight: torch.Tensor, bias: torch.Tensor, decay: float) -> torch.Tensor:
-        """Mean cross-entropy over every row plus decay/2 x |weight|^2 (the bias is not decayed), its gradient
+        """The objective's mean over every row plus decay/2 x |weight|^2 (the bias is not decayed), its gradient
         accumulated into weight.grad and bias.grad."""
         total = torch.zeros((), device=weight.device)
-        for block, targets in self.chunks():
-            loss = nn.functional.cross_entropy(nn.functional.linear(block, weight, bias), targets, reduction="sum") / self.count
+        for block, targets, row_weights in self.chunks():
+            loss = self.objective.summed(nn.functional.linear(block, weight, bias), targets, row_weights) / self.normaliser
             loss.backward()
             total += loss.detach()
         penalty = 0.5 * decay * weight.pow(2).sum()
@@ -276,7 +325,7 @@ class _Rows:
     def score(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, int]:
         """(mean cross-entropy, correct count) over every row, without the penalty."""
         loss, correct = 0.0, 0
-        for block, targets in self.chunks():
+        for block, targets, _ in self.chunks():
             logits = nn.functional.linear(block, weight, bias)
             loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(dim=1) == targets).sum())
@@ -301,8 +350,10 @@ def _fit(rows: _Rows, weight: torch.Tensor, bias: torch.Tensor, decay: float, it
 
 
 @torch.no_grad()
-def _score_raw(features: np.ndarray, labels: np.ndarray, head: nn.Linear, device: torch.device) -> tuple[float, int, int]:
-    """The head's mean cross-entropy and correct count on every cached training row, as the epoch's train stats."""
+def _score_raw(features: np.ndarray, labels: np.ndarray, head: nn.Linear, device: torch.device, objective: Objective | None = None) -> tuple[float, int, int]:
+    """The head's mean training loss (the objective, without the penalty) and correct count on every cached
+    training row, as the epoch's train stats."""
+    objective = objective or Objective()
     loss, correct, count = 0.0, 0, 0
     views = features.shape[1]
     per_chunk = max(1, ROWS_PER_CHUNK // views)
@@ -311,7 +362,8 @@ def _score_raw(features: np.ndarray, labels: np.ndarray, head: nn.Linear, device
         rows = torch.from_numpy(_rows_of(features, images)).to(device=device, dtype=head.weight.dtype)
         targets = torch.from_numpy(np.repeat(labels[images], views)).to(device)
         logits = head(rows).float()
-        loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        row_weights = objective.row_weights(images, views)
+        loss += float(objective.summed(logits, targets, torch.from_numpy(row_weights).to(device) if row_weights is not None else None))
         correct += int((logits.argmax(dim=1) == targets).sum())
         count += len(targets)
-    return loss / max(count, 1), correct, count
+    return loss / max(objective.normaliser(labels, np.arange(features.shape[0]), views), 1e-12), correct, count

@@ -39,6 +39,8 @@ def epoch_row(plan: PhasePlan, epoch: int, global_epoch: int, lrs: dict[str, flo
         "train_acc": stats.accuracy,
         "val_loss": val.loss,
         "val_acc": val.accuracy,
+        "val_balanced_acc": val.balanced_accuracy,
+        "val_macro_f1": val.macro_f1,
         "seconds": round(stats.seconds + val.seconds, 3),
         "images_per_second": round(stats.images_per_second, 1),
         "data_seconds": round(stats.data_seconds, 3),  # of the training's seconds, waiting for batches

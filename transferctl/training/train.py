@@ -55,7 +55,7 @@ from transferctl.training.engine import EpochStats, NonFiniteLossError, Training
 from transferctl.training.runtime import Runtime, cpu_has_bf16_units, make_runtime, prepare_model
 from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
 from transferctl.training.feature_cache import FrozenBodyShortcut
-from transferctl.training.head_solver import HeadSolver, solvable
+from transferctl.training.head_solver import HeadSolver, Objective, solvable
 from transferctl.data.decoded_cache import DecodeOnce
 from transferctl.training.interrupts import StopRequest, stop_on_signals
 from transferctl.training.phases import (
@@ -78,6 +78,8 @@ from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir
 from transferctl.training.early_stopping import EarlyStopping, is_better
 from transferctl.training.observers import SilentObserver, TrainObserver
 from transferctl.training.run_records import current_lrs, epoch_row, run_summary
+from transferctl.data.imbalance import balanced_sample_weights, imbalance_notices
+from transferctl.training.loss import build_loss
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Experiment:
     splits: DatasetSplits
     backbone: Backbone
     plans: list[PhasePlan]
+    loss: torch.nn.CrossEntropyLoss  # the training loss (loss.py), built from the training labels
 
 
 @dataclass
@@ -111,11 +114,12 @@ class ResumePoint:
 def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     """Data, backbone and phases; load_weights=False when a checkpoint will provide every weight."""
     splits = discover(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image)
+    loss = build_loss(config.loss, [label for _, label in splits.train], splits.classes)  # before the backbone: a list that does not fit fails fast
     pretrained = load_weights and config.loads_pretrained_weights
     backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
     plans = plan_phases(config, backbone.group_names, math.ceil(len(splits.train) / config.data.batch_size))
     refuse_single_image_batches(backbone.model, backbone.groups, plans, per_rank_batch(config.data.batch_size), shard().world)
-    return Experiment(config, splits, backbone, plans)
+    return Experiment(config, splits, backbone, plans, loss)
 
 
 def describe(experiment: Experiment) -> dict[str, Any]:
@@ -135,7 +139,7 @@ def describe(experiment: Experiment) -> dict[str, Any]:
         "preprocessing": backbone.preprocessing.to_dict(),
         "data": {
             "root": str(splits.root), "layout": splits.layout, "classes": splits.classes, **splits.counts(),
-            "skipped": len(splits.skipped), "notices": data_notices(splits),
+            "skipped": len(splits.skipped), "notices": [*data_notices(splits), *imbalance_notices(config, splits)],
         },  # fmt: skip
         "phases": [
             {**describe_phase(backbone.model, backbone.groups, plan, config.optimizer.weight_decay, config.early_stopping.patience),
@@ -216,9 +220,14 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     val_set = ImageDataset(splits.val, build_transform(pre, config.data.augment, train=False))
     batch, part = per_rank_batch(config.data.batch_size), shard()  # this rank's share of each global batch
     return {
-        "train": make_loader(train_set, batch, True, workers, config.seed, pin, part),
+        "train": make_loader(train_set, batch, True, workers, config.seed, pin, part, weights=sampler_weights(config, splits)),
         "val": make_loader(val_set, batch, False, workers, config.seed, pin, part),
     }
+
+
+def sampler_weights(config: ExperimentConfig, splits: DatasetSplits) -> Any:
+    """Each training image's draw weight under data.sampler: balanced (None: shuffle, each image once an epoch)."""
+    return balanced_sample_weights([label for _, label in splits.train]) if config.data.sampler == "balanced" else None
 
 
 DATA_WAIT_SHARE = 0.3  # of an epoch's training time spent waiting for images: above it, a notice says what may help
@@ -281,6 +290,7 @@ class _Trainer:
         self.model = session.model
         self.stepped = TrainingModule(self.model, session.runtime.device)  # DDP over what trains now, under torchrun
         self.loaders = session.loaders
+        self.loss = session.experiment.loss.to(session.runtime.device)
         stop = lambda: self.stop()  # noqa: E731 - late: run() replaces self.stop once it listens for signals
         self.shortcut = FrozenBodyShortcut(self.config, self.experiment.backbone, self.model, self.loaders, self.runtime, observer.notice, stop)
         self.decode_once = DecodeOnce(self.config.data, self.experiment.backbone.preprocessing, self.loaders, observer.notice, crops_inline(self.config, self.runtime))
@@ -401,7 +411,8 @@ class _Trainer:
         head = self.model.get_submodule(backbone.head_path)
         if cached is not None and stage.plan.solver == "auto" and solvable(head):
             store = cached[1]["train"].store
-            solver = HeadSolver(head, store.features, store.labels, self.runtime.device, self.config.seed)
+            objective = Objective.of(self.loss, balanced_sample_weights(store.labels) if self.config.data.sampler == "balanced" else None)
+            solver = HeadSolver(head, store.features, store.labels, self.runtime.device, self.config.seed, objective)
             if not self.solver_told:
                 self.solver_told = True
                 self.observer.notice(f"phase '{stage.plan.name}': the head is solved to convergence in its first epoch (L-BFGS on the cached features; "
@@ -427,7 +438,7 @@ class _Trainer:
     def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, cached: tuple[Any, Any] | None = None) -> EpochStats:
         model, loaders = cached or (self.stepped(), self.loaders)
         try:
-            stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop)
+            stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop, loss_fn=self.loss)
         except TrainingStopped:
             raise self._interrupted(plan, epoch) from None
         except DataError as exc:
