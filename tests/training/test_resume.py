@@ -583,3 +583,21 @@ def test_a_head_phase_an_earlier_version_trained_with_steps_is_solved_on_resume(
     resume(run)
     second = rows(run)[1]
     assert second["phase"] == "head" and second["epoch"] == 2 and second["head_weight_decay"] is not None
+
+
+def test_a_run_with_the_imbalance_options_resumes_as_it_would_have_run(tmp_path: Path, heeded_sigint: None) -> None:
+    """Balanced draws, class weights and smoothing (in the solved head too) and early stopping on balanced accuracy:
+    stopped in the middle of the body phase, the run continues with the rows an uninterrupted one writes."""
+    from helpers import imbalanced_dataset
+
+    raw = raw_experiment(imbalanced_dataset(tmp_path / "data"), tmp_path / "runs")
+    raw["data"]["sampler"] = "balanced"
+    raw.update(loss={"label_smoothing": 0.1, "class_weights": "balanced"}, early_stopping={"metric": "balanced_acc"})
+    config_file = write_experiment(tmp_path / "experiment.yaml", raw)
+    train(load_config(config_file), tmp_path / "reference")
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(config_file), tmp_path / "stopped", StopAfter(3))
+    resume(tmp_path / "stopped")
+    assert_same_run(tmp_path / "stopped", tmp_path / "reference")
+    balanced = [{key: row[key] for key in ("val_balanced_acc", "val_macro_f1")} for row in rows(tmp_path / "reference")]
+    assert [{key: row[key] for key in ("val_balanced_acc", "val_macro_f1")} for row in rows(tmp_path / "stopped")] == balanced
