@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,6 +94,36 @@ class Notices(SilentObserver):
 
     def notice(self, message: str) -> None:
         self.lines.append(message)
+
+
+class StopAfter(SilentObserver):
+    """Sends this process a real SIGINT once global epoch `epoch` is saved, like a Ctrl-C at that moment
+    (use with conftest's heeded_sigint)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        if row["global_epoch"] == self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def assert_resume_matches(config: Any, tmp_path: Path, stop_after: int) -> list[dict[str, Any]]:
+    """Train `config` uninterrupted (tmp_path/reference) and stopped after global epoch `stop_after`, then
+    resumed (tmp_path/stopped); every metric but the timings must be equal. Returns the rows."""
+    from transferctl.errors import TrainingInterrupted
+    from transferctl.runs.rundir import RunDir
+    from transferctl.training.resume import resume
+    from transferctl.training.train import train
+
+    train(config, tmp_path / "reference")
+    with pytest.raises(TrainingInterrupted):
+        train(config, tmp_path / "stopped", StopAfter(stop_after))
+    resume(tmp_path / "stopped")
+    timings = ("seconds", "images_per_second", "data_seconds", "train_seconds")
+    want, got = ([{k: v for k, v in row.items() if k not in timings} for row in RunDir(tmp_path / run).metrics()] for run in ("reference", "stopped"))
+    assert got == want
+    return got
 
 
 @pytest.fixture(scope="module")

@@ -200,6 +200,20 @@ class PlateauConfig(_Section):
     patience: int = Field(ge=1, le=MAX_EPOCHS, description="epochs without improvement of early_stopping.metric before the phase ends")
 
 
+class MixupConfig(_Section):
+    alpha: float = Field(0.2, gt=0.0, description="each batch is blended with itself shifted by one, weight ~ Beta(alpha, alpha) (torchvision's MixUp)")
+
+
+class CutmixConfig(_Section):
+    alpha: float = Field(1.0, gt=0.0, description="a box of each image is pasted from the next one, area ~ Beta(alpha, alpha) (torchvision's CutMix)")
+
+
+class EmaConfig(_Section):
+    decay: float = Field(
+        0.999, gt=0.0, lt=1.0, description="after each step average = decay x average + (1 - decay) x weights; about 1 / (1 - decay) steps are averaged"
+    )
+
+
 class PhaseConfig(_Section):
     name: str
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
@@ -223,6 +237,8 @@ class PhaseConfig(_Section):
                     "(L-BFGS, weight decay chosen by cross-validation on the training images; lr unused); "
                     "minibatch: the optimizer's steps at lr, as for any other phase",
     )  # fmt: skip
+    mixup: MixupConfig | None = Field(None, description="this phase's mixup, in place of the run's; null: the run's mixup")
+    cutmix: CutmixConfig | None = Field(None, description="this phase's cutmix, in place of the run's; null: the run's cutmix")
 
     @field_validator("train")
     @classmethod
@@ -322,6 +338,9 @@ class ExperimentConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model (pays off on GPUs for long runs; the first steps are slow)")
     output: OutputConfig = OutputConfig()
     logging: LoggingConfig = LoggingConfig()
+    mixup: MixupConfig | None = Field(None, description="mix pairs of training images and their labels (soft targets) in every phase; null: never")
+    cutmix: CutmixConfig | None = Field(None, description="paste a box of one training image into another in every phase; with mixup, each batch gets one of the two")
+    ema: EmaConfig | None = Field(None, description="keep an exponential moving average of the weights, evaluated each epoch beside them; null: none")
 
     @field_validator("device")
     @classmethod

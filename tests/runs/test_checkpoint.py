@@ -163,7 +163,7 @@ def test_a_checkpoint_round_trips_through_its_payload_in_the_files_order() -> No
 
     payload = last.to_payload()
 
-    assert list(payload)[:3] == ["format", "model", "classes"] and list(payload)[-2:] == ["rows", "elapsed"]
+    assert list(payload)[:3] == ["format", "model", "classes"] and list(payload)[-3:] == ["rows", "elapsed", "ema"]
     assert payload["scaler"] is None and payload["model"] is last.model  # tensors are never copied here
     assert checkpoint_from_payload(payload) == last
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import Notices, cli_with_patched_decoding, experiment, one_thread, record_checkpoint_writes, slow_decoding, write_experiment
+from helpers import Notices, StopAfter, cli_with_patched_decoding, experiment, one_thread, record_checkpoint_writes, slow_decoding, write_experiment
 from transferctl.training import runtime as runtime_module
 from transferctl.cli import app
 from transferctl.config import load_config
@@ -71,17 +71,6 @@ def reference(config_file: Path) -> Path:
     run = config_file.parent / "reference"
     train(load_config(config_file), run)
     return run
-
-
-class StopAfter(SilentObserver):
-    """Sends this process a real SIGINT once global epoch `epoch` is saved, like a Ctrl-C at that moment."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_done(self, row: dict[str, Any]) -> None:
-        if row["global_epoch"] == self.epoch:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ class Checkpoint:
     global_epoch: int | None = None
     best: dict[str, Any] | None = None  # the best metrics row so far
     config: dict[str, Any] | None = None  # the resolved experiment
+    weights: str | None = None  # raw | ema: the trained weights, or their average (ema:) where that did better
 
     def to_payload(self) -> dict[str, Any]:
         """The dict torch.save writes: every field, in order; tensors as they are (never copied here)."""
@@ -62,6 +63,7 @@ class LastCheckpoint(Checkpoint):
     stale: int | None = None  # epochs since the phase's metric last improved
     rows: list[dict[str, Any]] | None = None  # every epoch's metrics row so far
     elapsed: float | None = None  # seconds spent training, all sessions together
+    ema: dict[str, Any] | None = None  # the weight average's state (ema.py), where the run keeps one
 
 
 RESUME_FIELDS = frozenset(item.name for item in fields(LastCheckpoint)) - {item.name for item in fields(Checkpoint)}

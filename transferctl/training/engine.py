@@ -81,6 +81,8 @@ def train_one_epoch(
     on_batch: BatchCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     report_seconds: float = REPORT_SECONDS,
+    mix: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[], None] | None = None,
     loss_fn: nn.Module | None = None,
 ) -> EpochStats:
     """One pass over the batches; the model must already be in the phase's train/eval modes.
@@ -90,6 +92,8 @@ def train_one_epoch(
     on_batch hears of the first and last batches and of one every report_seconds in between: reading the
     running loss waits for the GPU to finish every step queued so far, so doing it after every batch
     would leave the GPU idle while the next step is being queued.
+    mix (mixing.py) makes (images, soft targets, the labels train accuracy counts) of a batch, given its index;
+    after_step runs after every optimizer step (ema.py).
     loss_fn is the run's loss (loss.py: label smoothing, class weights), on the runtime's device; None: plain cross-entropy.
     """
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -104,9 +108,10 @@ def train_one_epoch(
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped before batch {index + 1} of {batch_count}")
         images, labels = to_device(images, labels, runtime)
+        images, targets, labels = mix(index, images, labels) if mix is not None else (images, labels, labels)
         with runtime.autocast():
             logits = logits_of(model(images))
-            loss = loss_fn(logits.float(), labels)
+            loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             _scaled_step(loss, optimizer, scheduler, scaler)
@@ -114,6 +119,8 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
             scheduler.step()
+        if after_step is not None:
+            after_step()
         # Accumulate on the device: calling .item() every batch would be a CPU-GPU sync point.
         total_loss += loss.detach() * labels.numel()
         correct += (logits.argmax(dim=1) == labels).sum()

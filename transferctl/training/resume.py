@@ -183,6 +183,7 @@ def resume_point(checkpoint: Checkpoint, where: str) -> ResumePoint:
         scheduler=checkpoint.scheduler,
         scaler=checkpoint.scaler,
         rng=checkpoint.rng,
+        ema=checkpoint.ema,
     )
 
 

@@ -65,6 +65,7 @@ def run_summary(
         "best_val_loss": best["val_loss"],
         "best_epoch": best["global_epoch"],
         "best_phase": best["phase"],
+        "best_weights": best.get("weights", "raw"),  # ema: where the weight average did better (best.pt holds it)
         "final_val_acc": rows[-1]["val_acc"],
         "epochs": len(rows),
         "seconds": round(seconds, 2),

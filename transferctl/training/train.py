@@ -13,7 +13,7 @@ import math
 import platform
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from transferctl.training.distributed import (
 from transferctl.training.engine import EpochStats, NonFiniteLossError, TrainingStopped, evaluate, make_grad_scaler, restore_rng_states, rng_states, seed_everything, train_one_epoch
 from transferctl.training.runtime import Runtime, cpu_has_bf16_units, make_runtime, prepare_model
 from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
-from transferctl.training.feature_cache import FrozenBodyShortcut
+from transferctl.training.feature_cache import FrozenBodyShortcut, head_for_features
 from transferctl.training.head_solver import HeadSolver, Objective, solvable
 from transferctl.data.decoded_cache import DecodeOnce
 from transferctl.training.interrupts import StopRequest, stop_on_signals
@@ -80,6 +80,8 @@ from transferctl.training.observers import SilentObserver, TrainObserver
 from transferctl.training.run_records import current_lrs, epoch_row, run_summary
 from transferctl.data.imbalance import balanced_sample_weights, imbalance_notices
 from transferctl.training.loss import build_loss
+from transferctl.training.ema import averaged_columns, better_weights, weight_average
+from transferctl.training.mixing import batch_mixer, refuse_cached_mixing
 
 
 @dataclass
@@ -109,6 +111,7 @@ class ResumePoint:
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
+    ema: dict[str, Any] | None = None  # the weight average's state, where the run keeps one (ema:)
 
 
 def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
@@ -119,6 +122,7 @@ def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
     plans = plan_phases(config, backbone.group_names, math.ceil(len(splits.train) / config.data.batch_size))
     refuse_single_image_batches(backbone.model, backbone.groups, plans, per_rank_batch(config.data.batch_size), shard().world)
+    refuse_cached_mixing(config, plans, backbone.group_names)
     return Experiment(config, splits, backbone, plans, loss)
 
 
@@ -308,6 +312,8 @@ class _Trainer:
         self.solver_told = False
         self.full_epochs = 0  # epochs that ran the backbone on images (not on cached features)
         self.data_fingerprint = split_fingerprint(self.experiment.splits)  # in every checkpoint: resume compares it
+        self.average = weight_average(self.config, self.model, start.ema if start else None)  # ema: (ema.py)
+        self.mixer = None  # the phase's mixup and cutmix (mixing.py)
 
     def run(self) -> dict[str, Any]:
         start = self.start
@@ -337,6 +343,7 @@ class _Trainer:
         backbone = self.experiment.backbone
         stages = stages_of(plan, backbone.group_names)  # one, unless the phase unfreezes gradually
         scaler = make_grad_scaler(self.runtime)
+        self.mixer = batch_mixer(self.config, plan.index, len(self.experiment.splits.classes))
         # The phase's own until_plateau.patience overrides early_stopping.patience.
         stopping = EarlyStopping(self.config.early_stopping.metric, plan.patience if plan.patience is not None else self.config.early_stopping.patience)
         first_epoch = 1
@@ -378,6 +385,8 @@ class _Trainer:
             row = epoch_row(plan, epoch, len(self.rows) + 1, lrs, stats, val)
             if solver is not None:
                 row["head_weight_decay"] = solver.weight_decay
+            if self.average is not None:
+                row.update(averaged_columns(self._evaluate_average(plan, epoch, cached)))
             done = stopping.update(row) or epoch == plan.epochs
             self._save_epoch(plan, epoch, row, done, stopping, optimizer, scheduler, scaler)
             self.observer.epoch_done(row)
@@ -427,6 +436,8 @@ class _Trainer:
         choosing = solver.weight_decay is None
         try:
             stats = solver.train_epoch(self.stop)
+            if self.average is not None:
+                self.average.follow()
         except TrainingStopped:
             raise self._interrupted(plan, epoch) from None
         except NonFiniteLossError as exc:
@@ -438,7 +449,9 @@ class _Trainer:
     def _train_epoch(self, plan: PhasePlan, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, cached: tuple[Any, Any] | None = None) -> EpochStats:
         model, loaders = cached or (self.stepped(), self.loaders)
         try:
-            stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop, loss_fn=self.loss)
+            stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop,
+                                    mix=self.mixer.for_epoch(len(self.rows) + 1) if self.mixer else None,
+                                    after_step=self.average.update if self.average else None, loss_fn=self.loss)  # fmt: skip
         except TrainingStopped:
             raise self._interrupted(plan, epoch) from None
         except DataError as exc:
@@ -458,6 +471,14 @@ class _Trainer:
             # The weights themselves have gone bad: this epoch must not become the "last good" checkpoint.
             raise self._diverged(plan, epoch, f"validation loss became {val.loss}")
         return val
+
+    def _evaluate_average(self, plan: PhasePlan, epoch: int, cached: tuple[Any, Any] | None) -> EpochStats:
+        """The averaged weights on the validation images; on the cached features in a frozen-body phase, where the
+        average's body is the model's (ema.py copies what does not train)."""
+        assert self.average is not None
+        if cached is None:
+            return self._evaluate(plan, epoch, (self.average.module, self.loaders))
+        return self._evaluate(plan, epoch, (head_for_features(self.average.module, self.experiment.backbone.head_path), cached[1]))
 
     def _diverged(self, plan: PhasePlan, epoch: int, what: str) -> TrainingError:
         last = self.run_dir.checkpoints / "last.pt"
@@ -483,9 +504,10 @@ class _Trainer:
         """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
         last.pt with all a resume needs. The saver writes them now or soon (checkpoint_timing.py)."""
         self.rows.append(row)
-        improved = self.best is None or is_better(row, self.best, self.config.early_stopping.metric)
+        kept = better_weights(row, self.config.early_stopping.metric) if self.average is not None else row  # ema: the better weights
+        improved = self.best is None or is_better(kept, self.best, self.config.early_stopping.metric)
         if improved:
-            self.best = row
+            self.best = kept
         if not self.run_dir.writer:
             return
         best = self._checkpoint(plan, epoch)
@@ -500,8 +522,15 @@ class _Trainer:
             stale=stopping.stale,
             rows=[dict(r) for r in self.rows],
             elapsed=self._elapsed(),
+            ema=self.average.state_dict() if self.average is not None else None,
         )
-        self.saver.save(last.to_payload(), best.to_payload() if improved else None, phase_done=done)
+        self.saver.save(last.to_payload(), self._best_weights(best).to_payload() if improved else None, phase_done=done)
+
+    def _best_weights(self, checkpoint: Checkpoint) -> Checkpoint:
+        """best.pt: the epoch's checkpoint with the weights that selection kept (the average's where they did better), and which."""
+        if self.average is not None and self.best is not None and self.best.get("weights") == "ema":
+            return replace(checkpoint, model=self.average.module.state_dict(), weights="ema")
+        return replace(checkpoint, weights="raw")
 
     def _checkpoint(self, plan: PhasePlan, epoch: int) -> Checkpoint:
         backbone = self.experiment.backbone
