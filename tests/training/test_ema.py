@@ -94,12 +94,17 @@ def test_the_average_s_state_restores_it_exactly() -> None:
     assert all(torch.equal(a, b) for a, b in zip(restored.averaged.state_dict().values(), average.averaged.state_dict().values()))
 
 
-@pytest.mark.parametrize(("metric", "ema_loss", "ema_acc", "kept"), [("val_acc", 0.9, 0.8, "ema"), ("val_acc", 0.1, 0.5, "raw"), ("val_loss", 0.4, 0.1, "ema")])
-def test_selection_sees_the_better_weights_validation(metric: str, ema_loss: float, ema_acc: float, kept: str) -> None:
-    row = {"global_epoch": 1, "val_loss": 0.5, "val_acc": 0.6, "ema_val_loss": ema_loss, "ema_val_acc": ema_acc}
+@pytest.mark.parametrize(
+    ("metric", "ema_loss", "ema_acc", "ema_f1", "kept"),
+    [("val_acc", 0.9, 0.8, 0.1, "ema"), ("val_acc", 0.1, 0.5, 0.9, "raw"), ("val_loss", 0.4, 0.1, 0.1, "ema"), ("macro_f1", 0.1, 0.9, 0.2, "raw"), ("macro_f1", 0.9, 0.1, 0.4, "ema")],
+)
+def test_selection_sees_the_better_weights_validation(metric: str, ema_loss: float, ema_acc: float, ema_f1: float, kept: str) -> None:
+    row = {"global_epoch": 1, "val_loss": 0.5, "val_acc": 0.6, "val_balanced_acc": 0.6, "val_macro_f1": 0.3,
+           "ema_val_loss": ema_loss, "ema_val_acc": ema_acc, "ema_val_balanced_acc": 0.5, "ema_val_macro_f1": ema_f1}  # fmt: skip
     seen = better_weights(row, metric)
     assert seen["weights"] == kept
     assert seen["val_acc"] == (ema_acc if kept == "ema" else 0.6) and seen["ema_val_acc"] == ema_acc
+    assert seen["val_macro_f1"] == (ema_f1 if kept == "ema" else 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,7 @@ def test_best_pt_holds_the_weights_selection_kept_and_says_which(data: Path, tmp
     assert best["weights"] == kept and summary["best_weights"] == kept and best["best"]["weights"] == kept
     assert best["model"].keys() == want.keys() and all(torch.equal(best["model"][name], want[name]) for name in want)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"ema_val_loss", "ema_val_acc"} <= row.keys()
+    assert {"ema_val_loss", "ema_val_acc", "ema_val_balanced_acc", "ema_val_macro_f1"} <= row.keys()
 
 
 EMA_RUN = {

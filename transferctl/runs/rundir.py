@@ -31,8 +31,7 @@ LOCK = ".lock"
 METRIC_COLUMNS = (
     "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
     "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds", "train_seconds", "head_weight_decay",
-    "ema_val_loss", "ema_val_acc",
-    "val_balanced_acc", "val_macro_f1",
+    "val_balanced_acc", "val_macro_f1", "ema_val_loss", "ema_val_acc", "ema_val_balanced_acc", "ema_val_macro_f1",
 )  # fmt: skip
 
 

@@ -17,11 +17,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from transferctl.config import ExperimentConfig
-from transferctl.training.early_stopping import is_better
+from transferctl.training.early_stopping import METRIC_COLUMN, is_better
 from transferctl.training.engine import EpochStats
-
-AVERAGED = ("val_loss", "val_acc")  # the columns the average is evaluated on, as ema_val_loss and ema_val_acc
-
 
 class WeightAverage:
     """The average of `model`'s weights, starting from the weights it has now (or from a last.pt's `state`)."""
@@ -72,16 +69,14 @@ def weight_average(config: ExperimentConfig, model: nn.Module, state: dict[str, 
 
 
 def averaged_columns(stats: EpochStats) -> dict[str, float]:
-    """The averaged weights' validation, as the metrics row's ema_val_loss and ema_val_acc."""
-    return {"ema_val_loss": stats.loss, "ema_val_acc": stats.accuracy}
+    """The averaged weights' validation: the metrics row's columns of every early_stopping.metric, as ema_<column>."""
+    return {"ema_val_loss": stats.loss, "ema_val_acc": stats.accuracy, "ema_val_balanced_acc": stats.balanced_accuracy, "ema_val_macro_f1": stats.macro_f1}
 
 
 def better_weights(row: dict[str, Any], metric: str) -> dict[str, Any]:
     """The row as best-checkpoint selection sees it: the averaged weights' validation where they did better on
-    the metric (weights: ema), else the row's own (weights: raw). A metric the average is not evaluated on
-    keeps the raw weights."""
-    if f"ema_{metric}" in row:
-        averaged = {**row, **{key: row[f"ema_{key}"] for key in AVERAGED}, "weights": "ema"}
-        if is_better(averaged, row, metric):
-            return averaged
+    the metric (weights: ema), else the row's own (weights: raw)."""
+    averaged = {**row, **{column: row[f"ema_{column}"] for column in METRIC_COLUMN.values() if f"ema_{column}" in row}, "weights": "ema"}
+    if f"ema_{METRIC_COLUMN[metric]}" in row and is_better(averaged, row, metric):
+        return averaged
     return {**row, "weights": "raw"}
