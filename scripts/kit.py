@@ -162,8 +162,12 @@ def run_benchmark(work: Path, settings: Settings, say: Callable[[str], None]) ->
                 cell["seconds"].append(summary["seconds"])
                 say(f"seed {seed} {target_name} {name}: val acc {summary['best_val_acc']:.3f}" + (f", balanced {balanced_acc:.3f}" if balanced_acc is not None else ""))
                 if name == "defaults":
-                    accuracy, balanced_tta = tta_numbers(Path(summary["run_dir"]))
                     tta = cells.setdefault(TTA_ROW, {}).setdefault(target_name, {"acc": [], "balanced_acc": [], "seconds": []})
+                    try:
+                        accuracy, balanced_tta = tta_numbers(Path(summary["run_dir"]))
+                    except SystemExit as failure:  # a checkout without --tta: the row stays empty
+                        say(f"seed {seed} {target_name} {TTA_ROW}: {failure}")
+                        continue
                     tta["acc"].append(accuracy)
                     tta["balanced_acc"].append(balanced_tta)
     counts = {name: {split: sum(1 for _ in (folder / split).rglob("*.png")) for split in ("train", "val")} for name, folder in targets.items()}
