@@ -6,6 +6,7 @@ This module must not import torch: `check`-free commands such as `recommend` bui
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -218,7 +219,10 @@ class PhaseConfig(_Section):
     name: str
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
     train: Union[str, list[str]] = Field("all", description="head | all | last:N | a list of layer-group names (the head always trains)")
-    lr: float = Field(gt=0.0, description="learning rate of the head; the backbone's is lr x backbone_lr_mult")
+    lr: Union[float, Literal["auto"]] = Field(
+        description="learning rate of the head; the backbone's is lr x backbone_lr_mult; auto: `transferctl lr-find`'s suggestion, "
+                    "found when the run starts and written into its config.yaml",
+    )  # fmt: skip
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
     bn: Literal["train", "frozen"] = Field("train", description="frozen: every BatchNorm layer stays in eval mode")
     unfreeze_every: int | None = Field(
@@ -248,6 +252,25 @@ class PhaseConfig(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("an empty list trains nothing; name at least one layer group")
         return value
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number_or_auto(cls, value: Any) -> Any:
+        """A number above 0, or the word auto; one message for anything else (a union's would be two)."""
+        if value == "auto":
+            return value
+        wrong = ValueError("must be a number above 0, or auto (found by the learning-rate range test)")
+        if isinstance(value, bool):
+            raise wrong
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise wrong from None
+        if not math.isfinite(number):
+            raise ValueError("Input should be a finite number")  # as every other number field says
+        if number <= 0:
+            raise wrong
+        return number
 
 
 class OptimizerConfig(_Section):

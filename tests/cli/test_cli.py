@@ -162,4 +162,4 @@ def test_help_lists_the_commands_in_the_order_a_user_meets_them() -> None:
     panels = [text.index(title) for title in (START, TRAIN, USE, CHOOSE, INSPECT)]
     assert panels == sorted(panels)
     listed = [match.group(1) for match in re.finditer(r"^│ ([a-z][a-z-]*) {2,}\S", text, re.M)]
-    assert listed == list(COMMAND_ORDER) and listed[:5] == ["init", "backbones", "schema", "check", "train"]
+    assert listed == list(COMMAND_ORDER) and listed[:6] == ["init", "backbones", "schema", "check", "lr-find", "train"]

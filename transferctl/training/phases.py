@@ -33,6 +33,7 @@ class PhasePlan:
     layer_decay: float = 1.0  # a group's lr x layer_decay^(its distance from the head)
     patience: int | None = None  # until_plateau.patience: overrides early_stopping.patience for this phase
     solver: str = "auto"  # auto: a head-only stage on cached features is solved (head_solver.py); minibatch: optimizer steps
+    lr_auto: bool = False  # lr: auto, not yet found (lr_finder.py): lr is 1, so each group's lr is its ratio to the head's
 
     @property
     def backbone_frozen(self) -> bool:
@@ -88,9 +89,10 @@ def plan_phases(config: ExperimentConfig, group_names: list[str], steps_per_epoc
         epochs = phase.epochs
         if phase.min_steps is not None and steps_per_epoch:
             epochs = max(epochs, math.ceil(phase.min_steps / steps_per_epoch))
+        auto = phase.lr == "auto"
         plans.append(
-            PhasePlan(index, phase.name, epochs, phase.lr, phase.backbone_lr_mult, phase.bn, trainable, frozen,
-                      phase.unfreeze_every, phase.layer_decay, patience, phase.solver)
+            PhasePlan(index, phase.name, epochs, 1.0 if auto else float(phase.lr), phase.backbone_lr_mult, phase.bn, trainable, frozen,
+                      phase.unfreeze_every, phase.layer_decay, patience, phase.solver, lr_auto=auto)
         )  # fmt: skip
     return plans
 
@@ -307,6 +309,7 @@ def describe_phase(model: nn.Module, groups: LayerGroups, plan: PhasePlan, weigh
         "trainable_params": steps[-1]["trainable_params"],
         "total_params": total,
         "lr": {name: lrs[name] for name in names if name in plan.trainable},
+        "lr_auto": plan.lr_auto,  # lr: auto: "lr" holds each group's ratio to the lr the range test will find
         "layer_decay": plan.layer_decay,
         "unfreeze_every": plan.unfreeze_every,
         "unfreeze_steps": steps if plan.unfreeze_every is not None else [],

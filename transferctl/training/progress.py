@@ -119,6 +119,8 @@ def render_plan(plan: dict[str, Any]) -> Group:
         share = phase["trainable_params"] / max(phase["total_params"], 1)
         params = f"{phase['trainable_params']:,} ({share:.1%})"
         lrs = _compact_lrs(phase["lr"]) + (f" (layer_decay {phase['layer_decay']:g})" if phase.get("layer_decay", 1.0) != 1.0 else "")
+        if phase.get("lr_auto"):
+            lrs = f"auto (lr-find at train time) x {lrs}"
         if phase.get("head_solved"):
             lrs = "head solved (L-BFGS)" if phase["train"] == ["head"] else f"{lrs}; head-only step solved (L-BFGS)"
         patience = phase.get("plateau_patience")

@@ -77,8 +77,8 @@ def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: Tra
             observer.notice(changed)
         _restore_model(experiment, checkpoint, str(run.checkpoints / "last.pt"))
         session = Session.start(experiment)
-        if overrides:
-            run.write_text("config.yaml", dump_yaml(config_to_dict(config)))
+        if overrides:  # the session's config: with the number an `lr: auto` that --set gives was given
+            run.write_text("config.yaml", dump_yaml(config_to_dict(session.experiment.config)))
         run.write_json("env.json", {**environment(session.runtime), "resumed_after_global_epoch": len(start.rows)})
         run.write_metrics(start.rows)  # drops a row whose epoch's last.pt was never written
         last = start.rows[-1]

@@ -53,11 +53,12 @@ from transferctl.training.distributed import (
 )
 from transferctl.training.engine import EpochStats, NonFiniteLossError, TrainingStopped, evaluate, make_grad_scaler, restore_rng_states, rng_states, seed_everything, train_one_epoch
 from transferctl.training.runtime import Runtime, cpu_has_bf16_units, make_runtime, prepare_model
-from transferctl.errors import DataError, Problem, TrainingError, TrainingInterrupted
+from transferctl.errors import ConfigError, DataError, Problem, TrainingError, TrainingInterrupted
 from transferctl.training.feature_cache import FrozenBodyShortcut, head_for_features
 from transferctl.training.head_solver import HeadSolver, Objective, solvable
 from transferctl.data.decoded_cache import DecodeOnce
 from transferctl.training.interrupts import StopRequest, stop_on_signals
+from transferctl.training.lr_finder import END_LR, START_LR, STEPS, LrFinding, auto_phases, choose_auto_lrs, lr_range_test, phase_at
 from transferctl.training.phases import (
     PhasePlan,
     Stage,
@@ -199,20 +200,57 @@ class Session:
     runtime: Runtime
     model: torch.nn.Module
     loaders: dict[str, Any]
+    notices: tuple[str, ...] = ()  # said when training starts
 
     @classmethod
-    def start(cls, experiment: Experiment) -> Session:
+    def start(cls, experiment: Experiment, choose_lrs: bool = True) -> Session:
+        """choose_lrs=False leaves `lr: auto` phases unresolved (lr-find, which runs the test itself)."""
         config = experiment.config
         runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model, config.compile)
         model = prepare_model(experiment.backbone.model, runtime)
-        return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
+        session = cls(experiment, runtime, model, _loaders(config, experiment, runtime))
+        if choose_lrs:
+            session.choose_auto_lrs()
+        return session
+
+    def choose_auto_lrs(self) -> None:
+        """`lr: auto` phases get the range test's suggestion (lr_finder.py), found on the model as it is now
+        (before any phase trains it), so the config.yaml written next records the number the run used."""
+        experiment = self.experiment
+        phases = auto_phases(experiment.config)
+        if not phases:
+            return
+        if shard().world > 1:  # each process would find its own lr on its own share of the images
+            raise ConfigError(Problem(f"schedule[{phases[0]}].lr", "auto is not available with several processes",
+                                      f"run `transferctl lr-find EXPERIMENT --phase {phases[0]}` and set the lr it prints"))  # fmt: skip
+        experiment.config, experiment.plans, findings = choose_auto_lrs(
+            experiment.config, experiment.plans, self.model, experiment.backbone.groups, self.loaders["train"], self.runtime
+        )
+        self.notices += tuple(
+            f"schedule[{f.phase}].lr: auto chose {f.suggestion:.3g} (the range test's steepest descent {f.steepest_lr:.3g}, "
+            f"a tenth of its lowest loss's lr {f.min_loss_lr:.3g}: the smaller; `transferctl lr-find` plots it)"
+            for f in findings
+        )
 
     def train(self, run: RunDir, observer: TrainObserver, start: ResumePoint | None = None) -> dict[str, Any]:
         observer = observer if is_main() else SilentObserver()  # one progress display, rank 0's
         observer.run_started(run.path)
         for line in data_notices(self.experiment.splits):
             observer.notice(line)
+        for line in self.notices:
+            observer.notice(line)
         return _Trainer(self, run, observer, start).run()
+
+
+def find_lr(config: ExperimentConfig, phase: int, start_lr: float = START_LR, end_lr: float = END_LR, steps: int = STEPS) -> tuple[LrFinding, PhasePlan, bool]:
+    """`transferctl lr-find`: the range test of schedule[phase] on the experiment's model and training images,
+    as a run would start; with whether that phase solves its head instead (its lr then unused)."""
+    seed_everything(config.seed)
+    experiment = prepare(config)
+    plan = phase_at(experiment.plans, phase, "--phase")
+    session = Session.start(experiment, choose_lrs=False)
+    finding = lr_range_test(session.model, experiment.backbone.groups, plan, config.optimizer, session.loaders["train"], session.runtime, start_lr, end_lr, steps)
+    return finding, plan, solves_head(config, experiment.backbone, plan)
 
 
 def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime) -> dict[str, Any]:
