@@ -50,8 +50,9 @@ OPTIONS: dict[str, list[str]] = {
     "loss.label_smoothing: 0.1": ["loss.label_smoothing=0.1"],
     "loss.class_weights: balanced": ["loss.class_weights=balanced"],
     "data.sampler: balanced": ["data.sampler=balanced"],
-    "mixup: {alpha: 0.2}": ["mixup.alpha=0.2"],
-    "cutmix: {alpha: 1.0}": ["cutmix.alpha=1.0"],
+    # In the body phase: the head phase trains on cached features, which hold no images to mix.
+    "schedule[1].mixup: {alpha: 0.2}": ["schedule.1.mixup.alpha=0.2"],
+    "schedule[1].cutmix: {alpha: 1.0}": ["schedule.1.cutmix.alpha=1.0"],
     "ema: {decay: 0.99}": ["ema.decay=0.99"],
     "data.augment: trivialaugment": ["data.augment=trivialaugment"],
     "data.random_erasing: 0.25": ["data.random_erasing=0.25"],

@@ -52,16 +52,16 @@ def test_every_option_trains_fine_tune_on_both_targets_beside_the_defaults(kit: 
         return {"run_dir": str(run), "best_val_acc": 0.6, "seconds": 1.0}
 
     monkeypatch.setattr(kit, "transferctl", fake_transferctl)
-    settings = kit.parse_args(["--quick", "--only", "mixup: {alpha: 0.2}"]).settings
+    settings = kit.parse_args(["--quick", "--only", "schedule[1].mixup: {alpha: 0.2}"]).settings
     result = kit.run_benchmark(tmp_path / "work", settings, lambda line: None)
     trains = [call for call in calls if call[0] == "train"][1:]  # after the base
     assert len(trains) == 2 * 2 * 2  # two seeds, two targets, defaults and mixup
     assert all("strategy=fine_tune" in call and f"schedule.1.min_steps={settings.body_steps}" in call for call in trains)
-    assert sum("mixup.alpha=0.2" in call for call in trains) == 4
+    assert sum("schedule.1.mixup.alpha=0.2" in call for call in trains) == 4
     assert [call[0] for call in calls].count("evaluate") == 4  # tta on each defaults run
     assert result["cells"]["defaults + evaluate --tta flip"]["imbalanced"]["balanced_acc"] == [0.5, 0.5]
     text = kit.table(result)
-    assert "| mixup: {alpha: 0.2} | 0.600 ± 0.000 | 0.550 ± 0.000 | 0.600 ± 0.000 | 0.550 ± 0.000 | 1.0 |" in text
+    assert "| schedule[1].mixup: {alpha: 0.2} | 0.600 ± 0.000 | 0.550 ± 0.000 | 0.600 ± 0.000 | 0.550 ± 0.000 | 1.0 |" in text
     json.dumps(result)
 
 
