@@ -33,6 +33,20 @@ def test_strategies_are_checked() -> None:
         parse_strategies("scratch")
 
 
+def test_compare_trains_every_strategy_with_the_run_s_fine_tuning_kit(tiny_split_data: Path, tmp_path: Path) -> None:
+    kit = {"loss": {"label_smoothing": 0.1, "class_weights": "balanced"}, "mixup": {"alpha": 0.2}, "ema": {"decay": 0.9},
+           "data": {"root": str(tiny_split_data), "image_size": 32, "batch_size": 8, "num_workers": 0, "augment": "trivialaugment", "sampler": "balanced"}}  # fmt: skip
+    config = config_from_dict({**experiment(tiny_split_data, tmp_path / "runs"), **kit})
+    plan = plan_comparison(config, ("feature_extract", "fine_tune", "scratch"), seeds=1)
+    for run in plan.runs:  # each strategy's run keeps the options, and trains with them (feature_extract's cached head does not mix)
+        assert (run.config.loss, run.config.mixup, run.config.ema, run.config.data) == (config.loss, config.mixup, config.ema, config.data)
+    command = ["compare", str(write_experiment(tmp_path / "exp.yaml", {**experiment(tiny_split_data, tmp_path / "runs"), **kit})),
+               "--strategies", "feature_extract,fine_tune,scratch", "--seeds", "1", "--json", "-q"]  # fmt: skip
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["strategies"] == ["feature_extract", "fine_tune", "scratch"]
+
+
 def test_derived_schedules_keep_the_total_epochs_and_the_learning_rates() -> None:
     reference = [
         PhaseConfig(name="warm", epochs=2, train="head", lr=0.01),

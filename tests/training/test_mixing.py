@@ -17,7 +17,7 @@ from transferctl.testing.synthetic import tiny_dataset
 from transferctl.training.engine import train_one_epoch
 from transferctl.training.mixing import BatchMixer, Mixing, mixing_of
 from transferctl.training.runtime import make_runtime
-from transferctl.training.train import prepare
+from transferctl.training.train import prepare, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,16 +124,27 @@ def data(module_tmp_path: Path) -> Path:
     return tiny_dataset(module_tmp_path / "data", n_classes=3, layout="split")
 
 
-@pytest.mark.parametrize("where", ["run", "phase"])
-def test_mixing_in_a_head_phase_on_cached_features_is_refused_naming_the_field_and_the_fix(data: Path, tmp_path: Path, where: str) -> None:
+def test_mixing_set_in_a_head_phase_on_cached_features_is_refused_naming_the_field_and_the_fix(data: Path, tmp_path: Path) -> None:
     head = {"name": "head", "epochs": 1, "train": "head", "lr": 0.01}
-    sections: dict[str, Any] = {"cutmix": {"alpha": 1.0}} if where == "run" else {"schedule": [{**head, "cutmix": {"alpha": 1.0}}]}
+    sections: dict[str, Any] = {"schedule": [{**head, "cutmix": {"alpha": 1.0}}]}
     with pytest.raises(ConfigError) as caught:
         prepare(config(data, tmp_path, **sections))
     (problem,) = caught.value.problems
-    field = "cutmix" if where == "run" else "schedule[0].cutmix"
-    assert str(problem).startswith(f"{field}: phase 'head' trains the head alone on cached features") and "data.cache: off" in str(problem)
+    assert str(problem).startswith("schedule[0].cutmix: phase 'head' trains the head alone on cached features") and "data.cache: off" in str(problem)
     prepare(config(data, tmp_path, data={"cache": "off"}, **sections))  # full forward passes: images to mix
+
+
+def test_the_run_s_mixing_skips_a_head_phase_on_cached_features_and_mixes_the_body(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferctl.training import mixing
+
+    mixed: list[int] = []
+    real = mixing.BatchMixer.mix
+    monkeypatch.setattr(mixing.BatchMixer, "mix", lambda self, epoch, index, images, labels: mixed.append(epoch) or real(self, epoch, index, images, labels))
+    schedule = [{"name": "head", "epochs": 1, "train": "head", "lr": 0.01}, {"name": "body", "epochs": 1, "train": "all", "lr": 0.01}]
+    summary = train(config(data, tmp_path, cutmix={"alpha": 1.0}, schedule=schedule))
+    assert summary["epochs"] == 2 and set(mixed) == {2}  # the body's epoch (global 2), never the cached head's
+    feature_extract = config(data, tmp_path / "fe", cutmix={"alpha": 1.0}, strategy="feature_extract", schedule=[schedule[0]])
+    assert train(feature_extract)["epochs"] == 1  # nothing to mix: trained, not refused (compare runs every strategy)
 
 
 # A run and its resume: two phases, stopped after global epoch 2, in the middle of the body phase.

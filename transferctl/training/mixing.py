@@ -3,7 +3,7 @@ and CutMix; RandomChoice picks one of them per batch when both are set), trained
 
 A batch's draw comes from (run seed, global epoch, batch index) alone, on a generator of its own, so a resumed
 run mixes exactly as the uninterrupted one did and no other random state moves. Images can be mixed only
-where the network sees them: a head trained on cached features is refused (refuse_cached_mixing).
+where the network sees them: a head trained on cached features does not mix (refuse_cached_mixing).
 docs/experiment-file.md (Mixup and cutmix) says how the loss and train accuracy are defined.
 """
 
@@ -73,20 +73,19 @@ def batch_mixer(config: ExperimentConfig, phase_index: int, num_classes: int) ->
 
 
 def refuse_cached_mixing(config: ExperimentConfig, plans: list[PhasePlan], group_names: list[str]) -> None:
-    """A phase (or its first unfreezing step) that trains the head alone uses cached features unless data.cache
-    is off: it never sees an image to mix, so mixing there would silently do nothing."""
+    """Mixing happens where images pass through the network: a stage that trains the head alone on cached
+    features (unless data.cache is off) sees none and does not mix, so the run's mixup and cutmix apply to the
+    other stages. A phase that sets its own and has no stage that sees images would mix nothing: refused."""
     if config.data.cache == "off":
         return
     schedule = schedule_of(config)
     for plan in plans:
-        mixing = mixing_of(config, plan.index)
-        if not any(stage.plan.backbone_frozen for stage in stages_of(plan, group_names)):
+        if not all(stage.plan.backbone_frozen for stage in stages_of(plan, group_names)):
             continue
         for kind in ("mixup", "cutmix"):
-            if getattr(mixing, kind) is None:
+            if getattr(schedule[plan.index], kind) is None:
                 continue
-            where = f"schedule[{plan.index}].{kind}" if getattr(schedule[plan.index], kind) is not None else kind
             raise ConfigError(
-                Problem(where, f"phase '{plan.name}' trains the head alone on cached features, which holds no images to mix",
-                        f"set data.cache: off, or set {kind} only in the phases that train the body: schedule[N].{kind}")
+                Problem(f"schedule[{plan.index}].{kind}", f"phase '{plan.name}' trains the head alone on cached features, which holds no images to mix",
+                        f"set data.cache: off, or set {kind} only in the phases that train the body")
             )  # fmt: skip

@@ -488,7 +488,7 @@ class _Trainer:
         model, loaders = cached or (self.stepped(), self.loaders)
         try:
             stats = train_one_epoch(model, loaders["train"], optimizer, scheduler, self.runtime, scaler, self.observer.batch_done, self.stop,
-                                    mix=self.mixer.for_epoch(len(self.rows) + 1) if self.mixer else None,
+                                    mix=self.mixer.for_epoch(len(self.rows) + 1) if self.mixer and cached is None else None,  # features cannot be mixed
                                     after_step=self.average.update if self.average else None, loss_fn=self.loss)  # fmt: skip
         except TrainingStopped:
             raise self._interrupted(plan, epoch) from None
