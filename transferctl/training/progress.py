@@ -106,6 +106,8 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
     header.add_row("data", f"{escape(data['root'])} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
     header.add_row("augment", f"{_augmentation_name(plan['augmentation'])}: {', '.join(plan['augmentation']['train'])}")
+    if kit := _kit_text(plan["kit"]):
+        header.add_row("kit", kit)
     header.add_row("runs on", f"{plan['device']}, {plan['precision']}")
     phases = Table(title="phases")
     # "ends early" only when some phase may: the table stays narrow enough for an 80-column terminal.
@@ -132,6 +134,23 @@ def render_plan(plan: dict[str, Any]) -> Group:
                     " cross-validation on the training images (solver: minibatch trains it at lr instead).")  # fmt: skip
     notes = [Text(f"note: {line}", style="yellow") for line in [*data.get("notices", []), *_cached_views_cost(plan["augmentation"])]]
     return Group(header, *notes, phases, caption)
+
+
+def _kit_text(kit: dict[str, Any]) -> str:
+    """The fine-tuning options that differ from plain cross-entropy on shuffled batches, in the file's words."""
+    parts = []
+    if kit["label_smoothing"]:
+        parts.append(f"label_smoothing {kit['label_smoothing']:g}")
+    if kit["class_weights"] != "none":
+        parts.append(f"class_weights {kit['class_weights']}")
+    if kit["sampler"] != "shuffle":
+        parts.append(f"sampler {kit['sampler']}")
+    for phase, mixing in kit["mixing"].items():
+        kinds = " or ".join(f"{kind} {alpha:g}" for kind, alpha in mixing.items() if alpha is not None)
+        parts.append(f"{kinds} in phase {escape(phase)}")
+    if kit["ema_decay"] is not None:
+        parts.append(f"ema {kit['ema_decay']:g}")
+    return ", ".join(parts)
 
 
 def _augmentation_name(augmentation: dict[str, Any]) -> str:

@@ -82,7 +82,7 @@ from transferctl.training.run_records import current_lrs, epoch_row, run_summary
 from transferctl.data.imbalance import balanced_sample_weights, imbalance_notices
 from transferctl.training.loss import build_loss
 from transferctl.training.ema import averaged_columns, better_weights, weight_average
-from transferctl.training.mixing import batch_mixer, refuse_cached_mixing
+from transferctl.training.mixing import batch_mixer, mixing_of, refuse_cached_mixing
 
 
 @dataclass
@@ -152,7 +152,21 @@ def describe(experiment: Experiment) -> dict[str, Any]:
             for plan in experiment.plans
         ],  # fmt: skip
         "augmentation": describe_augmentation(config, backbone, experiment.plans),
+        "kit": describe_kit(config, backbone, experiment.plans),
     }
+
+
+def describe_kit(config: ExperimentConfig, backbone: Backbone, plans: list[PhasePlan]) -> dict[str, Any]:
+    """The loss, the sampler, the weight average and each phase's mixing, as `check` shows them; a phase whose
+    head trains on cached features does not mix (mixing.py)."""
+    mixing = {}
+    for plan in plans:
+        mixes = mixing_of(config, plan.index)
+        cached = config.data.cache != "off" and all(stage.plan.backbone_frozen for stage in stages_of(plan, backbone.group_names))
+        if not cached and (mixes.mixup is not None or mixes.cutmix is not None):
+            mixing[plan.name] = {"mixup": mixes.mixup, "cutmix": mixes.cutmix}
+    return {"label_smoothing": config.loss.label_smoothing, "class_weights": config.loss.class_weights, "sampler": config.data.sampler,
+            "ema_decay": config.ema.decay if config.ema is not None else None, "mixing": mixing}  # fmt: skip
 
 
 def describe_augmentation(config: ExperimentConfig, backbone: Backbone, plans: list[PhasePlan]) -> dict[str, Any]:
