@@ -85,6 +85,14 @@ def test_only_the_phases_groups_train_and_the_body_keeps_its_ratio(monkeypatch: 
     assert {group["name"] for group in built[0].param_groups} == {"head", "head/no_decay"}
 
 
+def test_the_runs_loss_is_the_one_tested() -> None:
+    smoothing = nn.CrossEntropyLoss(label_smoothing=0.5)
+    calls: list[float] = []
+    smoothing.register_forward_hook(lambda module, args, output: calls.append(float(output)))
+    finding = lr_range_test(tiny_model(), GROUPS, plan(), OptimizerConfig(), separable_batches(), CPU, steps=20, loss_fn=smoothing)
+    assert calls == pytest.approx(finding.losses)
+
+
 def test_suggest_on_a_known_curve() -> None:
     lrs = list(np.geomspace(1e-6, 1.0, 61))
     # Falls fastest at 1e-4, lowest at 1e-2, then rises: the smaller pick is the steepest descent.

@@ -96,17 +96,21 @@ def lr_range_test(
     start_lr: float = START_LR,
     end_lr: float = END_LR,
     steps: int = STEPS,
+    loss_fn: nn.Module | None = None,
 ) -> LrFinding:
-    """The range test on what `plan` trains, with its optimizer and layer-group learning rates; the model
-    and the random-number generators are as they were when it returns (or raises)."""
+    """The range test on what `plan` trains, with its optimizer and layer-group learning rates and the run's
+    loss (loss_fn, on the device; default plain cross-entropy); the model and the random-number generators
+    are as they were when it returns (or raises)."""
     saved = _Saved.of(model)
     try:
-        return _sweep(model, groups, plan, optimizer, batches, runtime, lr_schedule(start_lr, end_lr, steps))
+        return _sweep(model, groups, plan, optimizer, batches, runtime, lr_schedule(start_lr, end_lr, steps), loss_fn or nn.CrossEntropyLoss())
     finally:
         saved.restore(model)
 
 
-def _sweep(model: nn.Module, groups: LayerGroups, plan: PhasePlan, config: OptimizerConfig, batches: Iterable[Any], runtime: Runtime, lrs: list[float]) -> LrFinding:
+def _sweep(
+    model: nn.Module, groups: LayerGroups, plan: PhasePlan, config: OptimizerConfig, batches: Iterable[Any], runtime: Runtime, lrs: list[float], loss_fn: nn.Module
+) -> LrFinding:
     unit = replace(plan, lr=1.0)  # each group's lr relative to the head's: backbone_lr_mult and layer_decay kept
     apply_freezing(model, groups, unit)
     set_train_mode(model, groups, unit)
@@ -114,7 +118,6 @@ def _sweep(model: nn.Module, groups: LayerGroups, plan: PhasePlan, config: Optim
     scales = [group["lr"] for group in param_groups]
     optimizer = build_optimizer(config, param_groups)
     scaler = make_grad_scaler(runtime)
-    loss_fn = nn.CrossEntropyLoss()
     losses: list[float] = []
     stopped = "end"
     for lr, (images, labels) in zip(lrs, _endless(batches)):
@@ -203,11 +206,11 @@ def with_lrs(config: ExperimentConfig, lrs: dict[int, float]) -> ExperimentConfi
 
 
 def choose_auto_lrs(
-    config: ExperimentConfig, plans: list[PhasePlan], model: nn.Module, groups: LayerGroups, batches: Iterable[Any], runtime: Runtime
+    config: ExperimentConfig, plans: list[PhasePlan], model: nn.Module, groups: LayerGroups, batches: Iterable[Any], runtime: Runtime, loss_fn: nn.Module | None = None
 ) -> tuple[ExperimentConfig, list[PhasePlan], list[LrFinding]]:
     """Each `lr: auto` phase's range test, on the model as the run starts, and the config and plans with the
     suggestions in their place."""
-    findings = [lr_range_test(model, groups, plans[index], config.optimizer, batches, runtime) for index in auto_phases(config)]
+    findings = [lr_range_test(model, groups, plans[index], config.optimizer, batches, runtime, loss_fn=loss_fn) for index in auto_phases(config)]
     chosen = {finding.phase: finding.suggestion for finding in findings}
     plans = [replace(plan, lr=chosen[plan.index], lr_auto=False) if plan.index in chosen else plan for plan in plans]
     return with_lrs(config, chosen), plans, findings

@@ -238,7 +238,8 @@ class Session:
             raise ConfigError(Problem(f"schedule[{phases[0]}].lr", "auto is not available with several processes",
                                       f"run `transferctl lr-find EXPERIMENT --phase {phases[0]}` and set the lr it prints"))  # fmt: skip
         experiment.config, experiment.plans, findings = choose_auto_lrs(
-            experiment.config, experiment.plans, self.model, experiment.backbone.groups, self.loaders["train"], self.runtime
+            experiment.config, experiment.plans, self.model, experiment.backbone.groups, self.loaders["train"], self.runtime,
+            experiment.loss.to(self.runtime.device),
         )
         self.notices += tuple(
             f"schedule[{f.phase}].lr: auto chose {f.suggestion:.3g} (the range test's steepest descent {f.steepest_lr:.3g}, "
@@ -263,7 +264,10 @@ def find_lr(config: ExperimentConfig, phase: int, start_lr: float = START_LR, en
     experiment = prepare(config)
     plan = phase_at(experiment.plans, phase, "--phase")
     session = Session.start(experiment, choose_lrs=False)
-    finding = lr_range_test(session.model, experiment.backbone.groups, plan, config.optimizer, session.loaders["train"], session.runtime, start_lr, end_lr, steps)
+    finding = lr_range_test(
+        session.model, experiment.backbone.groups, plan, config.optimizer, session.loaders["train"], session.runtime, start_lr, end_lr, steps,
+        experiment.loss.to(session.runtime.device),
+    )
     return finding, plan, solves_head(config, experiment.backbone, plan)
 
 
