@@ -51,3 +51,13 @@ def test_a_phase_the_schedule_does_not_have_is_one_line(config: Path, tmp_path: 
     assert result.exit_code == 1 and result.stderr.strip().count("\n") == 0
     assert "--phase: there is no phase 2: the schedule has 2 (0 to 1)" in result.stderr
     assert not (tmp_path / "lr.png").exists()
+
+
+def test_check_shows_an_auto_lr_as_the_groups_ratios(config: Path) -> None:
+    result = invoke("check", config, "--set", "schedule.1.lr=auto", "--json")
+    assert result.exit_code == 0, result.output
+    head, body = json.loads(result.stdout)["phases"]
+    assert not head["lr_auto"] and body["lr_auto"] and body["lr"]["head"] == 1.0 and body["lr"]["layer4"] == pytest.approx(0.1)
+    shown = invoke("check", config, "--set", "schedule.1.lr=auto")
+    (body_row,) = [line for line in shown.stderr.splitlines() if line.startswith("│ body ")]
+    assert "auto (lr-find" in body_row

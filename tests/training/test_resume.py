@@ -485,6 +485,16 @@ def test_set_may_lengthen_a_phase_that_has_not_started(stopped: Path, tmp_path: 
     assert [(r["phase"], r["epoch"]) for r in rows(run)] == [("head", 1), ("head", 2), ("body", 1)]
 
 
+def test_set_lr_auto_on_a_phase_that_has_not_started_records_the_lr_found(stopped: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped, tmp_path)
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "schedule.1.lr=auto", "--set", "schedule.1.epochs=1", "--json", "-q"])
+
+    assert result.exit_code == 0, result.output
+    found = yaml.safe_load((run / "config.yaml").read_text())["schedule"][1]["lr"]
+    assert isinstance(found, float) and rows(run)[-1]["phase"] == "body" and rows(run)[-1]["lr_head"] == pytest.approx(found)
+
+
 def test_resume_refuses_data_with_other_classes(stopped: Path, tmp_path: Path) -> None:
     run = copy_run(stopped, tmp_path)
     other = tiny_dataset(tmp_path / "other", n_classes=4, layout="split")
