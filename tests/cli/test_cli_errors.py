@@ -82,7 +82,7 @@ def test_a_python_object_tag_is_refused_and_never_runs(tmp_path: Path) -> None:
     [
         (lambda raw: raw["data"].update(batch_size="eight"), "data.batch_size: Input should be a valid integer"),
         (lambda raw: raw["schedule"][0].update(epochs=-1), "schedule[0].epochs: Input should be greater than or equal to 1"),
-        (lambda raw: raw["schedule"][1].update(lr=0), "schedule[1].lr: Input should be greater than 0"),
+        (lambda raw: raw["schedule"][1].update(lr=0), "schedule[1].lr: must be a number above 0, or auto"),
         (lambda raw: raw["optimizer"].update(nme="sgd") if "optimizer" in raw else raw.update(optimizer={"nme": "sgd"}), "did you mean 'name'?"),
     ],
     ids=["type", "negative-epochs", "zero-lr", "unknown-key"],
