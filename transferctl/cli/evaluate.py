@@ -34,6 +34,7 @@ def evaluate(
     precision: str = PrecisionOption,
     trust_code: bool = TrustCodeOption,
     tta: str = TtaOption,
+    top_losses: int = typer.Option(16, "--top-losses", help="Draw the N misclassified images with the highest loss in eval/<name>-top-losses.png (0: no picture; every one is listed in <name>-misclassified.csv)."),
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion matrix and calibration of a trained run."""
     from transferctl.inference.evaluate import SPLIT_CHOICES, evaluate_run
@@ -41,7 +42,7 @@ def evaluate(
     if split is not None and split not in SPLIT_CHOICES:
         raise typer.BadParameter(f"'{split}' is not one of {', '.join(SPLIT_CHOICES)}", param_hint="--split")
     with user_errors():
-        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision, trust_code, tta)
+        result = evaluate_run(run_dir, checkpoint, data, split, batch_size, device, precision, trust_code, tta, top_losses=top_losses)
     for notice in result.notices:
         err.print(f"note: {notice}", style="yellow", markup=False)
     if as_json:
@@ -49,6 +50,12 @@ def evaluate(
     else:
         err.print(render_report(result.report))
     err.print(f"wrote {result.json_path} and {result.png_path}", markup=False)
+    err.print(_gallery_line(result.report), markup=False)
+
+
+def _gallery_line(report: dict[str, Any]) -> str:
+    picture = f", the worst in {report['top_losses_png']}" if report["top_losses_png"] else ""
+    return f"misclassified: {report['misclassified']} images, listed in {report['misclassified_csv']}{picture}"
 
 
 def render_report(report: dict[str, Any]) -> Table:

@@ -145,10 +145,13 @@ def evaluate_run(
     precision: str = "fp32",
     trust_code: bool = False,
     tta: str = "none",
+    top_losses: int = 16,
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes).
     With tta (inference/tta.py) the report's numbers are those of the averaged probabilities, and
-    report["plain"] holds the same numbers without it."""
+    report["plain"] holds the same numbers without it. The error gallery (inference/error_gallery.py) lists
+    the misclassified images and draws the top_losses worst."""
+    from transferctl.inference.error_gallery import check_top_losses, misclassified, write_error_gallery
     from transferctl.inference.tta import as_logits, averaged_probabilities, check_tta, view_logits
     from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
     from transferctl.runs.checkpoint import checkpoint_file
@@ -156,6 +159,7 @@ def evaluate_run(
 
     check_runtime_options(device, precision)
     check_tta(tta)
+    check_top_losses(top_losses)
     config = read_run_config(run_dir)
     if config.logging.tensorboard:
         from transferctl.training.tensorboard import require_tensorboard
@@ -175,6 +179,7 @@ def evaluate_run(
     loader = make_loader(dataset, size, False, resolve_workers(config.data.num_workers, len(samples)), config.seed, runtime.device.type == "cuda")
     logits, labels = view_logits(model, loader, runtime, tta)
     plain = compute_metrics(logits[0].numpy(), labels.numpy(), classes)
+    reported = logits[0] if tta == "none" else as_logits(averaged_probabilities(logits))
 
     report = {
         "run_dir": str(run_dir),
@@ -187,11 +192,13 @@ def evaluate_run(
         "skipped_images": [str(item.path) for item in splits.skipped],  # unreadable images anywhere in the data folder
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         "tta": tta,
-        **(plain if tta == "none" else compute_metrics(as_logits(averaged_probabilities(logits)).numpy(), labels.numpy(), classes)),
+        **(plain if tta == "none" else compute_metrics(reported.numpy(), labels.numpy(), classes)),
     }
     if tta != "none":
         report["plain"] = plain
     stem = report_stem(run_dir, split, checkpoint, root, config.data.root, runtime.precision, tta)
+    mistakes = misclassified(reported, labels, [path for path, _ in samples], classes)
+    report.update(write_error_gallery(run_dir / "eval", stem, mistakes, top_losses, f"{run_dir.name}: {stem}"))
     result = _write_report(run_dir, report, stem, tuple(data_notices(splits)))
     if config.logging.tensorboard:
         from transferctl.training.tensorboard import log_evaluation
