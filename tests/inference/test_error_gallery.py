@@ -126,3 +126,33 @@ def test_a_negative_top_losses_is_one_line(trained: Path) -> None:
     result = invoke("evaluate", trained, "--top-losses", "-1", "--device", "cpu")
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and "--top-losses: -1 is not a number of images" in result.stderr
+
+
+def test_the_rows_agree_with_predicts_probabilities_with_tta(trained: Path, tmp_path: Path) -> None:
+    """Red and green swapped: the model's confident answers become the mistakes, with real, varied probabilities."""
+    import shutil
+
+    data = shutil.copytree(trained.parent / "data", tmp_path / "swapped")
+    for split in (data / name for name in ("train", "val", "test")):
+        (split / "red").rename(split / "was_red")
+        (split / "green").rename(split / "red")
+        (split / "was_red").rename(split / "green")
+    result = invoke("evaluate", trained, "--data", data, "--split", "all", "--device", "cpu", "--tta", "flip", "--json")
+    assert result.exit_code == 0, result.output
+    rows = read_rows(Path(json.loads(result.stdout)["misclassified_csv"]))
+    assert rows
+
+    predicted = invoke("predict", trained, data, "--top-k", "3", "--tta", "flip", "--device", "cpu")
+    assert predicted.exit_code == 0, predicted.output
+    records = {str(Path(record["path"]).resolve()): record for record in map(json.loads, predicted.stdout.splitlines())}
+    losses = []
+    for row in rows:
+        record = records[str(Path(row["path"]).resolve())]
+        probability = dict(record["top"])
+        assert row["predicted"] == record["label"] != row["true"]
+        assert float(row["confidence"]) == pytest.approx(record["score"], rel=1e-4)
+        assert float(row["loss"]) == pytest.approx(-math.log(probability[row["true"]]), rel=1e-4)
+        losses.append(float(row["loss"]))
+    assert losses == sorted(losses, reverse=True)
+    wrong = [path for path, record in records.items() if record["label"] != Path(path).parent.name]
+    assert sorted(wrong) == sorted(str(Path(row["path"]).resolve()) for row in rows)  # every mistake, and only those
