@@ -342,6 +342,7 @@ def _a_path(value: Any) -> Any:
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(False, description="per-epoch scalars into <run>/tensorboard/ (pip install transferctl[tensorboard])")
+    mlflow: bool = Field(False, description="params, per-epoch metrics and the run's files into MLflow: MLFLOW_TRACKING_URI or its default store (pip install transferctl[mlflow])")
 
 
 class ExperimentConfig(_Section):

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from transferctl.cli import CHOOSE, app, err, print_json, user_errors
 from transferctl.cli.report import table_console
-from transferctl.cli.train import ConfigArg, SetOption
+from transferctl.cli.train import ConfigArg, SetOption, tracked
 
 
 @app.command(rich_help_panel=CHOOSE)
@@ -28,14 +28,13 @@ def compare(
     from transferctl.analysis.compare import parse_strategies, plan_comparison, run_comparison
     from transferctl.config import load_config
     from transferctl.training.progress import make_observer
-    from transferctl.training.tensorboard import with_tensorboard
 
     with user_errors():
         experiment = load_config(config, overrides or [])
         plan = plan_comparison(experiment, parse_strategies(strategies), seeds, out, source=str(config))
         with make_observer(err, quiet=quiet) as progress:
-            # One TensorBoard observer serves every run: each run_started opens that run's log.
-            with with_tensorboard(progress, experiment.logging.tensorboard, f"{config}: logging.tensorboard") as observer:
+            # One TensorBoard and one MLflow observer serve every run: each run_started opens that run's log.
+            with tracked(progress, experiment.logging, str(config)) as observer:
                 report = run_comparison(plan, observer)
     if as_json:
         print_json(report)

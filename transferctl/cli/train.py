@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 
 import typer
 
 from transferctl.cli import TRAIN, app, err, print_json, user_errors
+
+if TYPE_CHECKING:
+    from transferctl.config import LoggingConfig
+    from transferctl.training.observers import TrainObserver
 
 ConfigArg = typer.Argument(..., exists=False, dir_okay=False, help="The experiment YAML file.")
 SetOption = typer.Option(None, "--set", help="Override a field: --set data.batch_size=16 (repeatable).")
@@ -36,7 +41,7 @@ def train(
     """Train a model as the experiment file says; write checkpoints and metrics to a run directory."""
     from transferctl.training.distributed import env_rank, launched
     from transferctl.training.interrupts import signals_interrupt
-    from transferctl.training.tensorboard import run_wants_tensorboard, with_tensorboard
+    from transferctl.training.tensorboard import run_logging
 
     if (config is None) == (resume is None):
         raise typer.BadParameter("give an experiment file, or --resume RUN_DIR (not both)", param_hint="CONFIG")
@@ -57,19 +62,30 @@ def train(
             if resume is not None:
                 from transferctl.training.resume import resume as resume_training
 
-                with with_tensorboard(progress, run_wants_tensorboard(resume, overrides or []), f"{resume / 'config.yaml'}: logging.tensorboard") as observer:
+                with tracked(progress, run_logging(resume, overrides or []), str(resume / "config.yaml")) as observer:
                     summary = resume_training(resume, overrides or [], observer, trust_code, restart=restart)
             else:
                 from transferctl.training.train import train as run_training
 
                 assert config is not None
                 experiment = load_config(config, overrides or [])
-                with with_tensorboard(progress, experiment.logging.tensorboard, f"{config}: logging.tensorboard") as observer:
+                with tracked(progress, experiment.logging, str(config)) as observer:
                     summary = run_training(experiment, run_dir, observer)
     if as_json:
         print_json(summary)
     elif main:
         _print_summary(summary)
+
+
+@contextlib.contextmanager
+def tracked(progress: TrainObserver, logging: LoggingConfig, source: str) -> Iterator[TrainObserver]:
+    """`progress`, plus the TensorBoard log and the MLflow run that the experiment's logging section asks for."""
+    from transferctl.training.mlflow_logging import with_mlflow
+    from transferctl.training.tensorboard import with_tensorboard
+
+    with with_tensorboard(progress, logging.tensorboard, f"{source}: logging.tensorboard") as observer:
+        with with_mlflow(observer, logging.mlflow, f"{source}: logging.mlflow") as tracking:
+            yield tracking
 
 
 def _launch(
@@ -127,7 +143,12 @@ def check(
     from transferctl.training.train import describe, prepare
 
     with user_errors():
-        plan = describe(prepare(load_config(config, overrides or [])))
+        experiment = load_config(config, overrides or [])
+        if experiment.logging.mlflow:  # said now, not after the first epochs of a train
+            from transferctl.training.mlflow_logging import require_mlflow
+
+            require_mlflow(f"{config}: logging.mlflow")
+        plan = describe(prepare(experiment))
     if as_json:
         print_json(plan)
         return

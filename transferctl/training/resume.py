@@ -31,7 +31,7 @@ from transferctl.training.train import Experiment, ResumePoint, Session, environ
 from transferctl.training.observers import SilentObserver, TrainObserver
 
 # Fields a resume may change: none of them changes what the next epoch computes on a CPU.
-CHANGEABLE = ("name", "device", "precision", "output.dir", "output.checkpoint_seconds", "data.root", "data.num_workers", "data.on_bad_image", "early_stopping.patience", "logging.tensorboard")
+CHANGEABLE = ("name", "device", "precision", "output.dir", "output.checkpoint_seconds", "data.root", "data.num_workers", "data.on_bad_image", "early_stopping.patience", "logging.tensorboard", "logging.mlflow")
 RESUME_STATE = ("optimizer", "scheduler", "rng", "rows", "phase_done", "stale", "config", "phase_index", "epoch")
 # What an earlier training of a run left that a restart would replace: moved into before-restart-<time>/.
 EARLIER_TRAINING = ("checkpoints/best.pt", "checkpoints/last.pt", "metrics.jsonl", "metrics.csv", "summary.json", "eval")

@@ -18,6 +18,7 @@ from transferctl.errors import ConfigError, Problem
 from transferctl.training.observers import FanOutObserver
 
 if TYPE_CHECKING:
+    from transferctl.config import LoggingConfig
     from transferctl.training.phases import PhasePlan
     from transferctl.training.observers import TrainObserver
 
@@ -137,12 +138,17 @@ def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path, n
 
 
 def run_wants_tensorboard(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> bool:
-    """Whether a run directory's config.yaml (with --set overrides) asks for TensorBoard logs; False when it
+    """Whether a run directory's config.yaml (with --set overrides) asks for TensorBoard logs."""
+    return run_logging(run_dir, overrides).tensorboard
+
+
+def run_logging(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> LoggingConfig:
+    """The logging section of a run directory's config.yaml (with --set overrides); no logging when it
     cannot be read: the command that opens the run says what is wrong with it."""
-    from transferctl.config import load_config
+    from transferctl.config import LoggingConfig, load_config
     from transferctl.errors import TransferctlError
 
     try:
-        return load_config(run_dir / "config.yaml", overrides).logging.tensorboard
+        return load_config(run_dir / "config.yaml", overrides).logging
     except TransferctlError:
-        return False
+        return LoggingConfig()
