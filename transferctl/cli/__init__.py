@@ -35,7 +35,7 @@ USE = "Use the trained model"
 CHOOSE = "Choose and compare strategies"
 INSPECT = "Inspect runs and the cache"
 # Each panel lists its commands in this order: the order they are used in.
-COMMAND_ORDER = ("init", "backbones", "schema", "check", "lr-find", "train", "evaluate", "predict", "export", "recommend", "compare", "runs", "show", "report", "cache")
+COMMAND_ORDER = ("init", "backbones", "schema", "check", "lr-find", "train", "evaluate", "predict", "explain", "export", "recommend", "compare", "runs", "show", "report", "cache")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from transferctl.data.preprocessing import Preprocessing
+from transferctl.models.backbone import Backbone
 from transferctl.models.build import build_backbone
 from transferctl.config import DEVICE_PATTERN, BackboneConfig
 from transferctl.data.folders import build_transform
@@ -42,6 +43,11 @@ class TrainedModel(NamedTuple):
 def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> TrainedModel:
     """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file.
     trust_code: the user allows a python: backbone the checkpoint names to be imported and called."""
+    return load_trained_backbone(run_dir, checkpoint, trust_code)[0]
+
+
+def load_trained_backbone(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> tuple[TrainedModel, Backbone]:
+    """load_trained_model, with the rebuilt Backbone (its name, layer groups and cut) that explain reads."""
     where = str(checkpoint_file(run_dir, checkpoint))
     if checkpoint in ("best", "last") and checked(run_dir, CheckpointError).is_dir() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
@@ -52,10 +58,11 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool
         preprocessing = Preprocessing.from_dict(saved.preprocessing)
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(Problem(where, "has no usable 'preprocessing' entry", "use a checkpoint written by `transferctl train`")) from None
-    model = _build_architecture(saved, len(classes), preprocessing, where, trust_code)
+    backbone = _build_architecture(saved, len(classes), preprocessing, where, trust_code)
+    model = backbone.model
     _load_strictly(model, saved.model, where)
     model.eval()
-    return TrainedModel(model, classes, preprocessing)
+    return TrainedModel(model, classes, preprocessing), backbone
 
 
 def _backbone_config(checkpoint: Checkpoint, where: str) -> BackboneConfig:
@@ -71,12 +78,12 @@ def _backbone_config(checkpoint: Checkpoint, where: str) -> BackboneConfig:
         raise CheckpointError(Problem(where, f"has an invalid backbone entry: {exc.errors()[0]['msg']}", "use a checkpoint written by `transferctl train`")) from None
 
 
-def _build_architecture(checkpoint: Checkpoint, num_classes: int, preprocessing: Preprocessing, where: str, trust_code: bool) -> nn.Module:
+def _build_architecture(checkpoint: Checkpoint, num_classes: int, preprocessing: Preprocessing, where: str, trust_code: bool) -> Backbone:
     config = _backbone_config(checkpoint, where)
     require_trusted(config.name, where, trust_code)
     try:
         # The crop size is the image size the run trained at (it matters to ViTs' position embeddings).
-        return build_backbone(config, num_classes, preprocessing.crop, pretrained=False).model
+        return build_backbone(config, num_classes, preprocessing.crop, pretrained=False)
     except ConfigError as exc:
         raise CheckpointError(*(Problem(where, f"cannot rebuild its {config.name}: {p.message}", p.hint) for p in exc.problems)) from None
 

@@ -100,7 +100,13 @@ class CutNetwork(nn.Module):
         self.head = nn.Linear(width, num_classes)
         self.tap = tap
         self.layout = layout
-        body.get_submodule(tap).register_forward_hook(_stop_here)
+        self._stop = body.get_submodule(tap).register_forward_hook(_stop_here)
+
+    def stop_after_other_hooks(self) -> None:
+        """Move the stop behind the tap's other forward hooks: one registered later (explain's Grad-CAM,
+        which reads the tap's output) would otherwise never run."""
+        self._stop.remove()
+        self._stop = self.body.get_submodule(self.tap).register_forward_hook(_stop_here)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled (B, width) features at the cut."""
