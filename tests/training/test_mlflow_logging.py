@@ -93,6 +93,30 @@ def test_a_resumed_run_directory_continues_its_mlflow_run(tmp_path: Path, local_
     assert logged.data.params == {"name": "tiny", "seed": "3"} and warnings == []
 
 
+def test_one_observer_makes_one_mlflow_run_per_run_directory(tmp_path: Path, local_store: Path) -> None:
+    """As compare uses it: the next run's start ends the one before, with its files as artifacts."""
+    pytest.importorskip("mlflow", reason=NEEDS_MLFLOW)
+    from mlflow.tracking import MlflowClient
+
+    from transferctl.training.mlflow_logging import MLflowObserver
+
+    tracker = MLflowObserver(pytest.fail)
+    for index, name in enumerate(("scratch-seed0", "fine_tune-seed0")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text("name: cmp\n")
+        (run / "curves.png").write_bytes(b"png")
+        tracker.run_started(run)
+        tracker.epoch_done({"global_epoch": 1, "val_acc": index / 2})
+    tracker.finish("KILLED")
+    client = MlflowClient()
+    runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("cmp").experiment_id])}
+    assert {name: run.info.status for name, run in runs.items()} == {"scratch-seed0": "FINISHED", "fine_tune-seed0": "KILLED"}
+    assert runs["fine_tune-seed0"].data.metrics == {"global_epoch": 1.0, "val_acc": 0.5}
+    for run in runs.values():
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "curves.png"}
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
