@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import scratch_folder  # noqa: E402
 from demo import transferctl  # noqa: E402
 from quality import Settings as QualitySettings  # noqa: E402
-from quality import experiment_files, print_result, write_digits  # noqa: E402
+from quality import experiment_files, parse_seeds, print_result, write_digits  # noqa: E402
 
 BODY_STEPS = 100
 RARE_DIGITS = ("7", "8", "9")
@@ -81,13 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.seeds is not None:
-        try:
-            seeds = tuple(int(seed) for seed in args.seeds.split(",") if seed.strip())
-        except ValueError:
-            parser.error(f"--seeds: comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})")
-        if len(seeds) < 2:
-            parser.error("--seeds: give two seeds at least, for a spread")
-        settings = Settings(**{**asdict(settings), "seeds": seeds, "quality": settings.quality})
+        settings = Settings(**{**asdict(settings), "seeds": parse_seeds(parser, args.seeds), "quality": settings.quality})
     only = tuple(name.strip() for name in args.only.split(",") if name.strip())
     unknown = [name for name in only if name not in OPTIONS]
     if unknown:

@@ -104,15 +104,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.seeds is not None:
-        try:
-            seeds = tuple(int(seed) for seed in args.seeds.split(",") if seed.strip())
-        except ValueError:
-            parser.error(f"--seeds: comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})")
-        if len(seeds) < 2:
-            parser.error("--seeds: give two seeds at least, for a spread")
-        settings = Settings(**{**asdict(settings), "seeds": seeds})
+        settings = Settings(**{**asdict(settings), "seeds": parse_seeds(parser, args.seeds)})
     args.settings = Settings(**{**asdict(settings), "split_seed": args.split_seed, "head_schedules": args.head_schedules})
     return args
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """--seeds: comma-separated integers, two at least (a spread needs two)."""
+    try:
+        seeds = tuple(int(seed) for seed in text.split(",") if seed.strip())
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, e.g. 0,1,2 (got {text!r})")
+    if len(seeds) < 2:
+        parser.error("--seeds: give two seeds at least, for a spread")
+    return seeds
 
 
 # --------------------------------------------------------------------------- data
