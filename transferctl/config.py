@@ -170,6 +170,9 @@ class DataConfig(_Section):
         1, ge=1, le=64, description="views cached per image with augmentation: the clean centre crop, then augmented views (one is drawn per epoch)"
     )
     cache_memory_mb: int = Field(1024, ge=0, le=MAX_MEMORY_MB, description="RAM budget of each in-memory cache (features, decoded images); larger goes to disk or is decoded again")
+    labels: Path | None = Field(
+        None, description="a .csv (path,label[,split]) or .jsonl label file, relative to the experiment file; its paths are relative to data.root; null: class folders"
+    )
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle",
         description="shuffle: every training image once an epoch; balanced: as many draws, with replacement, each class equally likely "
@@ -190,6 +193,13 @@ class DataConfig(_Section):
     @classmethod
     def _root_named(cls, value: Any) -> Any:
         return _a_path(value)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and not value.strip().lower().endswith((".csv", ".jsonl")):
+            raise ValueError("must be a .csv or .jsonl file")
+        return value if value is None else _a_path(value)
 
     @property
     def random_views(self) -> bool:
@@ -628,7 +638,8 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig
     weights = str(source.moved_to(resolve(source.path, "backbone.weights"))) if source.kind in ("file", "run") else config.backbone.weights
     return config.model_copy(
         update={
-            "data": config.data.model_copy(update={"root": resolve(config.data.root, "data.root")}),
+            "data": config.data.model_copy(update={"root": resolve(config.data.root, "data.root"),
+                                                   "labels": config.data.labels and resolve(config.data.labels, "data.labels")}),
             "output": config.output.model_copy(update={"dir": resolve(config.output.dir, "output.dir")}),
             "backbone": config.backbone.model_copy(update={"weights": weights}),
         }

@@ -51,6 +51,8 @@ class DatasetSplits:
     ignored: tuple[Path, ...] = ()  # files in class folders that are not images by their suffix
     run_folders: tuple[Path, ...] = ()  # transferctl runs among the class folders: output.dir inside data.root
     linked: tuple[Path, ...] = ()  # symlinked folders left out: discovery does not follow them
+    label_file: Path | None = None  # data.labels, when the samples come from a label file (skipped then holds its bad rows)
+    label_digest: str | None = None  # its content's digest: resume and the feature cache notice an edited file
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -241,7 +243,10 @@ def split_fingerprint(splits: DatasetSplits) -> dict[str, dict[str, Any]]:
             hashed.update(f"{path.relative_to(splits.root).as_posix()}\t{label}\n".encode("utf-8", "surrogateescape"))
         return hashed.hexdigest()[:16]
 
-    return {name: {"images": len(samples), "digest": digest(samples)} for name, samples in (("train", splits.train), ("val", splits.val))}
+    fingerprint = {name: {"images": len(samples), "digest": digest(samples)} for name, samples in (("train", splits.train), ("val", splits.val))}
+    if splits.label_digest is not None:  # only with a label file: runs on folders keep their fingerprints
+        fingerprint["labels"] = {"images": len(splits.train) + len(splits.val) + len(splits.test), "digest": splits.label_digest}
+    return fingerprint
 
 
 def changed_images(started: dict[str, dict[str, Any]] | None, now: dict[str, dict[str, Any]]) -> str | None:
@@ -249,6 +254,8 @@ def changed_images(started: dict[str, dict[str, Any]] | None, now: dict[str, dic
     if not started or all(started.get(name) == now[name] for name in now):
         return None
     counts = ", ".join(f"{name} {started.get(name, {}).get('images', '?')} -> {now[name]['images']}" for name in now)
+    if "labels" in now and started.get("labels") != now["labels"]:
+        return f"data.labels: the label file differs from the one the run started on ({counts}): start a new run for numbers that compare"
     return (f"data.root: the images differ from those the run started on ({counts}); a flat folder's validation share is drawn "
             "again, so images may have moved between train and val: start a new run for numbers that compare")  # fmt: skip
 
@@ -256,7 +263,9 @@ def changed_images(started: dict[str, dict[str, Any]] | None, now: dict[str, dic
 def data_notices(splits: DatasetSplits) -> list[str]:
     """One line each about files discovery left out: what a user should hear before training starts."""
     notices = []
-    if splits.skipped:
+    if splits.skipped and splits.label_file is not None:
+        notices.append(f"data.labels: skipped {bad_rows(splits.skipped)}")
+    elif splits.skipped:
         bad = {item.path: item.reason for item in splits.skipped}
         notices.append(f"data.root: skipped {_count(len(bad), 'unreadable image')}: {_examples(bad)}")
     if splits.ignored:
@@ -271,6 +280,13 @@ def data_notices(splits: DatasetSplits) -> list[str]:
     if splits.linked:
         notices.append(f"data.root: left out {_count(len(splits.linked), 'symlinked folder')}, not followed: {_first_paths(splits.linked)} (copy or move the images there to use them)")
     return notices
+
+
+def bad_rows(bad: list[BadImage] | tuple[BadImage, ...]) -> str:
+    """'2 bad rows: a.png (line 3: no such image), ...' (a label file's rows): the first few, so the line stays one."""
+    named = ", ".join(f"{shown(item.path)} ({item.reason})" for item in bad[:SHOWN_PATHS])
+    more = f" and {len(bad) - SHOWN_PATHS} more" if len(bad) > SHOWN_PATHS else ""
+    return f"{_count(len(bad), 'bad row')}: {named}{more}"
 
 
 def _first_paths(paths: tuple[Path, ...]) -> str:

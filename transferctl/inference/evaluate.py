@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from transferctl.data.folders import DatasetSplits, ImageDataset, Sample, data_notices, discover, lookalikes, make_loader, resolve_workers
+from transferctl.data.folders import DatasetSplits, ImageDataset, Sample, data_notices, lookalikes, make_loader, resolve_workers
+from transferctl.data.label_files import discover_data
 from transferctl.errors import DataError, Problem
 
 ECE_BINS = 15
@@ -168,7 +169,8 @@ def evaluate_run(
     model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
     root = data if data is not None else config.data.root
     where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
-    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all")
+    labels = config.data.labels if data is None else None  # --data names a folder of class folders
+    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all", labels)
     check_same_classes(classes, splits.classes, where, root)
     split = split or ("test" if splits.test else "val")
     samples = _relabel(_samples_of(splits, split, root), splits.classes, classes)
@@ -243,11 +245,11 @@ def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tup
     return EvaluationResult(report, json_path, png_path, notices)
 
 
-def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str, split: bool) -> DatasetSplits:
+def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str, split: bool, labels: Path | None = None) -> DatasetSplits:
     """The run's own data.on_bad_image applies: an unreadable image is skipped (and listed) or an error.
     --split all reads every image of a flat tree: no validation share to draw, however few images."""
     try:
-        return discover(root, val_fraction, seed, on_bad_image, split)
+        return discover_data(root, val_fraction, seed, on_bad_image, split, labels)
     except DataError as exc:
         # discover names the config field (data.root); here the folder may have come from --data.
         raise DataError(*(Problem(p.where.replace("data.root", where, 1), p.message, p.hint) for p in exc.problems)) from None

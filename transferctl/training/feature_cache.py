@@ -28,6 +28,7 @@ from torch import nn
 
 from transferctl.runs.cache_folder import CACHE_ENV, LIMIT_ENV, about_path, describe, features_path, keep_under_limit, limit_bytes, mark_used
 from transferctl.data.folders import EpochSampler, ImageDataset, Sample, build_transform
+from transferctl.data.label_files import label_file_digest
 from transferctl.training.distributed import active as distributed_active
 from transferctl.training.distributed import all_ranks_agree, gather_shards, is_main, shard, wrap_for_training
 from transferctl.data.sharding import shard_of
@@ -105,6 +106,7 @@ class CacheSpec:
     network: str = ""  # network_digest: the code the weights run in
     device: str = "cpu"  # the device type: a GPU's fp32 convolutions may use TF32 and give other features
     random_erasing: float | None = None  # data.random_erasing
+    labels: str | None = None  # the digest of data.labels, when the samples come from a label file
 
     def key(self, samples: list[Sample]) -> str:
         parts = {
@@ -116,6 +118,8 @@ class CacheSpec:
         }  # fmt: skip
         if self.random_erasing is not None:  # only when set: the files cached before the option keep their keys
             parts["random_erasing"] = self.random_erasing
+        if self.labels is not None:  # likewise: a folder's key stays as it was
+            parts["labels"] = self.labels
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     @property
@@ -453,7 +457,7 @@ class FrozenBodyShortcut:
         views = data.cached_views if data.random_views else 1
         spec = CacheSpec(backbone.name, digest, backbone.cut, backbone.head_path, backbone.preprocessing.to_dict(), data.augment, views,
                          self.config.seed, self.runtime.precision, network_digest(self.model), self.runtime.device.type,
-                         data.random_erasing)  # fmt: skip
+                         data.random_erasing, data.labels and label_file_digest(data.labels))  # fmt: skip
         stores = {}
         for split, spec_of_split in (("train", spec), ("val", dataclasses.replace(spec, augment="none", views=1, random_erasing=None))):
             loader = self.loaders[split]

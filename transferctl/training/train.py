@@ -29,7 +29,6 @@ from transferctl.data.folders import (
     ImageDataset,
     build_transform,
     data_notices,
-    discover,
     make_loader,
     resolve_workers,
     set_loader_epoch,
@@ -38,6 +37,7 @@ from transferctl.data.folders import (
     transform_names,
     worker_error,
 )
+from transferctl.data.label_files import discover_data
 from transferctl.training.distributed import (
     TrainingModule,
     agreed_stop,
@@ -117,7 +117,7 @@ class ResumePoint:
 
 def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     """Data, backbone and phases; load_weights=False when a checkpoint will provide every weight."""
-    splits = discover(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image)
+    splits = discover_data(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image, labels=config.data.labels)
     loss = build_loss(config.loss, [label for _, label in splits.train], splits.classes)  # before the backbone: a list that does not fit fails fast
     pretrained = load_weights and config.loads_pretrained_weights
     backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)

@@ -1,0 +1,150 @@
+"""Label files: a CSV (path,label[,split]) or JSONL beside a folder of images, read into the same
+DatasetSplits a class-per-folder tree gives, so every command downstream works unchanged.
+See docs/experiment-file.md, Label files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferctl.data.folders import SPLITS, BadImage, DatasetSplits, Sample, bad_rows, discover, find_bad_images, stratified_split
+from transferctl.errors import DataError, Problem
+from transferctl.paths import shown
+
+WHERE = "data.labels"
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    line: int  # the row's line in the file (the CSV header is line 1), for messages
+    path: str
+    label: str
+    split: str
+
+
+def label_file_digest(path: Path) -> str:
+    """A digest of the label file's bytes: the feature cache's key and resume's fingerprint cover it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def discover_data(root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True, labels: Path | None = None) -> DatasetSplits:
+    """The one place that chooses where the classes come from: the label file data.labels names, or else
+    the class folders below data.root (folders.discover); either way the same DatasetSplits."""
+    if labels is not None:
+        return read_label_file(labels, root, val_fraction, seed, on_bad_image, split)
+    return discover(root, val_fraction, seed, on_bad_image, split)
+
+
+def read_label_file(labels: Path, root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True) -> DatasetSplits:
+    """The classes (sorted label names) and samples a label file names. Rows naming missing, duplicated or
+    unreadable images, empty labels or unknown splits are skipped and listed (or, with on_bad_image 'error',
+    stop everything); a path that leaves data.root is refused outright: the file would reach outside the data."""
+    if not labels.is_file():
+        raise DataError(Problem(WHERE, f"no such file: {shown(labels)}", "point data.labels at a .csv or .jsonl file, relative to the experiment file"))
+    if not root.is_dir():
+        raise DataError(Problem("data.root", f"no such folder: {shown(root)}", "point data.root at the folder the label file's paths start from"))
+    root = root.resolve()
+    kept, bad = _check_rows(_read_rows(labels), labels, root)
+    unreadable = find_bad_images([root / row.path for row in kept])
+    bad += [BadImage(root / row.path, f"line {row.line}: {unreadable[root / row.path]}") for row in kept if root / row.path in unreadable]
+    kept = [row for row in kept if root / row.path not in unreadable]
+    if bad and on_bad_image == "error":
+        raise DataError(Problem(WHERE, f"{shown(labels)}: {bad_rows(bad)}", "fix or remove the rows, or set data.on_bad_image: skip to train without them"))
+    classes = sorted({row.label for row in kept})
+    if len(classes) < 2:
+        raise DataError(Problem(WHERE, f"{shown(labels)} needs at least two labels among its usable rows, found {classes or 'none'}", "label the images with two or more classes"))
+    return _splits(kept, classes, root, val_fraction, seed, split, labels, tuple(bad))
+
+
+def _read_rows(labels: Path) -> list[LabelRow]:
+    try:
+        text = labels.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(Problem(WHERE, f"cannot read {shown(labels)}: {exc}", "save it as UTF-8 text")) from None
+    if labels.suffix.lower() == ".jsonl":
+        return _jsonl_rows(labels, text)
+    if labels.suffix.lower() == ".csv":
+        return _csv_rows(labels, text)
+    raise DataError(Problem(WHERE, f"{shown(labels)}: unknown kind of label file", "use a .csv (path,label[,split]) or .jsonl file"))
+
+
+def _csv_rows(labels: Path, text: str) -> list[LabelRow]:
+    reader = csv.DictReader(text.splitlines())
+    missing = [column for column in ("path", "label") if column not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(Problem(WHERE, f"{shown(labels)}: the header lacks {', '.join(missing)} (found {reader.fieldnames or 'none'})", "start the file with the header path,label[,split]"))
+    return [LabelRow(reader.line_num, (row["path"] or "").strip(), (row["label"] or "").strip(), (row.get("split") or "").strip()) for row in reader]
+
+
+def _jsonl_rows(labels: Path, text: str) -> list[LabelRow]:
+    rows = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(Problem(WHERE, f"{shown(labels)} line {line}: not JSON ({exc.msg})", 'write one object a line: {"path": ..., "label": ...}')) from None
+        if not isinstance(item, dict):
+            raise DataError(Problem(WHERE, f"{shown(labels)} line {line}: not a JSON object", 'write one object a line: {"path": ..., "label": ...}'))
+        rows.append(LabelRow(line, _cell(item.get("path")), _cell(item.get("label")), _cell(item.get("split"))))
+    return rows
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _check_rows(rows: list[LabelRow], labels: Path, root: Path) -> tuple[list[LabelRow], list[BadImage]]:
+    """The usable rows, and the others with the reason; a path leaving root raises."""
+    kept: list[LabelRow] = []
+    bad: list[BadImage] = []
+    seen: set[str] = set()
+    for row in rows:
+        _refuse_outside(row, labels, root)
+        where = root / row.path
+        reason = _row_problem(row, where, seen)
+        seen.add(os.path.normpath(row.path))
+        if reason:
+            bad.append(BadImage(where, f"line {row.line}: {reason}"))
+        else:
+            kept.append(row)
+    return kept, bad
+
+
+def _refuse_outside(row: LabelRow, labels: Path, root: Path) -> None:
+    target = Path(os.path.normpath(root / row.path)) if row.path else root
+    if target != root and root not in target.parents:
+        raise DataError(Problem(WHERE, f"{shown(labels)} line {row.line}: {shown(row.path)} leaves data.root", "name each image by its path below data.root"))
+
+
+def _row_problem(row: LabelRow, where: Path, seen: set[str]) -> str | None:
+    if not row.path:
+        return "empty path"
+    if os.path.normpath(row.path) in seen:
+        return "duplicated path"
+    if not row.label:
+        return "empty label"
+    if row.split and row.split not in SPLITS:
+        return f"unknown split '{shown(row.split)}' (train, val or test)"
+    if not where.is_file():
+        return "no such image"
+    return None
+
+
+def _splits(rows: list[LabelRow], classes: list[str], root: Path, val_fraction: float, seed: int, split: bool, labels: Path,
+            skipped: tuple[BadImage, ...]) -> DatasetSplits:  # fmt: skip
+    """Rows with a split go there; the others are split as a flat folder is (seeded, per class)."""
+    index = {name: label for label, name in enumerate(classes)}
+    given: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    unsplit: list[Sample] = []
+    for row in rows:
+        sample = (root / row.path, index[row.label])
+        (given[row.split] if row.split else unsplit).append(sample)
+    train, val = stratified_split(unsplit, val_fraction, seed) if split and unsplit else (sorted(unsplit), [])
+    return DatasetSplits(root, classes, sorted(given["train"] + train), sorted(given["val"] + val), sorted(given["test"]), layout="labels",
+                         skipped=skipped, label_file=labels, label_digest=label_file_digest(labels))  # fmt: skip
