@@ -173,3 +173,11 @@ def test_resume_says_when_the_label_file_changed(images: Path, tmp_path: Path, h
     heard = Notices()
     resume(tmp_path / "run", observer=heard)
     assert [line for line in heard.lines if line.startswith("data.labels: the label file differs")]
+
+
+@pytest.mark.parametrize(("split", "message"), [({"green": "test"}, "no training rows for cool"), ({"red": "train", "green": "train"}, "no validation rows")])
+def test_a_split_column_that_leaves_a_class_untrained_or_no_validation_is_one_line(images: Path, tmp_path: Path, split: dict[str, str], message: str) -> None:
+    table = [{**row, "split": split.get(row["path"].split("/")[0], "")} for row in rows(images)]
+    with pytest.raises(DataError) as raised:
+        read(images, write_csv(tmp_path / "labels.csv", table, ("path", "label", "split")))
+    assert len(str(raised.value).splitlines()) == 1 and f"labels.csv: {message}" in str(raised.value)

@@ -146,5 +146,18 @@ def _splits(rows: list[LabelRow], classes: list[str], root: Path, val_fraction: 
         sample = (root / row.path, index[row.label])
         (given[row.split] if row.split else unsplit).append(sample)
     train, val = stratified_split(unsplit, val_fraction, seed) if split and unsplit else (sorted(unsplit), [])
+    if split:
+        _refuse_missing(labels, classes, given["train"] + train, given["val"] + val)
     return DatasetSplits(root, classes, sorted(given["train"] + train), sorted(given["val"] + val), sorted(given["test"]), layout="labels",
                          skipped=skipped, label_file=labels, label_digest=label_file_digest(labels))  # fmt: skip
+
+
+def _refuse_missing(labels: Path, classes: list[str], train: list[Sample], val: list[Sample]) -> None:
+    """A class the model never sees in training, or no validation image at all, fails here with the file's
+    name, not later as an epoch with nothing to measure (class folders cannot have either)."""
+    untrained = sorted(set(range(len(classes))) - {label for _, label in train})
+    if untrained:
+        names = ", ".join(classes[label] for label in untrained)
+        raise DataError(Problem(WHERE, f"{shown(labels)}: no training rows for {names}", "leave the split of some of their rows empty, or set it to train"))
+    if not val:
+        raise DataError(Problem(WHERE, f"{shown(labels)}: no validation rows", "leave the split of some rows empty (data.val_fraction of them go to val), or set it to val"))
