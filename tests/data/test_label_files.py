@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import experiment, head_only, write_experiment
+from helpers import Notices, StopAfter, experiment, head_only, write_experiment
 from transferctl.config import load_config
 from transferctl.data.folders import changed_images, data_notices, split_fingerprint
 from transferctl.data.label_files import discover_data, label_file_digest
@@ -160,7 +160,6 @@ def test_a_csv_run_trains_evaluates_and_caches_by_the_label_file(images: Path, t
 
 
 def test_resume_says_when_the_label_file_changed(images: Path, tmp_path: Path, heeded_sigint: None) -> None:
-    from tests.helpers import Notices, StopAfter
     from transferctl.errors import TrainingInterrupted
     from transferctl.training.resume import resume
     from transferctl.training.train import train
@@ -181,3 +180,20 @@ def test_a_split_column_that_leaves_a_class_untrained_or_no_validation_is_one_li
     with pytest.raises(DataError) as raised:
         read(images, write_csv(tmp_path / "labels.csv", table, ("path", "label", "split")))
     assert len(str(raised.value).splitlines()) == 1 and f"labels.csv: {message}" in str(raised.value)
+
+
+def test_check_names_the_bad_rows_and_refuses_a_path_outside_in_one_error_line(images: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from transferctl.cli import app
+
+    labels = write_csv(tmp_path / "labels.csv", [*rows(images), {"path": "red/0099.png", "label": "warm"}])
+    path = write_experiment(tmp_path / "experiment.yaml", head_only(Path("images"), tmp_path / "runs", epochs=1, labels="labels.csv"))
+    checked = CliRunner().invoke(app, ["check", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert "note: data.labels: skipped 1 bad row: " in checked.stderr and "(line 14: no such image)" in checked.stderr
+    labels.write_text(labels.read_text() + "../outside.png,warm\n")
+    refused = CliRunner().invoke(app, ["check", str(path)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert refused.stderr.strip().splitlines() == [f"error: data.labels: {labels} line 15: ../outside.png leaves data.root (name each image by its path below data.root)"]
+
