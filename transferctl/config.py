@@ -197,9 +197,12 @@ class DataConfig(_Section):
     @field_validator("labels", mode="before")
     @classmethod
     def _labels_named(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip() and not value.strip().lower().endswith((".csv", ".jsonl")):
-            raise ValueError("must be a .csv or .jsonl file")
-        return value if value is None else _a_path(value)
+        """A label file's kind is its suffix: anything else (a number, a folder) is refused with the field's name, before any reading."""
+        if value is None:
+            return value
+        if not isinstance(value, (str, Path)) or not str(value).strip().lower().endswith((".csv", ".jsonl")):
+            raise ValueError("must be a .csv or .jsonl file (or null: class folders)")
+        return value
 
     @property
     def random_views(self) -> bool:

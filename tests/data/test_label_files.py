@@ -140,8 +140,9 @@ def test_data_labels_is_relative_to_the_experiment_file_and_a_csv_or_jsonl(image
     write_csv(tmp_path / "labels.csv", rows(images))
     path = write_experiment(tmp_path / "experiment.yaml", experiment(Path("images"), tmp_path / "runs", data={"labels": "labels.csv"}))
     assert load_config(path).data.labels == tmp_path / "labels.csv"
-    with pytest.raises(ConfigError, match=r"data.labels: .*\.csv or \.jsonl"):
-        load_config(path, ["data.labels=labels.txt"])
+    for wrong in ("labels.txt", "7"):
+        with pytest.raises(ConfigError, match=r"data.labels: must be a \.csv or \.jsonl file"):
+            load_config(path, [f"data.labels={wrong}"])
 
 
 def test_a_csv_run_trains_evaluates_and_caches_by_the_label_file(images: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
