@@ -147,6 +147,7 @@ def test_data_labels_is_relative_to_the_experiment_file_and_a_csv_or_jsonl(image
 
 def test_a_csv_run_trains_evaluates_and_caches_by_the_label_file(images: Path, tmp_path: Path, isolated_feature_cache: Path) -> None:
     from transferctl.inference.evaluate import evaluate_run
+    from transferctl.inference.predict import load_predictor
     from transferctl.training.train import train
 
     labels = write_csv(tmp_path / "labels.csv", rows(images))
@@ -154,6 +155,8 @@ def test_a_csv_run_trains_evaluates_and_caches_by_the_label_file(images: Path, t
     run = Path(train(load_config(path))["run_dir"])
     assert json.loads((run / "classes.json").read_text()) == ["cool", "warm"]
     assert evaluate_run(run).report["images"] == 2  # the run's own label file gives evaluate its validation rows
+    (row,) = load_predictor(run, "best", "cpu", "fp32", top_k=2).predict([str(images / "red" / "0000.png")], batch_size=1)
+    assert sorted(name for name, _ in row["top"]) == ["cool", "warm"]  # predict names the file's classes
     assert len(list(isolated_feature_cache.glob("features-*.npy"))) == 2  # train and val
     labels.write_text(labels.read_text() + "\n")  # the same rows, another file: features are not reused
     train(load_config(path))
