@@ -562,3 +562,64 @@ def test_data_mode_needs_two_training_images_a_class_after_the_held_out_share(tm
     flat = tiny_dataset(tmp_path / "flat", n_classes=2, per_class=3, layout="flat")
     result = invoke("recommend", "--data", str(flat), "--weights", "none", "--val-fraction", "0.5", "--device", "cpu")
     assert result.exit_code == 1 and "has 1 training image(s)" in result.stderr and "--val-fraction" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode on a label file (data.labels)
+
+
+def label_file_data(tmp_path: Path) -> tuple[Path, Path]:
+    """tiny_dataset's red, green and blue folders, of which a hand-written CSV names red as warm and green as
+    cool (blue is not listed), plus one row naming a missing image."""
+    from transferctl.testing.synthetic import tiny_dataset
+
+    images = tiny_dataset(tmp_path / "images", n_classes=3, layout="flat")
+    rows = [f"red/{n:04d}.png,warm" for n in range(6)] + [f"green/{n:04d}.png,cool" for n in range(6)] + ["red/missing.png,warm"]
+    labels = tmp_path / "meta" / "labels.csv"
+    labels.parent.mkdir()
+    labels.write_text("path,label\n" + "\n".join(rows) + "\n")
+    return images, labels
+
+
+LABELS_FAST = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--folds", "2", "--precision", "fp32",
+               "--random-images", "8", "--device", "cpu", "--json", "-q"]  # fmt: skip
+
+
+def test_data_mode_measures_the_images_a_label_file_names_and_writes_data_labels(tmp_path: Path) -> None:
+    images, labels = label_file_data(tmp_path)
+    path = tmp_path / "configs" / "rec.yaml"
+    path.parent.mkdir()
+    result = invoke("recommend", "--data", str(images), "--labels", str(labels), *LABELS_FAST, "--fast", "--write-config", str(path))
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    # The file's two classes and its twelve usable rows, split as training splits them; blue is never looked at.
+    assert answer["data"]["classes"] == ["cool", "warm"] and answer["data"]["images"] + answer["data"]["val_images"] == 12
+    assert f"the label file {labels}" in answer["data"]["measured_on"]
+    assert any("1 row(s) of the label file left out" in note and "no such image" in note for note in answer["notes"])
+    written = yaml.safe_load(path.read_text())["data"]
+    assert written["labels"] == "../meta/labels.csv" and written["root"] == "../images"  # relative to the written file, as data.root
+    assert load_config(path).data.labels == labels.resolve()
+    assert invoke("check", str(path)).exit_code == 0
+
+
+def test_data_mode_races_on_the_label_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import transferctl.analysis.race as race
+
+    images, labels = label_file_data(tmp_path)
+    trained = []
+    original = race._train
+    monkeypatch.setattr(race, "_train", lambda config, run_dir: trained.append(config.data.labels) or original(config, run_dir))
+    result = invoke("recommend", "--data", str(images), "--labels", str(labels), *LABELS_FAST, "--budget", "0")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["measurement"] == "race" and answer["race"]["runs"]
+    assert trained and all(path == labels.resolve() for path in trained)  # every race run trains on the file's rows
+
+
+def test_data_mode_refuses_a_bad_label_file_in_one_line(tmp_path: Path) -> None:
+    images, labels = label_file_data(tmp_path)
+    labels.write_text("file,label\nred/0000.png,warm\n")
+    result = invoke("recommend", "--data", str(images), "--labels", str(labels), *LABELS_FAST, "--fast")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: data.labels") and "the header lacks path" in line

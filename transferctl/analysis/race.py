@@ -51,6 +51,7 @@ class RaceSetup:
     precision: str
     budget_seconds: float
     augment: str = "standard"  # data.augment: none where a flip or crop changes a label
+    labels: Path | None = None  # data.labels: the label file measured on; None: class folders
 
 
 @dataclass
@@ -215,7 +216,8 @@ def race_config(setup: RaceSetup, strategy: str, schedule: list[PhaseConfig], fo
         "name": f"race-{strategy}",
         "seed": setup.seed,
         "backbone": setup.backbone.model_dump(mode="json"),
-        "data": {"root": str(setup.data_root), "val_fraction": setup.val_fraction, "image_size": setup.image_size, "augment": setup.augment},
+        "data": {"root": str(setup.data_root), "val_fraction": setup.val_fraction, "image_size": setup.image_size, "augment": setup.augment,
+                 "labels": str(setup.labels.resolve()) if setup.labels else None},  # fmt: skip
         "strategy": strategy,
         "schedule": [phase.model_dump(mode="json") for phase in schedule],
         "device": setup.device,

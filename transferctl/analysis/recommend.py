@@ -134,13 +134,14 @@ def advise(size: str, similar: bool, cut: str | None = None, measured: bool = Fa
 
 
 def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None,
-                    val_fraction: float = 0.2, augment: str = "standard") -> str:  # fmt: skip
+                    val_fraction: float = 0.2, augment: str = "standard", labels: Path | None = None) -> str:  # fmt: skip
     """A complete experiment file for the advice, validated exactly as `transferctl train` will read it.
 
     Paths are written relative to the file's own folder (how train reads them), so the pair can be moved together.
     image_size: the size data mode measured at, written so that training sees the images as measured (a
     scratch answer drops the weights, and with them their preprocessing's size). val_fraction: the share data
     mode held out of a flat tree, so that training holds out the same images. augment: what the race trained with.
+    labels: the label file measured on (data.labels, relative to the file as data.root is); None: class folders.
     """
     from transferctl.config import config_from_dict, config_to_dict, dump_yaml, parse_weights
 
@@ -157,7 +158,8 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
         "name": _experiment_name(data_root, advice.strategy),
         "seed": seed,
         "backbone": {"name": backbone, "weights": weights, "cut": advice.cut, **own},
-        "data": {"root": _relative(data_root, folder), "image_size": image_size, "val_fraction": val_fraction, "augment": augment},
+        "data": {"root": _relative(data_root, folder), "image_size": image_size, "val_fraction": val_fraction, "augment": augment,
+                 **({"labels": _relative(labels, folder)} if labels else {})},  # fmt: skip
         "strategy": advice.strategy,
         "output": {"dir": "runs"},
     }
@@ -221,6 +223,7 @@ class MeasureOptions:
     budget: float = 60.0  # seconds for the race of the end-to-end strategies
     race_size: int | None = None  # crop size the race trains at; None: the size measured at
     augment: str = "standard"  # data.augment of the race's runs and of --write-config: none where a flip or crop changes a label
+    labels: Path | None = None  # data.labels: the label file naming the images and their classes; None: class folders
 
 
 @dataclass
@@ -493,10 +496,10 @@ def _training_view(root: Path, options: MeasureOptions) -> _TrainingView:
     """The data split as training will split it (a flat tree: data.val_fraction and the seed, as train draws it)."""
     import numpy as np
 
-    from transferctl.data.folders import discover
+    from transferctl.data.label_files import discover_data
     from transferctl.data.sampling import stratified_sample
 
-    splits = discover(root, options.val_fraction, options.seed)
+    splits = discover_data(root, options.val_fraction, options.seed, labels=options.labels)
     train_labels = np.array([label for _, label in splits.train], dtype=int)
     val_labels = np.array([label for _, label in splits.val], dtype=int)
     counts = np.bincount(train_labels, minlength=len(splits.classes))
@@ -528,6 +531,10 @@ def measured_on(summary: DataSummary, options: MeasureOptions) -> str:
         where = (f"the flat tree split as training splits it (val_fraction {options.val_fraction:g}, seed {options.seed}): "
                  f"{summary.images} images train, {summary.val_images} validate; ")  # fmt: skip
         train_part, val_part = "training images", "held-out images"
+    elif summary.layout == "labels":
+        where = (f"the label file {options.labels} split as training splits it (its split column, else val_fraction {options.val_fraction:g}, "
+                 f"seed {options.seed}): {summary.images} images train, {summary.val_images} validate; ")  # fmt: skip
+        train_part, val_part = "training rows", "validation rows"
     else:
         where, train_part, val_part = "", "training images (train/)", "validation images (val/)"
     fitted = f"{where}probes fit on {sample} {train_part}, what training fits, median {summary.per_class_median:g} a class"
@@ -617,7 +624,7 @@ def _race(root: Path, top: BackboneReport, options: MeasureOptions, say: Progres
     weights_none = parse_weights(options.weights.strip()).kind == "none"
     strategies = ("scratch",) if weights_none else END_TO_END
     setup = RaceSetup(root, options.val_fraction, options.seed, probe_backbone(top.name, options.weights), options.race_size or top.crop,
-                      options.device, options.precision, options.budget, options.augment)  # fmt: skip
+                      options.device, options.precision, options.budget, options.augment, options.labels)  # fmt: skip
     say(f"race on {top.name}: {', '.join(strategies)}, --budget {options.budget:g}s")
     result = race(setup, strategies, say)
     if weights_none:
@@ -717,7 +724,9 @@ def _notes(summary: DataSummary, splits: Any) -> list[str]:
     if splits.test:
         notes.append(f"the {len(splits.test)} test images were not looked at")
     skipped = getattr(splits, "skipped", ())
-    if skipped:
+    if skipped and splits.layout == "labels":
+        notes.append(f"{len(skipped)} row(s) of the label file left out, e.g. {skipped[0].path} ({skipped[0].reason})")
+    elif skipped:
         notes.append(f"{len(skipped)} unreadable image(s) left out, e.g. {skipped[0].path}")
     return notes
 

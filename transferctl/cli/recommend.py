@@ -19,6 +19,7 @@ def recommend(
     size: Optional[str] = typer.Option(None, "--size", help="Rule mode: small or large (images per class: small below 100, large from 1,000)."),
     similar: Optional[str] = typer.Option(None, "--similar", help="Rule mode: yes or no, is the task like the pretraining data (ImageNet photos)?"),
     data: Optional[Path] = typer.Option(None, "--data", help="Data mode: measure on this class-per-folder tree. Rule mode: data.root of --write-config."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="A label file (.csv path,label[,split] or .jsonl) naming the images below --data and their classes, instead of class folders; --write-config writes it as data.labels."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Data mode: comma-separated backbones to compare (default: resnet18,mobilenet_v3_large,regnet_y_400mf; with run: weights, that run's own). Rule mode: one, for --write-config (default: resnet18)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights for every backbone: DEFAULT | a torchvision weights name | a file | run:<run dir> | none."),
     max_images: int = typer.Option(1000, "--max-images", help="Fit the probes on a stratified sample of at most this many training images (and score them on as many validation images)."),
@@ -53,7 +54,7 @@ def recommend(
     if rule_mode:
         if size is None or similar is None:
             raise typer.BadParameter("rule mode needs both --size small|large and --similar yes|no", param_hint="--size/--similar")
-        _rule_mode(size, similar, data, backbone, weights, write_config, force, as_json, augment)
+        _rule_mode(size, similar, data, backbone, weights, write_config, force, as_json, augment, labels)
         return
     if data is None:
         raise typer.BadParameter("give --size and --similar (rule mode), or --data DIR (data mode)", param_hint="--data")
@@ -63,12 +64,12 @@ def recommend(
     with user_errors():
         names = _backbone_names(backbone, weights, trust_code)
         options = MeasureOptions(names, weights, max_images, random_images, random_for, image_size, folds, seed, device, precision,
-                                 val_fraction=val_fraction, fast=fast, budget=budget, race_size=race_size, augment=augment)  # fmt: skip
+                                 val_fraction=val_fraction, fast=fast, budget=budget, race_size=race_size, augment=augment, labels=labels)  # fmt: skip
         _data_mode(data, options, thresholds, write_config, force, as_json, quiet)
 
 
 def _rule_mode(size: str, similar: str, data: Optional[Path], backbone: Optional[str], weights: str,
-               write_config: Optional[Path], force: bool, as_json: bool, augment: str) -> None:  # fmt: skip
+               write_config: Optional[Path], force: bool, as_json: bool, augment: str, labels: Optional[Path] = None) -> None:  # fmt: skip
     from transferctl.analysis.recommend import advice_dict, advise
 
     size_value = size.strip().lower()
@@ -82,7 +83,7 @@ def _rule_mode(size: str, similar: str, data: Optional[Path], backbone: Optional
         written = None
         if write_config is not None:
             name = _single_backbone(backbone)
-            written = _write(advice, write_config, data, name, weights, force, augment=augment)
+            written = _write(advice, write_config, data, name, weights, force, augment=augment, labels=labels)
     result = {"mode": "rule", **advice_dict(advice), "config": str(written) if written else None}
     if weights.strip().lower() == "none" and advice.strategy != "scratch":
         err.print(f"[yellow]note:[/] --weights none: {advice.strategy} builds on pretrained weights; with none the body starts random, which is scratch training at best")
@@ -113,7 +114,7 @@ def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> 
 
 
 def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None, val_fraction: float = 0.2,
-           seed: int = 0, augment: str = "standard") -> Path:  # fmt: skip
+           seed: int = 0, augment: str = "standard", labels: Optional[Path] = None) -> Path:  # fmt: skip
     from transferctl.errors import ConfigError, Problem
     from transferctl.analysis.recommend import experiment_yaml, write_experiment
 
@@ -121,7 +122,9 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
         raise ConfigError(Problem("--write-config", "needs --data DIR for the experiment's data.root", "add --data path/to/images"))
     if not data.is_dir():
         raise ConfigError(Problem("--data", f"no such folder: {data}", "give the folder of class folders the experiment trains on"))
-    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction, augment), path, overwrite=force)
+    if labels is not None and not labels.is_file():
+        raise ConfigError(Problem("--labels", f"no such file: {labels}", "give the .csv or .jsonl label file the experiment trains on"))
+    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction, augment, labels), path, overwrite=force)
 
 
 def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional[Path], force: bool, as_json: bool, quiet: bool) -> None:
@@ -131,7 +134,8 @@ def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional
         err.print(f"[dim]recommend: {escape(message)}[/]")
 
     report = measure(data, options, thresholds, None if quiet else progress)
-    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop, options.val_fraction, options.seed, options.augment) if write_config else None
+    written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop, options.val_fraction, options.seed, options.augment,
+                     options.labels) if write_config else None  # fmt: skip
     result = {**report.to_dict(), "config": str(written) if written else None}
     if as_json:
         print_json(result)
