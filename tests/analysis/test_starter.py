@@ -162,3 +162,51 @@ def test_init_warns_about_imbalanced_classes_and_names_what_helps(tmp_path: Path
     header = " ".join(line.lstrip("# ").strip() for line in (tmp_path / "exp.yaml").read_text().splitlines() if line.startswith("#"))
     assert f"Warning: {expected}." in header
     assert inspect_folder(tiny_dataset(tmp_path / "even", layout="flat")).imbalance is None
+
+
+def labelled_images(tmp_path: Path) -> tuple[Path, Path]:
+    """tiny_dataset's red, green and blue folders (15 images each) and a hand-written CSV naming all of red as
+    warm, one green image as cool (imbalanced), two red ones as test rows, and a missing image; blue is not listed."""
+    images = tiny_dataset(tmp_path / "images", per_class=15, size=24, layout="flat")
+    rows = [f"red/{n:04d}.png,warm," for n in range(13)] + ["red/0013.png,warm,test", "red/0014.png,warm,test", "green/0000.png,cool,", "green/gone.png,cool,"]
+    labels = tmp_path / "meta" / "labels.csv"
+    labels.parent.mkdir()
+    labels.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return images, labels
+
+
+def test_a_label_file_is_inspected_by_its_rows(tmp_path: Path) -> None:
+    images, labels = labelled_images(tmp_path)
+    found = inspect_folder(images, labels)
+    assert found.layout == "labels" and found.classes == ["cool", "warm"]  # the file's labels, not the folders
+    assert found.counts == {"all": {"cool": 1, "warm": 13}, "test": {"cool": 0, "warm": 2}} and found.total == 16
+    assert found.images.sampled == 16 and found.images.median_size == (24, 24)
+    assert [bad.reason for bad in found.unreadable] == ["line 18: no such image"]
+    assert found.imbalance is not None and found.imbalance.startswith("data.labels: imbalanced classes, the smallest (cool, 1 image)")
+
+
+def test_init_with_a_label_file_writes_data_labels_that_check_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labelled_images(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    images, labels, config = Path("images"), Path("meta/labels.csv"), Path("configs/experiment.yaml")
+    result = invoke("init", str(images), "--labels", str(labels), "-o", str(config))
+    assert result.exit_code == 0, result.output
+    for text in (f"label file {labels}", "2 classes", "warning:", "data.labels: imbalanced", "bad rows:", "1 row(s) of the label file", f"--labels {labels}"):
+        assert text in result.stderr.replace("\n", " "), text
+    written = yaml.safe_load(config.read_text())["data"]
+    assert written["labels"] == "../meta/labels.csv" and written["root"] == "../images"  # relative to the file, as data.root
+    header = " ".join(line.lstrip("# ").strip() for line in config.read_text().splitlines() if line.startswith("#"))
+    assert f"the label file {labels}" in header and "1 row(s) of the label file will be left out" in header
+    assert load_config(config).data.labels == labels.resolve()
+    checked = invoke("check", str(config), "--set", "backbone.weights=none", "--set", "data.image_size=32", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["data"]["layout"] == "labels"
+
+
+def test_init_names_a_bad_label_file_in_one_line(tmp_path: Path) -> None:
+    images, labels = labelled_images(tmp_path)
+    labels.write_text("path,label\n../outside.png,warm\n")
+    result = invoke("init", str(images), "--labels", str(labels), "-o", str(tmp_path / "exp.yaml"))
+    assert result.exit_code == 1 and not (tmp_path / "exp.yaml").exists()
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --labels: ") and "line 2" in line and "leaves data.root" in line

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from_dict, default_schedule, json_schema, parse_yaml
-from transferctl.data.folders import BadImage, DatasetSplits, Sample, discover
+from transferctl.data.folders import BadImage, DatasetSplits, Sample
+from transferctl.data.label_files import discover_data
 from transferctl.data.imbalance import imbalance_warning
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.analysis.recommend import Advice, Thresholds, advise, judge_size
@@ -50,12 +51,13 @@ class DataInspection:
     """What a data folder holds, as training will see it."""
 
     root: Path
-    layout: str  # split | flat
+    layout: str  # split | flat | labels (a label file's rows)
     classes: list[str]
     counts: dict[str, dict[str, int]]  # split (train/val/test; 'all' in the flat layout) -> class -> images
     images: ImageStats
     unreadable: tuple[BadImage, ...]
     ignored: tuple[Path, ...]
+    labels: Path | None = None  # the label file read (data.labels); None: class folders
 
     @property
     def splits(self) -> list[str]:
@@ -83,13 +85,14 @@ class DataInspection:
     @property
     def imbalance(self) -> str | None:
         """The warning when the smallest class (train+val) has less than a tenth of the largest's images."""
-        return imbalance_warning(self.labelled_per_class)
+        return imbalance_warning(self.labelled_per_class, where="data.labels" if self.labels else "data.root")
 
     def to_dict(self) -> dict[str, Any]:
         smallest, smallest_count = self.smallest_class
         return {
             "root": str(self.root),
             "layout": self.layout,
+            "labels": None if self.labels is None else str(self.labels),
             "classes": self.classes,
             "images": self.total,
             "counts": self.counts,
@@ -109,25 +112,27 @@ class DataInspection:
         }
 
 
-def inspect_folder(root: Path) -> DataInspection:
-    """Layout, classes, images per class, sizes and modes, unreadable files; DataError if training could not use it."""
-    splits = _discover(root)
+def inspect_folder(root: Path, labels: Path | None = None) -> DataInspection:
+    """Layout, classes, images per class, sizes and modes, unreadable files (or a label file's unusable rows);
+    DataError if training could not use it."""
+    splits = _discover(root, labels)
     if splits.layout == "split":
         present = [name for name in ("train", "val", "test") if splits.split(name)]
         counts = {name: _per_class(splits.split(name), splits.classes) for name in present}
-    else:
-        counts = {"all": _per_class(splits.train + splits.val, splits.classes)}
+    else:  # a label file's test rows are counted apart: they never train or validate
+        counts = {"all": _per_class(splits.train + splits.val, splits.classes), **({"test": _per_class(splits.test, splits.classes)} if splits.test else {})}
     samples = splits.train + splits.val + splits.test
     stats = image_stats([path for path, _ in samples])
-    return DataInspection(root, splits.layout, list(splits.classes), counts, stats, splits.skipped, splits.ignored)
+    return DataInspection(root, splits.layout, list(splits.classes), counts, stats, splits.skipped, splits.ignored, labels)
 
 
-def _discover(root: Path) -> DatasetSplits:
+def _discover(root: Path, labels: Path | None = None) -> DatasetSplits:
     try:
-        return discover(root, val_fraction=0.2, seed=0, on_bad_image="skip")
+        return discover_data(root, val_fraction=0.2, seed=0, on_bad_image="skip", labels=labels)
     except DataError as exc:
-        # discover names the config field; here the folder is init's argument.
-        raise DataError(*(Problem(p.where.replace("data.root", "DATA_DIR", 1), p.message, p.hint) for p in exc.problems)) from None
+        # discover names the config fields; here the folder and the label file are init's arguments.
+        named = {"data.root": "DATA_DIR", "data.labels": "--labels"}
+        raise DataError(*(Problem(named.get(p.where, p.where), p.message, p.hint) for p in exc.problems)) from None
 
 
 def _per_class(samples: list[Sample], classes: list[str]) -> dict[str, int]:
@@ -220,8 +225,8 @@ class InitResult:
         }
 
 
-def init_experiment(data_dir: Path, output: Path, backbone: str = "resnet18", strategy: str = AUTO, force: bool = False) -> InitResult:
-    """Inspect data_dir and write output (and the schema beside it); refuse to replace output unless force."""
+def init_experiment(data_dir: Path, output: Path, backbone: str = "resnet18", strategy: str = AUTO, force: bool = False, labels: Path | None = None) -> InitResult:
+    """Inspect data_dir (with labels: the label file's rows) and write output (and the schema beside it); refuse to replace output unless force."""
     if output.exists() and not force:
         raise ConfigError(Problem(str(output), "already exists", "choose another file with -o, or pass --force to replace it"))
     if output.is_dir():
@@ -230,7 +235,7 @@ def init_experiment(data_dir: Path, output: Path, backbone: str = "resnet18", st
     if blocking is not None:  # mkdir would say only 'File exists'
         raise ConfigError(Problem(str(output), f"cannot write: {blocking} is a file, not a folder", "give -o a path in a folder"))
     check_backbone_name(backbone)
-    inspection = inspect_folder(data_dir)
+    inspection = inspect_folder(data_dir, labels)
     chosen, advice = choose_strategy(strategy, inspection)
     text = experiment_text(inspection, data_dir, output, backbone, chosen, advice)
     schema_path = output.parent / SCHEMA_FILE
@@ -251,7 +256,7 @@ def _write_schema(path: Path) -> None:
 def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, backbone: str, strategy: str, advice: Advice | None) -> str:
     """The commented experiment file; validated here exactly as `check` will read it."""
     weights = "none" if strategy == "scratch" else "DEFAULT"
-    root = data_dir if data_dir.is_absolute() else Path(os.path.relpath(data_dir.resolve(), output.resolve().parent))
+    root = _relative_to_file(data_dir, output)
     split = inspection.layout == "split"
     lines = [f"# yaml-language-server: $schema={SCHEMA_FILE}"]
     lines += [f"# {line}" for line in _header_lines(inspection, data_dir, output, strategy, advice)]
@@ -263,6 +268,8 @@ def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, ba
         _field("  weights", weights, "DEFAULT | a torchvision weights name | .pt/.pth/.safetensors file | run:<run dir> | none"),
         "data:",
         _field("  root", str(root), "relative to this file"),
+        *([_field("  labels", str(_relative_to_file(inspection.labels, output)), "the label file (path,label[,split]), relative to this file; its paths: to data.root")]
+          if inspection.labels else []),
         _field("  val_fraction", 0.2, "not used: the data has train/ and val/ folders" if split else "held out of each class for validation"),
         _field("  image_size", None, _image_size_comment(inspection.images)),
         _field("  augment", "standard", "none | standard (random resized crops and flips while training) | randaugment | trivialaugment | autoaugment | augmix"),
@@ -285,9 +292,16 @@ def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, ba
     return text
 
 
+def _relative_to_file(path: Path, output: Path) -> Path:
+    """A path as the experiment file names it: relative to the file's folder (as given, when given absolute)."""
+    return path if path.is_absolute() else Path(os.path.relpath(path.resolve(), output.resolve().parent))
+
+
 def _header_lines(inspection: DataInspection, data_dir: Path, output: Path, strategy: str, advice: Advice | None) -> list[str]:
     smallest, smallest_count = inspection.smallest_class
-    layout = "train/val" + ("/test" if "test" in inspection.counts else "") + " folders" if inspection.layout == "split" else "one folder per class, split 80/20 here"
+    layout = {"split": "train/val" + ("/test" if "test" in inspection.counts else "") + " folders", "flat": "one folder per class, split 80/20 here",
+              "labels": f"the label file {inspection.labels}, rows without a split column split 80/20 here"}[inspection.layout]  # fmt: skip
+    measure = f"transferctl recommend --data {data_dir}" + (f" --labels {inspection.labels}" if inspection.labels else "")
     stats = inspection.images
     lines = [
         f"Written by `transferctl init {data_dir}`.",
@@ -304,17 +318,18 @@ def _header_lines(inspection: DataInspection, data_dir: Path, output: Path, stra
         lines.append(f"Images{sample}: {sizes}; modes {modes}{converted}.")
     if inspection.unreadable:
         first = inspection.unreadable[0]
-        lines.append(f"{len(inspection.unreadable)} unreadable file(s) will be left out (data.on_bad_image: skip), e.g. {first.path} ({first.reason}).")
+        what = "row(s) of the label file" if inspection.labels else "unreadable file(s)"
+        lines.append(f"{len(inspection.unreadable)} {what} will be left out (data.on_bad_image: skip), e.g. {first.path} ({first.reason}).")
     if inspection.imbalance:
         lines.append(f"Warning: {inspection.imbalance}.")
     if advice is not None:
         lines.append(f"Strategy: {strategy}, by recommend's rule: {advice.reasons[0]}.")
         lines.append(
             f"The size was measured (small below {Thresholds().small_below} images per class, large from {Thresholds().large_from}); "
-            f"the similarity to ImageNet photos was assumed. Measure it with: transferctl recommend --data {data_dir}"
+            f"the similarity to ImageNet photos was assumed. Measure it with: {measure}"
         )
     else:
-        lines.append(f"Strategy: {strategy}, as asked. `transferctl recommend --data {data_dir}` measures which one suits the data.")
+        lines.append(f"Strategy: {strategy}, as asked. `{measure}` measures which one suits the data.")
     lines.append(f"Next: transferctl check {output}, then transferctl train {output}. Every field: transferctl schema.")
     return [wrapped for line in lines for wrapped in (textwrap.wrap(line, width=110, subsequent_indent="  ") or [""])]
 

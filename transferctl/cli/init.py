@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from rich.console import Group
@@ -25,6 +25,7 @@ def init(
         help="auto (recommend's rule on the measured size, similarity assumed) | feature_extract | fine_tune | scratch | pretrained_init.",
     ),  # fmt: skip
     output: Path = typer.Option(Path("config.yaml"), "-o", "--output", dir_okay=False, help="The experiment file to write."),
+    labels: Optional[Path] = typer.Option(None, "--labels", dir_okay=False, help="A label file (.csv path,label[,split] or .jsonl) naming the images below DATA_DIR and their classes, instead of class folders; written as data.labels."),
     force: bool = typer.Option(False, "--force", help="Replace the experiment file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print what was found and written as one JSON document on stdout."),
 ) -> None:
@@ -32,13 +33,14 @@ def init(
     from transferctl.analysis.starter import init_experiment
 
     with user_errors():
-        result = init_experiment(data_dir, output, backbone, strategy, force)
+        result = init_experiment(data_dir, output, backbone, strategy, force, labels)
     if as_json:
         print_json(result.to_dict())
         return
     err.print(render_inspection(result.to_dict()["data"]))
     advice = result.advice
-    how = f"recommend's rule for {advice.case}; the similarity is assumed, measure it with: transferctl recommend --data {data_dir}" if advice else "as asked"
+    measure = f"transferctl recommend --data {data_dir}" + (f" --labels {labels}" if labels else "")
+    how = f"recommend's rule for {advice.case}; the similarity is assumed, measure it with: {measure}" if advice else "as asked"
     err.print(f"[bold]strategy:[/] [green]{result.strategy}[/], {escape(how)}")
     err.print(f"[bold]wrote:[/] {escape(str(output))} and {escape(str(result.schema_path))}  (next: transferctl check {escape(str(output))})")
 
@@ -46,7 +48,8 @@ def init(
 def render_inspection(data: dict[str, Any]) -> Group:
     """Images per class and split, then one line each for sizes, modes and problems."""
     splits = list(data["counts"])
-    table = Table(title=f"{escape(str(data['root']))}: {data['layout']} layout, {len(data['classes'])} classes, {data['images']} images")
+    source = f"label file {data['labels']}" if data.get("labels") else f"{data['layout']} layout"
+    table = Table(title=f"{escape(str(data['root']))}: {escape(source)}, {len(data['classes'])} classes, {data['images']} images")
     table.add_column("class")
     for split in splits:
         table.add_column("images" if split == "all" else split, justify="right")
@@ -67,7 +70,8 @@ def render_inspection(data: dict[str, Any]) -> Group:
         lines.append(f"[yellow]warning:[/] {escape(data['imbalance'])}")
     if data["unreadable"]:
         first = data["unreadable"][0]
-        lines.append(f"[yellow]unreadable:[/] {len(data['unreadable'])} file(s) left out, e.g. {escape(first['path'])} ({escape(first['reason'])})")
+        what = "bad rows:[/] {} row(s) of the label file" if data.get("labels") else "unreadable:[/] {} file(s)"
+        lines.append(f"[yellow]{what.format(len(data['unreadable']))} left out, e.g. {escape(first['path'])} ({escape(first['reason'])})")
     if data["ignored"]:
         lines.append(f"[dim]ignored: {len(data['ignored'])} file(s) without an image suffix, e.g. {escape(data['ignored'][0])}[/]")
     return Group(*lines)
