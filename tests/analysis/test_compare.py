@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from helpers import experiment, write_experiment
@@ -45,6 +46,25 @@ def test_compare_trains_every_strategy_with_the_run_s_fine_tuning_kit(tiny_split
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["strategies"] == ["feature_extract", "fine_tune", "scratch"]
+
+
+def test_compare_trains_every_strategy_on_a_label_file(tiny_flat_data: Path, tmp_path: Path) -> None:
+    # The file names red and blue as 'warm' and green as 'cool': every run trains on its two classes, not the three folders.
+    rows = [f"{folder}/{n:04d}.png,{'cool' if folder == 'green' else 'warm'}" for folder in ("red", "green", "blue") for n in range(6)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "\n".join(rows) + "\n")
+    config = write_experiment(tmp_path / "exp.yaml", experiment(tiny_flat_data, tmp_path / "runs", data={"labels": str(labels)}))
+    out = tmp_path / "cmp"
+    strategies = ("feature_extract", "fine_tune", "pretrained_init", "scratch")
+    result = runner.invoke(app, ["compare", str(config), "--strategies", ",".join(strategies), "--seeds", "1", "--out", str(out), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["strategies"] == list(strategies)
+    for strategy in strategies:
+        run = out / f"{strategy}-seed0"
+        assert [row["status"] for row in report["results"][strategy]["per_seed"]] == ["trained"]
+        assert json.loads((run / "classes.json").read_text()) == ["cool", "warm"] and (run / "summary.json").is_file()
+        assert config_from_dict(yaml.safe_load((run / "config.yaml").read_text())).data.labels == labels.resolve()
 
 
 def test_derived_schedules_keep_the_total_epochs_and_the_learning_rates() -> None:
