@@ -616,6 +616,17 @@ def test_data_mode_races_on_the_label_file(monkeypatch: pytest.MonkeyPatch, tmp_
     assert trained and all(path == labels.resolve() for path in trained)  # every race run trains on the file's rows
 
 
+def test_rule_mode_writes_data_labels_and_refuses_a_missing_label_file(tmp_path: Path) -> None:
+    images, labels = label_file_data(tmp_path)
+    path = tmp_path / "rule.yaml"
+    result = invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(images), "--labels", str(labels), "--write-config", str(path))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(path.read_text())["data"]["labels"] == "meta/labels.csv"
+    result = invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(images), "--labels", str(tmp_path / "gone.csv"),
+                    "--write-config", str(tmp_path / "other.yaml"))  # fmt: skip
+    assert result.exit_code == 1 and "--labels: no such file" in result.stderr and not (tmp_path / "other.yaml").exists()
+
+
 def test_data_mode_refuses_a_bad_label_file_in_one_line(tmp_path: Path) -> None:
     images, labels = label_file_data(tmp_path)
     labels.write_text("file,label\nred/0000.png,warm\n")
