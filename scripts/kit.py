@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import scratch_folder  # noqa: E402
 from demo import transferctl  # noqa: E402
 from quality import Settings as QualitySettings  # noqa: E402
-from quality import experiment_files, parse_seeds, print_result, write_digits  # noqa: E402
+from quality import benchmark_parser, experiment_files, parse_seeds, print_result, write_digits  # noqa: E402
 
 BODY_STEPS = 100
 RARE_DIGITS = ("7", "8", "9")
@@ -72,11 +72,7 @@ QUICK = Settings(seeds=(0, 1), body_steps=4, quality=QualitySettings(seeds=(0, 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2; --quick: 0,1)")
-    parser.add_argument("--work", type=Path, default=None, help="folder for images and runs, kept (default: a temporary one)")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
-    parser.add_argument("--quick", action="store_true", help="smoke version: 2 seeds, a few images, a few steps")
+    parser = benchmark_parser(__doc__, "a few images, a few steps")
     parser.add_argument("--only", default="", help="comma-separated option rows to run beside the defaults (default: all)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()

@@ -93,13 +93,19 @@ class Settings:
 QUICK = Settings(seeds=(0, 1), base_per_class=12, base_epochs=1, target_train=4, target_val=4, loop_steps=20, finetune_epochs=2)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(description: str | None, quick: str) -> argparse.ArgumentParser:
+    """The options every digits benchmark takes: --seeds, --work, --json and --quick (`quick` says what it trains)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2; --quick: 0,1)")
-    parser.add_argument("--split-seed", type=int, default=0, help="which 20 images a class the target trains on (default 0)")
     parser.add_argument("--work", type=Path, default=None, help="folder for images and runs, kept (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
-    parser.add_argument("--quick", action="store_true", help="smoke version: 2 seeds, a few images, a few epochs")
+    parser.add_argument("--quick", action="store_true", help=f"smoke version: 2 seeds, {quick}")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = benchmark_parser(__doc__, "a few images, a few epochs")
+    parser.add_argument("--split-seed", type=int, default=0, help="which 20 images a class the target trains on (default 0)")
     parser.add_argument("--head-schedules", action="store_true", help="also train the head with minibatch steps for 10, 30, 100 and 300 epochs")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
