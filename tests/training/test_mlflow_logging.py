@@ -134,3 +134,100 @@ def test_an_unreachable_server_costs_one_warning_not_the_run(tiny_split_data: Pa
     warnings = [line for line in result.stderr.splitlines() if "MLflow" in line]
     assert len(warnings) == 1 and "logging.mlflow: cannot log to MLflow at http://127.0.0.1:" in warnings[0] and "training goes on" in warnings[0]
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate adds its numbers and files to the MLflow run that trained the run directory
+
+
+def use_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(module_tmp_path: Path) -> tuple[Path, str]:
+    """A tiny run trained with logging.mlflow into a sqlite store of its own (artifacts in ./mlruns beside it)."""
+    pytest.importorskip("mlflow", reason=NEEDS_MLFLOW)
+    from transferctl.testing.synthetic import tiny_dataset
+
+    store = f"sqlite:///{module_tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(module_tmp_path)
+        use_store(patch, store)
+        data = tiny_dataset(module_tmp_path / "data", n_classes=3, layout="split", test=True)
+        run = module_tmp_path / "run"
+        result = runner.invoke(app, ["train", str(mlflow_experiment(data, module_tmp_path)), "--run-dir", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return run, store
+
+
+def evaluate(run: Path, *options: str):  # noqa: ANN201 - typer's Result
+    return runner.invoke(app, ["evaluate", str(run), "--split", "val", "--device", "cpu", "--json", *options])
+
+
+def test_evaluate_logs_its_numbers_and_files_on_the_training_runs_mlflow_run(tracked_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run, store = tracked_run
+    use_store(monkeypatch, store)
+    result = evaluate(run)
+    assert result.exit_code == 0, result.output
+    assert "MLflow" not in result.stderr
+    report = json.loads(result.stdout)
+    client = MlflowClient()
+    (logged,) = client.search_runs([e.experiment_id for e in client.search_experiments()])  # no second run made
+    assert logged.info.run_name == "run" and logged.info.status == "FINISHED"
+    for name in ("accuracy", "macro_f1", "weighted_f1", "loss", "ece", "images", "misclassified"):
+        (metric,) = client.get_metric_history(logged.info.run_id, f"eval.val.{name}")
+        assert (metric.step, metric.value) == (2, pytest.approx(report[name])), name  # at the run's last epoch
+    assert "val_acc" in logged.data.metrics  # training's metrics are still there
+    eval_files = {Path(a.path).name for a in client.list_artifacts(logged.info.run_id, "eval")}
+    written = {"val.json", "val-confusion.png", "val-misclassified.csv"} | ({"val-top-losses.png"} if report["top_losses_png"] else set())
+    assert eval_files == written and {Path(p).name for p in (run / "eval").iterdir()} == written
+
+
+def test_evaluate_says_once_when_no_mlflow_run_is_found_and_makes_none(tracked_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run, _ = tracked_run
+    monkeypatch.chdir(tmp_path)
+    use_store(monkeypatch, f"sqlite:///{tmp_path / 'other.db'}")
+    result = evaluate(run)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and "MLflow" in line]  # not MLflow's own INFO log
+    assert len(notes) == 1 and "no MLflow run at sqlite:///" in notes[0] and f"transferctl.run_dir = {run.resolve()}" in notes[0]
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_evaluate_without_mlflow_or_its_server_still_succeeds(tracked_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = tracked_run
+    monkeypatch.setattr("transferctl.training.mlflow_logging.mlflow_available", lambda: False)
+    result = evaluate(run)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and "MLflow" in line]
+    assert len(notes) == 1 and "mlflow package is not installed" in notes[0] and "pip install transferctl[mlflow]" in notes[0]
+
+    monkeypatch.undo()
+    use_store(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    result = evaluate(run)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and "MLflow" in line]
+    assert len(notes) == 1 and "cannot log to MLflow at http://127.0.0.1:" in notes[0] and "written without MLflow" in notes[0]
+    assert json.loads(result.stdout)["accuracy"] >= 0
+
+
+def test_evaluate_of_a_run_without_mlflow_touches_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runs_helpers import train_tiny_run
+
+    run = train_tiny_run(tmp_path / "plain")
+    monkeypatch.chdir(tmp_path)
+    use_store(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = evaluate(run)
+    assert result.exit_code == 0, result.output
+    assert "MLflow" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

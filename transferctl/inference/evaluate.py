@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -206,7 +206,19 @@ def evaluate_run(
         from transferctl.training.tensorboard import log_evaluation
 
         log_evaluation(run_dir, result.report, result.png_path, result.json_path.stem)
+    if config.logging.mlflow:
+        result = _log_to_mlflow(run_dir, stem, result)
     return result
+
+
+def _log_to_mlflow(run_dir: Path, stem: str, result: EvaluationResult) -> EvaluationResult:
+    """The report's numbers and files on the run's MLflow run; a notice when they are not."""
+    from transferctl.training.mlflow_logging import log_evaluation
+
+    report = result.report
+    files = [result.json_path, result.png_path, *(Path(report[key]) for key in ("misclassified_csv", "top_losses_png") if report[key])]
+    notice = log_evaluation(run_dir, stem, report, files)
+    return result if notice is None else replace(result, notices=(*result.notices, notice))
 
 
 def report_stem(run_dir: Path, split: str, checkpoint: str, root: Path, own_root: Path, precision: str = "fp32", tta: str = "none") -> str:

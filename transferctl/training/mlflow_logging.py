@@ -5,6 +5,7 @@ MLflowObserver opens an MLflow run when the run directory is known: the run's co
 continues its own MLflow run), and at the end summary.json, config.yaml and the plots as artifacts.
 It logs to MLFLOW_TRACKING_URI, or MLflow's own default store. MLflow is a side channel: any error from
 it (a tracking server that cannot be reached) becomes one notice, and training goes on without it.
+log_evaluation adds evaluate's numbers and files to the MLflow run that trained a run directory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ INSTALL_HINT = "pip install transferctl[mlflow], or set logging.mlflow: false"
 RUN_DIR_TAG = "transferctl.run_dir"  # finds the MLflow run of a resumed run directory
 ARTIFACTS = ("summary.json", "config.yaml")  # with every *.png of the run directory
 BATCH = 100  # MLflow takes at most 100 params and 1000 metrics in one log_batch call
+EVAL_FOLDER = "eval"  # evaluate's files, in the MLflow run as in the run directory
 
 
 def mlflow_available() -> bool:
@@ -53,7 +55,7 @@ def flat_params(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
-    """Every number of an epoch row (not flags, which are numbers to Python only)."""
+    """Every number of an epoch row, or of an evaluation report's top level (not flags, which are numbers to Python only)."""
     return {key: float(value) for key, value in row.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
@@ -99,11 +101,7 @@ class MLflowObserver:
             action()
         except Exception as exc:  # noqa: BLE001 - MLflow raises its own, requests' and OS errors alike
             self.broken, self.run_id = True, None
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            self.warn(f"logging.mlflow: cannot log to MLflow at {self._uri()} ({first_line[:300]}); training goes on without MLflow")
-
-    def _uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or "its default store"
+            self.warn(f"{cannot_log(exc)}; training goes on without MLflow")
 
     def _start(self, run_dir: Path) -> None:
         from mlflow.entities import Param
@@ -130,11 +128,7 @@ class MLflowObserver:
         return found.experiment_id if found is not None else self.client.create_experiment(name)
 
     def _run_of(self, experiment_id: str, run_dir: Path) -> str | None:
-        path = str(run_dir.resolve())
-        if "'" in path:  # cannot be quoted in MLflow's filter language: a resumed run then starts a new MLflow run
-            return None
-        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{path}'", max_results=1)
-        return runs[0].info.run_id if runs else None
+        return run_of(self.client, [experiment_id], run_dir)
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -149,6 +143,51 @@ class MLflowObserver:
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, status)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "its default store"
+
+
+def cannot_log(exc: Exception) -> str:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"logging.mlflow: cannot log to MLflow at {tracking_uri()} ({first_line[:300]})"
+
+
+def run_of(client: Any, experiment_ids: list[str], run_dir: Path) -> str | None:
+    """The MLflow run tagged with this run directory (RUN_DIR_TAG), if any."""
+    path = str(run_dir.resolve())
+    if "'" in path or not experiment_ids:  # a quote cannot be quoted in MLflow's filter language: no run is found
+        return None
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{RUN_DIR_TAG}` = '{path}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_evaluation(run_dir: Path, stem: str, report: dict[str, Any], files: list[Path]) -> str | None:
+    """evaluate's headline numbers as eval.<stem>.<name> metrics at the run's last epoch (as TensorBoard's), and its files under eval/, on the
+    MLflow run that trained run_dir (found by its tag in any experiment; none is made when there is none).
+    A notice when nothing was logged: MLflow missing, failing or unreachable, or no such MLflow run."""
+    if not mlflow_available():
+        return f"logging.mlflow: the mlflow package is not installed, so this evaluation is not in MLflow ({INSTALL_HINT.split(',')[0]})"
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from transferctl.runs.listing import metric_rows
+
+    try:
+        client = MlflowClient()
+        run_id = run_of(client, [found.experiment_id for found in client.search_experiments()], run_dir)
+        if run_id is None:
+            return (f"logging.mlflow: no MLflow run at {tracking_uri()} is tagged {RUN_DIR_TAG} = {run_dir.resolve()}, so this "
+                    "evaluation is not in MLflow (set MLFLOW_TRACKING_URI to the store the run was trained into)")  # fmt: skip
+        now, step = int(time.time() * 1000), len(metric_rows(run_dir).rows)
+        metrics = [Metric(f"eval.{stem}.{name}", value, now, step) for name, value in epoch_metrics(report).items()]
+        client.log_batch(run_id, metrics=metrics)
+        for path in files:
+            client.log_artifact(run_id, str(path), EVAL_FOLDER)
+    except Exception as exc:  # noqa: BLE001 - as in MLflowObserver._guard: MLflow never costs the evaluation
+        return f"{cannot_log(exc)}; the evaluation is written without MLflow"
+    return None
 
 
 @contextlib.contextmanager
