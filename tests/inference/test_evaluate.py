@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -270,6 +272,32 @@ def test_tta_reports_the_averaged_numbers_beside_the_plain_ones(trained: Path) -
     console.print(render_report(report))
     text = console.export_text()
     assert f"with --tta flip: accuracy {report['accuracy']:.4f}" in text and f"without:         accuracy {plain['accuracy']:.4f}" in text
+
+
+@pytest.mark.parametrize("blocked", ["-confusion.png", ".json"])
+def test_a_report_file_that_cannot_be_written_is_one_line_naming_it(trained: Path, tmp_path: Path, blocked: str) -> None:
+    data = shutil.copytree(trained.parent / "data", tmp_path / "blocked")  # its own report name: blocked-val
+    in_the_way = trained / "eval" / f"blocked-val{blocked}"
+    in_the_way.mkdir(parents=True)  # a folder where the file goes: the rename fails, as on a full or read-only disk
+    try:
+        result = invoke("evaluate", trained, "--data", data, "--split", "val", "--device", "cpu")
+    finally:
+        in_the_way.rmdir()
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().count("\n") == 0 and f"error: {in_the_way}: cannot write" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="chmod does not stop root from writing")
+def test_a_read_only_eval_folder_is_one_line_naming_the_file(trained: Path) -> None:
+    folder = trained / "eval"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    try:
+        result = invoke("evaluate", trained, "--split", "val", "--device", "cpu")
+    finally:
+        folder.chmod(0o755)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().count("\n") == 0 and f"error: {folder}{os.sep}val" in result.stderr and "cannot write" in result.stderr
 
 
 def test_an_unknown_tta_is_one_line(trained: Path) -> None:

@@ -245,15 +245,16 @@ def _file_name_part(name: str) -> str:
 
 
 def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tuple[str, ...]) -> EvaluationResult:
-    """eval/<stem>.json and eval/<stem>-confusion.png, each written atomically."""
-    from transferctl.runs.rundir import atomic_write_bytes, atomic_write_json
+    """eval/<stem>.json and eval/<stem>-confusion.png, each written atomically; one that cannot be written
+    (a read-only or full disk) is a user error naming it, as the error gallery's files are."""
+    from transferctl.runs.rundir import json_text, write_atomically
 
     json_path = run_dir / "eval" / f"{stem}.json"
     png_path = run_dir / "eval" / f"{stem}-confusion.png"
     report["confusion_png"] = str(png_path)
     title = f"{run_dir.name}: {stem}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
-    atomic_write_bytes(png_path, confusion_png(report["confusion_matrix"], report["classes"], title))
-    atomic_write_json(json_path, report)
+    write_atomically(png_path, confusion_png(report["confusion_matrix"], report["classes"], title), DataError)
+    write_atomically(json_path, json_text(report), DataError)
     return EvaluationResult(report, json_path, png_path, notices)
 
 
