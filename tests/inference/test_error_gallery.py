@@ -122,10 +122,20 @@ def test_the_runs_own_evaluation_lists_each_mistake_once(trained: Path) -> None:
     assert (report["top_losses_png"] is None) == (wrong == 0)
 
 
-def test_a_negative_top_losses_is_one_line(trained: Path) -> None:
-    result = invoke("evaluate", trained, "--top-losses", "-1", "--device", "cpu")
-    assert result.exit_code == 1
-    assert result.stderr.strip().count("\n") == 0 and "--top-losses: -1 is not a number of images" in result.stderr
+@pytest.mark.parametrize("value", ["-1", "many", "2.5"])
+def test_a_top_losses_that_is_not_a_count_is_a_usage_error_naming_it(value: str, tmp_path: Path) -> None:
+    """As --top-k and --batch-size: refused while the command line is read, before any run is opened."""
+    result = invoke("evaluate", tmp_path / "no-run", "--top-losses", value)
+    assert result.exit_code == 2 and "Invalid value for '--top-losses'" in result.stderr and "Traceback" not in result.output
+
+
+def test_evaluate_run_refuses_a_negative_top_losses_in_one_line(tmp_path: Path) -> None:
+    from transferctl.errors import ConfigError
+    from transferctl.inference.evaluate import evaluate_run
+
+    with pytest.raises(ConfigError) as refused:
+        evaluate_run(tmp_path, top_losses=-1)
+    assert str(refused.value).count("\n") == 0 and str(refused.value).startswith("--top-losses: -1 is not a number of images")
 
 
 def test_the_rows_agree_with_predicts_probabilities_with_tta(trained: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def evaluate(
     precision: str = PrecisionOption,
     trust_code: bool = TrustCodeOption,
     tta: str = TtaOption,
-    top_losses: int = typer.Option(16, "--top-losses", help="Draw the N misclassified images with the highest loss in eval/<name>-top-losses.png (0: no picture; every one is listed in <name>-misclassified.csv)."),
+    top_losses: int = typer.Option(16, "--top-losses", min=0, help="Draw the N misclassified images with the highest loss in eval/<name>-top-losses.png (0: no picture; every one is listed in <name>-misclassified.csv)."),
 ) -> None:
     """Accuracy, per-class precision/recall/F1, confusion matrix and calibration of a trained run."""
     from transferctl.inference.evaluate import SPLIT_CHOICES, evaluate_run
