@@ -324,9 +324,11 @@ def _positive_number(value: Any) -> bool:
 
 
 class EarlyStoppingConfig(_Section):
-    metric: Literal["val_acc", "val_loss", "balanced_acc", "macro_f1"] = Field(
-        "val_acc", description="what early stopping and best.pt follow: val_acc | val_loss | balanced_acc | macro_f1 (of the validation images)"
-    )
+    metric: Literal["val_acc", "val_loss", "balanced_acc", "macro_f1", "val_map", "micro_f1"] = Field(
+        "val_acc",
+        description="what early stopping and best.pt follow: val_acc | val_loss | balanced_acc | macro_f1 (of the validation images); "
+                    "multi-label runs: val_map (their default) | micro_f1 | macro_f1 | val_acc (every label right) | val_loss",
+    )  # fmt: skip
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
 
 
@@ -364,6 +366,9 @@ class ExperimentConfig(_Section):
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig
     strategy: Strategy = Field("fine_tune", description="feature_extract | fine_tune | scratch | pretrained_init")
+    task: Literal["auto", "single_label", "multi_label"] = Field(
+        "auto", description="auto: multi_label where data.labels gives an image several labels (cat|dog), else single_label; multi_label: one sigmoid a class"
+    )
     schedule: list[PhaseConfig] | None = Field(None, description="the phases; null or absent: the strategy's default schedule")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -700,6 +705,43 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+MULTI_LABEL_METRICS = ("val_map", "micro_f1")  # early_stopping.metric choices that only multi-label rows have
+
+
+def config_for_task(config: ExperimentConfig, multi_label: bool) -> ExperimentConfig:
+    """The config a run trains and records once its data says which task it is: a multi-label run says task:
+    multi_label and follows val_map unless early_stopping.metric was set; options made for one class an image
+    are refused in one line each (ConfigError)."""
+    metric = config.early_stopping.metric
+    if not multi_label:
+        if metric in MULTI_LABEL_METRICS:
+            raise ConfigError(Problem("early_stopping.metric", f"{metric} is for multi-label runs, and this data has one label an image",
+                                      "use val_acc, val_loss, balanced_acc or macro_f1, or set task: multi_label"))  # fmt: skip
+        return config
+    _refuse_single_label_options(config)
+    if "metric" not in config.early_stopping.model_fields_set:
+        metric = "val_map"
+    return config.model_copy(update={"task": "multi_label", "early_stopping": config.early_stopping.model_copy(update={"metric": metric})})
+
+
+def _refuse_single_label_options(config: ExperimentConfig) -> None:
+    def refuse(field: str, what: str, fix: str = "remove it: multi-label runs train one sigmoid a class") -> None:
+        raise ConfigError(Problem(field, f"{what} (task: multi_label)", fix))
+
+    if config.early_stopping.metric == "balanced_acc":
+        refuse("early_stopping.metric", "balanced_acc needs one label an image", "use val_map, micro_f1 or macro_f1")
+    if config.loss.label_smoothing > 0:
+        refuse("loss.label_smoothing", "is for single-label runs")
+    if config.data.sampler == "balanced":
+        refuse("data.sampler", "balanced draws by each image's one class, and multi-label images have several",
+               "use loss.class_weights: balanced, which weighs each class's positives")  # fmt: skip
+    sections = [("", config), *((f"schedule[{index}].", phase) for index, phase in enumerate(config.schedule or []))]
+    for prefix, section in sections:
+        for kind in ("mixup", "cutmix"):
+            if getattr(section, kind) is not None:
+                refuse(prefix + kind, "mixes one-class targets (torchvision's MixUp and CutMix), and these images have several labels")
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

@@ -201,3 +201,40 @@ def test_check_names_the_bad_rows_and_refuses_a_path_outside_in_one_error_line(i
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert refused.stderr.strip().splitlines() == [f"error: data.labels: {labels} line 15: ../outside.png leaves data.root (name each image by its path below data.root)"]
 
+
+
+# Multi-label: several labels in a cell (cat|dog) or a JSON list.
+
+
+def test_a_cell_with_several_labels_makes_a_multi_label_dataset(images: Path, tmp_path: Path) -> None:
+    table = [{**row, "label": "warm|bright" if row["path"].startswith("red") and row["path"] < "red/0003" else row["label"]} for row in rows(images)]
+    splits = read(images, write_csv(tmp_path / "labels.csv", table))
+    assert splits.multi_label and splits.classes == ["bright", "cool", "warm"]
+    labels = {path.relative_to(images).as_posix(): label for path, label in splits.train + splits.val}
+    assert labels["red/0000.png"] == (0, 2) and labels["red/0005.png"] == (2,) and labels["green/0000.png"] == (1,)
+    assert {index for label in (label for _, label in splits.val) for index in label} >= {0, 1, 2}  # split by the rarest class: each in val
+
+
+def test_a_jsonl_list_is_the_same_as_a_csv_cell_and_order_and_repeats_do_not_matter(images: Path, tmp_path: Path) -> None:
+    table = [{**row, "label": "warm|bright"} if row["path"].startswith("red") else row for row in rows(images)]
+    from_csv = read(images, write_csv(tmp_path / "labels.csv", table))
+    listed = [{**row, "label": ["bright", "warm", "bright"]} if row["path"].startswith("red") else row for row in rows(images)]
+    from_jsonl = read(images, write_jsonl(tmp_path / "labels.jsonl", listed))
+    assert (from_jsonl.train, from_jsonl.val, from_jsonl.classes) == (from_csv.train, from_csv.val, from_csv.classes)
+
+
+def test_task_single_label_refuses_a_cell_with_several_labels_naming_its_line(images: Path, tmp_path: Path) -> None:
+    table = [*rows(images)]
+    table[3] = {**table[3], "label": "warm|bright"}
+    with pytest.raises(DataError) as raised:
+        discover_data(images, 0.2, 0, labels=write_csv(tmp_path / "labels.csv", table), task="single_label")
+    text = str(raised.value)
+    assert len(text.splitlines()) == 1 and "labels.csv line 5 gives 2 labels (bright|warm) and task is single_label" in text and "task: multi_label" in text
+
+
+def test_task_multi_label_trains_class_folders_or_one_label_rows_with_a_sigmoid_each(images: Path, tmp_path: Path) -> None:
+    folders = discover_data(images, 0.2, 0, task="multi_label")
+    assert folders.multi_label and all(isinstance(label, tuple) and len(label) == 1 for _, label in folders.train + folders.val)
+    single = read(images, write_csv(tmp_path / "labels.csv", rows(images)))
+    assert not single.multi_label
+    assert discover_data(images, 0.2, 0, labels=tmp_path / "labels.csv", task="multi_label").multi_label

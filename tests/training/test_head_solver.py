@@ -232,3 +232,46 @@ def test_a_solved_head_phase_reports_the_runs_training_loss(tiny_split_data: Pat
     smoothed = rows_of(train(config_from_dict({**feature_extract(tiny_split_data, tmp_path / "b"), "loss": {"label_smoothing": 0.3}})))
     assert smoothed[0]["train_loss"] > plain[0]["train_loss"]  # smoothing keeps the loss of separable data away from 0
     assert smoothed[0]["val_loss"] != smoothed[0]["train_loss"]
+
+
+def multi_label_blobs(images: int, classes: int, width: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each image the sum of the directions of its labels (each present with probability a half), plus noise."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(classes, width)) * 3.0
+    targets = (rng.random((images, classes)) < 0.5).astype(np.float32)
+    features = (targets @ directions + 5.0)[:, None, :] + noise * rng.normal(size=(images, 1, width))
+    return features.astype(np.float32), targets
+
+
+def test_a_multi_label_head_minimises_bce_with_its_positive_weights() -> None:
+    features, targets = multi_label_blobs(images=30, classes=3, width=8, noise=2.0)
+    loss = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 3.0, 0.5]))
+    decay = 1e-2
+    weight, bias, rows = _solved_logits(features, targets, head_solver.Objective.of(loss), decay)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    objective = loss(rows @ weight.T + bias, torch.from_numpy(targets)) + 0.5 * decay * weight.pow(2).sum()
+    objective.backward()  # at the optimum of nn.BCEWithLogitsLoss's own mean plus the penalty, the gradient vanishes
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+
+
+def test_a_multi_label_head_is_cross_validated_on_held_out_loss_and_reaches_one_vs_rest_logistic_regressions() -> None:
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import average_precision_score
+
+    features, targets = multi_label_blobs(images=400, classes=4, width=32, noise=6.0, seed=1)
+    fit, held = np.arange(80), np.arange(80, 400)
+    head = torch.nn.Linear(32, 4)
+    solver = HeadSolver(head, features[fit], targets[fit], CPU, seed=0, objective=head_solver.Objective.of(torch.nn.BCEWithLogitsLoss()))
+    stats = solver.train_epoch()
+    assert solver.selection is not None and solver.selection.criterion == "loss" and "held-out loss" in solver.selection.describe()
+    assert 0 <= stats.accuracy <= 1 and stats.images == 80
+    with torch.no_grad():
+        ours = torch.sigmoid(head(torch.from_numpy(features[held, 0]))).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = np.stack([LogisticRegressionCV(Cs=np.logspace(-4, 4, 17), cv=5, max_iter=5000).fit(features[fit, 0], targets[fit, c])
+                           .predict_proba(features[held, 0])[:, 1] for c in range(4)], axis=1)  # fmt: skip
+    ours_map = average_precision_score(targets[held], ours, average="macro")
+    theirs_map = average_precision_score(targets[held], theirs, average="macro")
+    assert 0.5 < theirs_map < 0.99 and ours_map >= theirs_map - 0.02, (ours_map, theirs_map)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from transferctl.data.sharding import Shard, shard_length, shard_of
+from transferctl.data.targets import Label, class_counts, stratum, target_array
 from transferctl.errors import DataError, Problem
 from transferctl.paths import checked, open_regular, shown
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "val", "test")
 
-Sample = tuple[Path, int]
+Sample = tuple[Path, Label]
 BAD_IMAGE_POLICIES = ("skip", "error")
 SHOWN_PATHS = 3  # how many example paths a message about skipped files names
 
@@ -53,6 +55,7 @@ class DatasetSplits:
     linked: tuple[Path, ...] = ()  # symlinked folders left out: discovery does not follow them
     label_file: Path | None = None  # data.labels, when the samples come from a label file (skipped then holds its bad rows)
     label_digest: str | None = None  # its content's digest: resume and the feature cache notice an edited file
+    multi_label: bool = False  # labels are tuples of classes (data/targets.py): several per image, one sigmoid each
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -270,7 +273,7 @@ def data_notices(splits: DatasetSplits) -> list[str]:
         notices.append(f"data.root: skipped {_count(len(bad), 'unreadable image')}: {_examples(bad)}")
     if splits.ignored:
         notices.append(f"data.root: ignored {_count(len(splits.ignored), 'file')} without an image suffix: {_first_paths(splits.ignored)}")
-    unseen = sorted(set(range(len(splits.classes))) - {label for _, label in splits.val}) if splits.val else []  # none: not split
+    unseen = sorted(set(range(len(splits.classes))) - set(class_counts([label for _, label in splits.val]))) if splits.val else []  # none: not split
     if unseen:
         names = ", ".join(splits.classes[label] for label in unseen)
         notices.append(f"data.root: no validation image for {names} (a class of one image): val_acc and the best epoch leave it out; add images")
@@ -412,10 +415,12 @@ def _first_line(exc: BaseException) -> str:
 
 def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """The same seed gives the same split; every class keeps at least one training image, and a class of
-    two or more images gives validation at least one (val_acc would otherwise not see the class)."""
+    two or more images gives validation at least one (val_acc would otherwise not see the class). Multi-label
+    images are split by their rarest class (targets.stratum)."""
     by_class: dict[int, list[Sample]] = defaultdict(list)
+    counts = class_counts([label for _, label in samples])
     for sample in samples:
-        by_class[sample[1]].append(sample)
+        by_class[stratum(sample[1], counts)].append(sample)
     rng = random.Random(seed)
     train: list[Sample] = []
     val: list[Sample] = []
@@ -566,10 +571,23 @@ class ImageDataset:
     `decoded` (decoded_cache.keep_decoded) holds the images already decoded and resized, when they fit in memory.
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable[[Any], Any]) -> None:
+    def __init__(self, samples: list[Sample], transform: Callable[[Any], Any], multi_label_classes: int | None = None) -> None:
         self.samples = samples
         self.transform = transform
         self.decoded: DecodedPixels | None = None
+        # Multi-label: each item's target is its multi-hot row (float32), which the default collate stacks.
+        self.multi_hot = None if multi_label_classes is None else target_array([label for _, label in samples], multi_label_classes, True)
+
+    def with_transform(self, transform: Callable[[Any], Any]) -> ImageDataset:
+        """The same images, targets and decoded pixels under another transform."""
+        twin = copy.copy(self)
+        twin.transform = transform
+        return twin
+
+    @property
+    def targets(self) -> Any:
+        """Every item's target: class indices, or multi-hot rows (targets.target_array)."""
+        return self.multi_hot if self.multi_hot is not None else target_array([label for _, label in self.samples], 0, False)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -577,6 +595,8 @@ class ImageDataset:
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[index]
+        if self.multi_hot is not None:
+            label = self.multi_hot[index]
         image = self.decoded.image(index) if self.decoded is not None else decode(path)
         if seed is None:
             return self.transform(image), label

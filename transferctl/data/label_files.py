@@ -8,10 +8,11 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transferctl.data.folders import SPLITS, BadImage, DatasetSplits, Sample, bad_rows, discover, find_bad_images, stratified_split
+from transferctl.data.targets import MULTI_LABEL_SEPARATOR, Label, class_counts
 from transferctl.errors import DataError, Problem
 from transferctl.paths import shown
 
@@ -22,7 +23,7 @@ WHERE = "data.labels"
 class LabelRow:
     line: int  # the row's line in the file (the CSV header is line 1), for messages
     path: str
-    label: str
+    labels: tuple[str, ...]  # one, or several for a multi-label image (cat|dog, or a JSON list)
     split: str
 
 
@@ -31,15 +32,28 @@ def label_file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def discover_data(root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True, labels: Path | None = None) -> DatasetSplits:
+def discover_data(
+    root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True, labels: Path | None = None, task: str = "auto",
+) -> DatasetSplits:  # fmt: skip
     """The one place that chooses where the classes come from: the label file data.labels names, or else
-    the class folders below data.root (folders.discover); either way the same DatasetSplits."""
+    the class folders below data.root (folders.discover); either way the same DatasetSplits. `task`
+    (auto | single_label | multi_label): auto is multi-label where a label file gives an image several labels."""
     if labels is not None:
-        return read_label_file(labels, root, val_fraction, seed, on_bad_image, split)
-    return discover(root, val_fraction, seed, on_bad_image, split)
+        return read_label_file(labels, root, val_fraction, seed, on_bad_image, split, task)
+    splits = discover(root, val_fraction, seed, on_bad_image, split)
+    if task != "multi_label":
+        return splits
+    # One class folder an image, trained with one sigmoid a class: an image may then belong to none of them.
+    return replace(splits, train=_as_sets(splits.train), val=_as_sets(splits.val), test=_as_sets(splits.test), multi_label=True)
 
 
-def read_label_file(labels: Path, root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True) -> DatasetSplits:
+def _as_sets(samples: list[Sample]) -> list[Sample]:
+    return [(path, (label,)) for path, label in samples]
+
+
+def read_label_file(
+    labels: Path, root: Path, val_fraction: float, seed: int, on_bad_image: str = "skip", split: bool = True, task: str = "auto",
+) -> DatasetSplits:  # fmt: skip
     """The classes (sorted label names) and samples a label file names. Rows naming missing, duplicated or
     unreadable images, empty labels or unknown splits are skipped and listed (or, with on_bad_image 'error',
     stop everything); a path that leaves data.root is refused outright: the file would reach outside the data."""
@@ -54,10 +68,22 @@ def read_label_file(labels: Path, root: Path, val_fraction: float, seed: int, on
     kept = [row for row in kept if root / row.path not in unreadable]
     if bad and on_bad_image == "error":
         raise DataError(Problem(WHERE, f"{shown(labels)}: {bad_rows(bad)}", "fix or remove the rows, or set data.on_bad_image: skip to train without them"))
-    classes = sorted({row.label for row in kept})
+    classes = sorted({name for row in kept for name in row.labels})
     if len(classes) < 2:
         raise DataError(Problem(WHERE, f"{shown(labels)} needs at least two labels among its usable rows, found {classes or 'none'}", "label the images with two or more classes"))
-    return _splits(kept, classes, root, val_fraction, seed, split, labels, tuple(bad))
+    return _splits(kept, classes, root, val_fraction, seed, split, labels, tuple(bad), _multi_label(kept, labels, task))
+
+
+def _multi_label(rows: list[LabelRow], labels: Path, task: str) -> bool:
+    """Multi-label when the task says so, or (auto) when some row gives several labels; task single_label
+    refuses such a row, naming it, rather than training on one of its labels."""
+    several = next((row for row in rows if len(row.labels) > 1), None)
+    if task == "single_label" and several is not None:
+        raise DataError(Problem(
+            WHERE, f"{shown(labels)} line {several.line} gives {len(several.labels)} labels ({MULTI_LABEL_SEPARATOR.join(several.labels)}) and task is single_label",
+            "set task: multi_label (or auto), or give each image one label",
+        ))  # fmt: skip
+    return task == "multi_label" or (task == "auto" and several is not None)
 
 
 def _read_rows(labels: Path) -> list[LabelRow]:
@@ -77,7 +103,12 @@ def _csv_rows(labels: Path, text: str) -> list[LabelRow]:
     missing = [column for column in ("path", "label") if column not in (reader.fieldnames or [])]
     if missing:
         raise DataError(Problem(WHERE, f"{shown(labels)}: the header lacks {', '.join(missing)} (found {reader.fieldnames or 'none'})", "start the file with the header path,label[,split]"))
-    return [LabelRow(reader.line_num, (row["path"] or "").strip(), (row["label"] or "").strip(), (row.get("split") or "").strip()) for row in reader]
+    return [LabelRow(reader.line_num, (row["path"] or "").strip(), _cell_labels(row["label"] or ""), (row.get("split") or "").strip()) for row in reader]
+
+
+def _cell_labels(cell: str) -> tuple[str, ...]:
+    """A cell's labels: 'cat', or 'cat|dog' for several (order and repeats do not matter)."""
+    return tuple(sorted({name.strip() for name in cell.split(MULTI_LABEL_SEPARATOR) if name.strip()}))
 
 
 def _jsonl_rows(labels: Path, text: str) -> list[LabelRow]:
@@ -91,7 +122,9 @@ def _jsonl_rows(labels: Path, text: str) -> list[LabelRow]:
             raise DataError(Problem(WHERE, f"{shown(labels)} line {line}: not JSON ({exc.msg})", 'write one object a line: {"path": ..., "label": ...}')) from None
         if not isinstance(item, dict):
             raise DataError(Problem(WHERE, f"{shown(labels)} line {line}: not a JSON object", 'write one object a line: {"path": ..., "label": ...}'))
-        rows.append(LabelRow(line, _cell(item.get("path")), _cell(item.get("label")), _cell(item.get("split"))))
+        label = item.get("label")
+        names = tuple(sorted({_cell(name) for name in label} - {""})) if isinstance(label, list) else _cell_labels(_cell(label))
+        rows.append(LabelRow(line, _cell(item.get("path")), names, _cell(item.get("split"))))
     return rows
 
 
@@ -127,7 +160,7 @@ def _row_problem(row: LabelRow, where: Path, seen: set[str]) -> str | None:
         return "empty path"
     if os.path.normpath(row.path) in seen:
         return "duplicated path"
-    if not row.label:
+    if not row.labels:
         return "empty label"
     if row.split and row.split not in SPLITS:
         return f"unknown split '{shown(row.split)}' (train, val or test)"
@@ -137,25 +170,26 @@ def _row_problem(row: LabelRow, where: Path, seen: set[str]) -> str | None:
 
 
 def _splits(rows: list[LabelRow], classes: list[str], root: Path, val_fraction: float, seed: int, split: bool, labels: Path,
-            skipped: tuple[BadImage, ...]) -> DatasetSplits:  # fmt: skip
+            skipped: tuple[BadImage, ...], multi_label: bool) -> DatasetSplits:  # fmt: skip
     """Rows with a split go there; the others are split as a flat folder is (seeded, per class)."""
     index = {name: label for label, name in enumerate(classes)}
     given: dict[str, list[Sample]] = {name: [] for name in SPLITS}
     unsplit: list[Sample] = []
     for row in rows:
-        sample = (root / row.path, index[row.label])
+        label: Label = tuple(index[name] for name in row.labels) if multi_label else index[row.labels[0]]
+        sample = (root / row.path, label)
         (given[row.split] if row.split else unsplit).append(sample)
     train, val = stratified_split(unsplit, val_fraction, seed) if split and unsplit else (sorted(unsplit), [])
     if split:
         _refuse_missing(labels, classes, given["train"] + train, given["val"] + val)
     return DatasetSplits(root, classes, sorted(given["train"] + train), sorted(given["val"] + val), sorted(given["test"]), layout="labels",
-                         skipped=skipped, label_file=labels, label_digest=label_file_digest(labels))  # fmt: skip
+                         skipped=skipped, label_file=labels, label_digest=label_file_digest(labels), multi_label=multi_label)  # fmt: skip
 
 
 def _refuse_missing(labels: Path, classes: list[str], train: list[Sample], val: list[Sample]) -> None:
     """A class the model never sees in training, or no validation image at all, fails here with the file's
     name, not later as an epoch with nothing to measure (class folders cannot have either)."""
-    untrained = sorted(set(range(len(classes))) - {label for _, label in train})
+    untrained = sorted(set(range(len(classes))) - set(class_counts([label for _, label in train])))
     if untrained:
         names = ", ".join(classes[label] for label in untrained)
         raise DataError(Problem(WHERE, f"{shown(labels)}: no training rows for {names}", "leave the split of some of their rows empty, or set it to train"))

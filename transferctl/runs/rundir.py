@@ -32,6 +32,7 @@ METRIC_COLUMNS = (
     "phase", "phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone", "train_loss", "train_acc",
     "val_loss", "val_acc", "seconds", "images_per_second", "data_seconds", "train_seconds", "head_weight_decay",
     "val_balanced_acc", "val_macro_f1", "ema_val_loss", "ema_val_acc", "ema_val_balanced_acc", "ema_val_macro_f1",
+    "val_map", "val_micro_f1", "ema_val_map", "ema_val_micro_f1",
 )  # fmt: skip
 
 

@@ -461,3 +461,37 @@ def make_transfer_pair(
     target = write_image_folder(out_dir / "target", TARGET_CLASSES, target_per_class, size, seed,
                                 "split", val_fraction=0.3, test=True, overwrite=overwrite)
     return source, target
+
+
+# --------------------------------------------------------------------------- multi-label
+
+MULTI_LABEL_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_multi_label_dataset(root: Path, images: int = 40, size: int = 16, seed: int = 0, classes: int = 3) -> Path:
+    """A multi-label dataset: each image is a noisy gray square with a patch of each of its labels' colours,
+    one patch a class in its own place; its labels.csv (path,label with cat|dog cells) is returned.
+
+    Each image gets every colour with probability a half (and one at random when it drew none), so the
+    labels are independent and every combination occurs: a tiny network learns them in a few epochs.
+    """
+    if not 2 <= classes <= len(MULTI_LABEL_COLOURS):
+        raise ValueError(f"classes must be between 2 and {len(MULTI_LABEL_COLOURS)}, got {classes}")
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = list(MULTI_LABEL_COLOURS)[:classes]
+    rows = ["path,label"]
+    for index in range(images):
+        rng = np.random.default_rng([seed % 2**32, index, classes])
+        present = [name for name in names if rng.random() < 0.5] or [names[int(rng.integers(classes))]]
+        pixels = np.clip(128 + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        patch = max(2, size // (classes + 1))
+        for position, name in enumerate(names):
+            if name in present:
+                left = (position + 1) * size // (classes + 1) - patch // 2
+                pixels[size // 2 - patch // 2 : size // 2 + patch - patch // 2, left : left + patch] = MULTI_LABEL_COLOURS[name]
+        Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / f"{index:04d}.png")
+        rows.append(f"images/{index:04d}.png,{'|'.join(present)}")
+    labels = root / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return labels

@@ -212,9 +212,22 @@ def reduce_stats(stats: Any) -> Any:
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     seconds, data_seconds = slowest.tolist()
     loss_sum, correct, images = sums.tolist()
+    scores, targets = (_joined(stats.scores), _joined(stats.targets)) if stats.scores is not None else (None, None)
     if images == 0:
-        return EpochStats(float("nan"), float("nan"), 0, seconds, data_seconds)
-    return EpochStats(loss_sum / images, correct / images, int(images), seconds, data_seconds, confusion=_summed_confusion(stats.confusion))
+        return EpochStats(float("nan"), float("nan"), 0, seconds, data_seconds, scores=scores, targets=targets)
+    return EpochStats(loss_sum / images, correct / images, int(images), seconds, data_seconds, confusion=_summed_confusion(stats.confusion),
+                      scores=scores, targets=targets)  # fmt: skip
+
+
+def _joined(rows: Any) -> Any:
+    """A multi-label validation's per-image rows (scores or targets) from every rank, one after another."""
+    import numpy as np
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    present = [part for part in gathered if part is not None and len(part)]
+    return np.concatenate(present) if present else rows
 
 
 def _summed_confusion(confusion: Any) -> Any:

@@ -11,7 +11,8 @@ from typing import Any
 
 
 # early_stopping.metric -> the metrics row's column it follows (all of the validation images).
-METRIC_COLUMN = {"val_acc": "val_acc", "val_loss": "val_loss", "balanced_acc": "val_balanced_acc", "macro_f1": "val_macro_f1"}
+METRIC_COLUMN = {"val_acc": "val_acc", "val_loss": "val_loss", "balanced_acc": "val_balanced_acc", "macro_f1": "val_macro_f1",
+                 "val_map": "val_map", "micro_f1": "val_micro_f1"}  # fmt: skip
 
 
 def is_better(row: dict[str, Any], than: dict[str, Any], metric: str) -> bool:

@@ -70,7 +70,7 @@ def weight_average(config: ExperimentConfig, model: nn.Module, state: dict[str, 
 
 def averaged_columns(stats: EpochStats) -> dict[str, float]:
     """The averaged weights' validation: the metrics row's columns of every early_stopping.metric, as ema_<column>."""
-    return {"ema_val_loss": stats.loss, "ema_val_acc": stats.accuracy, "ema_val_balanced_acc": stats.balanced_accuracy, "ema_val_macro_f1": stats.macro_f1}
+    return stats.validation_columns("ema_val_")
 
 
 def better_weights(row: dict[str, Any], metric: str) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferctl.training.multi_label_metrics import decisions, subset_accuracy
+from transferctl.training.multi_label_metrics import report as multi_label_report
 from transferctl.training.runtime import Runtime, logits_of, predict_logits, to_device
 
 BatchCallback = Callable[[int, int, float], None]  # (batch index, batch count, running loss)
@@ -28,10 +30,29 @@ class EpochStats:
     data_seconds: float = 0.0  # of `seconds`, spent waiting for the next batch (training only)
     # Validation only: counts of (true class, predicted class), summed over ranks (distributed.reduce_stats).
     confusion: np.ndarray | None = None
+    # Validation of multi-label runs: every image's sigmoid scores and multi-hot targets, gathered over ranks.
+    scores: np.ndarray | None = None
+    targets: np.ndarray | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def multi_label(self) -> bool:
+        return self.scores is not None
+
+    def validation_columns(self, prefix: str = "val_") -> dict[str, float]:
+        """The metrics row's validation columns: loss and accuracy, with balanced accuracy and macro F1, or for a
+        multi-label run mAP and micro/macro F1 at threshold 0.5 (accuracy: every label of an image right)."""
+        columns = {"loss": self.loss, "acc": self.accuracy}
+        if self.multi_label:
+            assert self.scores is not None and self.targets is not None
+            numbers = multi_label_report(self.targets, self.scores) if self.images else dict.fromkeys(("map", "micro_f1", "macro_f1"), float("nan"))
+            columns.update({"map": numbers["map"], "micro_f1": numbers["micro_f1"], "macro_f1": numbers["macro_f1"]})
+        else:
+            columns.update({"balanced_acc": self.balanced_accuracy, "macro_f1": self.macro_f1})
+        return {prefix + name: value for name, value in columns.items()}
 
     @property
     def balanced_accuracy(self) -> float:
@@ -122,9 +143,9 @@ def train_one_epoch(
         if after_step is not None:
             after_step()
         # Accumulate on the device: calling .item() every batch would be a CPU-GPU sync point.
-        total_loss += loss.detach() * labels.numel()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += labels.numel()
+        total_loss += loss.detach() * len(labels)
+        correct += right_answers(logits.detach(), labels)
+        seen += len(labels)
         now = time.perf_counter()
         if on_batch is not None and (index == 0 or index + 1 == batch_count or now - reported >= report_seconds):
             reported = now
@@ -175,15 +196,37 @@ def _scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler
         scheduler.step()
 
 
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> EpochStats:
+def right_answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many images the logits get right: the top class, or (multi-hot labels) every label at threshold 0.5."""
+    if labels.dim() == 2:
+        return ((logits > 0) == (labels > 0.5)).all(dim=1).sum()
+    return (logits.argmax(dim=1) == labels).sum()
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime, multi_label: bool = False) -> EpochStats:
     start = time.perf_counter()
     logits, labels = predict_logits(model, batches, runtime)
+    if multi_label:
+        return _evaluate_multi_label(logits, labels, start)
     if labels.numel() == 0:
         return EpochStats(float("nan"), float("nan"), 0, time.perf_counter() - start)
     loss = float(nn.functional.cross_entropy(logits, labels))  # plain cross-entropy, whatever the training loss
     predicted = logits.argmax(dim=1)
     accuracy = float((predicted == labels).float().mean())
     return EpochStats(loss, accuracy, labels.numel(), time.perf_counter() - start, confusion=confusion_counts(labels, predicted, logits.shape[1]))
+
+
+def _evaluate_multi_label(logits: torch.Tensor, labels: torch.Tensor, start: float) -> EpochStats:
+    """Plain binary cross-entropy (mean over images and classes, whatever the training loss), the scores and
+    targets the row's mAP and F1 come from, and subset accuracy at 0.5."""
+    if len(labels) == 0:
+        empty = np.empty((0, 0), dtype=np.float32)
+        return EpochStats(float("nan"), float("nan"), 0, time.perf_counter() - start, scores=empty, targets=empty)
+    targets = labels.float()
+    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, targets))
+    scores, truth = torch.sigmoid(logits).numpy(), targets.numpy()
+    accuracy = subset_accuracy(truth, decisions(scores))
+    return EpochStats(loss, accuracy, len(labels), time.perf_counter() - start, scores=scores, targets=truth)
 
 
 def confusion_counts(labels: torch.Tensor, predicted: torch.Tensor, classes: int) -> np.ndarray:

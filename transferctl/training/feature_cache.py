@@ -133,7 +133,7 @@ class FeatureStore:
     """(N, V, D) float32 features of one split: an ndarray, or an np.memmap of a file in the cache folder."""
 
     features: np.ndarray
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 class indices, or (N, classes) float32 multi-hot rows
     location: str  # "memory" or the file
     reused: bool  # read from an earlier run's file
     seconds: float  # spent computing (0 when reused)
@@ -196,7 +196,7 @@ def load_or_compute(
     there waits for the features, as it waits for a step.
     """
     dataset = views.dataset
-    labels = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
+    labels = dataset.targets  # class indices, or multi-hot rows
     key = spec.key(dataset.samples)
     path = features_path(key)
     reused = _reuse(path, mode, budget_mb, (len(dataset), spec.views))
@@ -448,9 +448,7 @@ class FrozenBodyShortcut:
 
     def _clean(self, dataset: ImageDataset) -> ImageDataset:
         """The same images under the evaluation transform (view 0)."""
-        clean = ImageDataset(dataset.samples, build_transform(self.backbone.preprocessing, "none", train=False))
-        clean.decoded = dataset.decoded
-        return clean
+        return dataset.with_transform(build_transform(self.backbone.preprocessing, "none", train=False))
 
     def _build(self, plan: Any, digest: str) -> dict[str, Any]:
         data, backbone = self.config.data, self.backbone

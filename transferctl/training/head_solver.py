@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.training.engine import EpochStats, NonFiniteLossError, TrainingStopped
+from transferctl.training.engine import EpochStats, NonFiniteLossError, TrainingStopped, right_answers
 
 # L2 strengths tried, on features scaled to a root mean square of 1 (Design: so one grid means the same for
 # every backbone and layer), strongest first: each fold walks this regularisation path warm-started from the
@@ -52,13 +52,14 @@ class Selection:
     weight_decay: float
     folds: int
     images: int
-    accuracy: float | None  # held-out accuracy at the chosen strength (None: not cross-validated)
+    accuracy: float | None  # held-out accuracy (multi-label: loss) at the chosen strength (None: not cross-validated)
+    criterion: str = "accuracy"  # what was held out and compared: accuracy, or a multi-label head's loss
 
     def describe(self) -> str:
         if self.accuracy is None:
-            return f"weight decay {self.weight_decay:g} (a class has one training image: no cross-validation)"
+            return f"weight decay {self.weight_decay:g} (too few training images of a class: no cross-validation)"
         return (f"weight decay {self.weight_decay:g}, chosen by {self.folds}-fold cross-validation on {self.images} "
-                f"training images (held-out accuracy {self.accuracy:.3f})")  # fmt: skip
+                f"training images (held-out {self.criterion} {self.accuracy:.3f})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,17 @@ class Objective:
     class_weights: torch.Tensor | None = None  # (classes,)
     label_smoothing: float = 0.0
     image_weights: np.ndarray | None = None  # (images,): data.sampler balanced's draw weights
+    # Multi-label (nn.BCEWithLogitsLoss): one sigmoid a class, each class's positives weighted by pos_weight.
+    multi_label: bool = False
+    pos_weight: torch.Tensor | None = None  # (classes,)
 
     @classmethod
-    def of(cls, loss: nn.CrossEntropyLoss | None, image_weights: np.ndarray | None = None) -> Objective:
+    def of(cls, loss: nn.Module | None, image_weights: np.ndarray | None = None) -> Objective:
         if loss is None:
             return cls(image_weights=image_weights)
-        return cls(loss.weight.detach().float().cpu() if loss.weight is not None else None, float(loss.label_smoothing), image_weights)
+        if isinstance(loss, nn.BCEWithLogitsLoss):
+            return cls(image_weights=image_weights, multi_label=True, pos_weight=_on_cpu(loss.pos_weight))
+        return cls(_on_cpu(loss.weight), float(loss.label_smoothing), image_weights)
 
     def row_weights(self, images: np.ndarray, views: int) -> np.ndarray | None:
         """Each row's weight from the sampler (None: all alike)."""
@@ -85,15 +91,33 @@ class Objective:
     def normaliser(self, labels: np.ndarray, images: np.ndarray, views: int) -> float:
         """The sum the rows' summed losses are divided by: their count when nothing is weighted."""
         weight = np.ones(len(images)) if self.image_weights is None else self.image_weights[images].astype(np.float64)
+        if self.multi_label:  # BCEWithLogitsLoss's mean is over every (image, class) element
+            return float(weight.sum()) * views * labels.shape[1]
         if self.class_weights is not None:
             weight = weight * self.class_weights.double().numpy()[labels[images]]
         return float(weight.sum()) * views
 
     def summed(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """The rows' losses, summed (divide by `normaliser` for the mean)."""
+        if self.multi_label:
+            pos_weight = self.pos_weight.to(logits.device) if self.pos_weight is not None else None
+            losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none").sum(dim=1)
+            return (losses * rows).sum() if rows is not None else losses.sum()
         weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
         losses = nn.functional.cross_entropy(logits, targets, weight=weight, label_smoothing=self.label_smoothing, reduction="none")
         return (losses * rows).sum() if rows is not None else losses.sum()
+
+
+def _on_cpu(weight: torch.Tensor | None) -> torch.Tensor | None:
+    return weight.detach().float().cpu() if weight is not None else None
+
+
+def plain_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The rows' plain validation loss, summed: cross-entropy, or (multi-hot targets) binary cross-entropy
+    averaged over the classes, as engine.evaluate reports them."""
+    if targets.dim() == 2:
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / targets.shape[1]
+    return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 def solvable(head: nn.Module) -> bool:
@@ -182,20 +206,17 @@ def choose_weight_decay(
 ) -> Selection:  # fmt: skip
     """The L2 strength with the best held-out accuracy over stratified folds of the training images, smoothed
     along the path (ties: the stronger). Fitting uses every cached view of a fold's images, scoring the clean view 0;
-    the folds fit the run's objective, and score plain accuracy."""
-    from sklearn.model_selection import StratifiedKFold
-
-    from transferctl.data.sampling import stratified_sample
-
-    counts = np.bincount(labels)
-    folds = min(MAX_FOLDS, int(counts[counts > 0].min()))
-    if folds < 2:
+    the folds fit the run's objective, and score plain accuracy. A multi-label head (multi-hot labels) is
+    scored by its held-out binary cross-entropy instead, over shuffled folds: an image's set of labels has no
+    one class to stratify by, and subset accuracy moves in steps too coarse to rank strengths with."""
+    multi_label = labels.ndim == 2
+    folds = _folds(labels, seed)
+    if folds is None:
         return Selection(FALLBACK_WEIGHT_DECAY, 0, len(labels), None)
-    images = stratified_sample(labels, SELECTION_IMAGES, seed) if len(labels) > SELECTION_IMAGES else np.arange(len(labels))
-    correct = np.zeros(len(WEIGHT_DECAYS))
-    classes = int(labels.max()) + 1
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
-    for fitted, held_out in splitter.split(images, labels[images]):
+    images, splits = folds
+    gains = np.zeros(len(WEIGHT_DECAYS))  # held-out correct images, or minus the held-out summed loss
+    classes = labels.shape[1] if multi_label else int(labels.max()) + 1
+    for fitted, held_out in splits:
         rows = _Rows(features, labels, images[fitted], design, objective=objective)
         scored = _Rows(features, labels, images[held_out], design, views=1)
         weight = torch.zeros(classes, design.width, device=design.device, requires_grad=True)
@@ -203,9 +224,33 @@ def choose_weight_decay(
         for index, decay in enumerate(WEIGHT_DECAYS):
             _fit(rows, weight, bias, design.penalty(decay), PATH_ITERATIONS, should_stop)
             with torch.no_grad():
-                correct[index] += scored.score(weight, bias)[1]
-    best = int(np.argmax(_smoothed(correct)))  # the first of the best: the strongest, whose small weights fine-tuning starts well from
-    return Selection(WEIGHT_DECAYS[best], folds, len(images), float(correct[best] / len(images)))
+                loss, correct = scored.score(weight, bias)
+                gains[index] += -loss * scored.count if multi_label else correct
+    best = int(np.argmax(_smoothed(gains)))  # the first of the best: the strongest, whose small weights fine-tuning starts well from
+    held_out = float(-gains[best] / len(images)) if multi_label else float(gains[best] / len(images))
+    return Selection(WEIGHT_DECAYS[best], len(splits), len(images), held_out, "loss" if multi_label else "accuracy")
+
+
+def _folds(labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
+    """The images the strength is chosen on (at most SELECTION_IMAGES) and their folds; None when some class
+    has a single training image (single-label) or there are too few images to hold any out."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from transferctl.data.sampling import stratified_sample
+
+    if labels.ndim == 2:
+        if len(labels) < 2 * MAX_FOLDS:
+            return None
+        rng = np.random.default_rng(seed % 2**32)
+        images = np.sort(rng.choice(len(labels), SELECTION_IMAGES, replace=False)) if len(labels) > SELECTION_IMAGES else np.arange(len(labels))
+        return images, list(KFold(n_splits=MAX_FOLDS, shuffle=True, random_state=seed % 2**32).split(images))
+    counts = np.bincount(labels)
+    folds = min(MAX_FOLDS, int(counts[counts > 0].min()))
+    if folds < 2:
+        return None
+    images = stratified_sample(labels, SELECTION_IMAGES, seed) if len(labels) > SELECTION_IMAGES else np.arange(len(labels))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
+    return images, list(splitter.split(images, labels[images]))
 
 
 def _smoothed(correct: np.ndarray) -> np.ndarray:
@@ -307,7 +352,7 @@ class _Rows:
             images = self.images[start : start + per_chunk]
             rows = self.design.transform(torch.from_numpy(_rows_of(self.features, images, self.views)))
             weights = self.objective.row_weights(images, self.views)
-            yield (rows, torch.from_numpy(np.repeat(self.labels[images], self.views)).to(self.design.device),
+            yield (rows, torch.from_numpy(np.repeat(self.labels[images], self.views, axis=0)).to(self.design.device),
                    torch.from_numpy(weights).to(self.design.device) if weights is not None else None)  # fmt: skip
 
     def loss_and_backward(self, weight: torch.Tensor, bias: torch.Tensor, decay: float) -> torch.Tensor:
@@ -327,8 +372,8 @@ class _Rows:
         loss, correct = 0.0, 0
         for block, targets, _ in self.chunks():
             logits = nn.functional.linear(block, weight, bias)
-            loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == targets).sum())
+            loss += float(plain_loss_sum(logits, targets))
+            correct += int(right_answers(logits, targets))
         return loss / max(self.count, 1), correct
 
 
@@ -360,10 +405,10 @@ def _score_raw(features: np.ndarray, labels: np.ndarray, head: nn.Linear, device
     for start in range(0, features.shape[0], per_chunk):
         images = np.arange(start, min(start + per_chunk, features.shape[0]))
         rows = torch.from_numpy(_rows_of(features, images)).to(device=device, dtype=head.weight.dtype)
-        targets = torch.from_numpy(np.repeat(labels[images], views)).to(device)
+        targets = torch.from_numpy(np.repeat(labels[images], views, axis=0)).to(device)
         logits = head(rows).float()
         row_weights = objective.row_weights(images, views)
         loss += float(objective.summed(logits, targets, torch.from_numpy(row_weights).to(device) if row_weights is not None else None))
-        correct += int((logits.argmax(dim=1) == targets).sum())
+        correct += int(right_answers(logits, targets))
         count += len(targets)
     return loss / max(objective.normaliser(labels, np.arange(features.shape[0]), views), 1e-12), correct, count

@@ -14,6 +14,7 @@ import torch
 from transferctl.config import ExperimentConfig
 from transferctl.runs.rundir import CHECKPOINTS, overall_images_per_second, total_data_seconds
 from transferctl.training.engine import EpochStats
+from transferctl.training.multi_label_metrics import tune_thresholds
 from transferctl.training.phases import HEAD, PhasePlan
 
 
@@ -37,10 +38,7 @@ def epoch_row(plan: PhasePlan, epoch: int, global_epoch: int, lrs: dict[str, flo
         "lr_backbone": lrs.get("backbone"),
         "train_loss": stats.loss,
         "train_acc": stats.accuracy,
-        "val_loss": val.loss,
-        "val_acc": val.accuracy,
-        "val_balanced_acc": val.balanced_accuracy,
-        "val_macro_f1": val.macro_f1,
+        **val.validation_columns(),
         "seconds": round(stats.seconds + val.seconds, 3),
         "images_per_second": round(stats.images_per_second, 1),
         "data_seconds": round(stats.data_seconds, 3),  # of the training's seconds, waiting for batches
@@ -48,9 +46,17 @@ def epoch_row(plan: PhasePlan, epoch: int, global_epoch: int, lrs: dict[str, flo
     }
 
 
+def tuned_thresholds(val: EpochStats | None) -> list[float] | None:
+    """A multi-label validation's per-class thresholds, each the one with the best F1 on these images
+    (multi_label_metrics.tune_thresholds); None for a single-label run."""
+    if val is None or val.scores is None or val.targets is None or not val.images:
+        return None
+    return [round(float(value), 6) for value in tune_thresholds(val.targets, val.scores)]
+
+
 def run_summary(
     run_dir: Path, config: ExperimentConfig, backbone: str, rows: list[dict[str, Any]], best: dict[str, Any], *, seconds: float, device: str, precision: str,
-    feature_cache: list[dict[str, Any]], decoded_images: list[dict[str, Any]], skipped_images: list[str],
+    feature_cache: list[dict[str, Any]], decoded_images: list[dict[str, Any]], skipped_images: list[str], classes: list[str],
 ) -> dict[str, Any]:  # fmt: skip
     """summary.json: the best row's metrics, the run's timings and where its caches and checkpoints are.
     `seconds`: wall time, all sessions together."""
@@ -66,6 +72,7 @@ def run_summary(
         "best_epoch": best["global_epoch"],
         "best_phase": best["phase"],
         "best_weights": best.get("weights", "raw"),  # ema: where the weight average did better (best.pt holds it)
+        **({"task": "multi_label", "best_val_map": best.get("val_map"), "thresholds": dict(zip(classes, best["thresholds"]))} if "thresholds" in best else {}),
         "final_val_acc": rows[-1]["val_acc"],
         "epochs": len(rows),
         "seconds": round(seconds, 2),

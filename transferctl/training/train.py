@@ -23,7 +23,7 @@ from transferctl import __version__
 from transferctl.models.backbone import Backbone
 from transferctl.models.build import build_backbone
 from transferctl.training.checkpoint_timing import CheckpointSaver
-from transferctl.config import ExperimentConfig, config_to_dict, dump_yaml
+from transferctl.config import ExperimentConfig, config_for_task, config_to_dict, dump_yaml
 from transferctl.data.folders import (
     DatasetSplits,
     ImageDataset,
@@ -78,7 +78,7 @@ from transferctl.runs.checkpoint import CHECKPOINT_FORMAT, Checkpoint, LastCheck
 from transferctl.runs.rundir import RunDir, claim_run_dir, create_run_dir
 from transferctl.training.early_stopping import EarlyStopping, is_better
 from transferctl.training.observers import SilentObserver, TrainObserver
-from transferctl.training.run_records import current_lrs, epoch_row, run_summary
+from transferctl.training.run_records import current_lrs, epoch_row, run_summary, tuned_thresholds
 from transferctl.data.imbalance import balanced_sample_weights, imbalance_notices
 from transferctl.training.loss import build_loss
 from transferctl.training.ema import averaged_columns, better_weights, weight_average
@@ -93,7 +93,7 @@ class Experiment:
     splits: DatasetSplits
     backbone: Backbone
     plans: list[PhasePlan]
-    loss: torch.nn.CrossEntropyLoss  # the training loss (loss.py), built from the training labels
+    loss: torch.nn.Module  # the training loss (loss.py), built from the training labels
 
 
 @dataclass
@@ -117,8 +117,10 @@ class ResumePoint:
 
 def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     """Data, backbone and phases; load_weights=False when a checkpoint will provide every weight."""
-    splits = discover_data(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image, labels=config.data.labels)
-    loss = build_loss(config.loss, [label for _, label in splits.train], splits.classes)  # before the backbone: a list that does not fit fails fast
+    splits = discover_data(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image, labels=config.data.labels, task=config.task)
+    config = config_for_task(config, splits.multi_label)  # a multi-label run records task: multi_label and its metric
+    # Before the backbone: a class_weights list that does not fit fails fast.
+    loss = build_loss(config.loss, [label for _, label in splits.train], splits.classes, splits.multi_label)
     pretrained = load_weights and config.loads_pretrained_weights
     backbone = build_backbone(config.backbone, len(splits.classes), config.data.image_size, pretrained=pretrained)
     plans = plan_phases(config, backbone.group_names, math.ceil(len(splits.train) / config.data.batch_size))
@@ -276,8 +278,9 @@ def _loaders(config: ExperimentConfig, experiment: Experiment, runtime: Runtime)
     splits = experiment.splits
     workers = resolve_workers(config.data.num_workers, len(splits.train))
     pin = runtime.device.type == "cuda"
-    train_set = ImageDataset(splits.train, build_transform(pre, config.data.augment, train=True, random_erasing=config.data.random_erasing))
-    val_set = ImageDataset(splits.val, build_transform(pre, config.data.augment, train=False))
+    multi_hot = len(splits.classes) if splits.multi_label else None
+    train_set = ImageDataset(splits.train, build_transform(pre, config.data.augment, train=True, random_erasing=config.data.random_erasing), multi_hot)
+    val_set = ImageDataset(splits.val, build_transform(pre, config.data.augment, train=False), multi_hot)
     batch, part = per_rank_batch(config.data.batch_size), shard()  # this rank's share of each global batch
     return {
         "train": make_loader(train_set, batch, True, workers, config.seed, pin, part, weights=sampler_weights(config, splits)),
@@ -441,10 +444,11 @@ class _Trainer:
             row = epoch_row(plan, epoch, len(self.rows) + 1, lrs, stats, val)
             if solver is not None:
                 row["head_weight_decay"] = solver.weight_decay
-            if self.average is not None:
-                row.update(averaged_columns(self._evaluate_average(plan, epoch, cached)))
+            averaged = self._evaluate_average(plan, epoch, cached) if self.average is not None else None
+            if averaged is not None:
+                row.update(averaged_columns(averaged))
             done = stopping.update(row) or epoch == plan.epochs
-            self._save_epoch(plan, epoch, row, done, stopping, optimizer, scheduler, scaler)
+            self._save_epoch(plan, epoch, row, done, stopping, optimizer, scheduler, scaler, {"raw": tuned_thresholds(val), "ema": tuned_thresholds(averaged)})
             self.observer.epoch_done(row)
             if done:
                 break
@@ -520,7 +524,7 @@ class _Trainer:
         # Validation finishes even when a stop is requested: the epoch's checkpoint is moments away.
         model, loaders = cached or (self.model, self.loaders)
         try:
-            val = reduce_stats(evaluate(model, loaders["val"], self.runtime))  # every rank's shard
+            val = reduce_stats(evaluate(model, loaders["val"], self.runtime, self.experiment.splits.multi_label))  # every rank's shard
         except DataError as exc:
             raise worker_error(exc) from None
         if val.images and not math.isfinite(val.loss):
@@ -556,14 +560,19 @@ class _Trainer:
             Problem(str(path), f"stopped by {self.stop.name or 'SIGINT'} during phase '{plan.name}' epoch {epoch}; {saved}", f"resume with: {resume_command(path)}")
         )
 
-    def _save_epoch(self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, stopping: EarlyStopping, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    def _save_epoch(
+        self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, stopping: EarlyStopping, optimizer: Any, scheduler: Any, scaler: Any,
+        thresholds: dict[str, list[float] | None],
+    ) -> None:  # fmt: skip
         """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
-        last.pt with all a resume needs. The saver writes them now or soon (checkpoint_timing.py)."""
+        last.pt with all a resume needs. The saver writes them now or soon (checkpoint_timing.py). A multi-label
+        run's best row carries the per-class thresholds tuned on its validation scores (raw or averaged weights)."""
         self.rows.append(row)
         kept = better_weights(row, self.config.early_stopping.metric) if self.average is not None else row  # ema: the better weights
         improved = self.best is None or is_better(kept, self.best, self.config.early_stopping.metric)
         if improved:
-            self.best = kept
+            tuned = thresholds[kept.get("weights", "raw")]
+            self.best = kept if tuned is None else {**kept, "thresholds": tuned}
         if not self.run_dir.writer:
             return
         best = self._checkpoint(plan, epoch)
@@ -612,5 +621,5 @@ class _Trainer:
         return run_summary(
             self.run_dir.path, self.config, self.experiment.backbone.name, self.rows, self.best, seconds=self._elapsed(), device=str(self.runtime.device),
             precision=self.runtime.precision, feature_cache=self.shortcut.records, decoded_images=self.decode_once.records,
-            skipped_images=[str(item.path) for item in self.experiment.splits.skipped],
+            skipped_images=[str(item.path) for item in self.experiment.splits.skipped], classes=self.experiment.splits.classes,
         )  # fmt: skip

@@ -1,0 +1,104 @@
+"""Multi-label runs end to end: the task from the label file, BCEWithLogitsLoss, mAP/F1/subset accuracy per
+epoch (checked against scikit-learn on the best checkpoint's own validation scores), early stopping on
+val_map, the thresholds tuned on val, and the single-label options refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from helpers import experiment, one_thread, write_experiment  # noqa: F401 - one_thread: a fixture
+from transferctl.cli import app
+from transferctl.config import LossConfig, load_config
+from transferctl.testing.synthetic import write_multi_label_dataset
+from transferctl.training.loss import build_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def labels(module_tmp_path: Path) -> Path:
+    return write_multi_label_dataset(module_tmp_path / "data", images=48, size=16)
+
+
+def multi_label_experiment(labels: Path, tmp_path: Path, **sections: object) -> Path:
+    raw = experiment(labels.parent, tmp_path / "runs", data={"labels": str(labels)}, **sections)
+    return write_experiment(tmp_path / "experiment.yaml", raw)
+
+
+def test_the_loss_is_bce_with_logits_and_balanced_weighs_each_classes_positives() -> None:
+    labels = [(0,), (0, 1), (0,), (0, 2)]
+    plain = build_loss(LossConfig(), labels, ["a", "b", "c"], multi_label=True)
+    assert isinstance(plain, torch.nn.BCEWithLogitsLoss) and plain.pos_weight is None
+    balanced = build_loss(LossConfig(class_weights="balanced"), labels, ["a", "b", "c"], multi_label=True)
+    assert balanced.pos_weight.tolist() == [0.0, 3.0, 3.0]  # negatives over positives: 0/4, 3/1, 3/1
+    assert build_loss(LossConfig(class_weights=[1, 2, 3]), labels, ["a", "b", "c"], multi_label=True).pos_weight.tolist() == [1, 2, 3]
+
+
+def test_a_multi_label_run_records_its_task_metrics_and_thresholds(labels: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from transferctl.data.label_files import discover_data
+    from transferctl.inference.trained_model import eval_transform, load_trained_model
+    from transferctl.data.folders import ImageDataset
+    from transferctl.training.train import train
+
+    summary = train(load_config(multi_label_experiment(labels, tmp_path)))
+    run = Path(summary["run_dir"])
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["task"] == "multi_label" and config["early_stopping"]["metric"] == "val_map" and summary["metric"] == "val_map"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"val_map", "val_micro_f1", "val_macro_f1", "val_acc"} <= set(row) and "val_balanced_acc" not in row for row in rows)
+    best = max(rows, key=lambda row: row["val_map"])
+    assert summary["best_epoch"] == best["global_epoch"] and summary["best_val_map"] == best["val_map"]
+    # The best checkpoint's validation scores give the row's numbers by scikit-learn's definitions.
+    model, classes, preprocessing = load_trained_model(run)
+    splits = discover_data(labels.parent, 0.2, 0, labels=labels)
+    dataset = ImageDataset(splits.val, eval_transform(preprocessing), len(classes))
+    with torch.no_grad():
+        scores = torch.sigmoid(model(torch.stack([dataset[i][0] for i in range(len(dataset))]))).numpy()
+    targets = dataset.targets
+    present = targets.sum(axis=0) > 0
+    assert best["val_map"] == pytest.approx(average_precision_score(targets[:, present], scores[:, present], average="macro"), abs=1e-5)
+    assert best["val_micro_f1"] == pytest.approx(f1_score(targets, scores >= 0.5, average="micro", zero_division=0), abs=1e-6)
+    assert best["val_acc"] == pytest.approx(np.mean(((scores >= 0.5) == targets.astype(bool)).all(axis=1)))
+    # Thresholds tuned on those scores are stored with the run: in summary.json and in best.pt's best row.
+    assert sorted(summary["thresholds"]) == classes and all(0 < value < 1 for value in summary["thresholds"].values())
+    checkpoint = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert checkpoint["best"]["thresholds"] == [summary["thresholds"][name] for name in classes]
+
+
+def test_a_feature_extractor_solves_a_multi_label_head(labels: Path, tmp_path: Path) -> None:
+    from transferctl.training.train import train
+
+    path = multi_label_experiment(labels, tmp_path, strategy="feature_extract", schedule=[{"name": "head", "epochs": 2, "train": "head", "lr": 0.01}])
+    summary = train(load_config(path))
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["head_weight_decay"] is not None and rows[0]["val_map"] > 0.9  # the colours' patches are easy to see
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.label_smoothing=0.1", "loss.label_smoothing: is for single-label runs (task: multi_label)"),
+        ("data.sampler=balanced", "data.sampler: balanced draws by each image's one class"),
+        ("mixup={alpha: 0.2}", "mixup: mixes one-class targets"),
+        ("early_stopping.metric=balanced_acc", "early_stopping.metric: balanced_acc needs one label an image"),
+    ],
+)
+def test_single_label_options_are_refused_for_a_multi_label_run_in_one_line(labels: Path, tmp_path: Path, override: str, message: str) -> None:
+    result = CliRunner().invoke(app, ["check", str(multi_label_experiment(labels, tmp_path)), "--set", override])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+
+
+def test_a_multi_label_metric_on_single_label_data_is_one_line(tmp_path: Path, tiny_split_data: Path) -> None:
+    path = write_experiment(tmp_path / "experiment.yaml", experiment(tiny_split_data, tmp_path / "runs"))
+    result = CliRunner().invoke(app, ["check", str(path), "--set", "early_stopping.metric=val_map"])
+    assert result.exit_code == 1 and "early_stopping.metric: val_map is for multi-label runs" in result.output, result.output

@@ -1,0 +1,47 @@
+"""What an image's label is, and the target a model trains on.
+
+Single-label data gives each image one class (an int). Multi-label data gives each image a set of classes
+(a sorted tuple of ints), which trains as a multi-hot row: one sigmoid output per class. See
+docs/experiment-file.md (Multi-label).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+
+Label = Union[int, tuple[int, ...]]  # one class, or the classes of a multi-label image
+TASKS = ("auto", "single_label", "multi_label")
+MULTI_LABEL_SEPARATOR = "|"  # between the labels of one CSV cell: cat|dog
+
+
+def classes_of(label: Label) -> tuple[int, ...]:
+    return label if isinstance(label, tuple) else (label,)
+
+
+def is_multi_label(labels: Sequence[Label]) -> bool:
+    return any(isinstance(label, tuple) for label in labels)
+
+
+def target_array(labels: Sequence[Label], classes: int, multi_label: bool) -> np.ndarray:
+    """Class indices (int64, one per image), or multi-hot rows (float32, images x classes) for multi-label."""
+    if not multi_label:
+        return np.asarray(labels, dtype=np.int64)
+    hot = np.zeros((len(labels), classes), dtype=np.float32)
+    for row, label in enumerate(labels):
+        hot[row, list(classes_of(label))] = 1.0
+    return hot
+
+
+def class_counts(labels: Sequence[Label]) -> Counter[int]:
+    """Images per class: a multi-label image counts once for each of its classes."""
+    return Counter(index for label in labels for index in classes_of(label))
+
+
+def stratum(label: Label, counts: Counter[int]) -> int:
+    """The class an image is split and sampled by: its own, or a multi-label image's rarest one (so that
+    splitting per stratum still gives every rare class training and validation images)."""
+    return min(classes_of(label), key=lambda index: (counts[index], index))
