@@ -91,6 +91,8 @@ def test_training_writes_epoch_scalars_and_evaluate_adds_the_confusion_matrix(ti
     found = scalars(run / "tensorboard")
     for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "speed/images_per_second", "speed/data_seconds"):
         assert [step for step, _ in found[tag]] == [1, 2], tag
+    for tag in ("balanced_accuracy/val", "macro_f1/val"):  # the newer columns of every row, too
+        assert [step for step, _ in found[tag]] == [1, 2], tag
     assert [step for step, _ in found["lr/head"]] == [2]  # phase 1's head is solved: no learning rate
     # phase 1 trains the head only; phase 2 every group, the body at lr x 0.1
     assert [step for step, _ in found["lr/layer4"]] == [2]
@@ -130,6 +132,28 @@ def test_compare_refuses_too_when_the_package_is_missing(tiny_split_data: Path, 
     config = tensorboard_experiment(tiny_split_data, tmp_path)
     result = runner.invoke(app, ["compare", str(config), "--strategies", "scratch,fine_tune", "--seeds", "1", "--out", str(tmp_path / "cmp"), "-q"])
     assert result.exit_code == 1 and "pip install transferctl[tensorboard]" in result.stderr
+
+
+def test_every_number_of_a_row_is_a_scalar_named_by_metric_and_split(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install transferctl[tensorboard])")
+    from transferctl.training.tensorboard import TensorBoardObserver
+
+    row = {"phase": "body", "phase_index": 1, "epoch": 1, "global_epoch": 3, "lr_head": 0.01, "lr_backbone": 0.001, "improved": True,
+           "train_loss": 0.9, "val_loss": 0.8, "val_acc": 0.7, "val_balanced_acc": 0.6, "val_macro_f1": 0.5, "ema_val_loss": 0.75,
+           "ema_val_acc": 0.72, "ema_val_balanced_acc": 0.62, "ema_val_macro_f1": 0.52, "seconds": 2.0, "head_weight_decay": 0.0001}  # fmt: skip
+    board = TensorBoardObserver()
+    board.run_started(tmp_path)
+    board.phase_started(BODY, 1)
+    board.epoch_done(row)
+    board.close()
+    expected = {
+        "loss/train": 0.9, "loss/val": 0.8, "accuracy/val": 0.7, "balanced_accuracy/val": 0.6, "macro_f1/val": 0.5,
+        "loss/ema_val": 0.75, "accuracy/ema_val": 0.72, "balanced_accuracy/ema_val": 0.62, "macro_f1/ema_val": 0.52,
+        "speed/seconds": 2.0, "epoch/head_weight_decay": 0.0001, "lr/head": 0.01, "lr/layer3": 0.001, "lr/layer4": 0.001,
+    }  # fmt: skip
+    found = scalars(tmp_path / "tensorboard")
+    assert set(found) == set(expected)  # no flags, no text, no step or schedule position
+    assert found == {tag: [(3, pytest.approx(value))] for tag, value in expected.items()}
 
 
 def test_one_observer_logs_each_run_into_its_own_directory(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """TensorBoard logs of a run (optional: pip install transferctl[tensorboard]).
 
-Training: TensorBoardObserver writes per-epoch scalars into <run>/tensorboard/ (losses, accuracies,
-the learning rate of every trained layer group, images/s), with the global epoch as the step, so a
-resumed run continues the same curves. evaluate adds its confusion matrix as an image. Nothing here is
+Training: TensorBoardObserver writes every number of each epoch row into <run>/tensorboard/ (losses,
+accuracies, balanced accuracy, F1, their EMA twins, images/s, whatever a row carries) and the learning
+rate of every trained layer group, with the global epoch as the step, so a resumed run continues the same curves. evaluate adds its confusion matrix as an image. Nothing here is
 imported unless an experiment asks for it (logging.tensorboard: true).
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from transferctl.errors import ConfigError, Problem
+from transferctl.training.mlflow_logging import epoch_metrics
 from transferctl.training.observers import FanOutObserver
 
 if TYPE_CHECKING:
@@ -24,14 +25,9 @@ if TYPE_CHECKING:
 
 LOG_DIR = "tensorboard"
 INSTALL_HINT = "pip install transferctl[tensorboard], or set logging.tensorboard: false"
-EPOCH_SCALARS = {  # metric row field -> TensorBoard tag
-    "train_loss": "loss/train",
-    "val_loss": "loss/val",
-    "train_acc": "accuracy/train",
-    "val_acc": "accuracy/val",
-    "images_per_second": "speed/images_per_second",
-    "data_seconds": "speed/data_seconds",
-}
+SPLITS = ("ema_val", "train", "val")  # a column <split>_<metric> becomes <metric>/<split>: one chart per metric, a curve per split
+SPEED = ("images_per_second", "data_seconds", "seconds", "train_seconds")
+NOT_SCALARS = ("phase_index", "epoch", "global_epoch", "lr_head", "lr_backbone")  # the step and the schedule's place; lr/<group> has the rates
 
 
 def tensorboard_available() -> bool:
@@ -77,9 +73,9 @@ class TensorBoardObserver:
         if self.writer is None:
             return
         step = int(row["global_epoch"])
-        for field, tag in EPOCH_SCALARS.items():
-            if isinstance(row.get(field), (int, float)):
-                self.writer.add_scalar(tag, row[field], step)
+        for column, value in epoch_metrics(row).items():
+            if column not in NOT_SCALARS:
+                self.writer.add_scalar(scalar_tag(column), value, step)
         for group, lr in group_learning_rates(self.plan, row).items():
             self.writer.add_scalar(f"lr/{group}", lr, step)
         self.writer.flush()  # an interrupted run keeps every finished epoch's points
@@ -88,6 +84,18 @@ class TensorBoardObserver:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def scalar_tag(column: str) -> str:
+    """A metric row's column as a TensorBoard tag: val_loss -> loss/val, ema_val_balanced_acc ->
+    balanced_accuracy/ema_val, images_per_second -> speed/images_per_second, anything else -> epoch/<column>."""
+    if column in SPEED:
+        return f"speed/{column}"
+    split = next((split for split in SPLITS if column.startswith(f"{split}_")), None)
+    if split is None:
+        return f"epoch/{column}"
+    metric = column[len(split) + 1 :]
+    return f"{metric[: -len('acc')]}accuracy/{split}" if metric.endswith("acc") else f"{metric}/{split}"
 
 
 def group_learning_rates(plan: PhasePlan | None, row: dict[str, Any]) -> dict[str, float]:
