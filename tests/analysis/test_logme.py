@@ -92,3 +92,32 @@ def test_bad_shapes_are_rejected() -> None:
         logme(np.zeros((5, 3)), np.zeros(4))
     with pytest.raises(ValueError, match="N x D"):
         spectrum(np.zeros(5))
+
+
+# ------------------------------------------------------------------ multi-label targets
+
+
+def test_a_one_hot_target_matrix_scores_what_its_int_labels_score() -> None:
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(30, 8))
+    labels = rng.integers(0, 3, size=30)
+    one_hot = np.eye(3)[labels]
+    assert logme(features, one_hot) == pytest.approx(logme(features, labels), rel=1e-12)
+
+
+def test_multi_label_targets_score_higher_on_features_that_carry_the_labels() -> None:
+    rng = np.random.default_rng(6)
+    targets = (rng.random((60, 3)) < 0.5).astype(np.float64)  # independent labels, an image may have several
+    informative = np.hstack([targets + 0.3 * rng.normal(size=targets.shape), rng.normal(size=(60, 5))])
+    noise = rng.normal(size=(60, 8))
+    assert logme(informative, targets) > logme(noise, targets) + 0.1
+
+
+def test_a_label_column_without_a_positive_image_is_left_out() -> None:
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(20, 4))
+    targets = (rng.random((20, 2)) < 0.5).astype(np.float64)
+    with_empty = np.hstack([targets, np.zeros((20, 1))])
+    assert logme(features, with_empty) == pytest.approx(logme(features, targets), rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        logme(features, np.zeros((19, 2)))

@@ -9,6 +9,11 @@ and noise N(0, 1/beta I). The log evidence, maximised over alpha and beta, is
 and the score is the mean over classes of log p / N. One thin SVD F = U S V' turns every term into a sum
 over the k = min(N, D) singular values, so each class and each fixed-point step costs O(k).
 
+Multi-label targets (a multi-hot matrix, images x classes) are scored the same way: each label column is its
+own 0/1 regression target, exactly as a one-hot column is for one class, and the score is the mean over the
+columns of log p / N (a one-hot matrix scores what its int labels score). A column without a positive image
+is left out, as a class absent from int labels is: an all-zero target is fitted perfectly by any features.
+
 `log|A|` sums all D eigenvalues of A, the D - k that equal alpha included: the widely copied reference code
 drops (D - k) log alpha, which is wrong when N < D and makes features of different widths incomparable.
 Pure numpy; no torch.
@@ -99,17 +104,25 @@ def fit_class(spec: Spectrum, y: np.ndarray, tol: float = TOLERANCE, max_iterati
 
 
 def logme(features: np.ndarray, labels: np.ndarray) -> float:
-    """The LogME score: the mean over classes of the maximised log evidence per sample (higher is better)."""
+    """The LogME score: the mean over classes of the maximised log evidence per sample (higher is better).
+    `labels`: one class an image (N ints), or multi-label targets (an N x classes 0/1 matrix)."""
     return logme_from_spectrum(spectrum(features), labels)
 
 
 def logme_from_spectrum(spec: Spectrum, labels: np.ndarray) -> float:
-    labels = np.asarray(labels)
-    if labels.shape != (spec.n,):
-        raise ValueError(f"labels must have shape ({spec.n},), got {labels.shape}")
-    classes = np.unique(labels)
-    evidences = [fit_class(spec, (labels == c).astype(np.float64)).log_evidence for c in classes]
+    evidences = [fit_class(spec, y).log_evidence for y in indicator_columns(labels, spec.n)]
     return float(np.mean(evidences)) / spec.n
+
+
+def indicator_columns(labels: np.ndarray, n: int) -> list[np.ndarray]:
+    """The 0/1 targets LogME regresses: one a class present in int labels, or each column of a multi-hot
+    matrix that has a positive image (an all-zero column says nothing about the features)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[0] == n:
+        return [column.astype(np.float64) for column in labels.T if column.any()]
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) or ({n}, classes), got {labels.shape}")
+    return [(labels == c).astype(np.float64) for c in np.unique(labels)]
 
 
 def _project(spec: Spectrum, y: np.ndarray) -> tuple[np.ndarray, float]:
