@@ -164,9 +164,9 @@ def run_of(client: Any, experiment_ids: list[str], run_dir: Path) -> str | None:
 
 
 def log_evaluation(run_dir: Path, stem: str, report: dict[str, Any], files: list[Path]) -> str | None:
-    """evaluate's headline numbers as eval.<stem>.<name> metrics at the run's last epoch (as TensorBoard's), and its files under eval/, on the
-    MLflow run that trained run_dir (found by its tag in any experiment; none is made when there is none).
-    A notice when nothing was logged: MLflow missing, failing or unreachable, or no such MLflow run."""
+    """evaluate's headline numbers as eval.<stem>.<name> metrics at the run's last epoch (TensorBoard's step too),
+    and its files under eval/, on the MLflow run that trained run_dir (found by its tag in any experiment; none
+    is made when there is none). A notice when nothing was logged: MLflow missing, failing or unreachable, or no such run."""
     if not mlflow_available():
         return f"logging.mlflow: the mlflow package is not installed, so this evaluation is not in MLflow ({INSTALL_HINT.split(',')[0]})"
     from mlflow.entities import Metric
@@ -179,7 +179,8 @@ def log_evaluation(run_dir: Path, stem: str, report: dict[str, Any], files: list
         run_id = run_of(client, [found.experiment_id for found in client.search_experiments()], run_dir)
         if run_id is None:
             return (f"logging.mlflow: no MLflow run at {tracking_uri()} is tagged {RUN_DIR_TAG} = {run_dir.resolve()}, so this "
-                    "evaluation is not in MLflow (set MLFLOW_TRACKING_URI to the store the run was trained into)")  # fmt: skip
+                    "evaluation is not in MLflow (set MLFLOW_TRACKING_URI to the store training logged to, or for MLflow's "
+                    "default store run evaluate from the folder training ran in)")  # fmt: skip
         now, step = int(time.time() * 1000), len(metric_rows(run_dir).rows)
         metrics = [Metric(f"eval.{stem}.{name}", value, now, step) for name, value in epoch_metrics(report).items()]
         client.log_batch(run_id, metrics=metrics)
