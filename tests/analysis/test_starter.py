@@ -210,3 +210,27 @@ def test_init_names_a_bad_label_file_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and not (tmp_path / "exp.yaml").exists()
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --labels: ") and "line 2" in line and "leaves data.root" in line
+
+
+def test_init_on_a_multi_label_file_counts_images_per_label_and_writes_a_multi_label_experiment(tmp_path: Path) -> None:
+    from transferctl.data.label_files import discover_data
+    from transferctl.testing.synthetic import write_multi_label_dataset
+
+    labels = write_multi_label_dataset(tmp_path / "data", images=24, size=16)
+    rows = [line.split(",")[1].split("|") for line in labels.read_text().splitlines()[1:]]
+    found = inspect_folder(labels.parent, labels)
+    assert found.multi_label and found.task == "multi_label" and found.total == 24  # images, each once
+    assert found.counts == {"all": {name: sum(name in row for row in rows) for name in ("blue", "green", "red")}}  # once for each label
+    assert sum(found.counts["all"].values()) > 24
+
+    config = tmp_path / "experiment.yaml"
+    result = invoke("init", str(labels.parent), "--labels", str(labels), "-o", str(config))
+    assert result.exit_code == 0, result.output
+    assert "multi-label: an image counts once for each of its labels" in result.stderr.replace("\n", " ")
+    text = config.read_text()
+    assert "Task: multi-label" in text
+    written = yaml.safe_load(text)
+    assert written["task"] == "multi_label" and written["early_stopping"]["metric"] == "val_map"
+    checked = invoke("check", str(config), "--set", "backbone.weights=none", "--set", "data.image_size=32", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert discover_data(labels.parent, 0.2, 0, labels=labels).multi_label

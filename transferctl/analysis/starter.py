@@ -23,6 +23,7 @@ import yaml
 from transferctl.config import SCHEMA_FILE, STRATEGIES, PhaseConfig, config_from_dict, default_schedule, json_schema, parse_yaml
 from transferctl.data.folders import BadImage, DatasetSplits, Sample
 from transferctl.data.label_files import discover_data
+from transferctl.data.targets import class_counts
 from transferctl.data.imbalance import imbalance_warning
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.analysis.recommend import Advice, Thresholds, advise, judge_size
@@ -58,6 +59,12 @@ class DataInspection:
     unreadable: tuple[BadImage, ...]
     ignored: tuple[Path, ...]
     labels: Path | None = None  # the label file read (data.labels); None: class folders
+    multi_label: bool = False  # some image has several labels: counts are images per label, one for each of an image's labels
+    images_total: int | None = None  # images (a multi-label image once); None: the sum of the counts
+
+    @property
+    def task(self) -> str:
+        return "multi_label" if self.multi_label else "single_label"
 
     @property
     def splits(self) -> list[str]:
@@ -80,6 +87,8 @@ class DataInspection:
 
     @property
     def total(self) -> int:
+        if self.images_total is not None:
+            return self.images_total
         return sum(sum(per_class.values()) for per_class in self.counts.values())
 
     @property
@@ -93,6 +102,7 @@ class DataInspection:
             "root": str(self.root),
             "layout": self.layout,
             "labels": None if self.labels is None else str(self.labels),
+            "task": self.task,
             "classes": self.classes,
             "images": self.total,
             "counts": self.counts,
@@ -123,7 +133,7 @@ def inspect_folder(root: Path, labels: Path | None = None) -> DataInspection:
         counts = {"all": _per_class(splits.train + splits.val, splits.classes), **({"test": _per_class(splits.test, splits.classes)} if splits.test else {})}
     samples = splits.train + splits.val + splits.test
     stats = image_stats([path for path, _ in samples])
-    return DataInspection(root, splits.layout, list(splits.classes), counts, stats, splits.skipped, splits.ignored, labels)
+    return DataInspection(root, splits.layout, list(splits.classes), counts, stats, splits.skipped, splits.ignored, labels, splits.multi_label, len(samples))
 
 
 def _discover(root: Path, labels: Path | None = None) -> DatasetSplits:
@@ -136,7 +146,8 @@ def _discover(root: Path, labels: Path | None = None) -> DatasetSplits:
 
 
 def _per_class(samples: list[Sample], classes: list[str]) -> dict[str, int]:
-    counts = Counter(label for _, label in samples)
+    """Images per class; a multi-label image counts once for each of its labels."""
+    counts = class_counts([label for _, label in samples])
     return {name: counts[label] for label, name in enumerate(classes)}
 
 
@@ -277,11 +288,12 @@ def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, ba
         _field("  num_workers", "auto"),
         _field("  on_bad_image", "skip", "skip: leave unreadable images out | error: stop"),
         _field("strategy", strategy, "feature_extract | fine_tune | scratch | pretrained_init"),
+        *([_field("task", "multi_label", "several labels an image (cat|dog): one sigmoid a class, BCEWithLogitsLoss")] if inspection.multi_label else []),
         _field("schedule:", None, f"{strategy}'s default; each phase gets a fresh optimizer", bare=True),
         *(_field(f"  - {_flow(_phase(phase))}", None, "train: head | all | last:N | [group, ...]" if i == 0 else "", bare=True) for i, phase in enumerate(default_schedule(strategy))),
         _field("optimizer", {"name": "adamw", "weight_decay": 1.0e-4}, "adamw | adam | sgd"),
         _field("scheduler", {"name": "cosine", "warmup_epochs": 0}, "cosine | constant; warm-up in epochs"),
-        _field("early_stopping", {"metric": "val_acc", "patience": None}, "patience N: end a phase after N epochs without improvement"),
+        _early_stopping_field(inspection.multi_label),
         _field("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
         _field("precision", "auto", "auto (bf16 where the hardware has it) | fp32 | bf16 | fp16"),
         _field("output", {"dir": "runs"}, "relative to this file"),
@@ -290,6 +302,12 @@ def experiment_text(inspection: DataInspection, data_dir: Path, output: Path, ba
     text = "\n".join(lines) + "\n"
     config_from_dict(parse_yaml(text), source=str(output))  # never write a file check would refuse
     return text
+
+
+def _early_stopping_field(multi_label: bool) -> str:
+    if multi_label:  # val_acc of a multi-label run is subset accuracy (every label right): mAP ranks better
+        return _field("early_stopping", {"metric": "val_map", "patience": None}, "val_map (mean average precision) | micro_f1 | macro_f1 | val_acc (every label right) | val_loss")
+    return _field("early_stopping", {"metric": "val_acc", "patience": None}, "patience N: end a phase after N epochs without improvement")
 
 
 def _relative_to_file(path: Path, output: Path) -> Path:
@@ -308,6 +326,9 @@ def _header_lines(inspection: DataInspection, data_dir: Path, output: Path, stra
         f"Data: {layout}; {len(inspection.classes)} classes, {inspection.total} images, median {inspection.median_per_class:g} per class "
         f"(train+val; smallest: {smallest}, {smallest_count}).",
     ]
+    if inspection.multi_label:
+        lines.append("Task: multi-label (some images have several labels): one sigmoid a class; the counts are images per label, "
+                     "an image counting once for each of its labels.")
     if stats.sampled:
         modes = ", ".join(f"{mode} {count}" for mode, count in stats.modes.items())
         converted = "" if set(stats.modes) == {"RGB"} else "; all become RGB"

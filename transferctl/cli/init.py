@@ -49,6 +49,8 @@ def render_inspection(data: dict[str, Any]) -> Group:
     """Images per class and split, then one line each for sizes, modes and problems."""
     splits = list(data["counts"])
     source = f"label file {data['labels']}" if data.get("labels") else f"{data['layout']} layout"
+    if data.get("task") == "multi_label":
+        source += ", multi-label: an image counts once for each of its labels"
     table = Table(title=f"{escape(str(data['root']))}: {escape(source)}, {len(data['classes'])} classes, {data['images']} images")
     table.add_column("class")
     for split in splits:
