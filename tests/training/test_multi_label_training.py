@@ -13,7 +13,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import experiment, one_thread, write_experiment  # noqa: F401 - one_thread: a fixture
+from helpers import assert_resume_matches, experiment, one_thread, write_experiment  # noqa: F401 - one_thread: a fixture
 from transferctl.cli import app
 from transferctl.config import LossConfig, load_config
 from transferctl.testing.synthetic import write_multi_label_dataset
@@ -102,3 +102,22 @@ def test_a_multi_label_metric_on_single_label_data_is_one_line(tmp_path: Path, t
     path = write_experiment(tmp_path / "experiment.yaml", experiment(tiny_split_data, tmp_path / "runs"))
     result = CliRunner().invoke(app, ["check", str(path), "--set", "early_stopping.metric=val_map"])
     assert result.exit_code == 1 and "early_stopping.metric: val_map is for multi-label runs" in result.output, result.output
+
+
+def test_a_resumed_multi_label_run_ends_as_the_uninterrupted_one_with_its_thresholds(labels: Path, tmp_path: Path, heeded_sigint: None) -> None:
+    config = load_config(multi_label_experiment(labels, tmp_path))
+    assert_resume_matches(config, tmp_path, stop_after=1)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("reference", "stopped")]
+    assert summaries[0]["thresholds"] == summaries[1]["thresholds"]
+
+
+def test_check_says_the_run_is_multi_label_and_counts_an_image_for_each_of_its_labels(tmp_path: Path) -> None:
+    lines = ["path,label"] + [f"images/{n:04d}.png,{'common|rare' if n == 0 else 'common'}" for n in range(16)]
+    labels = write_multi_label_dataset(tmp_path / "data", images=16, size=16)
+    labels.write_text("\n".join(lines) + "\n")  # 'rare' on one image of sixteen: imbalanced
+    result = CliRunner().invoke(app, ["check", str(multi_label_experiment(labels, tmp_path))])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())
+    assert "2 classes, multi-label (a sigmoid each)" in text
+    assert "imbalanced classes, the smallest (rare, 1 image)" in text and "consider loss.class_weights: balanced" in text
+    assert "data.sampler" not in text.split("imbalanced classes")[1].split("note:")[0]

@@ -6,13 +6,13 @@ The options that help and what they do: docs/experiment-file.md (Imbalanced clas
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from transferctl.config import ExperimentConfig
 from transferctl.data.folders import DatasetSplits
+from transferctl.data.targets import class_counts
 
 IMBALANCE_RATIO = 10  # largest class / smallest class from which init and check warn
 # The settings that help with imbalanced classes, as a user writes them, in the order worth trying.
@@ -48,11 +48,13 @@ def imbalance_warning(counts: Mapping[str, int], chosen: Mapping[str, str] | Non
 def imbalance_notices(config: ExperimentConfig, splits: DatasetSplits) -> list[str]:
     """`check`'s warning about the training images' classes, naming the options the experiment does not set yet
     (a list of class weights counts as set)."""
-    counts = Counter(label for _, label in splits.train)
+    counts = class_counts([label for _, label in splits.train])
     chosen = {
         "loss.class_weights": "balanced" if config.loss.class_weights != "none" else "none",
         "data.sampler": config.data.sampler,
         "early_stopping.metric": "balanced_acc" if config.early_stopping.metric in ("balanced_acc", "macro_f1") else config.early_stopping.metric,
     }
+    if splits.multi_label:  # the sampler and balanced accuracy need one class an image; val_map already weighs classes alike
+        chosen.update({"data.sampler": "balanced", "early_stopping.metric": "balanced_acc"})
     warning = imbalance_warning({name: counts[label] for label, name in enumerate(splits.classes)}, chosen, "data.root (training images)")
     return [warning] if warning else []

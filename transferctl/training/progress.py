@@ -104,7 +104,8 @@ def render_plan(plan: dict[str, Any]) -> Group:
     header.add_row("backbone", f"{escape(plan['backbone'])}, weights: {escape(str(plan['weights']))}{cut}")
     header.add_row("layer groups", ", ".join(plan["layer_groups"]))
     header.add_row("preprocessing", f"resize {pre['resize']}, crop {pre['crop']}, mean {_rounded(pre['mean'])}, std {_rounded(pre['std'])}")
-    header.add_row("data", f"{escape(data['root'])} ({data['layout']}): {len(data['classes'])} classes, train {data['train']}, val {data['val']}, test {data['test']}")
+    task = ", multi-label (a sigmoid each)" if data.get("task") == "multi_label" else ""
+    header.add_row("data", f"{escape(data['root'])} ({data['layout']}): {len(data['classes'])} classes{task}, train {data['train']}, val {data['val']}, test {data['test']}")
     header.add_row("augment", f"{_augmentation_name(plan['augmentation'])}: {', '.join(plan['augmentation']['train'])}")
     if kit := _kit_text(plan["kit"]):
         header.add_row("kit", kit)

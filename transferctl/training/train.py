@@ -146,6 +146,7 @@ def describe(experiment: Experiment) -> dict[str, Any]:
         "preprocessing": backbone.preprocessing.to_dict(),
         "data": {
             "root": str(splits.root), "layout": splits.layout, "classes": splits.classes, **splits.counts(),
+            "task": "multi_label" if splits.multi_label else "single_label",
             "skipped": len(splits.skipped), "notices": [*data_notices(splits), *imbalance_notices(config, splits)],
         },  # fmt: skip
         "phases": [
