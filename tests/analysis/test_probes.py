@@ -132,3 +132,40 @@ def test_a_class_with_one_training_image_falls_back_to_the_fixed_strength() -> N
     features = np.eye(2)[labels] + 0.01 * np.random.default_rng(0).normal(size=(4, 2))
     result = held_out_probe(features, labels, features, labels)
     assert result.c == PROBE_C and result.folds == 0 and result.accuracy == 1.0
+
+
+# ------------------------------------------------------------------ multi-label targets
+
+
+def multi_label_problem(informative: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((90, 3)) < 0.4).astype(np.float64)
+    features = rng.normal(size=(90, 16))
+    if informative:
+        features[:, :3] += 3.0 * targets
+    return features, targets
+
+
+def test_a_multi_label_probe_is_one_vs_rest_scored_by_map_on_the_held_out_images() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from transferctl.training.multi_label_metrics import mean_average_precision
+
+    features, targets = multi_label_problem(informative=True)
+    result = held_out_probe(features[:60], targets[:60], features[60:], targets[60:], with_half=True)
+    assert result.accuracy == result.balanced_accuracy > 0.9 and result.half_balanced_accuracy is not None
+    # The same number as scikit-learn's own one-vs-rest logistic regression at the C chosen, on the same scaling.
+    reference = OneVsRestClassifier(LogisticRegression(C=result.c, max_iter=1000)).fit(_scaled(features[:60], features[:60]), targets[:60])
+    scores = reference.predict_proba(_scaled(features[60:], features[:60]))
+    assert result.balanced_accuracy == pytest.approx(mean_average_precision(targets[60:], scores), abs=1e-3)
+    noisy, _ = multi_label_problem(informative=False)
+    assert held_out_probe(noisy[:60], targets[:60], noisy[60:], targets[60:]).balanced_accuracy < result.balanced_accuracy - 0.2
+
+
+def test_cross_validated_probes_and_logme_spread_take_multi_label_targets() -> None:
+    features, targets = multi_label_problem(informative=True)
+    noisy, _ = multi_label_problem(informative=False)
+    assert probe(features, targets, with_half=True).accuracy > probe(noisy, targets).accuracy + 0.2
+    score, spread = logme_with_spread(features, targets)
+    assert spread > 0 and score > logme_with_spread(noisy, targets)[0]

@@ -1,5 +1,10 @@
 """Measures on extracted features: linear probes, learning gain, agreement with a source head, LogME spread.
 
+Labels are one class an image (N ints), or multi-label targets (an N x classes 0/1 matrix). On multi-label
+targets a probe is one-vs-rest: one binary logistic regression a label, scored by mean average precision
+(multi_label_metrics, what training reports as val_map) wherever single-label probes give accuracy; folds
+and halves are stratified by each image's rarest label (data.targets.stratum).
+
 Pure numpy and scikit-learn, no torch: the callers hand in feature matrices. Small dense problems like
 these run fastest on one BLAS thread; on a shared CPU, multi-threaded OpenBLAS spins and can be 100x
 slower (measured: a 1000 x 512 SVD took 15 s on two busy cores, 0.15 s on one), so every public
@@ -17,6 +22,7 @@ import numpy as np
 
 from transferctl.analysis.logme import logme
 from transferctl.data.sampling import stratified_sample
+from transferctl.training.multi_label_metrics import mean_average_precision
 
 # Inverse L2 strengths tried, strongest first (each fit warm-starts from the last), on features centred and
 # scaled to unit mean variance per dimension: the penalty then means the same on every layer and backbone.
@@ -61,9 +67,24 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def folds_for(labels: np.ndarray, wanted: int) -> int:
-    """As many folds as asked, but no more than the smallest class has members (each fold needs one)."""
-    _, counts = np.unique(labels, return_counts=True)
+    """As many folds as asked, but no more than the smallest class (stratum) has members (each fold needs one)."""
+    _, counts = np.unique(strata(labels), return_counts=True)
     return int(min(wanted, counts.min()))
+
+
+def is_multi_label(labels: np.ndarray) -> bool:
+    return np.ndim(labels) == 2
+
+
+def strata(labels: np.ndarray) -> np.ndarray:
+    """What folds and samples are stratified by: the class, or a multi-label image's rarest label (-1: none),
+    so that rare labels reach every fold as rare classes do."""
+    labels = np.asarray(labels)
+    if not is_multi_label(labels):
+        return labels
+    counts = labels.sum(axis=0)
+    rarity = np.where(labels > 0, counts[None, :], np.inf)  # argmin's ties: the lower index, as targets.stratum
+    return np.where(labels.any(axis=1), rarity.argmin(axis=1), -1)
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 0, with_half: bool = False) -> ProbeResult:
@@ -86,7 +107,7 @@ def probe(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 
         best = _best_c(scores)
         half = None
         if with_half:
-            half = float(np.mean([_fit_score(x, labels, train[stratified_sample(labels[train], max(len(train) // 2, 1), seed + fold)], test, PROBE_CS[best])[1]
+            half = float(np.mean([_fit_score(x, labels, train[stratified_sample(strata(labels[train]), max(len(train) // 2, 1), seed + fold)], test, PROBE_CS[best])[1]
                                   for fold, (train, test) in enumerate(splits)]))  # fmt: skip
     return ProbeResult(float(scores[:, best, 0].mean()), half, PROBE_CS[best])
 
@@ -114,7 +135,7 @@ def held_out_probe(train_features: np.ndarray, train_labels: np.ndarray, test_fe
         accuracy, balanced = _fit_score(both, labels, everything, test, c)
         half = None
         if with_half:
-            kept = stratified_sample(train_labels, max(len(train_labels) // 2, 1), seed)
+            kept = stratified_sample(strata(train_labels), max(len(train_labels) // 2, 1), seed)
             half = _fit_score(both, labels, kept, test, c)[1]
     return HeldOutProbe(accuracy, balanced, c, n_folds if n_folds >= 2 else 0, half)
 
@@ -134,7 +155,7 @@ def _scaled(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def _splits(labels: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import StratifiedKFold
 
-    return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+    return list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), strata(labels)))
 
 
 def _path_scores(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -143,6 +164,9 @@ def _path_scores(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, log_loss
 
+    if is_multi_label(labels):
+        return np.array([[_map_score(labels[test], scores), -_mean_log_loss(labels[test], scores)]
+                         for scores in _one_vs_rest_scores(x, labels, train, test, PROBE_CS)])  # fmt: skip
     classes = np.unique(labels[train])
     if len(classes) < 2:
         score = float(balanced_accuracy_score(labels[test], np.full(len(test), classes[0])))
@@ -174,12 +198,44 @@ def _fit_score(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.nd
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
+    if is_multi_label(labels):  # mAP stands for both: there is no class an image to be right about
+        score = _map_score(labels[test], _one_vs_rest_scores(x, labels, train, test, (c,))[0])
+        return score, score
     classes = np.unique(labels[train])
     if len(classes) < 2:
         predicted = np.full(len(test), classes[0])
     else:
         predicted = LogisticRegression(C=c, max_iter=PROBE_MAX_ITER).fit(x[train], labels[train]).predict(x[test])
     return float(accuracy_score(labels[test], predicted)), float(balanced_accuracy_score(labels[test], predicted))
+
+
+def _one_vs_rest_scores(x: np.ndarray, targets: np.ndarray, train: np.ndarray, test: np.ndarray, cs: tuple[float, ...]) -> np.ndarray:
+    """(len(cs), len(test), labels) sigmoid scores of one binary logistic regression a label, fitted on `train` at
+    each C in turn, warm-started from the last. A label with one value in `train` gets that value as its score."""
+    from sklearn.linear_model import LogisticRegression
+
+    scores = np.empty((len(cs), len(test), targets.shape[1]))
+    for column in range(targets.shape[1]):
+        y = targets[train, column]
+        if y.min() == y.max():
+            scores[:, :, column] = y[0]
+            continue
+        model = LogisticRegression(C=cs[0], max_iter=PROBE_MAX_ITER, warm_start=True)
+        for index, c in enumerate(cs):
+            model.set_params(C=c)
+            scores[index, :, column] = model.fit(x[train], y).predict_proba(x[test])[:, 1]
+    return scores
+
+
+def _map_score(targets: np.ndarray, scores: np.ndarray) -> float:
+    """mAP over the labels with a positive image here; 0 where none has one (the same for every C, so no choice moves)."""
+    value = mean_average_precision(targets, scores)
+    return 0.0 if np.isnan(value) else value
+
+
+def _mean_log_loss(targets: np.ndarray, scores: np.ndarray) -> float:
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 
 
 def source_agreement(labels: np.ndarray, source_predictions: np.ndarray) -> float:
@@ -202,4 +258,4 @@ def logme_with_spread(features: np.ndarray, labels: np.ndarray, subsamples: int 
 def _halves(labels: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
     if len(labels) < 4:
         return []
-    return [stratified_sample(labels, len(labels) // 2, seed + 1 + i) for i in range(count)]
+    return [stratified_sample(strata(labels), len(labels) // 2, seed + 1 + i) for i in range(count)]
