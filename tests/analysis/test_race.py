@@ -111,3 +111,21 @@ def test_a_race_run_trains_the_data_as_training_will_split_it(tmp_path: Path) ->
     assert config.output.dir == tmp_path and config.early_stopping.patience is None and config.data.augment == "standard"
     assert race_config(replace(setup(), augment="none"), "scratch", race_schedule("scratch", 0.5), tmp_path).data.augment == "none"
     assert sum(phase.epochs for phase in config.schedule or []) == 5
+
+
+class MultiLabelStandIn(StandIn):
+    """A multi-label run's summary: val_map ranks as `accuracy` says, subset accuracy (val_acc) the other way round."""
+
+    def __call__(self, config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        summary = super().__call__(config, run_dir)
+        return {**summary, "task": "multi_label", "best_val_map": summary["best_val_acc"], "best_val_acc": 1.0 - summary["best_val_acc"]}
+
+
+def test_a_multi_label_race_ranks_by_val_map() -> None:
+    messages: list[str] = []
+    trainer = MultiLabelStandIn({"fine_tune": 0.5, "pretrained_init": 0.7, "scratch": 0.2})
+    result = race(setup(), END_TO_END, messages.append, trainer)
+    assert [s for s, _, _ in trainer.calls[3:]] == ["pretrained_init", "fine_tune", "pretrained_init"]  # by val_map, not subset accuracy
+    last = result.last_run("pretrained_init")
+    assert last.metric == "val_map" and last.best_val_acc == pytest.approx(0.7 + 0.01 * 10) and last.final_val_acc is None
+    assert any("best val mAP 0.7" in message for message in messages)

@@ -12,7 +12,8 @@ short cosine schedule that ends is a better estimate than a long one cut off.
 
 Every run is a normal `train()` of an ExperimentConfig built here: the user's data as training will split it
 (train on the train split, validation accuracy on the val split or a flat tree's seeded held-out share, never
-on the images it fitted), seeded, in a temporary folder removed afterwards.
+on the images it fitted), seeded, in a temporary folder removed afterwards. Runs are ranked by what early
+stopping follows by default: val_acc, or val_map where the data is multi-label (a run's summary says which).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ END_TO_END = ("fine_tune", "scratch", "pretrained_init")
 FIRST_FRACTION = 1 / 8  # of each default schedule in the first round: a few epochs, enough to drop clear losers
 CHECKPOINT_SECONDS = 3600.0  # a race run writes its checkpoints at phase ends only: nobody resumes it
 Progress = Callable[[str], None]
+METRIC_WORDS = {"val_acc": "val acc", "val_map": "val mAP"}  # what a RaceRun's best_val_acc measures, in words
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,12 @@ class RaceRun:
     fraction: float  # of the strategy's default schedule
     epochs: int  # trained (min_steps may have added some to the schedule's)
     schedule: str  # e.g. 'head 1 + body 1 (at least 75 steps)'
-    best_val_acc: float | None  # None: training diverged (see failure)
-    final_val_acc: float | None
+    best_val_acc: float | None  # of `metric` (val_map on multi-label data); None: training diverged (see failure)
+    final_val_acc: float | None  # the last epoch's val_acc (single-label); None on multi-label data
     seconds: float  # wall time, building the network and writing checkpoints included
     epoch_seconds: float  # of which training and validating epochs
     failure: str | None = None
+    metric: str = "val_acc"  # what best_val_acc measures: val_acc, or val_map (mean average precision) for multi-label data
 
 
 @dataclass
@@ -187,7 +190,7 @@ def _last(runs: list[RaceRun], strategy: str) -> RaceRun:
 
 
 def _outcome(run: RaceRun) -> str:
-    return f"failed: {run.failure}" if run.best_val_acc is None else f"best val acc {run.best_val_acc:.3f}"
+    return f"failed: {run.failure}" if run.best_val_acc is None else f"best {METRIC_WORDS[run.metric]} {run.best_val_acc:.3f}"
 
 
 def _run_one(setup: RaceSetup, strategy: str, index: int, fraction: float, folder: Path, trainer: Trainer) -> RaceRun:
@@ -207,6 +210,8 @@ def _run_one(setup: RaceSetup, strategy: str, index: int, fraction: float, folde
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints weigh tens of MB; only the numbers are needed
     epoch_seconds = float(summary["train_seconds"])
     wall = max(time.perf_counter() - started, epoch_seconds)
+    if summary.get("task") == "multi_label":  # its val_acc is subset accuracy (every label right): mAP ranks the runs
+        return RaceRun(strategy, index, fraction, int(summary["epochs"]), described, summary["best_val_map"], None, wall, epoch_seconds, metric="val_map")
     return RaceRun(strategy, index, fraction, int(summary["epochs"]), described, summary["best_val_acc"], summary["final_val_acc"], wall, epoch_seconds)
 
 
