@@ -326,6 +326,8 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
         gathered = gather_shards(rows[rank::2], total=7)
         agreed = (all_ranks_agree(True), all_ranks_agree(rank == 0))
         stats = reduce_stats(EpochStats(loss=1.0 + rank, accuracy=0.5 * rank, images=2 - rank, seconds=1.0 + rank, data_seconds=0.5 - 0.25 * rank))
+        scores = torch.full((2 - rank, 2), float(rank)).numpy()  # a multi-label validation's rows: 2 on rank 0, 1 on rank 1
+        multi = reduce_stats(EpochStats(loss=1.0, accuracy=0.0, images=2 - rank, seconds=1.0, scores=scores, targets=scores + 1))
         try:
             from_main(_missing_root)
             copied = ""
@@ -337,7 +339,8 @@ def _collectives(rank: int, init_file: str, results: Any) -> None:
         first = stepped()
         same, reduced = stepped() is first, first.module is model
         model[0].requires_grad_(True)
-        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds, stats.data_seconds), copied, same, reduced, stepped() is not first, agreed))
+        results.put((rank, gathered.squeeze(1).tolist(), (stats.loss, stats.accuracy, stats.images, stats.seconds, stats.data_seconds), copied, same, reduced,
+                     stepped() is not first, agreed, (multi.scores.tolist(), multi.targets.tolist())))  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -354,8 +357,9 @@ def test_collective_helpers_across_two_ranks(tmp_path: Path) -> None:
     for process in processes:
         process.join(timeout=60)
     for rank in range(2):
-        gathered, stats, copied, same, wrapped_model, rewrapped, agreed = got[rank]
+        gathered, stats, copied, same, wrapped_model, rewrapped, agreed, multi = got[rank]
         assert agreed == (True, False)  # false as soon as one rank says no
+        assert multi == ([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0]])  # every rank's rows, in rank order
         assert gathered == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # back in order on every rank
         assert stats == pytest.approx((4.0 / 3, 0.5 / 3, 3, 2.0, 0.5))  # sums over images, the slowest rank's times
         assert copied.startswith("data.root: no such folder") and copied.endswith(f"echoed={rank == 1}")
@@ -386,3 +390,21 @@ def test_a_rank_that_stops_responding_times_out_with_a_message(config_file: Path
     assert "TRANSFERCTL_DIST_TIMEOUT=<seconds> (now 5)" in done.stderr
     assert f"resume with: transferctl train --resume {tmp_path / 'run'};" in done.stderr
     assert seconds < 120
+
+
+@pytest.mark.slow
+def test_a_multi_label_run_on_two_processes_matches_one_process(tmp_path: Path) -> None:
+    """Validation scores are gathered from both ranks, so val_map and the thresholds are those of one process."""
+    from transferctl.testing.synthetic import write_multi_label_dataset
+
+    labels = write_multi_label_dataset(tmp_path / "data", images=30, size=16)
+    raw = experiment(labels.parent, tmp_path / "runs", data={"batch_size": 4, "labels": str(labels), "cache": "off"}, schedule=SCHEDULE)
+    config = write_experiment(tmp_path / "experiment.yaml", raw)
+    runs = []
+    for nproc in ("1", "2"):
+        result = transferctl("train", str(config), "--nproc", nproc, "--json", "--run-dir", str(tmp_path / f"run{nproc}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout))
+    one, two = (metrics(tmp_path / f"run{nproc}") for nproc in ("1", "2"))
+    assert [row["val_map"] for row in two] == pytest.approx([row["val_map"] for row in one], abs=2e-3)
+    assert runs[0]["thresholds"].keys() == runs[1]["thresholds"].keys()
