@@ -175,3 +175,17 @@ def imbalanced_dataset(root: Path) -> Path:
     for path in sorted((data / "train" / "blue").iterdir())[1:]:
         path.unlink()
     return data
+
+
+def multi_label_run(root: Path, **sections: Any) -> Path:
+    """A trained multi-label run (testing/synthetic.write_multi_label_dataset: a coloured patch a label) in
+    root/run: three epochs of the head alone on cached features, fast, with thresholds tuned away from 0.5."""
+    from transferctl.config import config_from_dict
+    from transferctl.testing.synthetic import write_multi_label_dataset
+    from transferctl.training.train import train
+
+    labels = write_multi_label_dataset(root / "data", images=48, size=16)
+    head = {"name": "head", "epochs": 3, "train": "head", "lr": 0.1, "solver": "minibatch"}
+    raw = experiment(labels.parent, root / "runs", data={"labels": str(labels)}, schedule=[head], **sections)
+    train(config_from_dict(raw), root / "run")
+    return root / "run"

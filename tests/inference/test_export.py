@@ -138,3 +138,35 @@ def test_cli_export_json_and_errors(run_dir: Path, tmp_path: Path) -> None:
     assert runner.invoke(app, ["export", str(run_dir), "--format", "tflite"]).exit_code == 2
     missing = runner.invoke(app, ["export", str(tmp_path / "nope"), "--format", "onnx"])
     assert missing.exit_code == 1 and "Traceback" not in missing.output
+
+
+# --------------------------------------------------------------------------- multi-label runs
+
+
+@pytest.fixture(scope="module")
+def multi_label(module_tmp_path: Path) -> Path:
+    from helpers import multi_label_run
+
+    return multi_label_run(module_tmp_path / "multi-label")
+
+
+def test_model_json_says_the_task_and_a_multi_label_runs_thresholds(run_dir: Path, multi_label: Path, tmp_path: Path) -> None:
+    single = json.loads(export(run_dir, "safetensors", out=tmp_path / "single").sidecar.read_text())
+    assert single["task"] == "single_label" and single["output"]["softmax"] == "not applied" and "thresholds" not in single
+    result = export(multi_label, "torchscript", out=tmp_path / "multi")
+    meta = json.loads(result.sidecar.read_text())
+    tuned = json.loads((multi_label / "summary.json").read_text())["thresholds"]
+    assert meta["task"] == "multi_label" and meta["output"] == {"name": "logits", "shape": [None, 3], "sigmoid": "not applied"}
+    assert meta["thresholds"] == tuned and list(meta["thresholds"]) == meta["classes"] and meta["thresholds_tuned"] and not result.notices
+    # The file gives logits: their sigmoid against the thresholds gives the labels.
+    batch = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(result.model_file))(batch), reference(multi_label, batch), atol=1e-4, rtol=0)
+
+
+def test_exporting_weights_the_thresholds_were_not_tuned_for_says_so(multi_label: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["export", str(multi_label), "--format", "safetensors", "--checkpoint", "last", "--out", str(tmp_path / "last")])
+    assert result.exit_code == 0, result.output
+    assert "note:" in result.output and "thresholds were tuned for epoch 1" in result.output and "0.5" in result.output
+    meta = json.loads((tmp_path / "last" / "model.json").read_text())
+    assert meta["thresholds"] == dict.fromkeys(meta["classes"], 0.5) and meta["thresholds_tuned"] is False

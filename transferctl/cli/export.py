@@ -33,6 +33,8 @@ def export_command(
 
     with user_errors():
         result = export(run_dir, fmt, checkpoint, out, trust_code)
+    for notice in result.notices:
+        err.print(f"note: {notice}", style="yellow", markup=False)
     if as_json:
         print_json({"format": result.format, "model": str(result.model_file), "sidecar": str(result.sidecar), "max_abs_diff": result.max_diff})
         return

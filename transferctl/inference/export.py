@@ -7,7 +7,8 @@ Formats:
 
 The sidecar `model.json` holds what a deployment must reproduce: the input (RGB, NCHW, float in [0, 1] before
 normalisation), the preprocessing (resize the short side, centre-crop, mean, std, interpolation), the class
-names in output order and where the weights came from. Every export is checked: the exported file runs on a
+names in output order and where the weights came from; its `task` says how to read the logits (single_label:
+softmax, one class; multi_label: a sigmoid a class, each label where it reaches the class's `thresholds`). Every export is checked: the exported file runs on a
 batch of random images and must match the PyTorch model (max absolute logit difference, in `Exported.max_diff`).
 """
 
@@ -24,8 +25,8 @@ from torch import nn
 
 from transferctl.data.folders import DECODING_STEPS
 from transferctl.errors import CheckpointError, Problem, TransferctlError
-from transferctl.inference.trained_model import load_trained_model
-from transferctl.runs.checkpoint import Checkpoint, load_run_checkpoint
+from transferctl.inference.trained_model import RunTask, load_trained_model, run_task
+from transferctl.runs.checkpoint import Checkpoint, checkpoint_file, load_run_checkpoint
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
@@ -46,6 +47,7 @@ class Exported:
     sidecar: Path
     format: str
     max_diff: float | None  # None: not checked (onnxruntime missing)
+    notices: tuple[str, ...] = ()  # a multi-label run's thresholds that are not tuned ones (RunTask.notice)
 
 
 def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None = None, trust_code: bool = False) -> Exported:
@@ -60,13 +62,14 @@ def export(run_dir: Path, fmt: str, checkpoint: str = "best", out: Path | None =
     target = out / FILE_NAMES[fmt]
     sidecar = out / SIDECAR
     saved = load_run_checkpoint(run_dir, checkpoint)  # for the backbone entry and the epoch it holds
-    meta = sidecar_payload(fmt, target.name, classes, preprocessing.to_dict(), saved, run_dir, checkpoint)
+    task = run_task(saved, str(checkpoint_file(run_dir, checkpoint)))
+    meta = sidecar_payload(fmt, target.name, classes, preprocessing.to_dict(), saved, run_dir, checkpoint, task)
     meta["files"] = {**_earlier_files(out, meta["source"]), fmt: target.name}
     example = torch.rand(2, 3, preprocessing.crop, preprocessing.crop, generator=torch.Generator().manual_seed(0))
     writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
     max_diff = writers[fmt](model, example, target)
     sidecar.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return Exported(target, sidecar, fmt, max_diff)
+    return Exported(target, sidecar, fmt, max_diff, tuple(filter(None, [task.notice])))
 
 
 def _earlier_files(out: Path, source: dict[str, Any]) -> dict[str, str]:
@@ -121,15 +124,20 @@ def _same_weights_files(earlier: dict[str, Any], sidecar: Path, source: dict[str
     return {fmt: name for fmt, name in files.items() if FILE_NAMES.get(fmt) == name} if isinstance(files, dict) else {}
 
 
-def sidecar_payload(fmt: str, file: str, classes: list[str], preprocessing: dict[str, Any], checkpoint: Checkpoint, run_dir: Path, which: str) -> dict[str, Any]:
+def sidecar_payload(
+    fmt: str, file: str, classes: list[str], preprocessing: dict[str, Any], checkpoint: Checkpoint, run_dir: Path, which: str, task: RunTask = RunTask(),
+) -> dict[str, Any]:  # fmt: skip
     return {
         "format": fmt,
         "file": file,
+        "task": task.name,
         "input": {"name": "images", "layout": "NCHW", "channels": "RGB", "dtype": "float32", "range": "[0, 1] before normalisation",
                   "shape": [None, 3, preprocessing["crop"], preprocessing["crop"]], "decoding": list(DECODING_STEPS)},
-        "output": {"name": "logits", "shape": [None, len(classes)], "softmax": "not applied"},
+        "output": {"name": "logits", "shape": [None, len(classes)], ("sigmoid" if task.multi_label else "softmax"): "not applied"},
         "preprocessing": preprocessing,
         "classes": classes,
+        # A label is given where sigmoid(logit) >= its class's threshold (tuned on val, or the default: RunTask.notice).
+        **({"thresholds": dict(zip(classes, task.thresholds)), "thresholds_tuned": task.notice is None} if task.multi_label else {}),
         "backbone": checkpoint.backbone,
         "source": {"run_dir": str(run_dir.resolve()), "checkpoint": which, "phase_index": checkpoint.phase_index, "epoch": checkpoint.epoch},
     }  # fmt: skip

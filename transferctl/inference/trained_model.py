@@ -6,10 +6,14 @@ comes from the checkpoint), given a head of len(classes) outputs, and the state 
 so a checkpoint that does not fit its own architecture is an error, never a half-loaded model. A `python:`
 backbone is rebuilt only with the user's opt-in (trust_code, transferctl/models/trust.py): the checkpoint names
 the code to run.
+
+A checkpoint also says what its outputs mean (run_task): one softmax over the classes, or, for a
+multi-label run, a sigmoid a class and the per-class thresholds tuned on val (docs/commands.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -40,14 +44,58 @@ class TrainedModel(NamedTuple):
     preprocessing: Preprocessing
 
 
+@dataclass(frozen=True)
+class RunTask:
+    """What a run's outputs mean: a single-label run's softmax picks one class; a multi-label run gives each
+    class a sigmoid score, and an image every label whose score reaches that class's threshold."""
+
+    multi_label: bool = False
+    thresholds: tuple[float, ...] = ()  # multi-label: one a class, in output order
+    notice: str | None = None  # why the thresholds are the default rather than tuned ones
+
+    @property
+    def name(self) -> str:
+        return "multi_label" if self.multi_label else "single_label"
+
+
+def run_task(saved: Checkpoint, where: str) -> RunTask:
+    """The checkpoint's task (its config's `task`) and, for multi-label, the thresholds tuned on val that its
+    best row carries. Where they are not for these weights (an older run, or --checkpoint last of a run whose
+    best epoch came earlier), every class gets DEFAULT_THRESHOLD, and the notice says so."""
+    from transferctl.training.multi_label_metrics import DEFAULT_THRESHOLD
+
+    if (saved.config or {}).get("task") != "multi_label":
+        return RunTask()
+    best = saved.best or {}
+    tuned = best.get("thresholds")
+    default = (DEFAULT_THRESHOLD,) * len(saved.classes)
+    if not isinstance(tuned, list) or len(tuned) != len(saved.classes):
+        return RunTask(True, default, f"{where} holds no thresholds tuned on val (a run from before they were kept): every class's label is given at a score of {DEFAULT_THRESHOLD}")
+    if saved.global_epoch is not None and best.get("global_epoch") != saved.global_epoch:
+        return RunTask(True, default, f"{where} holds epoch {saved.global_epoch}'s weights, and the thresholds were tuned for epoch {best.get('global_epoch')} "
+                                      f"(--checkpoint best): every class's label is given at a score of {DEFAULT_THRESHOLD}")  # fmt: skip
+    return RunTask(True, tuple(float(value) for value in tuned))
+
+
 def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> TrainedModel:
     """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file.
     trust_code: the user allows a python: backbone the checkpoint names to be imported and called."""
-    return load_trained_backbone(run_dir, checkpoint, trust_code)[0]
+    return _load_trained(run_dir, checkpoint, trust_code)[0]
+
+
+def load_trained_task(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> tuple[TrainedModel, RunTask]:
+    """load_trained_model, with what its outputs mean (run_task)."""
+    trained, _, task = _load_trained(run_dir, checkpoint, trust_code)
+    return trained, task
 
 
 def load_trained_backbone(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> tuple[TrainedModel, Backbone]:
     """load_trained_model, with the rebuilt Backbone (its name, layer groups and cut) that explain reads."""
+    trained, backbone, _ = _load_trained(run_dir, checkpoint, trust_code)
+    return trained, backbone
+
+
+def _load_trained(run_dir: Path, checkpoint: str, trust_code: bool) -> tuple[TrainedModel, Backbone, RunTask]:
     where = str(checkpoint_file(run_dir, checkpoint))
     if checkpoint in ("best", "last") and checked(run_dir, CheckpointError).is_dir() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
@@ -62,7 +110,7 @@ def load_trained_backbone(run_dir: Path, checkpoint: str = "best", trust_code: b
     model = backbone.model
     _load_strictly(model, saved.model, where)
     model.eval()
-    return TrainedModel(model, classes, preprocessing), backbone
+    return TrainedModel(model, classes, preprocessing), backbone, run_task(saved, where)
 
 
 def _backbone_config(checkpoint: Checkpoint, where: str) -> BackboneConfig:
