@@ -28,6 +28,7 @@ def labels(module_tmp_path: Path) -> Path:
 
 
 def multi_label_experiment(labels: Path, tmp_path: Path, **sections: object) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     raw = experiment(labels.parent, tmp_path / "runs", data={"labels": str(labels)}, **sections)
     return write_experiment(tmp_path / "experiment.yaml", raw)
 
@@ -41,16 +42,22 @@ def test_the_loss_is_bce_with_logits_and_balanced_weighs_each_classes_positives(
     assert build_loss(LossConfig(class_weights=[1, 2, 3]), labels, ["a", "b", "c"], multi_label=True).pos_weight.tolist() == [1, 2, 3]
 
 
-def test_a_multi_label_run_records_its_task_metrics_and_thresholds(labels: Path, tmp_path: Path) -> None:
-    from sklearn.metrics import average_precision_score, f1_score
-
-    from transferctl.data.label_files import discover_data
-    from transferctl.inference.trained_model import eval_transform, load_trained_model
-    from transferctl.data.folders import ImageDataset
+@pytest.fixture(scope="module")
+def multi_label_run(labels: Path, module_tmp_path: Path) -> Path:
     from transferctl.training.train import train
 
-    summary = train(load_config(multi_label_experiment(labels, tmp_path)))
-    run = Path(summary["run_dir"])
+    return Path(train(load_config(multi_label_experiment(labels, module_tmp_path / "run")))["run_dir"])
+
+
+def test_a_multi_label_run_records_its_task_metrics_and_thresholds(labels: Path, multi_label_run: Path) -> None:
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from transferctl.data.folders import ImageDataset
+    from transferctl.data.label_files import discover_data
+    from transferctl.inference.trained_model import eval_transform, load_trained_model
+
+    run = multi_label_run
+    summary = json.loads((run / "summary.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["task"] == "multi_label" and config["early_stopping"]["metric"] == "val_map" and summary["metric"] == "val_map"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -121,3 +128,13 @@ def test_check_says_the_run_is_multi_label_and_counts_an_image_for_each_of_its_l
     assert "2 classes, multi-label (a sigmoid each)" in text
     assert "imbalanced classes, the smallest (rare, 1 image)" in text and "consider loss.class_weights: balanced" in text
     assert "data.sampler" not in text.split("imbalanced classes")[1].split("note:")[0]
+
+
+def test_show_and_runs_give_a_multi_label_runs_val_map(multi_label_run: Path) -> None:
+    summary = json.loads((multi_label_run / "summary.json").read_text())
+    shown = CliRunner().invoke(app, ["show", str(multi_label_run)])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stderr.split())
+    assert "best val mAP" in text and f"best: val_map {summary['best_val_map']:.4f}, val_acc (every label right)" in text
+    listed = CliRunner().invoke(app, ["runs", str(multi_label_run.parent)])
+    assert listed.exit_code == 0 and "val mAP" in listed.stderr and f"{summary['best_val_map']:.4f}" in listed.stderr

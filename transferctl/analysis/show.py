@@ -82,6 +82,7 @@ def phase_table(config: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     for index, phase in enumerate(schedule_of(config)):
         ran = [row for row in rows if row.get("phase_index") == index]
         accuracies = [row["val_acc"] for row in ran if isinstance(row.get("val_acc"), (int, float))]
+        maps = [row["val_map"] for row in ran if isinstance(row.get("val_map"), (int, float))]
         phases.append({
             "index": index,
             "name": phase.name,
@@ -93,6 +94,7 @@ def phase_table(config: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
             "lr_backbone": None if phase.train == "head" else phase.lr * phase.backbone_lr_mult,
             "bn": phase.bn,
             "best_val_acc": max(accuracies) if accuracies else None,
+            **({"best_val_map": max(maps)} if maps else {}),  # multi-label runs
             "seconds": round(sum(row.get("seconds") or 0.0 for row in ran), 2),
         })  # fmt: skip
     return phases
@@ -113,6 +115,7 @@ def _best(summary: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> d
         return {
             "metric": summary.get("metric", metric),
             "val_acc": summary["best_val_acc"],
+            **_multi_label_best(summary.get("best_val_map")),
             "val_loss": summary.get("best_val_loss"),
             "epoch": summary.get("best_epoch"),
             "phase": summary.get("best_phase"),
@@ -129,11 +132,17 @@ def _best(summary: dict[str, Any], rows: list[dict[str, Any]], metric: str) -> d
     return {
         "metric": metric,
         "val_acc": best.get("val_acc"),
+        **_multi_label_best(best.get("val_map")),
         "val_loss": best.get("val_loss"),
         "epoch": best.get("global_epoch"),
         "phase": best.get("phase"),
         "final_val_acc": rows[-1].get("val_acc"),
     }
+
+
+def _multi_label_best(val_map: float | None) -> dict[str, float]:
+    """A multi-label run's best val_map, beside its val_acc (every label right); nothing for single-label runs."""
+    return {} if val_map is None else {"val_map": val_map}
 
 
 def _timing(summary: dict[str, Any], rows: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:

@@ -37,13 +37,20 @@ def runs(
 
 
 def render_runs(found: list[Any]) -> Table:
-    table = Table(title=f"{len(found)} runs (val acc: the best epoch's)")
-    for column in ("name", "backbone", "strategy", "val acc", "epochs", "started", "eval acc", "status"):
-        table.add_column(column, justify="right" if column in ("val acc", "epochs") else "left", overflow="fold")
+    multi_label = any(run.best_val_map is not None for run in found)  # a column of its own only where a run has it
+    title = f"{len(found)} runs (val acc: the best epoch's" + ("; of a multi-label run, every label right)" if multi_label else ")")
+    table = Table(title=title)
+    for column in ("name", "backbone", "strategy", "val acc", *(("val mAP",) if multi_label else ()), "epochs", "started", "eval acc", "status"):
+        table.add_column(column, justify="right" if column in ("val acc", "val mAP", "epochs") else "left", overflow="fold")
     for run in found:
-        accuracy = f"{run.best_val_acc:.4f}" if isinstance(run.best_val_acc, (int, float)) else "-"
+        accuracy = _number(run.best_val_acc)
         evaluations = " ".join(f"{split}:{acc:.3f}" for split, acc in run.evaluations.items()) or "-"
         status = run.status if run.status == "finished" else f"[yellow]{run.status}[/]"
-        table.add_row(escape(run.name), escape(run.backbone or "?"), run.strategy or "?", accuracy, str(run.epochs if run.epochs is not None else "-"),
+        table.add_row(escape(run.name), escape(run.backbone or "?"), run.strategy or "?", accuracy, *((_number(run.best_val_map),) if multi_label else ()),
+                      str(run.epochs if run.epochs is not None else "-"),
                       (run.date or "?").replace("T", " ")[:16], evaluations, status)  # fmt: skip
     return table
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"

@@ -55,11 +55,13 @@ def render_show(shown: dict[str, Any]) -> Group:
 
 def _phases(phases: list[dict[str, Any]]) -> Table:
     table = Table(title="phases", title_justify="left")
-    for column in ("#", "phase", "epochs", "trains", "lr head", "lr backbone", "BatchNorm", "best val acc", "time"):
-        table.add_column(column, justify="right" if column in ("#", "epochs", "lr head", "lr backbone", "best val acc", "time") else "left")
+    multi_label = any(phase.get("best_val_map") is not None for phase in phases)
+    headline = ("best val mAP", "best_val_map") if multi_label else ("best val acc", "best_val_acc")
+    for column in ("#", "phase", "epochs", "trains", "lr head", "lr backbone", "BatchNorm", headline[0], "time"):
+        table.add_column(column, justify="right" if column in ("#", "epochs", "lr head", "lr backbone", headline[0], "time") else "left")
     for phase in phases:
         epochs = str(phase["epochs"]) if phase["epochs_run"] == phase["epochs"] else f"{phase['epochs_run']}/{phase['epochs']}"
-        best = f"{phase['best_val_acc']:.4f}" if phase["best_val_acc"] is not None else "-"
+        best = f"{phase[headline[1]]:.4f}" if phase.get(headline[1]) is not None else "-"
         backbone = f"{phase['lr_backbone']:.2g}" if phase["lr_backbone"] is not None else "frozen"
         table.add_row(str(phase["index"] + 1), escape(phase["name"]), epochs, escape(phase["trains"]), f"{phase['lr_head']:.2g}", backbone,
                       phase["bn"], best, f"{phase['seconds']:.1f}s")  # fmt: skip
@@ -72,7 +74,8 @@ def _results(shown: dict[str, Any]) -> list[str]:
     if best is not None:
         loss = f", val_loss {best['val_loss']:.4f}" if isinstance(best.get("val_loss"), (int, float)) else ""
         final = f"; last epoch {best['final_val_acc']:.4f}" if isinstance(best.get("final_val_acc"), (int, float)) else ""
-        lines.append(f"[bold]best:[/] val_acc {best['val_acc']:.4f}{loss} at epoch {best['epoch']} ({best['phase']}), by {best['metric']}{final}")
+        score = f"val_map {best['val_map']:.4f}, val_acc (every label right) " if isinstance(best.get("val_map"), (int, float)) else "val_acc "
+        lines.append(f"[bold]best:[/] {score}{best['val_acc']:.4f}{loss} at epoch {best['epoch']} ({best['phase']}), by {best['metric']}{final}")
     if shown["evaluations"]:
         lines.append("[bold]evaluated:[/] " + ", ".join(f"{split} accuracy {acc:.4f}" for split, acc in shown["evaluations"].items()))
     timing = shown["timing"]

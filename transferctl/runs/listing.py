@@ -33,6 +33,7 @@ class RunInfo:
     weights: str | None = None
     strategy: str | None = None
     best_val_acc: float | None = None
+    best_val_map: float | None = None  # multi-label runs: the best epoch's mean average precision
     epochs: int | None = None
     date: str | None = None
     evaluations: dict[str, float] = field(default_factory=dict)  # split -> accuracy, from eval/<split>.json
@@ -64,6 +65,11 @@ def list_runs(folder: Path) -> list[RunInfo]:
     return sorted(runs, key=lambda run: (run.date or "", run.name))
 
 
+def _highest(rows: list[dict[str, Any]], column: str) -> float | None:
+    values = [row[column] for row in rows if isinstance(row.get(column), (int, float))]
+    return max(values) if values else None
+
+
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in RUN_MARKERS)
 
@@ -87,12 +93,12 @@ def describe_run(run_dir: Path) -> RunInfo:
             return RunInfo(status="damaged", note=f"{summary_path} is damaged (not a JSON object)", **common)
         common["backbone"] = summary.get("backbone", common["backbone"])
         common["strategy"] = summary.get("strategy", common["strategy"])
-        return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), epochs=summary.get("epochs"), **common)
+        return RunInfo(status="finished", best_val_acc=summary.get("best_val_acc"), best_val_map=summary.get("best_val_map"), epochs=summary.get("epochs"), **common)
     metrics = metric_rows(run_dir)
-    accuracies = [row["val_acc"] for row in metrics.rows if isinstance(row.get("val_acc"), (int, float))]
     return RunInfo(
         status="unfinished",
-        best_val_acc=max(accuracies) if accuracies else None,
+        best_val_acc=_highest(metrics.rows, "val_acc"),
+        best_val_map=_highest(metrics.rows, "val_map"),
         epochs=len(metrics.rows),
         note="no summary.json: still training or interrupted",
         skipped_rows=metrics.skipped,
