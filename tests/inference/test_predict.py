@@ -404,3 +404,77 @@ def test_predict_tta_on_the_command_line(run: Path, images: Path) -> None:
     assert record["tta"] == "flip" and record["label"] == "red"  # the constant run: both views give its logits
     result = invoke("predict", run, images / "00.png", "--tta", "mirror", "--device", "cpu")
     assert result.exit_code == 1 and result.stdout == "" and "--tta: 'mirror' is not a test-time augmentation" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label runs
+
+
+@pytest.fixture(scope="module")
+def multi_label(module_tmp_path: Path) -> Path:
+    from helpers import multi_label_run
+
+    return multi_label_run(module_tmp_path / "multi-label")
+
+
+def sigmoid_scores(run: Path, paths: list[Path], checkpoint: str = "best") -> tuple[list[str], list[float], list[list[float]]]:
+    """The classes, the thresholds best.pt carries and each image's sigmoid scores, computed here."""
+    import torch
+
+    from transferctl.data.folders import open_rgb
+    from transferctl.inference.trained_model import eval_transform, load_trained_model
+
+    model, classes, preprocessing = load_trained_model(run, checkpoint)
+    thresholds = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["best"]["thresholds"]
+    with torch.no_grad():
+        scores = torch.sigmoid(model(torch.stack([eval_transform(preprocessing)(open_rgb(path)) for path in paths])))
+    return classes, thresholds, scores.double().tolist()
+
+
+def test_a_multi_label_run_gives_every_label_at_or_above_its_threshold(multi_label: Path) -> None:
+    paths = sorted((multi_label.parent / "data" / "images").glob("*.png"))
+    result = invoke("predict", multi_label, multi_label.parent / "data" / "images", "--device", "cpu")
+    assert result.exit_code == 0 and "note:" not in result.stderr, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    classes, thresholds, scores = sigmoid_scores(multi_label, paths)
+    assert len(set(thresholds)) == 3 and 0.5 not in thresholds  # tuned: a 0.5 default would not show they are used
+    for path, record, image in zip(paths, records, scores):
+        want = sorted((name for name, score, cut in zip(classes, image, thresholds) if score >= cut), key=lambda name: -image[classes.index(name)])
+        assert record["path"] == str(path) and [name for name, _ in record["labels"]] == want
+        assert [score for _, score in record["labels"]] == pytest.approx([image[classes.index(name)] for name in want], abs=1e-5)
+        assert list(record["scores"]) == classes and list(record["scores"].values()) == pytest.approx(image, abs=1e-5)
+    assert {len(record["labels"]) for record in records} >= {1, 2}  # images with one label and with several
+
+
+def test_weights_the_thresholds_were_not_tuned_for_use_0_5_with_one_note(multi_label: Path) -> None:
+    path = sorted((multi_label.parent / "data" / "images").glob("*.png"))[0]
+    result = invoke("predict", multi_label, path, "--checkpoint", "last", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("note:") == 1 and "0.5" in result.stderr
+    classes, _, (image,) = sigmoid_scores(multi_label, [path], "last")
+    assert {name for name, _ in json.loads(result.stdout)["labels"]} == {name for name, score in zip(classes, image) if score >= 0.5}
+
+
+def test_multi_label_tta_averages_the_sigmoid_scores(many_images: list[str]) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from transferctl.inference.predict import Predictor
+    from transferctl.inference.trained_model import RunTask
+    from transferctl.training.runtime import Runtime
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        return torch.as_tensor(np.array(image.resize((2, 1))), dtype=torch.float32).permute(2, 0, 1) / 255
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    predictor = Predictor(model, ["r", "g", "b"], transform, Runtime(torch.device("cpu"), "fp32", False), 3, 0, tta="flip", task=RunTask(True, (0.3, 0.4, 0.7)))
+    records = list(predictor.predict(many_images[:4], batch_size=2))
+    with torch.no_grad():
+        images = torch.stack([transform(Image.open(path).convert("RGB")) for path in many_images[:4]])
+        expected = (model(images).sigmoid() + model(images.flip(-1)).sigmoid()) / 2
+    assert [score for record in records for score in record["scores"].values()] == pytest.approx(expected.flatten().tolist(), abs=1e-6)
+    assert [[name for name, _ in record["labels"]] for record in records] == [
+        sorted((name for name, score, cut in zip("rgb", row, (0.3, 0.4, 0.7)) if score >= cut), key=lambda name: -row["rgb".index(name)]) for row in expected.tolist()
+    ]

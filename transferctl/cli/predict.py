@@ -22,7 +22,7 @@ from transferctl.paths import shown
 def predict(
     run_dir: Path = RunDirArg,
     paths: Optional[List[str]] = typer.Argument(None, help="Image files or folders; '-' alone reads paths from stdin, one per line."),
-    top_k: int = typer.Option(5, "--top-k", min=1, help="How many of the most likely classes each line lists."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="How many of the most likely classes each line lists (single-label runs)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first file that cannot be read."),
     checkpoint: str = CheckpointOption,
@@ -31,7 +31,7 @@ def predict(
     trust_code: bool = TrustCodeOption,
     tta: str = TtaOption,
 ) -> None:
-    """Print {"path", "label", "score", "top"} per image as JSON Lines; unreadable files get {"path", "error"}."""
+    """Print {"path", "label", "score", "top"} per image as JSON Lines (multi-label runs: {"path", "labels", "scores"}); unreadable files get {"path", "error"}."""
     from transferctl.inference.predict import expand_paths, load_predictor, read_path_lines
 
     if not paths:
@@ -41,6 +41,8 @@ def predict(
     failed = done = 0
     with user_errors(), _leaving_at_once_on_ctrl_c(paths == ["-"]):
         predictor = load_predictor(run_dir, checkpoint, device, precision, top_k, trust_code, tta)
+        if predictor.task.notice:
+            err.print(f"note: {predictor.task.notice}", style="yellow", markup=False)
         inputs = read_path_lines(sys.stdin) if paths == ["-"] else iter(paths)
         for record in predictor.predict(expand_paths(inputs), batch_size):
             _write_line(record)

@@ -1,4 +1,5 @@
-"""predict: class probabilities for image files, one record per input, in input order.
+"""predict: class probabilities for image files, one record per input, in input order. A multi-label run's
+record lists every label whose sigmoid score reaches its class's threshold (trained_model.RunTask).
 
 Inputs stream through: paths are read lazily (a `find | transferctl predict RUN -` pipeline produces its
 first lines before `find` ends), decoded on a few threads up to one batch ahead, and run through the model
@@ -15,10 +16,13 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from transferctl.data.folders import list_images, open_rgb, spare_cores
 from transferctl.paths import NotRegularFile, path_trouble
+
+if TYPE_CHECKING:
+    from transferctl.inference.trained_model import RunTask
 
 DEFAULT_TOP_K = 5
 
@@ -104,12 +108,12 @@ class Predictor:
 
     decode_threads: threads that decode the files ahead of the model (0: decode in this thread, in turn).
     tta: test-time augmentation (inference/tta.py): each record's probabilities are averaged over its views
-    and the record says so ("tta": "flip").
+    and the record says so ("tta": "flip"). task: a multi-label run's thresholds; its records list labels, not a top k.
     """
 
     def __init__(
         self, model: Any, classes: list[str], transform: Any, runtime: Any, top_k: int = DEFAULT_TOP_K, decode_threads: int | None = None,
-        tta: str = "none",
+        tta: str = "none", task: RunTask | None = None,
     ) -> None:
         self.model = model
         self.classes = classes
@@ -118,6 +122,9 @@ class Predictor:
         self.top_k = max(1, min(top_k, len(classes)))
         self.decode_threads = default_decode_threads() if decode_threads is None else decode_threads
         self.tta = tta
+        from transferctl.inference.trained_model import RunTask
+
+        self.task = task or RunTask()
 
     def predict(self, paths: Iterable[str], batch_size: int) -> Iterator[dict[str, Any]]:
         pending: list[_Pending] = []
@@ -186,7 +193,7 @@ class Predictor:
         if images:
             batch = torch.stack(images)
             logits, _ = view_logits(self.model, [(batch, torch.zeros(len(images), dtype=torch.long))], self.runtime, self.tta)
-            probabilities = averaged_probabilities(logits)  # with one view (no tta): its softmax
+            probabilities = averaged_probabilities(logits, self.task.multi_label)  # with one view (no tta): its softmax (sigmoid)
         row = 0
         for item in pending:
             if item.error is not None:
@@ -199,18 +206,30 @@ class Predictor:
     def _record(self, path: str, probabilities: Any) -> dict[str, Any]:
         import torch
 
-        scores, indices = torch.topk(probabilities, self.top_k)
-        top = [[self.classes[int(i)], round(float(s), 6)] for s, i in zip(scores, indices)]
-        record = {"path": path, "label": top[0][0], "score": top[0][1], "top": top}
+        if self.task.multi_label:
+            record = self._labels_record(path, probabilities)
+        else:
+            scores, indices = torch.topk(probabilities, self.top_k)
+            top = [[self.classes[int(i)], round(float(s), 6)] for s, i in zip(scores, indices)]
+            record = {"path": path, "label": top[0][0], "score": top[0][1], "top": top}
         return record if self.tta == "none" else {**record, "tta": self.tta}
+
+    def _labels_record(self, path: str, scores: Any) -> dict[str, Any]:
+        """Every label whose score is at or above its class's threshold, highest first, and every class's score."""
+        from transferctl.training.multi_label_metrics import decisions
+
+        values = scores.double().numpy()
+        given = decisions(values, self.task.thresholds)
+        labels = [[self.classes[i], round(float(values[i]), 6)] for i in sorted(range(len(values)), key=lambda i: -values[i]) if given[i]]
+        return {"path": path, "labels": labels, "scores": {name: round(float(value), 6) for name, value in zip(self.classes, values)}}
 
 
 def load_predictor(run_dir: Path, checkpoint: str, device: str, precision: str, top_k: int, trust_code: bool = False, tta: str = "none") -> Predictor:
-    from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
+    from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_task
     from transferctl.inference.tta import check_tta
 
     check_runtime_options(device, precision)
     check_tta(tta)
-    model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
+    (model, classes, preprocessing), task = load_trained_task(run_dir, checkpoint, trust_code)
     model, runtime = inference_runtime(model, device, precision)
-    return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k, tta=tta)
+    return Predictor(model, classes, eval_transform(preprocessing), runtime, top_k, tta=tta, task=task)

@@ -1,4 +1,5 @@
-"""Test-time augmentation: the model's softmax probabilities averaged over views of each image.
+"""Test-time augmentation: the model's softmax probabilities (a multi-label run's sigmoid scores) averaged
+over views of each image.
 
 `flip` averages the image and its horizontal flip, which suits photographs (a flipped dog is a dog) and
 hurts where left and right differ (digits, text). The views of a batch go through the model as one batch,
@@ -45,9 +46,10 @@ def view_logits(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, An
     return torch.cat([chunk.reshape(len(views), size, -1) for chunk, size in zip(chunks, sizes)], dim=1), labels
 
 
-def averaged_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """The mean over views (dim 0) of each view's softmax probabilities."""
-    return torch.softmax(logits, dim=-1).mean(dim=0)
+def averaged_probabilities(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """The mean over views (dim 0) of each view's softmax probabilities, or, multi_label, of its sigmoid
+    scores (one a class, each read on its own)."""
+    return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)).mean(dim=0)
 
 
 def as_logits(probabilities: torch.Tensor) -> torch.Tensor:
