@@ -238,3 +238,14 @@ def test_task_multi_label_trains_class_folders_or_one_label_rows_with_a_sigmoid_
     single = read(images, write_csv(tmp_path / "labels.csv", rows(images)))
     assert not single.multi_label
     assert discover_data(images, 0.2, 0, labels=tmp_path / "labels.csv", task="multi_label").multi_label
+
+
+def test_an_empty_json_list_is_an_image_of_none_of_the_classes_in_a_multi_label_run_only(images: Path, tmp_path: Path) -> None:
+    table: list[dict] = [{**row, "label": ["warm", "bright"]} if row["path"] == "red/0000.png" else dict(row) for row in rows(images)]
+    table[7]["label"] = []  # green/0001.png: none of the classes
+    splits = read(images, write_jsonl(tmp_path / "labels.jsonl", table))
+    labels = {path.relative_to(images).as_posix(): label for path, label in splits.train + splits.val}
+    assert splits.multi_label and labels["green/0001.png"] == () and not splits.skipped
+    single = read(images, write_jsonl(tmp_path / "single.jsonl", [row for row in table if row["path"] != "red/0000.png"]))
+    assert not single.multi_label and "green/0001.png" not in {path.name for path, _ in single.train + single.val}
+    assert [item.reason for item in single.skipped] == ["line 7: no label (an empty list: only multi-label runs take such images)"]  # one row fewer

@@ -25,6 +25,7 @@ class LabelRow:
     path: str
     labels: tuple[str, ...]  # one, or several for a multi-label image (cat|dog, or a JSON list)
     split: str
+    unlabelled: bool = False  # a JSON list with no label: a multi-label image of none of the classes
 
 
 def label_file_digest(path: Path) -> str:
@@ -66,12 +67,16 @@ def read_label_file(
     unreadable = find_bad_images([root / row.path for row in kept])
     bad += [BadImage(root / row.path, f"line {row.line}: {unreadable[root / row.path]}") for row in kept if root / row.path in unreadable]
     kept = [row for row in kept if root / row.path not in unreadable]
+    multi_label = _multi_label(kept, labels, task)
+    if not multi_label:
+        bad += [BadImage(root / row.path, f"line {row.line}: no label (an empty list: only multi-label runs take such images)") for row in kept if row.unlabelled]
+        kept = [row for row in kept if not row.unlabelled]
     if bad and on_bad_image == "error":
         raise DataError(Problem(WHERE, f"{shown(labels)}: {bad_rows(bad)}", "fix or remove the rows, or set data.on_bad_image: skip to train without them"))
     classes = sorted({name for row in kept for name in row.labels})
     if len(classes) < 2:
         raise DataError(Problem(WHERE, f"{shown(labels)} needs at least two labels among its usable rows, found {classes or 'none'}", "label the images with two or more classes"))
-    return _splits(kept, classes, root, val_fraction, seed, split, labels, tuple(bad), _multi_label(kept, labels, task))
+    return _splits(kept, classes, root, val_fraction, seed, split, labels, tuple(bad), multi_label)
 
 
 def _multi_label(rows: list[LabelRow], labels: Path, task: str) -> bool:
@@ -124,7 +129,7 @@ def _jsonl_rows(labels: Path, text: str) -> list[LabelRow]:
             raise DataError(Problem(WHERE, f"{shown(labels)} line {line}: not a JSON object", 'write one object a line: {"path": ..., "label": ...}'))
         label = item.get("label")
         names = tuple(sorted({_cell(name) for name in label} - {""})) if isinstance(label, list) else _cell_labels(_cell(label))
-        rows.append(LabelRow(line, _cell(item.get("path")), names, _cell(item.get("split"))))
+        rows.append(LabelRow(line, _cell(item.get("path")), names, _cell(item.get("split")), unlabelled=label == []))
     return rows
 
 
@@ -160,7 +165,7 @@ def _row_problem(row: LabelRow, where: Path, seen: set[str]) -> str | None:
         return "empty path"
     if os.path.normpath(row.path) in seen:
         return "duplicated path"
-    if not row.labels:
+    if not row.labels and not row.unlabelled:
         return "empty label"
     if row.split and row.split not in SPLITS:
         return f"unknown split '{shown(row.split)}' (train, val or test)"

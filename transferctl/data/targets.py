@@ -43,5 +43,6 @@ def class_counts(labels: Sequence[Label]) -> Counter[int]:
 
 def stratum(label: Label, counts: Counter[int]) -> int:
     """The class an image is split and sampled by: its own, or a multi-label image's rarest one (so that
-    splitting per stratum still gives every rare class training and validation images)."""
-    return min(classes_of(label), key=lambda index: (counts[index], index))
+    splitting per stratum still gives every rare class training and validation images); -1 for an image
+    of none of the classes."""
+    return min(classes_of(label), key=lambda index: (counts[index], index), default=-1)
