@@ -138,3 +138,14 @@ def test_show_and_runs_give_a_multi_label_runs_val_map(multi_label_run: Path) ->
     assert "best val mAP" in text and f"best: val_map {summary['best_val_map']:.4f}, val_acc (every label right)" in text
     listed = CliRunner().invoke(app, ["runs", str(multi_label_run.parent)])
     assert listed.exit_code == 0 and "val mAP" in listed.stderr and f"{summary['best_val_map']:.4f}" in listed.stderr
+
+
+def test_train_prints_a_multi_label_rows_val_map_beside_its_val_acc(multi_label_run: Path) -> None:
+    from transferctl.cli.train import _best_numbers
+    from transferctl.training.progress import epoch_line
+
+    rows = [json.loads(line) for line in (multi_label_run / "metrics.jsonl").read_text().splitlines()]
+    assert f"val_acc {rows[0]['val_acc']:.4f} val_map {rows[0]['val_map']:.4f} (" in epoch_line(rows[0])
+    summary = json.loads((multi_label_run / "summary.json").read_text())
+    assert _best_numbers(summary) == f"val_map {summary['best_val_map']:.4f}, val_acc {summary['best_val_acc']:.4f}"
+    assert "val_map" not in epoch_line({key: value for key, value in rows[0].items() if key != "val_map"})

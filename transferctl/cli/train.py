@@ -123,10 +123,16 @@ def _launch(
     raise typer.Exit(code)
 
 
+def _best_numbers(summary: dict[str, Any]) -> str:
+    if "best_val_map" in summary:  # multi-label: val_acc is every label right, the stricter number
+        return f"val_map {summary['best_val_map']:.4f}, val_acc {summary['best_val_acc']:.4f}"
+    return f"val_acc {summary['best_val_acc']:.4f}"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     err.print(f"[bold]run:[/] {summary['run_dir']}")
     err.print(
-        f"best val_acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} ({summary['best_phase']}); "
+        f"best {_best_numbers(summary)} at epoch {summary['best_epoch']} ({summary['best_phase']}); "
         f"{summary['epochs']} epochs in {summary['seconds']:.1f}s, {summary['images_per_second']:.1f} images/s "
         f"on {summary['device']} ({summary['precision']})"
     )

@@ -20,8 +20,13 @@ def epoch_line(row: dict[str, Any], epochs_in_phase: int | None = None) -> str:
     of = f"/{epochs_in_phase}" if epochs_in_phase else ""
     return (
         f"[{row['phase']}] epoch {row['epoch']}{of}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
-        f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} ({row['images_per_second']:.0f} img/s, {row['seconds']:.1f}s)"
+        f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{_map(row)} ({row['images_per_second']:.0f} img/s, {row['seconds']:.1f}s)"
     )
+
+
+def _map(row: dict[str, Any]) -> str:
+    """A multi-label row's mean average precision (its val_acc: every label right)."""
+    return f" val_map {row['val_map']:.4f}" if "val_map" in row else ""
 
 
 class LineObserver(QuietObserver):
@@ -73,7 +78,7 @@ class RichObserver(QuietObserver):
 
     def epoch_done(self, row: dict[str, Any]) -> None:
         self.progress.update(self.epoch_task, completed=row["epoch"])  # not advance: a resumed phase starts midway
-        info = f"val_acc {row['val_acc']:.4f}  {row['images_per_second']:.0f} img/s"
+        info = f"val_acc {row['val_acc']:.4f}{_map(row)}  {row['images_per_second']:.0f} img/s"
         self.progress.update(self.epoch_task, info=info)
         self.console.print(epoch_line(row, self.epochs), highlight=False, markup=False)
 
