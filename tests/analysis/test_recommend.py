@@ -634,3 +634,69 @@ def test_data_mode_refuses_a_bad_label_file_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: data.labels") and "the header lacks path" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mode on multi-label data (a label file with cat|dog cells)
+
+
+@pytest.fixture
+def multi_label_file(tmp_path: Path) -> Path:
+    from transferctl.testing.synthetic import write_multi_label_dataset
+
+    return write_multi_label_dataset(tmp_path / "data", images=40, size=16)
+
+
+def test_data_mode_measures_multi_label_data_by_map_and_writes_a_multi_label_experiment(multi_label_file: Path, tmp_path: Path) -> None:
+    from transferctl.config import config_for_task
+    from transferctl.data.label_files import discover_data
+    from transferctl.data.targets import class_counts
+
+    path = tmp_path / "rec.yaml"
+    result = invoke("recommend", "--data", str(multi_label_file.parent), "--labels", str(multi_label_file), *LABELS_FAST, "--fast", "--write-config", str(path))
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["metric"] == "val_map" and answer["data"]["task"] == "multi_label"
+    # The size counts images per label: an image once for each of its labels.
+    splits = discover_data(multi_label_file.parent, 0.2, 0, labels=multi_label_file)
+    per_label = class_counts([label for _, label in splits.train])
+    assert answer["data"]["per_class_median"] == np.median(list(per_label.values())) and sum(per_label.values()) > answer["data"]["images"]
+    notes = " ".join(answer["notes"])
+    for text in ("one-vs-rest", "scored by mAP", "images per label", "(AMI) needs one label an image"):
+        assert text in notes, text
+    assert "images per label, smallest label" in answer["size_reasons"][0] and " a label" in answer["data"]["measured_on"]
+    (row,) = answer["ranking"]
+    assert 0.0 <= row["probe_acc"] <= 1.0 and row["source_agreement"] is None
+    written = yaml.safe_load(path.read_text())
+    assert written["task"] == "multi_label" and written["early_stopping"]["metric"] == "val_map"
+    assert written["data"]["sampler"] == "shuffle" and written["loss"]["label_smoothing"] == 0 and written.get("mixup") is None
+    assert invoke("check", str(path)).exit_code == 0
+    # Rule mode reads no label file: it leaves early_stopping.metric to the task training finds (val_map here).
+    rule = tmp_path / "rule.yaml"
+    assert invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(multi_label_file.parent), "--labels", str(multi_label_file),
+                  "--write-config", str(rule)).exit_code == 0  # fmt: skip
+    assert "metric" not in yaml.safe_load(rule.read_text())["early_stopping"]
+    assert config_for_task(load_config(rule), multi_label=True).early_stopping.metric == "val_map"
+
+
+def test_data_mode_races_multi_label_data_by_val_map(monkeypatch: pytest.MonkeyPatch, multi_label_file: Path) -> None:
+    import transferctl.analysis.race as race
+
+    summaries: dict[str, dict[str, Any]] = {}
+    original = race._train
+
+    def train(config: Any, run_dir: Path) -> dict[str, Any]:
+        summaries[config.strategy] = original(config, run_dir)
+        return summaries[config.strategy]
+
+    monkeypatch.setattr(race, "_train", train)
+    result = invoke("recommend", "--data", str(multi_label_file.parent), "--labels", str(multi_label_file), *LABELS_FAST, "--budget", "0")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["race"]["runs"] and all(run["metric"] == "val_map" for run in answer["race"]["runs"])
+    raced = {c["strategy"]: c for c in answer["candidates"] if c["strategy"] != "feature_extract"}
+    assert set(raced) == set(summaries) and all(summaries[s]["task"] == "multi_label" for s in summaries)
+    for strategy, row in raced.items():  # each estimate is the run's best val_map, not its subset accuracy
+        assert row["estimate"] == pytest.approx(summaries[strategy]["best_val_map"], abs=1e-4) and "best val mAP" in row["how"]
+    assert all("by mAP" in c["how"] for c in answer["candidates"] if c["strategy"] == "feature_extract")
+    assert "validation mAP" in answer["reasons"][0]

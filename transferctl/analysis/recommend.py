@@ -16,6 +16,11 @@ since the rule is only a prior, measures every candidate like with like: each fr
 after every earlier layer group: `backbone.cut`) by its converged probe's validation accuracy, and the
 end-to-end strategies by short real training runs (transferctl.analysis.race). The pick is the best estimate or,
 within one standard error of it, the cheapest. `--fast` keeps the forward pass and the rule alone.
+
+Multi-label data (a label file giving images several labels) is measured the same way with mAP for accuracy:
+LogME averages its evidence over the label columns, the probes are one-vs-rest and scored by mAP, the race
+ranks by val_map, and the size counts images per label (an image once for each of its labels). What has no
+multi-label meaning (the source head's agreement, AMI) is left out, and the report's notes say so.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def advise(size: str, similar: bool, cut: str | None = None, measured: bool = Fa
 
 
 def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None,
-                    val_fraction: float = 0.2, augment: str = "standard", labels: Path | None = None) -> str:  # fmt: skip
+                    val_fraction: float = 0.2, augment: str = "standard", labels: Path | None = None, multi_label: bool | None = None) -> str:  # fmt: skip
     """A complete experiment file for the advice, validated exactly as `transferctl train` will read it.
 
     Paths are written relative to the file's own folder (how train reads them), so the pair can be moved together.
@@ -142,6 +147,8 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
     scratch answer drops the weights, and with them their preprocessing's size). val_fraction: the share data
     mode held out of a flat tree, so that training holds out the same images. augment: what the race trained with.
     labels: the label file measured on (data.labels, relative to the file as data.root is); None: class folders.
+    multi_label: data mode found several labels an image: the file says task: multi_label and follows val_map.
+    None (rule mode, which reads no label file): early_stopping.metric is left to the task training finds.
     """
     from transferctl.config import config_from_dict, config_to_dict, dump_yaml, parse_weights
 
@@ -163,11 +170,16 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
         "strategy": advice.strategy,
         "output": {"dir": "runs"},
     }
+    if multi_label:
+        raw.update(task="multi_label", early_stopping={"metric": "val_map"})
     config = config_from_dict(raw, source=str(path))
+    written = config_to_dict(config)
+    if labels and multi_label is None:  # written, val_acc would hold a multi-label run to subset accuracy
+        written["early_stopping"].pop("metric", None)
     header = [f"# Written by `transferctl recommend`: {advice.case} -> {advice.strategy}."]
     header += [f"# {line}" for reason in advice.reasons for line in _wrap(reason)]
     header.append("# Check it with `transferctl check`; train with `transferctl train`.")
-    return "\n".join(header) + "\n" + dump_yaml(config_to_dict(config))
+    return "\n".join(header) + "\n" + dump_yaml(written)
 
 
 def write_experiment(text: str, path: Path, overwrite: bool = False) -> Path:
@@ -283,6 +295,16 @@ class DataSummary:
     val_images: int = 0
     scored: int = 0  # validation images the frozen probes were scored on (0: --fast, none)
     measured_on: str = ""  # which images were measured, and why
+    task: str = "single_label"  # multi_label: per_class counts are images per label, accuracies are mAP
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi_label"
+
+    @property
+    def metric(self) -> str:
+        """What the candidates' estimates measure, as training names it."""
+        return "val_map" if self.multi_label else "val_acc"
 
 
 @dataclass
@@ -337,6 +359,7 @@ class DataReport:
         return {
             "mode": "data",
             "measurement": "race" if self.pick else "fast",
+            "metric": self.data.metric,
             "data": asdict(self.data),
             "thresholds": asdict(self.thresholds),
             "ranking": [b.to_dict() for b in self.backbones],
@@ -357,14 +380,15 @@ def advice_dict(advice: Advice) -> dict[str, Any]:
     return {"size": advice.size, "similar": advice.similar, "case": advice.case, "strategy": advice.strategy, "cut": advice.cut, "reasons": advice.reasons}
 
 
-def judge_size(median: float, minimum: int, gain_points: float | None, sampled: int, total: int, th: Thresholds) -> tuple[str, list[str]]:
+def judge_size(median: float, minimum: int, gain_points: float | None, sampled: int, total: int, th: Thresholds, per: str = "class") -> tuple[str, list[str]]:
     """small / large from images per class; in between, from whether a probe still gains from more data.
 
     The gain is measured on the sample. Learning curves flatten, so a small gain on a sample means a smaller
     one on all the data (large), while a big gain on a sample says little about all of it: then the answer
-    is the cautious one (small), with the way to measure at full size.
+    is the cautious one (small), with the way to measure at full size. `per`: label for multi-label data, where
+    an image counts once for each of its labels.
     """
-    counts = f"median {median:g} images per class, smallest class {minimum} (small below {th.small_below}, large from {th.large_from})"
+    counts = f"median {median:g} images per {per}, smallest {per} {minimum} (small below {th.small_below}, large from {th.large_from})"
     if median < th.small_below:
         return "small", [f"small: {counts}"]
     if median >= th.large_from:
@@ -456,13 +480,14 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
     say(measured.summary.measured_on)
     ranked = _measure_backbones(measured.paths, measured.labels, len(measured.fit), options, say)
     top, summary = ranked[0], measured.summary
-    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, top.probe_gain_points, summary.sampled, summary.images, thresholds)
+    size, size_reasons = judge_size(summary.per_class_median, summary.per_class_min, top.probe_gain_points, summary.sampled, summary.images, thresholds,
+                                    "label" if summary.multi_label else "class")  # fmt: skip
     similar, cut, similarity_reasons = judge_similarity(top, thresholds)
     extra = cut_reason(top, cut, thresholds)
     if extra:
         similarity_reasons.append(extra)
     rule = advise(size, similar, cut if size == "small" else None, measured=True)
-    notes = _notes(summary, measured.splits)
+    notes = _notes(summary, measured.splits) + (MULTI_LABEL_NOTES if summary.multi_label else [])
     if options.fast:
         if cut and size == "large":
             rule.reasons.append(f"with this much data train every layer; a frozen body cut after '{cut}' (backbone.cut) is the cheaper alternative")
@@ -470,9 +495,9 @@ def measure(root: Path, options: MeasureOptions, thresholds: Thresholds, on_prog
         rule.reasons.append("--fast: the four-case rule from forward-pass measures, nothing trained; without --fast the candidates are trained and measured")
         return DataReport(summary, thresholds, ranked, rule, size_reasons, similarity_reasons, time.perf_counter() - started, notes)
     race = _race(root, top, options, say)
-    candidates = frozen_candidates(ranked, summary.scored) + race_candidates(race, top.name, summary.val_images)
+    candidates = frozen_candidates(ranked, summary.scored, summary.metric) + race_candidates(race, top.name, summary.val_images)
     pick = pick_candidate(candidates)
-    advice = Advice(size, similar, pick.strategy, pick_reasons(pick, candidates, rule), pick.cut)
+    advice = Advice(size, similar, pick.strategy, pick_reasons(pick, candidates, rule, summary.metric), pick.cut)
     advice.reasons.append(f"the race trained {top.name}, first of the backbones by LogME ({top.logme:.3f}); every backbone's frozen body was probed")
     notes += race.notes
     return DataReport(summary, thresholds, ranked, advice, size_reasons, similarity_reasons, time.perf_counter() - started, notes,
@@ -496,27 +521,31 @@ def _training_view(root: Path, options: MeasureOptions) -> _TrainingView:
     """The data split as training will split it (a flat tree: data.val_fraction and the seed, as train draws it)."""
     import numpy as np
 
+    from transferctl.analysis.probes import strata
     from transferctl.data.label_files import discover_data
     from transferctl.data.sampling import stratified_sample
+    from transferctl.data.targets import target_array
 
     splits = discover_data(root, options.val_fraction, options.seed, labels=options.labels)
-    train_labels = np.array([label for _, label in splits.train], dtype=int)
-    val_labels = np.array([label for _, label in splits.val], dtype=int)
-    counts = np.bincount(train_labels, minlength=len(splits.classes))
+    multi = splits.multi_label  # then labels are multi-hot rows (images x classes), counts images per label
+    train_labels = target_array([label for _, label in splits.train], len(splits.classes), multi)
+    val_labels = target_array([label for _, label in splits.val], len(splits.classes), multi)
+    counts = train_labels.sum(axis=0).astype(int) if multi else np.bincount(train_labels, minlength=len(splits.classes))
     if counts.min() < 2:
         small = splits.classes[int(counts.argmin())]
         share = f" (a flat tree gives {options.val_fraction:g} of each class to validation: --val-fraction)" if splits.layout == "flat" else ""
-        raise DataError(Problem(str(root), f"class '{small}' has {counts.min()} training image(s){share}", "data mode needs at least 2 training images per class to cross-validate its probes"))
+        kind = "label" if multi else "class"
+        raise DataError(Problem(str(root), f"{kind} '{small}' has {counts.min()} training image(s){share}", f"data mode needs at least 2 training images per {kind} to cross-validate its probes"))
     if not options.fast and not len(val_labels):
         raise DataError(Problem(str(root / "val"), "holds no images", "the candidates are scored on validation images: add some, or use --fast"))
     if options.max_images < 2 * len(splits.classes):
         raise ConfigError(Problem("--max-images", f"{options.max_images} images cannot give each of {len(splits.classes)} classes the two a probe needs",
                                   f"use --max-images {2 * len(splits.classes)} or more"))  # fmt: skip
-    fit = stratified_sample(train_labels, options.max_images, options.seed)
-    scored = np.array([], dtype=int) if options.fast else stratified_sample(val_labels, options.max_images, options.seed)
+    fit = stratified_sample(strata(train_labels), options.max_images, options.seed)
+    scored = np.array([], dtype=int) if options.fast or not len(val_labels) else stratified_sample(strata(val_labels), options.max_images, options.seed)
     summary = DataSummary(
         str(root), list(splits.classes), len(train_labels), float(np.median(counts)), int(counts.min()), splits.classes[int(counts.argmin())],
-        len(fit), splits.layout, len(val_labels), len(scored), "",
+        len(fit), splits.layout, len(val_labels), len(scored), "", "multi_label" if multi else "single_label",
     )  # fmt: skip
     summary.measured_on = measured_on(summary, options)
     paths = [splits.train[i][0] for i in fit] + [splits.val[i][0] for i in scored]
@@ -537,16 +566,24 @@ def measured_on(summary: DataSummary, options: MeasureOptions) -> str:
         train_part, val_part = "training rows", "validation rows"
     else:
         where, train_part, val_part = "", "training images (train/)", "validation images (val/)"
-    fitted = f"{where}probes fit on {sample} {train_part}, what training fits, median {summary.per_class_median:g} a class"
+    fitted = f"{where}probes fit on {sample} {train_part}, what training fits, median {summary.per_class_median:g} a {'label' if summary.multi_label else 'class'}"
     if options.fast:
         return f"{fitted}, cross-validated within them (--fast: no validation image is looked at)"
-    return f"{fitted}; scored on {summary.scored} of the {summary.val_images} {val_part}, where training measures val_acc; the race trains and scores on the same split"
+    return f"{fitted}; scored on {summary.scored} of the {summary.val_images} {val_part}, where training measures {summary.metric}; the race trains and scores on the same split"
 
 
 # ---------------------------------------------------------------------------------------------
 # Data mode: the candidates, the race and the pick
 
 COSTS = {"feature_extract": 0, "cut": 1, "fine_tune": 2, "pretrained_init": 3, "scratch": 3}  # cost to train, for ties
+ESTIMATE_WORDS = {"val_acc": "validation accuracy", "val_map": "validation mAP"}
+MULTI_LABEL_NOTES = [
+    "multi-label data: LogME is the mean of each label column's evidence; the probes are one-vs-rest (a logistic regression "
+    "a label) scored by mAP, and the race ranks by val_map, so every accuracy and estimate here is mAP",
+    "multi-label data: the size counts images per label (an image once for each of its labels)",
+    "multi-label data: the source head's agreement (AMI) needs one label an image, so it is not measured",
+    "multi-label data: the ± of an mAP is the binomial standard error of an accuracy on as many images, a rough scale rather than a measured spread",
+]
 
 
 def estimate_noise(accuracy: float, images: int) -> float:
@@ -556,22 +593,26 @@ def estimate_noise(accuracy: float, images: int) -> float:
     return math.sqrt(p * (1.0 - p) / (images + 4.0))
 
 
-def frozen_candidates(reports: Sequence[BackboneReport], scored: int) -> list[Candidate]:
-    """Every backbone's frozen body, whole and cut after each earlier layer group: its probe's validation accuracy."""
+def frozen_candidates(reports: Sequence[BackboneReport], scored: int, metric: str = "val_acc") -> list[Candidate]:
+    """Every backbone's frozen body, whole and cut after each earlier layer group: its probe's validation accuracy
+    (metric val_map: the one-vs-rest probe's validation mAP)."""
     found = []
     for report in reports:
         if report.probe_val_acc is None:
             continue
         for cut, accuracy in [(None, report.probe_val_acc), *report.stage_val_acc.items()]:
             layer = f"'{cut}'" if cut else "the penultimate layer"
-            how = (f"linear probe on {layer} ({report.crop} px), fitted to convergence on the training images with C chosen by "
-                   f"cross-validation among them, scored on {scored} validation images")  # fmt: skip
+            kind = "one-vs-rest linear probe (one a label)" if metric == "val_map" else "linear probe"
+            how = (f"{kind} on {layer} ({report.crop} px), fitted to convergence on the training images with C chosen by "
+                   f"cross-validation among them, scored on {scored} validation images{' by mAP' if metric == 'val_map' else ''}")  # fmt: skip
             found.append(Candidate("feature_extract", report.name, cut, accuracy, estimate_noise(accuracy, scored), how, COSTS["cut" if cut else "feature_extract"]))
     return found
 
 
 def race_candidates(race: Any, backbone: str, val_images: int) -> list[Candidate]:
-    """The race's strategies: each one's longest run, its best validation accuracy."""
+    """The race's strategies: each one's longest run, its best validation accuracy (val_map on multi-label data)."""
+    from transferctl.analysis.race import METRIC_WORDS
+
     found = []
     for strategy in race.strategies:
         run = race.last_run(strategy)
@@ -580,7 +621,7 @@ def race_candidates(race: Any, backbone: str, val_images: int) -> list[Candidate
             found.append(Candidate(strategy, backbone, None, None, None, how, COSTS[strategy], round(run.seconds, 2), run.epochs))
             continue
         how = (f"trained {run.epochs} epochs ({_share(run.fraction)} its default schedule: {run.schedule}) on the training images, "
-               f"best val acc on {val_images} validation images (race round {run.round + 1})")  # fmt: skip
+               f"best {METRIC_WORDS[run.metric]} on {val_images} validation images (race round {run.round + 1})")  # fmt: skip
         found.append(Candidate(strategy, backbone, None, run.best_val_acc, estimate_noise(run.best_val_acc, val_images), how, COSTS[strategy], round(run.seconds, 2), run.epochs))
     return found
 
@@ -599,10 +640,10 @@ def pick_candidate(candidates: Sequence[Candidate]) -> Candidate:
     return min(close, key=lambda c: (c.cost, -c.estimate))  # type: ignore[operator]
 
 
-def pick_reasons(pick: Candidate, candidates: Sequence[Candidate], rule: Advice) -> list[str]:
+def pick_reasons(pick: Candidate, candidates: Sequence[Candidate], rule: Advice, metric: str = "val_acc") -> list[str]:
     measured = [c for c in candidates if c.estimate is not None]
     best = max(measured, key=lambda c: c.estimate)  # type: ignore[arg-type, return-value]
-    mine = f"{pick.label} on {pick.backbone}: {_pct(pick.estimate)} ± {_pct(pick.noise)} validation accuracy"  # type: ignore[arg-type]
+    mine = f"{pick.label} on {pick.backbone}: {_pct(pick.estimate)} ± {_pct(pick.noise)} {ESTIMATE_WORDS[metric]}"  # type: ignore[arg-type]
     if pick is best:
         reasons = [f"{mine}, the best measured estimate of {len(measured)} candidates"]
     else:
@@ -740,8 +781,11 @@ def _measure_backbones(paths: list[Path], labels: Any, fit: int, options: Measur
     images = _ImageCache(paths, say)
     measured = [_measure_one(name, images, labels, fit, options, say) for name in options.backbones]
     ranked = sorted(measured, key=lambda item: _rank_key(item[0]), reverse=True)
+    from transferctl.analysis.probes import is_multi_label, strata
+
     # Training images only; at least two a class, or the reference's probe could not be cross-validated.
-    subset = stratified_sample(labels[:fit], max(options.random_images, 2 * len(set(labels.tolist()))), options.seed + 1)
+    classes = labels.shape[1] if is_multi_label(labels) else len(set(labels.tolist()))
+    subset = stratified_sample(strata(labels[:fit]), max(options.random_images, 2 * classes), options.seed + 1)
     for report, features, preprocessing in ranked if options.random_for == "all" else ranked[:1]:
         started = time.perf_counter()
         say(f"{report.name}: random-init reference on {len(subset)} training images")
@@ -812,7 +856,7 @@ def score_backbone(name: str, options: MeasureOptions, features: Any, labels: An
     """
     import numpy as np
 
-    from transferctl.analysis.probes import held_out_probe, logme_with_spread, probe, source_agreement
+    from transferctl.analysis.probes import held_out_probe, is_multi_label, logme_with_spread, probe, source_agreement
 
     fit = len(labels) if fit is None else fit
     train, train_labels = features.rows(slice(0, fit)), labels[:fit]
@@ -843,7 +887,8 @@ def score_backbone(name: str, options: MeasureOptions, features: Any, labels: An
         stage_acc=stage_acc,
         feature_dim=int(penultimate.shape[1]),
         best_stage=max(stage_acc, key=lambda g: stage_acc[g]) if stage_acc else None,
-        source_agreement=None if train.source_predictions is None else source_agreement(train_labels, train.source_predictions),
+        # AMI compares one label an image with the source head's one argmax: not defined for several labels.
+        source_agreement=None if train.source_predictions is None or is_multi_label(labels) else source_agreement(train_labels, train.source_predictions),
         probe_c=top.c,
         probe_val_acc=val_acc,
         stage_val_acc=stage_val_acc,

@@ -114,7 +114,7 @@ def _backbone_names(backbone: Optional[str], weights: str, trust_code: bool) -> 
 
 
 def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights: str, force: bool, image_size: Optional[int] = None, val_fraction: float = 0.2,
-           seed: int = 0, augment: str = "standard", labels: Optional[Path] = None) -> Path:  # fmt: skip
+           seed: int = 0, augment: str = "standard", labels: Optional[Path] = None, multi_label: Optional[bool] = None) -> Path:  # fmt: skip
     from transferctl.errors import ConfigError, Problem
     from transferctl.analysis.recommend import experiment_yaml, write_experiment
 
@@ -124,7 +124,7 @@ def _write(advice: Any, path: Path, data: Optional[Path], backbone: str, weights
         raise ConfigError(Problem("--data", f"no such folder: {data}", "give the folder of class folders the experiment trains on"))
     if labels is not None and not labels.is_file():
         raise ConfigError(Problem("--labels", f"no such file: {labels}", "give the .csv or .jsonl label file the experiment trains on"))
-    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction, augment, labels), path, overwrite=force)
+    return write_experiment(experiment_yaml(advice, path, data, backbone, weights, seed, image_size, val_fraction, augment, labels, multi_label), path, overwrite=force)
 
 
 def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional[Path], force: bool, as_json: bool, quiet: bool) -> None:
@@ -135,7 +135,7 @@ def _data_mode(data: Path, options: Any, thresholds: Any, write_config: Optional
 
     report = measure(data, options, thresholds, None if quiet else progress)
     written = _write(report.advice, write_config, data, report.best.name, report.best.weights, force, report.best.crop, options.val_fraction, options.seed, options.augment,
-                     options.labels) if write_config else None  # fmt: skip
+                     options.labels, report.data.multi_label) if write_config else None  # fmt: skip
     result = {**report.to_dict(), "config": str(written) if written else None}
     if as_json:
         print_json(result)
@@ -182,7 +182,7 @@ def _ranking_table(result: dict[str, Any]) -> Table:
         )
     scored = f"scored on {result['data']['scored']} validation images" if result["data"]["scored"] else "cross-validated"
     table.caption = (
-        f"LogME ± spread over stratified halves · probe: linear probe on the penultimate layer, {scored} (balanced accuracy) · "
+        f"LogME ± spread over stratified halves · probe: linear probe on the penultimate layer, {scored} ({_probe_measure(result)}) · "
         "random: that probe on a random-init copy (points gained by pretraining) · best stage: best earlier layer "
         "group's probe · AMI: source head vs labels · top-1: ImageNet, from the weights"
     )
@@ -192,7 +192,8 @@ def _ranking_table(result: dict[str, Any]) -> Table:
 
 def _candidates_table(result: dict[str, Any]) -> Table:
     pick = result["pick"]
-    table = Table(title="candidates, by measured validation accuracy (± one standard error)", title_justify="left")
+    measured = "validation mAP" if result.get("metric") == "val_map" else "validation accuracy"
+    table = Table(title=f"candidates, by measured {measured} (± one standard error)", title_justify="left")
     for column in ("", "strategy", "cut", "backbone", "estimate", "how", "s"):
         table.add_column(column, justify="right" if column in ("estimate", "s") else "left", overflow="fold")
     ranked = sorted(result["candidates"], key=lambda c: -1.0 if c["estimate"] is None else c["estimate"], reverse=True)
@@ -205,6 +206,10 @@ def _candidates_table(result: dict[str, Any]) -> Table:
                      "feature_extract < a cut < fine_tune < pretrained_init, scratch")  # fmt: skip
     table.caption_justify = "left"
     return table
+
+
+def _probe_measure(result: dict[str, Any]) -> str:
+    return "one-vs-rest, mAP" if result.get("metric") == "val_map" else "balanced accuracy"
 
 
 def _pct(fraction: float) -> str:
