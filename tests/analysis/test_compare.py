@@ -194,3 +194,28 @@ def test_compare_end_to_end_then_resume(tmp_path: Path, tiny_split_data: Path) -
     assert runner.invoke(app, ["report", str(out), "--json"]).exit_code == 0
     changed = runner.invoke(app, [*command, "--set", "schedule.0.lr=0.5"])
     assert changed.exit_code == 1 and "this run was trained with" in changed.output
+
+
+def test_compare_on_multi_label_data_measures_every_curve_by_val_map_and_reruns(tmp_path: Path) -> None:
+    from transferctl.testing.synthetic import write_multi_label_dataset
+
+    labels = write_multi_label_dataset(tmp_path / "data", images=24, size=16)
+    config = write_experiment(tmp_path / "exp.yaml", experiment(labels.parent, tmp_path / "runs", data={"labels": str(labels)}))
+    out = tmp_path / "cmp"
+    command = ["compare", str(config), "--strategies", "scratch,fine_tune", "--seeds", "1", "--out", str(out), "--json", "-q"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metric"] == "val_map"
+    for strategy in ("scratch", "fine_tune"):
+        run = out / f"{strategy}-seed0"
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (row,) = report["results"][strategy]["per_seed"]
+        assert row["best_val_map"] == max(r["val_map"] for r in rows) and "best_val_acc" not in row  # mAP, not subset accuracy
+        assert yaml.safe_load((run / "config.yaml").read_text())["early_stopping"]["metric"] == "val_map"  # best.pt follows mAP too
+    assert "best_val_map" in report["results"]["fine_tune"]["measures"]
+    markdown = (out / "report.md").read_text()
+    assert "best val mAP" in markdown and "validation mAP (`val_map`)" in markdown
+    text = runner.invoke(app, command[:-2])  # the table, on stderr's console: titled by the metric
+    assert text.exit_code == 0 and "best val mAP" in text.output and "on val_map" in " ".join(text.output.split())
+    assert all(row["status"] == "skipped" for row in json.loads(runner.invoke(app, command).stdout)["results"]["scratch"]["per_seed"])

@@ -8,6 +8,10 @@ where this transferctl has it) and trains the missing ones; a run that cannot be
 
 Fairness: every run gets the same data, the same number of epochs and, per seed, the same seed (so the
 same split and shuffle order); early stopping is off, so all curves have the same length.
+
+The curves are validation accuracy per epoch, or validation mAP (val_map) where the data is multi-label (a
+multi-label run's val_acc is subset accuracy, every label right); the report's `metric` says which, and the
+measures are named after it (best_val_map, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from transferctl.config import (
     STRATEGIES,
     ExperimentConfig,
     PhaseConfig,
+    config_for_task,
     config_from_dict,
     config_to_dict,
     default_schedule,
@@ -56,7 +61,8 @@ SCHEDULE_RULE = (
     "(each falls back to the other). Early stopping is off: every run trains all T epochs."
 )
 
-# Columns of the results table, shared by report.md and the terminal table: (title, measure, digits).
+# Columns of the results table, shared by report.md and the terminal table: (title, measure, digits); "val_acc" in a
+# measure's name stands for the report's metric (val_map for multi-label data: see metric_key).
 COLUMNS = (
     ("best val acc", "best_val_acc", 3),
     ("AUC", "auc", 3),
@@ -71,6 +77,17 @@ COLUMNS = (
 # Summarised over seeds per strategy: absolute numbers, then the measures against scratch (curves.SeedMeasures).
 MEASURES = ("first_val_acc", "best_val_acc", "final_val_acc", "seconds", "jumpstart", "auc", "transfer_ratio", "asymptote", "asymptotic_gain", "time_to_threshold", "speedup")
 RELATIVE = {"jumpstart", "transfer_ratio", "asymptotic_gain", "speedup"}  # meaningless for the baseline itself
+METRIC_TITLES = {"val_acc": ("val acc", "validation accuracy"), "val_map": ("val mAP", "validation mAP")}  # short, long
+
+
+def metric_key(key: str, metric: str) -> str:
+    """A measure's name for the report's metric: best_val_acc -> best_val_map on multi-label data."""
+    return key.replace("val_acc", metric)
+
+
+def curve_metric(rows: list[dict[str, Any]]) -> str:
+    """What a run's curve follows: val_map where its rows have it (multi-label), else val_acc."""
+    return "val_map" if rows and all("val_map" in row for row in rows) else "val_acc"
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,8 @@ def _run_config(config: ExperimentConfig, strategy: str, seed: int, schedule: li
     raw = config.model_dump(mode="json")
     raw.update(name=f"{config.name}-{strategy}-seed{seed}", strategy=strategy, seed=seed, schedule=[phase.model_dump(mode="json") for phase in schedule])
     raw["early_stopping"]["patience"] = None
+    if "metric" not in config.early_stopping.model_fields_set:  # left to the task, as the experiment file left it (val_map when multi-label)
+        del raw["early_stopping"]["metric"]
     raw["output"]["dir"] = str(out)
     return config_from_dict(raw, source=f"--strategies {strategy}")
 
@@ -191,7 +210,9 @@ def check_existing_runs(plan: ComparisonPlan) -> None:
         if not config_file.is_file():
             continue
         trained = flatten(read_yaml(config_file))
-        planned = flatten(yaml.safe_load(dump_yaml(config_to_dict(run.config))))  # through YAML, as train wrote it
+        # The data told training the task (config_for_task): the planned config as that run recorded it.
+        planned_config = config_for_task(run.config, multi_label=True) if trained.get("task") == "multi_label" and run.config.task != "single_label" else run.config
+        planned = flatten(yaml.safe_load(dump_yaml(config_to_dict(planned_config))))  # through YAML, as train wrote it
         for key in sorted(trained.keys() | planned.keys()):
             old, new = trained.get(key), planned.get(key)
             if key not in RERUN_MAY_CHANGE and old != new:
@@ -276,13 +297,14 @@ def _with_rerun_hint(plan: ComparisonPlan, step: Callable[[], str]) -> str:
 def build_report(plan: ComparisonPlan, statuses: dict[str, str]) -> dict[str, Any]:
     """Per-seed measures against scratch of the same seed, their mean ± sd, and the mean curves."""
     loaded = {run.name: _finished_curve(plan, run) for run in plan.runs}
-    curves = {name: run_curve.series("val_acc") for name, run_curve in loaded.items()}
+    metric = curve_metric([row for run_curve in loaded.values() for row in run_curve.rows])
+    curves = {name: run_curve.series(metric) for name, run_curve in loaded.items()}
     results: dict[str, Any] = {}
     bands: dict[str, Any] = {}
     for strategy in plan.strategies:
         mine = [run for run in plan.runs if run.strategy == strategy]
-        per_seed = [_seed_row(run, loaded[run.name], curves[run.name], curves[f"{BASELINE}-seed{run.seed}"], statuses.get(run.name)) for run in mine]
-        stats = {key: summarize([row[key] for row in per_seed]) for key in MEASURES}
+        per_seed = [_seed_row(run, loaded[run.name], curves[run.name], curves[f"{BASELINE}-seed{run.seed}"], statuses.get(run.name), metric) for run in mine]
+        stats = {metric_key(key, metric): summarize([row[metric_key(key, metric)] for row in per_seed]) for key in MEASURES}
         results[strategy] = {
             "measures": {key: stat.to_dict() for key, stat in stats.items()},
             "negative_transfer": strategy != BASELINE and negative_transfer(stats["asymptotic_gain"]),
@@ -295,6 +317,7 @@ def build_report(plan: ComparisonPlan, statuses: dict[str, str]) -> dict[str, An
         "config": plan.source,
         "title": plan.title,
         "baseline": BASELINE,
+        "metric": metric,
         "strategies": list(plan.strategies),
         "seeds": list(plan.seeds),
         "epochs": plan.epochs,
@@ -315,14 +338,14 @@ def _finished_curve(plan: ComparisonPlan, run: PlannedRun) -> RunCurves:
     return curve
 
 
-def _seed_row(run: PlannedRun, loaded: RunCurves, curve: list[float], scratch: list[float], status: str | None) -> dict[str, Any]:
+def _seed_row(run: PlannedRun, loaded: RunCurves, curve: list[float], scratch: list[float], status: str | None, metric: str = "val_acc") -> dict[str, Any]:
     return {
         "seed": run.seed,
         "run_dir": str(loaded.path),
         "status": status,
-        "first_val_acc": curve[0],
-        "best_val_acc": max(curve),
-        "final_val_acc": curve[-1],
+        f"first_{metric}": curve[0],
+        f"best_{metric}": max(curve),
+        f"final_{metric}": curve[-1],
         "seconds": round(sum(row.get("seconds", 0.0) for row in loaded.rows), 2),
         **asdict(measure(curve, scratch)),
     }
@@ -333,7 +356,8 @@ def write_report(plan: ComparisonPlan, report: dict[str, Any]) -> None:
     from transferctl.analysis.plots import StrategyBand, comparison_figure, png_bytes
 
     bands = [StrategyBand(s, c["mean"], c["sd"], c["phase_ends"], len(plan.seeds)) for s, c in report["curves"].items()]
-    figure = comparison_figure(bands, f"{plan.title}: validation accuracy per epoch ({len(plan.seeds)} seeds, {plan.epochs} epochs)")
+    words = METRIC_TITLES[report.get("metric", "val_acc")][1]
+    figure = comparison_figure(bands, f"{plan.title}: {words} per epoch ({len(plan.seeds)} seeds, {plan.epochs} epochs)", ylabel=words)
     write_atomically(plan.out / "curves.png", png_bytes(figure))
     write_atomically(plan.out / "report.md", render_markdown(report))
     write_atomically(plan.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
@@ -341,13 +365,14 @@ def write_report(plan: ComparisonPlan, report: dict[str, Any]) -> None:
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The results table as text cells: one row per strategy, each cell mean ± sd over seeds."""
-    header = ["strategy", *(title for title, _, _ in COLUMNS), "negative transfer"]
+    metric = report.get("metric", "val_acc")  # reports written before multi-label have none: val_acc
+    header = ["strategy", *(title.replace("val acc", METRIC_TITLES[metric][0]) for title, _, _ in COLUMNS), "negative transfer"]
     rows = []
     for strategy, result in report["results"].items():
         baseline = strategy == report["baseline"]
         cells = [strategy]
         for _, key, digits in COLUMNS:
-            cells.append("baseline" if baseline and key in RELATIVE else Stat(**result["measures"][key]).text(digits))
+            cells.append("baseline" if baseline and key in RELATIVE else Stat(**result["measures"][metric_key(key, metric)]).text(digits))
         cells.append("—" if baseline else ("YES" if result["negative_transfer"] else "no"))
         rows.append(cells)
     return header, rows
@@ -361,11 +386,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Experiment `{report['config']}`, seeds {', '.join(map(str, report['seeds']))}, {report['epochs']} epochs per run; "
         f"every measure is against `{report['baseline']}` with the same seed, as mean ± sample sd over seeds.",
         "",
+        f"Every curve and measure is {METRIC_TITLES[report.get('metric', 'val_acc')][1]} (`{report.get('metric', 'val_acc')}`)"
+        + (": the data is multi-label, where val_acc would be subset accuracy (every label right)." if report.get("metric") == "val_map" else "."),
+        "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(" --- " for _ in header) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        "![validation accuracy per epoch](curves.png)",
+        f"![{METRIC_TITLES[report.get('metric', 'val_acc')][1]} per epoch](curves.png)",
         "",
         "## Schedules",
         "",

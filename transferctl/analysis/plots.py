@@ -49,8 +49,8 @@ def mark_phase_ends(axes: Axes, phase_ends: Sequence[int], colour: Any) -> None:
         axes.axvline(end + 0.5, color=colour, linestyle=":", linewidth=1.2, alpha=0.8, label=PHASE_LABEL)
 
 
-def comparison_figure(bands: Sequence[StrategyBand], title: str) -> Figure:
-    """Val accuracy per epoch: a mean line per strategy, a band of ± one sd over seeds, phase boundaries."""
+def comparison_figure(bands: Sequence[StrategyBand], title: str, ylabel: str = "validation accuracy") -> Figure:
+    """Val accuracy (or another [0, 1] metric: ylabel) per epoch: a mean line per strategy, a band of ± one sd over seeds, phase boundaries."""
     figure, (axes,) = new_figure(8.0, 5.0)
     for index, band in enumerate(bands):
         colour = STRATEGY_COLOURS.get(band.strategy, f"C{index}")
@@ -63,7 +63,7 @@ def comparison_figure(bands: Sequence[StrategyBand], title: str) -> Figure:
             high = [min(1.0, m + s) for m, s in zip(band.mean, band.sd)]
             axes.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
         mark_phase_ends(axes, band.phase_ends, colour)
-    _decorate(axes, "validation accuracy", title)
+    _decorate(axes, ylabel, title)
     axes.text(0.99, 0.01, "dotted: phase boundary", transform=axes.transAxes, ha="right", va="bottom", fontsize=8, color="dimgray")
     figure.tight_layout()
     return figure

@@ -50,7 +50,8 @@ def render_comparison(report: dict[str, Any]) -> Table:
     header, rows = table_rows(report)
     seeds = len(report["seeds"])
     table = Table(
-        title=f"{escape(report['title'])}: {report['epochs']} epochs per run, mean ± sd over {seeds} seed{'s' if seeds > 1 else ''}, against {report['baseline']} with the same seed",
+        title=f"{escape(report['title'])}: {report['epochs']} epochs per run, mean ± sd over {seeds} seed{'s' if seeds > 1 else ''}, against {report['baseline']} with the same seed, "
+              f"on {report.get('metric', 'val_acc')}",
         caption=f"definitions: {report['files']['report.md']}",
         caption_justify="left",
     )
