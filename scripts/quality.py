@@ -76,6 +76,29 @@ C_GRID = np.logspace(-4, 4, 17)
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What the plain loops minimise and how a validation is scored (higher is better), from logits and targets:
+    one class an image here; multi_label.py passes its own (BCE and mean average precision)."""
+
+    loss: Callable[[Any, Any], Any]
+    score: Callable[[Any, Any], float]
+    outputs: Callable[[Any], int]  # the head's width, from the training targets
+
+
+def accuracy(logits: Any, labels: Any) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def cross_entropy(logits: Any, labels: Any) -> Any:
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+SINGLE_LABEL = Objective(loss=cross_entropy, score=accuracy, outputs=lambda labels: int(labels.max()) + 1)
+
+
+@dataclass(frozen=True)
 class Settings:
     """How much data and training: the full benchmark, or --quick's smoke version."""
 
@@ -129,14 +152,14 @@ def parse_seeds(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- data
 
 
-def write_digits(root: Path, settings: Settings) -> tuple[Path, Path]:
-    """The base (digits 0-4) and target (5-9) sets as train/ and val/ class folders of 32x32 PNGs."""
-    from PIL import Image
+def write_digits(root: Path, settings: Settings, digits_written: tuple[int, ...] = (*BASE_DIGITS, *TARGET_DIGITS)) -> tuple[Path, Path]:
+    """The base (digits 0-4) and target (5-9) sets as train/ and val/ class folders of 32x32 PNGs.
+    `digits_written` leaves some out (multi_label.py makes its own target); the others get the same images."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(settings.split_seed)
-    for digit in (*BASE_DIGITS, *TARGET_DIGITS):
+    for digit in digits_written:
         indices = rng.permutation(np.flatnonzero(digits.target == digit))
         if digit in BASE_DIGITS:
             chosen = indices[: settings.base_per_class]
@@ -150,10 +173,17 @@ def write_digits(root: Path, settings: Settings) -> tuple[Path, Path]:
             out = folder / split / str(digit)
             out.mkdir(parents=True, exist_ok=True)
             for index in chosen_split:
-                # 0-16 ink levels -> 0-255; bilinear upscaling reads like a pen stroke, nearest like blocks.
-                pixels = (digits.images[index] * (255 / 16)).round().astype(np.uint8)
-                Image.fromarray(pixels, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).save(out / f"{index}.png")
+                ink_image(digits.images[index]).save(out / f"{index}.png")
     return root / "base", root / "target"
+
+
+def ink_image(ink: np.ndarray) -> Any:
+    """load_digits' 0-16 ink levels (an 8x8 digit, or a grid of them) as a 32x32 grayscale PIL image."""
+    from PIL import Image
+
+    # 0-16 ink levels -> 0-255; bilinear upscaling reads like a pen stroke, nearest like blocks.
+    pixels = (ink * (255 / 16)).round().astype(np.uint8)
+    return Image.fromarray(pixels, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
 
 
 # --------------------------------------------------------------------------- transferctl, as a user runs it
@@ -176,6 +206,14 @@ def experiment_files(work: Path, base_data: Path, target_data: Path, settings: S
     for path, raw in zip(paths, (base, target)):
         path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return paths
+
+
+def train_base(base_yaml: Path, settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
+    """The base resnet18 from scratch on digits 0-4, trained as a user would: `transferctl train`; its summary."""
+    say(f"base: resnet18 from scratch on digits 0-4, {settings.base_epochs} epochs")
+    base = transferctl("train", str(base_yaml), "--quiet")
+    say(f"base: val acc {base['best_val_acc']:.3f} in {base['seconds']:.0f} s ({base['run_dir']})")
+    return base
 
 
 def pick_row(recommendation: dict[str, Any]) -> tuple[str, list[str]]:
@@ -223,45 +261,54 @@ def frozen_features(model: Any, images: Any, depth: str) -> Any:
         return torch.cat([body(images[i : i + 256]).mean(dim=(2, 3)) for i in range(0, len(images), 256)])
 
 
-def linear_loop(train: Any, train_y: Any, val: Any, val_y: Any, seed: int, steps: int, lr: float = LOOP_LR) -> float:
-    """The ten-line loop: a linear layer on frozen features, full batch, Adam; the best val accuracy."""
+def linear_loop(train: Any, train_y: Any, val: Any, val_y: Any, seed: int, steps: int, lr: float = LOOP_LR, objective: Objective = SINGLE_LABEL) -> float:
+    """The ten-line loop: a linear layer on frozen features, full batch, Adam; the best val score (accuracy)."""
     import torch
 
     torch.manual_seed(seed)
-    head = torch.nn.Linear(train.shape[1], int(train_y.max()) + 1)
+    head = torch.nn.Linear(train.shape[1], objective.outputs(train_y))
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     best = 0.0
     for _ in range(steps):
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(head(train), train_y).backward()
+        objective.loss(head(train), train_y).backward()
         optimizer.step()
         with torch.no_grad():
-            best = max(best, (head(val).argmax(1) == val_y).float().mean().item())
+            best = max(best, objective.score(head(val), val_y))
     return best
 
 
 def logistic_cv(train: Any, train_y: Any, val: Any, val_y: Any, seed: int) -> float:
     """A well-regularised linear probe: C chosen by cross-validation on the training images only."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-
     folds = min(5, int(np.bincount(np.asarray(train_y)).min()))
-    probe = LogisticRegressionCV(Cs=C_GRID, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="accuracy", max_iter=10_000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # the weakest C values of the grid; they lose anyway
-        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 announces new defaults; these are set
-        probe.fit(np.asarray(train), np.asarray(train_y))
+    probe = fit_quietly(logistic_probe(folds, seed, "accuracy"), train, train_y)
     return float(probe.score(np.asarray(val), np.asarray(val_y)))
 
 
-def finetune_loop(base_run: Path, data: dict[str, Any], seed: int, epochs: int) -> float:
-    """The plain loop fine-tuning every layer from the base weights: Adam 1e-3, batch 32; the best val accuracy."""
+def logistic_probe(folds: int, seed: int, scoring: str) -> Any:
+    """LogisticRegressionCV choosing C from C_GRID by `scoring` over stratified folds of the training images."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    return LogisticRegressionCV(Cs=C_GRID, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring=scoring, max_iter=10_000)
+
+
+def fit_quietly(probe: Any, train: Any, train_y: Any) -> Any:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the weakest C values of the grid; they lose anyway
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 announces new defaults; these are set
+        return probe.fit(np.asarray(train), np.asarray(train_y))
+
+
+def finetune_loop(base_run: Path, data: dict[str, Any], seed: int, epochs: int, objective: Objective = SINGLE_LABEL) -> float:
+    """The plain loop fine-tuning every layer from the base weights: Adam 1e-3, batch 32; the best val score (accuracy)."""
     import torch
 
     torch.manual_seed(seed)
     model, _ = base_network(base_run)
-    model.fc = torch.nn.Linear(model.fc.in_features, int(data["train_y"].max()) + 1)
+    model.fc = torch.nn.Linear(model.fc.in_features, objective.outputs(data["train_y"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     best = 0.0
     for _ in range(epochs):
@@ -269,12 +316,12 @@ def finetune_loop(base_run: Path, data: dict[str, Any], seed: int, epochs: int) 
         order = torch.randperm(len(data["train_y"]))
         for batch in order.split(32):
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(data["train"][batch]), data["train_y"][batch]).backward()
+            objective.loss(model(data["train"][batch]), data["train_y"][batch]).backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():
-            predicted = torch.cat([model(data["val"][i : i + 256]).argmax(1) for i in range(0, len(data["val"]), 256)])
-        best = max(best, (predicted == data["val_y"]).float().mean().item())
+            logits = torch.cat([model(data["val"][i : i + 256]) for i in range(0, len(data["val"]), 256)])
+        best = max(best, objective.score(logits, data["val_y"]))
     return best
 
 
@@ -294,11 +341,11 @@ def reference_rows(base_run: Path, target_data: Path, settings: Settings) -> dic
     return rows
 
 
-def timed(measure: Callable[[int], float], seeds: tuple[int, ...]) -> dict[str, list[float]]:
-    row: dict[str, list[float]] = {"accs": [], "seconds": []}
+def timed(measure: Callable[[int], float], seeds: tuple[int, ...], key: str = "accs") -> dict[str, list[float]]:
+    row: dict[str, list[float]] = {key: [], "seconds": []}
     for seed in seeds:
         started = time.perf_counter()
-        row["accs"].append(measure(seed))
+        row[key].append(measure(seed))
         row["seconds"].append(time.perf_counter() - started)
     return row
 
@@ -321,6 +368,12 @@ def verdict(strategies: dict[str, dict[str, list[float]]], pick: str) -> str:
     return f"{'within noise' if gap <= noise else 'lost'}: {100 * gap:.1f} points behind {best} (noise {100 * noise:.1f})"
 
 
+def table_row(name: str, values: list[float], seconds: list[float]) -> str:
+    """| name | mean ± sd | every seed's value | mean seconds a run |"""
+    mean, sd = mean_sd(values)
+    return f"| {name} | {mean:.3f} ± {sd:.3f} | {', '.join(f'{value:.3f}' for value in values)} | {statistics.mean(seconds):.1f} |"
+
+
 def table(result: dict[str, Any]) -> str:
     pick = result["recommend"]
     lines = [
@@ -331,11 +384,10 @@ def table(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for row in result["rows"]:
-        mean, sd = mean_sd(row["accs"])
         name = f"transferctl {row['name']}" if row["kind"] == "transferctl" else row["name"]
         if row["name"] == pick["row"]:
             name += " ← recommend"
-        lines.append(f"| {name} | {mean:.3f} ± {sd:.3f} | {', '.join(f'{a:.3f}' for a in row['accs'])} | {statistics.mean(row['seconds']):.1f} |")
+        lines.append(table_row(name, row["accs"], row["seconds"]))
     lines.append(f"| recommend --data picked {pick['row']} | {pick['verdict']} | | {pick['seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -349,9 +401,7 @@ def run_benchmark(work: Path, settings: Settings, say: Callable[[str], None]) ->
     os.environ["TRANSFERCTL_CACHE"] = str(work / "cache")
     base_data, target_data = write_digits(work / "data", settings)
     base_yaml, target_yaml = experiment_files(work, base_data, target_data, settings)
-    say(f"base: resnet18 from scratch on digits 0-4, {settings.base_epochs} epochs")
-    base = transferctl("train", str(base_yaml), "--quiet")
-    say(f"base: val acc {base['best_val_acc']:.3f} in {base['seconds']:.0f} s ({base['run_dir']})")
+    base = train_base(base_yaml, settings, say)
     weights = f"run:{base['run_dir']}"
 
     say("recommend --data on the target")
