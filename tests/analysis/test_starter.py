@@ -227,8 +227,10 @@ def test_init_on_a_multi_label_file_counts_images_per_label_and_writes_a_multi_l
     result = invoke("init", str(labels.parent), "--labels", str(labels), "-o", str(config))
     assert result.exit_code == 0, result.output
     assert "multi-label: an image counts once for each of its labels" in result.stderr.replace("\n", " ")
+    assert f"median {found.median_per_class:g} images per label" in result.stderr
     text = config.read_text()
-    assert "Task: multi-label" in text
+    header = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+    assert "Task: multi-label" in header and f"median {found.median_per_class:g} per label" in header
     written = yaml.safe_load(text)
     assert written["task"] == "multi_label" and written["early_stopping"]["metric"] == "val_map"
     checked = invoke("check", str(config), "--set", "backbone.weights=none", "--set", "data.image_size=32", "--json")

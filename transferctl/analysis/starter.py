@@ -67,6 +67,11 @@ class DataInspection:
         return "multi_label" if self.multi_label else "single_label"
 
     @property
+    def per(self) -> str:
+        """What the counts are per: class, or label (multi-label: an image once for each of its labels)."""
+        return "label" if self.multi_label else "class"
+
+    @property
     def splits(self) -> list[str]:
         return list(self.counts)
 
@@ -323,7 +328,7 @@ def _header_lines(inspection: DataInspection, data_dir: Path, output: Path, stra
     stats = inspection.images
     lines = [
         f"Written by `transferctl init {data_dir}`.",
-        f"Data: {layout}; {len(inspection.classes)} classes, {inspection.total} images, median {inspection.median_per_class:g} per class "
+        f"Data: {layout}; {len(inspection.classes)} classes, {inspection.total} images, median {inspection.median_per_class:g} per {inspection.per} "
         f"(train+val; smallest: {smallest}, {smallest_count}).",
     ]
     if inspection.multi_label:
@@ -346,7 +351,7 @@ def _header_lines(inspection: DataInspection, data_dir: Path, output: Path, stra
     if advice is not None:
         lines.append(f"Strategy: {strategy}, by recommend's rule: {advice.reasons[0]}.")
         lines.append(
-            f"The size was measured (small below {Thresholds().small_below} images per class, large from {Thresholds().large_from}); "
+            f"The size was measured (small below {Thresholds().small_below} images per {inspection.per}, large from {Thresholds().large_from}); "
             f"the similarity to ImageNet photos was assumed. Measure it with: {measure}"
         )
     else:

@@ -60,7 +60,8 @@ def render_inspection(data: dict[str, Any]) -> Group:
     if len(data["classes"]) > SHOWN_CLASSES:
         table.add_row(f"... {len(data['classes']) - SHOWN_CLASSES} more", *("" for _ in splits))
     smallest = data["smallest_class"]
-    table.caption = f"median {data['median_per_class']:g} images per class (train+val); smallest: {escape(smallest['name'])} ({smallest['images']})"
+    per = "label" if data.get("task") == "multi_label" else "class"
+    table.caption = f"median {data['median_per_class']:g} images per {per} (train+val); smallest: {escape(smallest['name'])} ({smallest['images']})"
     sizes = data["image_sizes"]
     lines = [table]
     if sizes["sampled"]:
