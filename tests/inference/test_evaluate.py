@@ -304,3 +304,125 @@ def test_an_unknown_tta_is_one_line(trained: Path) -> None:
     result = invoke("evaluate", trained, "--tta", "crop", "--device", "cpu")
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and "--tta: 'crop' is not a test-time augmentation" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label runs
+
+
+@pytest.fixture(scope="module")
+def multi_label(module_tmp_path: Path) -> Path:
+    from helpers import multi_label_run
+
+    return multi_label_run(module_tmp_path / "multi-label")
+
+
+def multi_label_scores(run: Path, checkpoint: str = "best", flip: bool = False) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """Every image of the run's label file, its sigmoid scores (with flip: averaged with its mirror image's) and multi-hot targets."""
+    import torch
+
+    from transferctl.data.folders import ImageDataset
+    from transferctl.data.label_files import discover_data
+    from transferctl.inference.trained_model import eval_transform, load_trained_model
+
+    model, classes, preprocessing = load_trained_model(run, checkpoint)
+    splits = discover_data(run.parent / "data", 0.2, 0, labels=run.parent / "data" / "labels.csv")
+    samples = splits.train + splits.val + splits.test
+    dataset = ImageDataset(samples, eval_transform(preprocessing), len(classes))
+    with torch.no_grad():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        scores = model(images).sigmoid()
+        scores = (scores + model(images.flip(-1)).sigmoid()) / 2 if flip else scores
+    return [path for path, _ in samples], scores.double().numpy(), dataset.targets
+
+
+def test_a_multi_label_evaluation_matches_scikit_learn_at_the_tuned_thresholds(multi_label: Path) -> None:
+    import torch
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_recall_fscore_support
+
+    from transferctl.inference.evaluate import evaluate_run
+
+    result = evaluate_run(multi_label, split="all", device="cpu")
+    report = json.loads(result.json_path.read_text())
+    paths, scores, targets = multi_label_scores(multi_label)
+    thresholds = np.asarray(torch.load(multi_label / "checkpoints" / "best.pt", weights_only=True)["best"]["thresholds"])
+    predicted = scores >= thresholds
+    assert report["task"] == "multi_label" and report["images"] == len(paths) == 48 and report["thresholds_tuned"] and not result.notices
+    assert report["map"] == pytest.approx(average_precision_score(targets, scores, average="macro"), abs=1e-6)
+    assert report["micro_f1"] == pytest.approx(f1_score(targets, predicted, average="micro"), abs=1e-9)
+    assert report["macro_f1"] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-9)
+    assert report["subset_accuracy"] == report["accuracy"] == pytest.approx(accuracy_score(targets, predicted))
+    at_half = report["at_default_threshold"]
+    assert at_half["threshold"] == 0.5 and at_half["micro_f1"] == pytest.approx(f1_score(targets, scores >= 0.5, average="micro"), abs=1e-9)
+    assert at_half["subset_accuracy"] == pytest.approx(accuracy_score(targets, scores >= 0.5)) != report["subset_accuracy"]  # tuning shows
+    precision, recall, f1, support = precision_recall_fscore_support(targets, predicted, zero_division=0)
+    for column, row in enumerate(report["per_class"]):
+        assert row["ap"] == pytest.approx(average_precision_score(targets[:, column], scores[:, column]), abs=1e-6)
+        assert [row["precision"], row["recall"], row["f1"], row["support"], row["threshold"]] == pytest.approx(
+            [precision[column], recall[column], f1[column], support[column], thresholds[column]], abs=1e-9)  # fmt: skip
+    assert report["loss"] == pytest.approx(-np.mean(targets * np.log(scores) + (1 - targets) * np.log(1 - scores)), abs=1e-6)
+    assert result.png_path.name == "all-pr-curves.png" and Image.open(result.png_path).format == "PNG" and "confusion_matrix" not in report
+
+
+def test_the_multi_label_gallery_lists_images_with_any_wrong_label_by_mean_bce(multi_label: Path) -> None:
+    import csv
+
+    from transferctl.inference.evaluate import evaluate_run
+
+    result = evaluate_run(multi_label, split="all", device="cpu", top_losses=3)
+    paths, scores, targets = multi_label_scores(multi_label)
+    classes = result.report["classes"]
+    tuned = json.loads((multi_label / "summary.json").read_text())["thresholds"]
+    thresholds = np.asarray([tuned[name] for name in classes])
+    losses = -np.mean(targets * np.log(scores) + (1 - targets) * np.log(1 - scores), axis=1)
+    wrong = [i for i in range(len(paths)) if ((scores[i] >= thresholds) != targets[i].astype(bool)).any()]
+    rows = list(csv.DictReader(Path(result.report["misclassified_csv"]).open()))
+    assert list(rows[0]) == ["path", "true", "predicted", "loss"] and len(rows) == result.report["misclassified"] == len(wrong) > 0
+    assert [row["path"] for row in rows] == [str(paths[i]) for i in sorted(wrong, key=lambda i: -losses[i])]
+    assert [float(row["loss"]) for row in rows] == pytest.approx(sorted(losses[wrong], reverse=True), rel=1e-5)
+    for row in rows:
+        i = [str(path) for path in paths].index(row["path"])
+        assert row["true"] == "|".join(name for name, hot in zip(classes, targets[i]) if hot)
+        assert row["predicted"] == "|".join(name for name, score, cut in zip(classes, scores[i], thresholds) if score >= cut)
+    assert Image.open(result.report["top_losses_png"]).format == "PNG"
+
+
+def test_multi_label_tta_scores_the_averaged_sigmoids_beside_the_plain_ones(multi_label: Path) -> None:
+    from sklearn.metrics import average_precision_score
+
+    from transferctl.inference.evaluate import evaluate_run
+
+    report = evaluate_run(multi_label, split="all", device="cpu", tta="flip").report
+    _, flipped, targets = multi_label_scores(multi_label, flip=True)
+    _, plain, _ = multi_label_scores(multi_label)
+    assert report["map"] == pytest.approx(average_precision_score(targets, flipped, average="macro"), abs=1e-6)
+    assert report["plain"]["map"] == pytest.approx(average_precision_score(targets, plain, average="macro"), abs=1e-6) != report["map"]
+
+
+def test_the_multi_label_table_and_the_default_thresholds_note(multi_label: Path) -> None:
+    result = invoke("evaluate", multi_label, "--split", "all", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.stderr and "(at 0.5: micro F1" in result.stderr and "with a wrong label:" in result.stderr and "note:" not in result.stderr
+    last = invoke("evaluate", multi_label, "--split", "all", "--device", "cpu", "--checkpoint", "last", "--json")
+    assert last.exit_code == 0, last.output
+    report = json.loads(last.stdout)
+    assert last.stderr.count("note:") == 1 and "thresholds were tuned for epoch 1" in " ".join(last.stderr.split())
+    assert not report["thresholds_tuned"] and {row["threshold"] for row in report["per_class"]} == {0.5}
+    assert report["micro_f1"] == report["at_default_threshold"]["micro_f1"]
+
+
+def test_a_single_label_run_on_data_with_several_labels_an_image_is_one_line(multi_label: Path, tmp_path: Path) -> None:
+    from helpers import experiment
+    from transferctl.config import config_from_dict
+    from transferctl.training.train import train
+
+    data = multi_label.parent / "data"
+    rows = (data / "labels.csv").read_text().splitlines()
+    single = data / "single.csv"
+    single.write_text("\n".join([rows[0], *(row.split("|")[0] for row in rows[1:])]) + "\n")
+    head = {"name": "head", "epochs": 1, "train": "head", "lr": 0.1, "solver": "minibatch"}
+    train(config_from_dict(experiment(data, tmp_path / "runs", data={"labels": str(single)}, schedule=[head])), tmp_path / "run")
+    shutil.copy(data / "labels.csv", single)  # now with cat|dog cells
+    result = invoke("evaluate", tmp_path / "run", "--device", "cpu")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "this run was trained with one label an image" in lines[0], result.output

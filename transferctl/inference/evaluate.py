@@ -1,4 +1,5 @@
-"""evaluate: how good a trained model is on a split, class by class, with a confusion matrix plot.
+"""evaluate: how good a trained model is on a split, class by class, with a confusion matrix plot (a
+multi-label run: mAP, F1 at its tuned thresholds and at 0.5, and per-class precision-recall curves).
 
 The metrics are scikit-learn's; only the expected calibration error is computed here (no library has
 the standard multi-class, equal-width-bin version). `compute_metrics` works on plain arrays, so it is
@@ -12,13 +13,16 @@ import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from transferctl.data.folders import DatasetSplits, ImageDataset, Sample, data_notices, lookalikes, make_loader, resolve_workers
 from transferctl.data.label_files import discover_data
 from transferctl.errors import DataError, Problem
+
+if TYPE_CHECKING:
+    from transferctl.inference.trained_model import RunTask
 
 ECE_BINS = 15
 SPLIT_CHOICES = ("val", "test", "train", "all")
@@ -87,6 +91,42 @@ def expected_calibration_error(bins: list[dict[str, Any]]) -> float:
     return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
 
 
+def compute_multi_label_metrics(scores: np.ndarray, targets: np.ndarray, classes: list[str], thresholds: Any) -> dict[str, Any]:
+    """A multi-label run's numbers from sigmoid scores and multi-hot targets (training/multi_label_metrics.py):
+    mAP (over the classes with a positive image), micro and macro F1 and subset accuracy at the thresholds
+    and at 0.5, each class's AP, precision, recall, F1, support and threshold, and the mean binary cross-entropy."""
+    import torch
+    from sklearn import metrics
+
+    from transferctl.inference.error_gallery import image_losses
+    from transferctl.training.multi_label_metrics import DEFAULT_THRESHOLD, average_precisions, decisions, report
+
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    tuned, default = report(targets, scores, thresholds), report(targets, scores, DEFAULT_THRESHOLD)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(targets.astype(bool), decisions(scores, thresholds), zero_division=0)
+    return {
+        "task": "multi_label",
+        "images": len(targets),
+        "map": _number(tuned["map"]),
+        "micro_f1": tuned["micro_f1"],
+        "macro_f1": tuned["macro_f1"],
+        "subset_accuracy": tuned["subset_accuracy"],
+        "accuracy": tuned["subset_accuracy"],  # every label right: what `runs` and `show` list for any evaluation
+        "loss": float(image_losses(torch.from_numpy(scores), torch.from_numpy(targets)).mean()),
+        "at_default_threshold": {"threshold": DEFAULT_THRESHOLD, **{key: value for key, value in default.items() if key != "map"}},
+        "per_class": [
+            {"class": name, "ap": _number(ap), "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n), "threshold": float(t)}
+            for name, ap, p, r, f, n, t in zip(classes, average_precisions(targets, scores), precision, recall, f1, support, thresholds)
+        ],
+    }
+
+
+def _number(value: float) -> float | None:
+    """None where a metric is undefined (NaN: a class without a positive image has no AP): JSON has no NaN."""
+    return None if np.isnan(value) else float(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The confusion matrix plot
 
@@ -124,6 +164,33 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> by
     return buffer.getvalue()
 
 
+def pr_curves_png(scores: np.ndarray, targets: np.ndarray, classes: list[str], thresholds: Any, title: str) -> bytes:
+    """A multi-label run's precision-recall curve of each class (scikit-learn's), its threshold's point marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import precision_recall_curve, precision_score, recall_score
+
+    figure = Figure(figsize=(7.5, 6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for column, (name, threshold) in enumerate(zip(classes, thresholds)):
+        positive = np.asarray(targets)[:, column] > 0
+        if not positive.any():
+            continue  # no positive image: no curve to draw
+        precision, recall, _ = precision_recall_curve(positive, scores[:, column])
+        (line,) = axes.step(recall, precision, where="post", label=name if len(classes) <= 20 else None)
+        given = np.asarray(scores)[:, column] >= threshold
+        at = (recall_score(positive, given, zero_division=0), precision_score(positive, given, zero_division=0))
+        axes.plot(*at, "o", color=line.get_color(), markeredgecolor="black")
+    axes.set(xlabel="recall", ylabel="precision", xlim=(-0.02, 1.02), ylim=(-0.02, 1.05), title=title)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="lower left", fontsize="small", title="class (dot: its threshold)", title_fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
 # A whole evaluation
 
@@ -151,10 +218,11 @@ def evaluate_run(
     """Evaluate a run's checkpoint on a split of its own data (or of another tree with the same classes).
     With tta (inference/tta.py) the report's numbers are those of the averaged probabilities, and
     report["plain"] holds the same numbers without it. The error gallery (inference/error_gallery.py) lists
-    the misclassified images and draws the top_losses worst."""
-    from transferctl.inference.error_gallery import check_top_losses, misclassified, write_error_gallery
-    from transferctl.inference.tta import as_logits, averaged_probabilities, check_tta, view_logits
-    from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_model
+    the misclassified images and draws the top_losses worst. A multi-label run is scored on sigmoid scores
+    at its tuned thresholds (trained_model.RunTask)."""
+    from transferctl.inference.error_gallery import check_top_losses, write_error_gallery
+    from transferctl.inference.tta import check_tta, view_logits
+    from transferctl.inference.trained_model import check_runtime_options, eval_transform, inference_runtime, load_trained_task
     from transferctl.runs.checkpoint import checkpoint_file
     from transferctl.runs.listing import read_run_config
 
@@ -166,22 +234,25 @@ def evaluate_run(
         from transferctl.training.tensorboard import require_tensorboard
 
         require_tensorboard(f"{run_dir / 'config.yaml'}: logging.tensorboard")
-    model, classes, preprocessing = load_trained_model(run_dir, checkpoint, trust_code)
+    (model, classes, preprocessing), task = load_trained_task(run_dir, checkpoint, trust_code)
     root = data if data is not None else config.data.root
     where = "--data" if data is not None else f"{run_dir / 'config.yaml'}: data.root"
     labels = config.data.labels if data is None else None  # --data names a folder of class folders
-    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all", labels)
+    splits = _discover(root, config.data.val_fraction, config.seed, config.data.on_bad_image, where, split != "all", labels, task.name)
     check_same_classes(classes, splits.classes, where, root)
+    if splits.multi_label and not task.multi_label:
+        raise DataError(Problem(where, f"{root} gives images several labels, and this run was trained with one label an image", "evaluate it on single-label data"))
     split = split or ("test" if splits.test else "val")
     samples = _relabel(_samples_of(splits, split, root), splits.classes, classes)
 
     model, runtime = inference_runtime(model, device, precision)
-    dataset = ImageDataset(samples, eval_transform(preprocessing))
+    dataset = ImageDataset(samples, eval_transform(preprocessing), len(classes) if task.multi_label else None)
     size = batch_size or config.data.batch_size
     loader = make_loader(dataset, size, False, resolve_workers(config.data.num_workers, len(samples)), config.seed, runtime.device.type == "cuda")
     logits, labels = view_logits(model, loader, runtime, tta)
-    plain = compute_metrics(logits[0].numpy(), labels.numpy(), classes)
-    reported = logits[0] if tta == "none" else as_logits(averaged_probabilities(logits))
+    paths = [path for path, _ in samples]
+    score = _multi_label_results if task.multi_label else _single_label_results
+    numbers, plain, mistakes = score(logits, labels, paths, classes, tta, task)
 
     report = {
         "run_dir": str(run_dir),
@@ -194,14 +265,15 @@ def evaluate_run(
         "skipped_images": [str(item.path) for item in splits.skipped],  # unreadable images anywhere in the data folder
         "evaluated_at": datetime.now().isoformat(timespec="seconds"),
         "tta": tta,
-        **(plain if tta == "none" else compute_metrics(reported.numpy(), labels.numpy(), classes)),
+        **numbers,
     }
     if tta != "none":
         report["plain"] = plain
+    if task.multi_label:
+        report["thresholds_tuned"] = task.notice is None
     stem = report_stem(run_dir, split, checkpoint, root, config.data.root, runtime.precision, tta)
-    mistakes = misclassified(reported, labels, [path for path, _ in samples], classes)
-    report.update(write_error_gallery(run_dir / "eval", stem, mistakes, top_losses, f"{run_dir.name}: {stem}"))
-    result = _write_report(run_dir, report, stem, tuple(data_notices(splits)))
+    report.update(write_error_gallery(run_dir / "eval", stem, mistakes, top_losses, f"{run_dir.name}: {stem}", task.multi_label))
+    result = _write_report(run_dir, report, stem, (*data_notices(splits), *filter(None, [task.notice])), _curves(logits, labels, task))
     if config.logging.tensorboard:
         from transferctl.training.tensorboard import log_evaluation
 
@@ -209,6 +281,37 @@ def evaluate_run(
     if config.logging.mlflow:
         result = _log_to_mlflow(run_dir, stem, result)
     return result
+
+
+Results = tuple[dict[str, Any], dict[str, Any], list[Any]]  # the reported numbers, the same without tta, the error gallery's rows
+
+
+def _single_label_results(logits: Any, labels: Any, paths: list[Path], classes: list[str], tta: str, task: RunTask) -> Results:
+    from transferctl.inference.error_gallery import misclassified
+    from transferctl.inference.tta import as_logits, averaged_probabilities
+
+    plain = compute_metrics(logits[0].numpy(), labels.numpy(), classes)
+    reported = logits[0] if tta == "none" else as_logits(averaged_probabilities(logits))
+    numbers = plain if tta == "none" else compute_metrics(reported.numpy(), labels.numpy(), classes)
+    return numbers, plain, misclassified(reported, labels, paths, classes)
+
+
+def _multi_label_results(logits: Any, labels: Any, paths: list[Path], classes: list[str], tta: str, task: RunTask) -> Results:
+    """Sigmoid scores (with tta, averaged over the views), scored at the run's thresholds."""
+    from transferctl.inference.error_gallery import wrong_labels
+    from transferctl.inference.tta import averaged_probabilities
+
+    plain = compute_multi_label_metrics(logits[0].sigmoid().numpy(), labels.numpy(), classes, task.thresholds)
+    scores = averaged_probabilities(logits, multi_label=True)
+    numbers = plain if tta == "none" else compute_multi_label_metrics(scores.numpy(), labels.numpy(), classes, task.thresholds)
+    return numbers, plain, wrong_labels(scores, labels, task.thresholds, paths, classes)
+
+
+def _curves(logits: Any, labels: Any, task: RunTask) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None:
+    """What a multi-label run's precision-recall curves are drawn from (the reported scores); None: single-label."""
+    from transferctl.inference.tta import averaged_probabilities
+
+    return (averaged_probabilities(logits, multi_label=True).numpy(), labels.numpy(), task.thresholds) if task.multi_label else None
 
 
 def _log_to_mlflow(run_dir: Path, stem: str, result: EvaluationResult) -> EvaluationResult:
@@ -244,25 +347,36 @@ def _file_name_part(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("._-") or "data"
 
 
-def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tuple[str, ...]) -> EvaluationResult:
-    """eval/<stem>.json and eval/<stem>-confusion.png, each written atomically; one that cannot be written
-    (a read-only or full disk) is a user error naming it, as the error gallery's files are."""
+def _write_report(run_dir: Path, report: dict[str, Any], stem: str, notices: tuple[str, ...], curves: Any = None) -> EvaluationResult:
+    """eval/<stem>.json and eval/<stem>-confusion.png (multi-label: <stem>-pr-curves.png, drawn from
+    `curves`: scores, targets, thresholds), each written atomically; one that cannot be written (a read-only
+    or full disk) is a user error naming it, as the error gallery's files are."""
     from transferctl.runs.rundir import json_text, write_atomically
 
     json_path = run_dir / "eval" / f"{stem}.json"
-    png_path = run_dir / "eval" / f"{stem}-confusion.png"
-    report["confusion_png"] = str(png_path)
-    title = f"{run_dir.name}: {stem}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
-    write_atomically(png_path, confusion_png(report["confusion_matrix"], report["classes"], title), DataError)
+    if curves is not None:
+        png_path = run_dir / "eval" / f"{stem}-pr-curves.png"
+        report["pr_curves_png"] = str(png_path)
+        mean_ap = "n/a" if report["map"] is None else f"{report['map']:.3f}"
+        png = pr_curves_png(*curves[:2], report["classes"], curves[2], f"{run_dir.name}: {stem}, mAP {mean_ap} ({report['images']} images)")
+    else:
+        png_path = run_dir / "eval" / f"{stem}-confusion.png"
+        report["confusion_png"] = str(png_path)
+        title = f"{run_dir.name}: {stem}, accuracy {report['accuracy']:.3f} ({report['images']} images)"
+        png = confusion_png(report["confusion_matrix"], report["classes"], title)
+    write_atomically(png_path, png, DataError)
     write_atomically(json_path, json_text(report), DataError)
     return EvaluationResult(report, json_path, png_path, notices)
 
 
-def _discover(root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str, split: bool, labels: Path | None = None) -> DatasetSplits:
+def _discover(
+    root: Path, val_fraction: float, seed: int, on_bad_image: str, where: str, split: bool, labels: Path | None = None, task: str = "auto",
+) -> DatasetSplits:  # fmt: skip
     """The run's own data.on_bad_image applies: an unreadable image is skipped (and listed) or an error.
-    --split all reads every image of a flat tree: no validation share to draw, however few images."""
+    --split all reads every image of a flat tree: no validation share to draw, however few images.
+    task: multi_label reads the data as a multi-label run trained on it (class folders: one label an image)."""
     try:
-        return discover_data(root, val_fraction, seed, on_bad_image, split, labels)
+        return discover_data(root, val_fraction, seed, on_bad_image, split, labels, "multi_label" if task == "multi_label" else "auto")
     except DataError as exc:
         # discover names the config field (data.root); here the folder may have come from --data.
         raise DataError(*(Problem(p.where.replace("data.root", where, 1), p.message, p.hint) for p in exc.problems)) from None
@@ -292,6 +406,11 @@ def _samples_of(splits: DatasetSplits, split: str, root: Path) -> list[Sample]:
 
 
 def _relabel(samples: list[Sample], data_classes: list[str], model_classes: list[str]) -> list[Sample]:
-    """Labels by class name, not folder order: the model's output i is model_classes[i]."""
+    """Labels by class name, not folder order: the model's output i is model_classes[i]; a multi-label
+    image's classes each."""
     index = {name: i for i, name in enumerate(model_classes)}
-    return [(path, index[data_classes[label]]) for path, label in samples]
+
+    def relabel(label: Any) -> Any:
+        return tuple(sorted(index[data_classes[one]] for one in label)) if isinstance(label, tuple) else index[data_classes[label]]
+
+    return [(path, relabel(label)) for path, label in samples]
