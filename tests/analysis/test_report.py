@@ -138,3 +138,16 @@ def test_report_does_not_import_torch(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "TORCH=False"
+
+
+def test_a_multi_label_run_is_summed_up_by_its_map_too(tmp_path: Path) -> None:
+    rows = [{**r, "val_map": m} for r, m in zip(TWO_PHASES, (0.6, 0.9, 0.7, 0.8))]
+    write_run(tmp_path / "runs" / "multi", rows)
+    write_run(tmp_path / "runs" / "single", ONE_PHASE, strategy="scratch")
+    summary = summarize_run(load_run_curves(tmp_path / "runs" / "multi"))
+    assert (summary["best_val_map"], summary["best_map_epoch"], summary["final_val_map"]) == (0.9, 2, 0.8)
+    assert summary["val_map_auc"] == pytest.approx((0.75 + 0.8 + 0.75) / 3) and summary["best_val_acc"] == 0.8
+    assert "best_val_map" not in summarize_run(load_run_curves(tmp_path / "runs" / "single"))
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "curves.png")])
+    assert result.exit_code == 0, result.output
+    assert "best val mAP (epoch)" in result.stderr and "0.9000 (2)" in result.stderr

@@ -38,7 +38,7 @@ from transferctl.config import (
     read_yaml,
     schedule_of,
 )
-from transferctl.analysis.curves import DEFINITIONS, Stat, measure, mean_band, negative_transfer, summarize
+from transferctl.analysis.curves import DEFINITIONS, Stat, curve_metric, measure, mean_band, negative_transfer, summarize
 from transferctl.errors import CheckpointError, ConfigError, Problem, TransferctlError, did_you_mean
 from transferctl.analysis.curves import RunCurves
 from transferctl.analysis.report import load_run_curves
@@ -83,11 +83,6 @@ METRIC_TITLES = {"val_acc": ("val acc", "validation accuracy"), "val_map": ("val
 def metric_key(key: str, metric: str) -> str:
     """A measure's name for the report's metric: best_val_acc -> best_val_map on multi-label data."""
     return key.replace("val_acc", metric)
-
-
-def curve_metric(rows: list[dict[str, Any]]) -> str:
-    """What a run's curve follows: val_map where its rows have it (multi-label), else val_acc."""
-    return "val_map" if rows and all("val_map" in row for row in rows) else "val_acc"
 
 
 @dataclass(frozen=True)

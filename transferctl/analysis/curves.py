@@ -199,6 +199,12 @@ class RunCurves:
         return phase_ends(self.rows)
 
 
+def curve_metric(rows: Sequence[dict[str, Any]]) -> str:
+    """What a run's curve follows: val_map where its rows have it (multi-label, whose val_acc is subset
+    accuracy: every label right), else val_acc."""
+    return "val_map" if rows and all("val_map" in row for row in rows) else "val_acc"
+
+
 def phase_ends(rows: Sequence[dict[str, Any]]) -> list[int]:
     """The global epochs after which a new phase starts."""
     return [a["global_epoch"] for a, b in zip(rows, rows[1:]) if a.get("phase_index", a["phase"]) != b.get("phase_index", b["phase"])]

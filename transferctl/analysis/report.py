@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferctl.analysis.curves import RunCurves, auc
+from transferctl.analysis.curves import RunCurves, auc, curve_metric
 from transferctl.errors import CheckpointError, DataError, Problem
 from transferctl.runs.rundir import NUMERIC_METRICS, RunDir, write_atomically
 from transferctl.runs.listing import RunInfo, describe_run, is_run_dir
@@ -67,7 +67,15 @@ def summarize_run(run: RunCurves) -> dict[str, Any]:
         "val_acc_auc": auc(run.series("val_acc")),
         "phase_ends": run.phase_ends,
         "seconds": round(sum(row.get("seconds", 0.0) for row in run.rows), 2),
+        **(_map_numbers(run) if curve_metric(run.rows) == "val_map" else {}),
     }
+
+
+def _map_numbers(run: RunCurves) -> dict[str, Any]:
+    """A multi-label run's own measure beside val_acc (there subset accuracy: every label right)."""
+    best = max(run.rows, key=lambda row: row["val_map"])
+    return {"best_val_map": best["val_map"], "best_map_epoch": best["global_epoch"], "final_val_map": run.rows[-1]["val_map"],
+            "val_map_auc": auc(run.series("val_map"))}  # fmt: skip
 
 
 def default_png(paths: Sequence[Path]) -> Path:

@@ -38,16 +38,20 @@ def table_console() -> Console:
 
 def render_run_summaries(runs: list[dict[str, Any]]) -> Table:
     table = Table(title=f"{len(runs)} runs (AUC: mean val accuracy over epochs, trapezoid)")
+    with_map = any("best_val_map" in run for run in runs)  # multi-label runs: their mAP, since their val acc is every label right
     columns = ("run", "strategy", "epochs", "phases", "best val acc (epoch)", "final val acc", "final train acc", "min val loss", "AUC", "seconds", "status")
+    if with_map:
+        columns = (*columns[:4], "best val mAP (epoch)", *columns[4:])
     for column in columns:
         table.add_column(column, justify="left" if column in ("run", "strategy", "phases", "status") else "right", overflow="fold")
     for run in runs:
         if not run["epochs"]:
-            table.add_row(escape(run["name"]), run["strategy"] or "?", "0", "-", "-", "-", "-", "-", "-", "-", f"[yellow]{run['status']}[/]")
+            table.add_row(escape(run["name"]), run["strategy"] or "?", "0", *("-" for _ in columns[3:-1]), f"[yellow]{run['status']}[/]")
             continue
         status = run["status"] if run["status"] == "finished" else f"[yellow]{run['status']}[/]"
+        mean_ap = [f"{run['best_val_map']:.4f} ({run['best_map_epoch']})" if "best_val_map" in run else "-"] if with_map else []
         table.add_row(
-            escape(run["name"]), run["strategy"] or "?", str(run["epochs"]), escape(" → ".join(run["phases"])),
+            escape(run["name"]), run["strategy"] or "?", str(run["epochs"]), escape(" → ".join(run["phases"])), *mean_ap,
             f"{run['best_val_acc']:.4f} ({run['best_epoch']})", f"{run['final_val_acc']:.4f}", f"{run['final_train_acc']:.4f}",
             f"{run['min_val_loss']:.4f}", f"{run['val_acc_auc']:.4f}", f"{run['seconds']:.1f}", status,
         )  # fmt: skip
