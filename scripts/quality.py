@@ -368,10 +368,11 @@ def verdict(strategies: dict[str, dict[str, list[float]]], pick: str) -> str:
     return f"{'within noise' if gap <= noise else 'lost'}: {100 * gap:.1f} points behind {best} (noise {100 * noise:.1f})"
 
 
-def table_row(name: str, values: list[float], seconds: list[float]) -> str:
-    """| name | mean ± sd | every seed's value | mean seconds a run |"""
+def table_row(name: str, values: list[float], seconds: list[float], extra: tuple[str, ...] = ()) -> str:
+    """| name | mean ± sd | every seed's value | any extra cells | mean seconds a run |"""
     mean, sd = mean_sd(values)
-    return f"| {name} | {mean:.3f} ± {sd:.3f} | {', '.join(f'{value:.3f}' for value in values)} | {statistics.mean(seconds):.1f} |"
+    cells = [name, f"{mean:.3f} ± {sd:.3f}", ", ".join(f"{value:.3f}" for value in values), *extra, f"{statistics.mean(seconds):.1f}"]
+    return f"| {' | '.join(cells)} |"
 
 
 def table(result: dict[str, Any]) -> str:

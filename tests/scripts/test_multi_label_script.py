@@ -76,6 +76,9 @@ def test_every_default_trains_on_the_label_file_from_the_base(multi_label: Modul
     calls: list[tuple[str, ...]] = []
 
     def fake_transferctl(*args: str) -> dict[str, Any]:
+        if args[0] == "evaluate":
+            assert args[1:] == (f"/runs/{len(calls)}", "--split", "val")  # the run just trained
+            return {"micro_f1": 0.7}
         calls.append(args)
         return {"best_val_map": 0.5 + len(calls) / 100, "seconds": 1.0, "run_dir": f"/runs/{len(calls)}"}
 
@@ -91,9 +94,10 @@ def test_every_default_trains_on_the_label_file_from_the_base(multi_label: Modul
     assert all(f"data.labels={labels}" in call and "backbone.weights=run:/runs/base" in call for call in calls)
     assert not any("schedule" in arg for call in calls for arg in call)  # the defaults are what is measured
     assert result["data"]["train"] == 10 and result["data"]["val"] == 20
-    assert result["rows"][0] == {"name": "feature_extract", "kind": "transferctl", "maps": [0.51, 0.55], "seconds": [1.0, 1.0]}
+    assert result["rows"][0] == {"name": "feature_extract", "kind": "transferctl", "maps": [0.51, 0.55], "micro_f1": [0.7, 0.7], "seconds": [1.0, 1.0]}
     text = multi_label.table(result)
-    assert "| transferctl feature_extract | 0.530 ± 0.028 | 0.510, 0.550 | 1.0 |" in text
+    assert "| transferctl feature_extract | 0.530 ± 0.028 | 0.510, 0.550 | 0.700 ± 0.000 | 1.0 |" in text
+    assert "| plain loop: linear head | 0.600 ± 0.000 | 0.600, 0.600 | - | 0.1 |" in text  # the references tune no thresholds
     assert "- transferctl scratch vs plain loop: fine-tune all layers: BELOW the loop" in text
     json.dumps(result)  # --json can print it
 
