@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from helpers import experiment, write_experiment
+from helpers import experiment, multi_label_run, write_experiment
 from transferctl.cli import app
 from transferctl.training.observers import FanOutObserver
 from transferctl.training.phases import PhasePlan
@@ -168,3 +168,16 @@ def test_one_observer_logs_each_run_into_its_own_directory(tmp_path: Path) -> No
     board.close()
     assert scalars(tmp_path / "a" / "tensorboard")["accuracy/val"] == [(1, 0.5)]
     assert scalars(tmp_path / "b" / "tensorboard")["accuracy/val"] == [(1, 1.5)]
+
+
+def test_a_multi_label_evaluation_logs_its_precision_recall_curves_and_map(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install transferctl[tensorboard])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = multi_label_run(tmp_path, logging={"tensorboard": True})
+    evaluated = CliRunner().invoke(app, ["evaluate", str(run), "--split", "val", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["eval/val/pr_curves"]
+    assert {"eval/val/map", "eval/val/micro_f1", "eval/val/subset_accuracy", "eval/val/accuracy"} <= set(events.Tags()["scalars"])

@@ -125,7 +125,8 @@ def with_tensorboard(observer: TrainObserver, enabled: bool, where: str = "loggi
 
 
 def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path, name: str) -> None:
-    """evaluate's confusion matrix (as an image) and headline numbers, at the run's last epoch, under
+    """evaluate's picture (the confusion matrix, or a multi-label run's precision-recall curves) and headline
+    numbers, at the run's last epoch, under
     eval/<name>/ (the report's file name: the split, and another data folder's or checkpoint's name)."""
     import numpy as np
     from PIL import Image
@@ -135,12 +136,12 @@ def log_evaluation(run_dir: Path, report: dict[str, Any], confusion_png: Path, n
     step = len(metric_rows(run_dir).rows)
     with Image.open(io.BytesIO(confusion_png.read_bytes())) as image:
         pixels = np.asarray(image.convert("RGB"))
+    picture = "pr_curves" if report.get("task") == "multi_label" else "confusion_matrix"
     writer = summary_writer(run_dir, f"{run_dir / 'config.yaml'}: logging.tensorboard")
     try:
-        writer.add_image(f"eval/{name}/confusion_matrix", pixels, step, dataformats="HWC")
-        for metric in ("accuracy", "macro_f1", "loss"):
-            if isinstance(report.get(metric), (int, float)):
-                writer.add_scalar(f"eval/{name}/{metric}", report[metric], step)
+        writer.add_image(f"eval/{name}/{picture}", pixels, step, dataformats="HWC")
+        for metric, value in epoch_metrics(report).items():  # every headline number, as MLflow gets them
+            writer.add_scalar(f"eval/{name}/{metric}", value, step)
     finally:
         writer.close()
 
