@@ -324,10 +324,10 @@ def _positive_number(value: Any) -> bool:
 
 
 class EarlyStoppingConfig(_Section):
-    metric: Literal["val_acc", "val_loss", "balanced_acc", "macro_f1", "val_map", "micro_f1"] = Field(
-        "val_acc",
-        description="what early stopping and best.pt follow: val_acc | val_loss | balanced_acc | macro_f1 (of the validation images); "
-                    "multi-label runs: val_map (their default) | micro_f1 | macro_f1 | val_acc (every label right) | val_loss",
+    metric: Literal["auto", "val_acc", "val_loss", "balanced_acc", "macro_f1", "val_map", "micro_f1"] = Field(
+        "auto",
+        description="what early stopping and best.pt follow: auto (val_acc, or val_map for a multi-label run) | val_acc | val_loss | "
+                    "balanced_acc | macro_f1 (of the validation images); multi-label runs also: val_map | micro_f1 (val_acc: every label right)",
     )  # fmt: skip
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
 
@@ -711,19 +711,23 @@ MULTI_LABEL_METRICS = ("val_map", "micro_f1")  # early_stopping.metric choices t
 
 
 def config_for_task(config: ExperimentConfig, multi_label: bool) -> ExperimentConfig:
-    """The config a run trains and records once its data says which task it is: a multi-label run says task:
-    multi_label and follows val_map unless early_stopping.metric was set; options made for one class an image
-    are refused in one line each (ConfigError)."""
+    """The config a run trains and records once its data says which task it is: early_stopping.metric auto
+    becomes val_acc, or for a multi-label run val_map, and a multi-label run says task: multi_label; options
+    made for one class an image are refused in one line each (ConfigError)."""
     metric = config.early_stopping.metric
-    if not multi_label:
-        if metric in MULTI_LABEL_METRICS:
-            raise ConfigError(Problem("early_stopping.metric", f"{metric} is for multi-label runs, and this data has one label an image",
-                                      "use val_acc, val_loss, balanced_acc or macro_f1, or set task: multi_label"))  # fmt: skip
-        return config
-    _refuse_single_label_options(config)
-    if "metric" not in config.early_stopping.model_fields_set:
-        metric = "val_map"
-    return config.model_copy(update={"task": "multi_label", "early_stopping": config.early_stopping.model_copy(update={"metric": metric})})
+    if not multi_label and metric in MULTI_LABEL_METRICS:
+        raise ConfigError(Problem("early_stopping.metric", f"{metric} is for multi-label runs, and this data has one label an image",
+                                  "use val_acc, val_loss, balanced_acc or macro_f1, or set task: multi_label"))  # fmt: skip
+    if multi_label:
+        _refuse_single_label_options(config)
+    resolved = auto_metric(multi_label) if metric == "auto" else metric
+    task = "multi_label" if multi_label else config.task
+    return config.model_copy(update={"task": task, "early_stopping": config.early_stopping.model_copy(update={"metric": resolved})})
+
+
+def auto_metric(multi_label: bool) -> str:
+    """What early_stopping.metric auto follows."""
+    return "val_map" if multi_label else "val_acc"
 
 
 def _refuse_single_label_options(config: ExperimentConfig) -> None:

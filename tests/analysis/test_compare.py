@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from helpers import experiment, write_experiment
 from transferctl.cli import app
 from transferctl.analysis.compare import check_existing_runs, derive_schedule, parse_strategies, plan_comparison
-from transferctl.config import PhaseConfig, config_from_dict, config_to_dict, default_schedule, dump_yaml
+from transferctl.config import PhaseConfig, config_for_task, config_from_dict, config_to_dict, default_schedule, dump_yaml
 from transferctl.errors import ConfigError
 from transferctl.analysis.plots import PHASE_LABEL, StrategyBand, comparison_figure
 
@@ -118,7 +118,7 @@ def test_until_plateau_is_switched_off_so_every_run_trains_every_epoch(tmp_path:
 
 def test_a_rerun_must_ask_for_the_same_runs(tmp_path: Path) -> None:
     plan = plan_comparison(tiny_config(tmp_path / "data", tmp_path / "runs"), ("scratch", "fine_tune"), seeds=1)
-    trained = config_to_dict(plan.runs[0].config)
+    trained = config_to_dict(config_for_task(plan.runs[0].config, multi_label=False))  # as train records it: metric auto resolved
     trained["device"] = "cuda"  # may differ: it does not change what the run computes
     (plan.out / "scratch-seed0").mkdir(parents=True)
     (plan.out / "scratch-seed0" / "config.yaml").write_text(dump_yaml(trained))

@@ -671,11 +671,11 @@ def test_data_mode_measures_multi_label_data_by_map_and_writes_a_multi_label_exp
     assert written["task"] == "multi_label" and written["early_stopping"]["metric"] == "val_map"
     assert written["data"]["sampler"] == "shuffle" and written["loss"]["label_smoothing"] == 0 and written.get("mixup") is None
     assert invoke("check", str(path)).exit_code == 0
-    # Rule mode reads no label file: it leaves early_stopping.metric to the task training finds (val_map here).
+    # Rule mode reads no label file: its early_stopping.metric stays auto, for the task training finds (val_map here).
     rule = tmp_path / "rule.yaml"
     assert invoke("recommend", "--size", "small", "--similar", "yes", "--data", str(multi_label_file.parent), "--labels", str(multi_label_file),
                   "--write-config", str(rule)).exit_code == 0  # fmt: skip
-    assert "metric" not in yaml.safe_load(rule.read_text())["early_stopping"]
+    assert yaml.safe_load(rule.read_text())["early_stopping"]["metric"] == "auto"
     assert config_for_task(load_config(rule), multi_label=True).early_stopping.metric == "val_map"
 
 

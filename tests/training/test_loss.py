@@ -61,7 +61,7 @@ def test_a_list_of_class_weights_must_have_one_per_class() -> None:
         ("loss.label_smoothing=1", "loss.label_smoothing: Input should be less than 1"),
         ("loss.label_smoothing=-0.1", "loss.label_smoothing: Input should be greater than or equal to 0"),
         ("data.sampler=weighted", "data.sampler: Input should be 'shuffle' or 'balanced'"),
-        ("early_stopping.metric=f1", "early_stopping.metric: Input should be 'val_acc', 'val_loss', 'balanced_acc', 'macro_f1', 'val_map' or 'micro_f1'"),
+        ("early_stopping.metric=f1", "early_stopping.metric: Input should be 'auto', 'val_acc', 'val_loss', 'balanced_acc', 'macro_f1', 'val_map' or 'micro_f1'"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_field(data: Path, tmp_path: Path, override: str, message: str) -> None:

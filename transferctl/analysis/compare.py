@@ -173,8 +173,6 @@ def _run_config(config: ExperimentConfig, strategy: str, seed: int, schedule: li
     raw = config.model_dump(mode="json")
     raw.update(name=f"{config.name}-{strategy}-seed{seed}", strategy=strategy, seed=seed, schedule=[phase.model_dump(mode="json") for phase in schedule])
     raw["early_stopping"]["patience"] = None
-    if "metric" not in config.early_stopping.model_fields_set:  # left to the task, as the experiment file left it (val_map when multi-label)
-        del raw["early_stopping"]["metric"]
     raw["output"]["dir"] = str(out)
     return config_from_dict(raw, source=f"--strategies {strategy}")
 
@@ -206,7 +204,7 @@ def check_existing_runs(plan: ComparisonPlan) -> None:
             continue
         trained = flatten(read_yaml(config_file))
         # The data told training the task (config_for_task): the planned config as that run recorded it.
-        planned_config = config_for_task(run.config, multi_label=True) if trained.get("task") == "multi_label" and run.config.task != "single_label" else run.config
+        planned_config = config_for_task(run.config, multi_label=trained.get("task") == "multi_label" and run.config.task != "single_label")
         planned = flatten(yaml.safe_load(dump_yaml(config_to_dict(planned_config))))  # through YAML, as train wrote it
         for key in sorted(trained.keys() | planned.keys()):
             old, new = trained.get(key), planned.get(key)

@@ -148,7 +148,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
     mode held out of a flat tree, so that training holds out the same images. augment: what the race trained with.
     labels: the label file measured on (data.labels, relative to the file as data.root is); None: class folders.
     multi_label: data mode found several labels an image: the file says task: multi_label and follows val_map.
-    None (rule mode, which reads no label file): early_stopping.metric is left to the task training finds.
+    None (rule mode, which reads no label file): early_stopping.metric stays auto, for the task training finds.
     """
     from transferctl.config import config_from_dict, config_to_dict, dump_yaml, parse_weights
 
@@ -173,9 +173,7 @@ def experiment_yaml(advice: Advice, path: Path, data_root: Path, backbone: str, 
     if multi_label:
         raw.update(task="multi_label", early_stopping={"metric": "val_map"})
     config = config_from_dict(raw, source=str(path))
-    written = config_to_dict(config)
-    if labels and multi_label is None:  # written, val_acc would hold a multi-label run to subset accuracy
-        written["early_stopping"].pop("metric", None)
+    written = config_to_dict(config)  # early_stopping.metric auto: val_map if the data turns out multi-label
     header = [f"# Written by `transferctl recommend`: {advice.case} -> {advice.strategy}."]
     header += [f"# {line}" for reason in advice.reasons for line in _wrap(reason)]
     header.append("# Check it with `transferctl check`; train with `transferctl train`.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transferctl.config import auto_metric
 from transferctl.errors import CheckpointError, Problem
 from transferctl.paths import checked
 from transferctl.runs.listing import describe_run, metric_rows, read_run_config
@@ -34,6 +35,8 @@ def show_run(run_dir: Path) -> dict[str, Any]:
     rows = metrics.rows
     classes = read_json(run_dir / "classes.json", strict=False)
     metric = config.early_stopping.metric
+    if metric == "auto":  # a config.yaml written by hand or from before runs recorded what auto came to
+        metric = auto_metric(config.task == "multi_label")
     return {
         "run_dir": str(run_dir),
         "name": config.name,
@@ -59,6 +62,10 @@ def changes_from_defaults(config: Any) -> list[dict[str, Any]]:
 
     ours = config.model_dump(mode="json")
     defaults = ExperimentConfig.model_validate({"data": {"root": "."}}).model_dump(mode="json")
+    resolved = auto_metric(ours["task"] == "multi_label")  # what auto came to (or comes to): no change
+    defaults["early_stopping"]["metric"] = resolved
+    if ours["early_stopping"]["metric"] == "auto":
+        ours["early_stopping"]["metric"] = resolved
     ours_schedule, _ = ours.pop("schedule"), defaults.pop("schedule")
     before, after = flatten(defaults), flatten(ours)
     changed = [
