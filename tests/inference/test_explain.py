@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import experiment, write_experiment
+from helpers import experiment, multi_label_run, write_experiment
 from transferctl.config import BackboneConfig
 from transferctl.models.build import build_backbone
 from transferctl.testing.synthetic import write_image_folder
@@ -97,3 +97,20 @@ def test_images_with_the_same_name_get_their_own_png() -> None:
     from transferctl.inference.explain import _output_names
 
     assert _output_names(["a/x.jpg", "b/x.png", "y.png"]) == ["x.gradcam.png", "x-2.gradcam.png", "y.gradcam.png"]
+
+
+def test_a_multi_label_run_is_explained_by_its_sigmoid_scores_and_thresholds(tmp_path: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    import torch
+
+    from transferctl.inference.explain import explain_images
+    from transferctl.inference.trained_model import eval_transform, load_trained_task
+
+    run = multi_label_run(tmp_path)
+    image = next((tmp_path / "data" / "images").glob("*.png"))
+    [result] = explain_images(run, [str(image)], tmp_path / "maps")
+    (model, classes, preprocessing), task = load_trained_task(run)
+    with torch.no_grad():
+        scores = torch.sigmoid(model(eval_transform(preprocessing)(Image.open(image).convert("RGB")).unsqueeze(0)))[0].tolist()
+    assert result.explained == classes[int(np.argmax(scores))] and result.score == pytest.approx(max(scores), abs=1e-5)
+    assert result.predicted == "|".join(name for name, score, cut in zip(classes, scores, task.thresholds) if score >= cut)

@@ -21,7 +21,7 @@ from transferctl.data.folders import open_rgb
 from transferctl.data.preprocessing import Preprocessing
 from transferctl.errors import ConfigError, DataError, Problem, did_you_mean
 from transferctl.inference.predict import decode_error
-from transferctl.inference.trained_model import eval_transform, inference_runtime, load_trained_backbone
+from transferctl.inference.trained_model import RunTask, eval_transform, inference_runtime, load_trained_run
 from transferctl.models.cut import BODY, CutNetwork, cut_points, layout_of
 from transferctl.models.layer_groups import LayerGroups
 
@@ -39,8 +39,8 @@ class Explanation:
     path: str
     png: Path
     explained: str
-    score: float  # the explained class's probability
-    predicted: str
+    score: float  # the explained class's probability (a multi-label run: its sigmoid score)
+    predicted: str  # the model's pick (a multi-label run: every label at or above its threshold, joined by |)
 
 
 def target_layer(model: nn.Module, groups: LayerGroups) -> str:
@@ -78,7 +78,7 @@ def explain_images(
     """Write one heatmap PNG per image into out_dir (named after the image) and describe each."""
     decoded = [(path, _decode(path)) for path in images]  # a missing file fails before the model loads
     cam_module = _grad_cam()
-    trained, backbone = load_trained_backbone(run_dir, checkpoint, trust_code)
+    trained, backbone, task = load_trained_run(run_dir, checkpoint, trust_code)
     wanted = None if class_name is None else _class_index(class_name, trained.classes)
     layer = trained.model.get_submodule(target_layer(trained.model, backbone.groups))
     model, runtime = inference_runtime(trained.model, device, "fp32")  # gradients want full precision
@@ -92,13 +92,21 @@ def explain_images(
         for (path, image), name in zip(decoded, names):
             batch = transform(image).unsqueeze(0).to(runtime.device)
             with torch.no_grad():
-                probabilities = model(batch).float().softmax(dim=1)[0].cpu()
+                logits = model(batch).float()[0].cpu()
+            probabilities = logits.sigmoid() if task.multi_label else logits.softmax(dim=0)
             index = int(probabilities.argmax()) if wanted is None else wanted
             heat = cam(input_tensor=batch, targets=[cam_module.ClassifierOutputTarget(index)])[0]
             png = out_dir / name
             _save_overlay(cam_module, batch[0].cpu(), trained.preprocessing, heat, png)
-            results.append(Explanation(path, png, trained.classes[index], round(float(probabilities[index]), 6), trained.classes[int(probabilities.argmax())]))
+            results.append(Explanation(path, png, trained.classes[index], round(float(probabilities[index]), 6), _picked(probabilities, trained.classes, task)))
     return results
+
+
+def _picked(probabilities: torch.Tensor, classes: list[str], task: RunTask) -> str:
+    """The top class, or a multi-label run's labels at or above their thresholds (none: an empty string)."""
+    if not task.multi_label:
+        return classes[int(probabilities.argmax())]
+    return "|".join(name for name, score, threshold in zip(classes, probabilities.tolist(), task.thresholds) if score >= threshold)
 
 
 def _grad_cam() -> Any:

@@ -80,22 +80,17 @@ def run_task(saved: Checkpoint, where: str) -> RunTask:
 def load_trained_model(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> TrainedModel:
     """Rebuild the network a run trained, from its best or last checkpoint or a checkpoint file.
     trust_code: the user allows a python: backbone the checkpoint names to be imported and called."""
-    return _load_trained(run_dir, checkpoint, trust_code)[0]
+    return load_trained_run(run_dir, checkpoint, trust_code)[0]
 
 
 def load_trained_task(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> tuple[TrainedModel, RunTask]:
     """load_trained_model, with what its outputs mean (run_task)."""
-    trained, _, task = _load_trained(run_dir, checkpoint, trust_code)
+    trained, _, task = load_trained_run(run_dir, checkpoint, trust_code)
     return trained, task
 
 
-def load_trained_backbone(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> tuple[TrainedModel, Backbone]:
-    """load_trained_model, with the rebuilt Backbone (its name, layer groups and cut) that explain reads."""
-    trained, backbone, _ = _load_trained(run_dir, checkpoint, trust_code)
-    return trained, backbone
-
-
-def _load_trained(run_dir: Path, checkpoint: str, trust_code: bool) -> tuple[TrainedModel, Backbone, RunTask]:
+def load_trained_run(run_dir: Path, checkpoint: str = "best", trust_code: bool = False) -> tuple[TrainedModel, Backbone, RunTask]:
+    """The network, its rebuilt Backbone (name, layer groups and cut: what explain reads) and what its outputs mean."""
     where = str(checkpoint_file(run_dir, checkpoint))
     if checkpoint in ("best", "last") and checked(run_dir, CheckpointError).is_dir() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(Problem(str(run_dir), f"no {CHECKPOINTS}/ folder: not a transferctl run directory, or no epoch has finished yet",
