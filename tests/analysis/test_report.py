@@ -151,3 +151,12 @@ def test_a_multi_label_run_is_summed_up_by_its_map_too(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "curves.png")])
     assert result.exit_code == 0, result.output
     assert "best val mAP (epoch)" in result.stderr and "0.9000 (2)" in result.stderr
+
+
+def test_a_multi_label_runs_val_map_is_drawn_beside_its_accuracy(tmp_path: Path) -> None:
+    rows = [{**r, "val_map": m} for r, m in zip(TWO_PHASES, (0.6, 0.9, 0.7, 0.8))]
+    runs = [load_run_curves(write_run(tmp_path / "multi", rows)), load_run_curves(write_run(tmp_path / "single", ONE_PHASE))]
+    _, acc_axes = learning_curves_figure(runs).axes
+    mapped = [line for line in acc_axes.get_lines() if line.get_label().endswith("(val mAP)")]
+    assert [line.get_label() for line in mapped] == ["multi (val mAP)"] and list(mapped[0].get_ydata()) == [0.6, 0.9, 0.7, 0.8]
+    assert "val mAP" in acc_axes.get_title() and "mAP" in acc_axes.get_ylabel()

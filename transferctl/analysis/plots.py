@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from transferctl.analysis.curves import curve_metric
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -79,11 +81,15 @@ def learning_curves_figure(runs: Sequence[RunCurves]) -> Figure:
             axes.plot(epochs, run.series(f"train_{metric}"), color=colour, linestyle="-", label=f"{run.name} (train)")
             axes.plot(epochs, run.series(f"val_{metric}"), color=colour, linestyle="--", marker="o", markersize=3, label=f"{run.name} (val)")
             mark_phase_ends(axes, run.phase_ends, colour)
+        if curve_metric(run.rows) == "val_map":  # multi-label: val_acc is every label right; mAP is the run's measure
+            acc_axes.plot(epochs, run.series("val_map"), color=colour, linestyle="-.", marker="s", markersize=3, label=f"{run.name} (val mAP)")
     losses = [value for run in runs for key in ("train_loss", "val_loss") for value in run.series(key)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 100:
         loss_axes.set_yscale("log")  # one diverging run would otherwise flatten every other curve
     _decorate(loss_axes, "loss", "loss (solid: train, dashed: val)", legend=False)  # one legend serves both
-    _decorate(acc_axes, "accuracy", "accuracy (solid: train, dashed: val; dotted: phase boundary)")
+    multi_label = any(curve_metric(run.rows) == "val_map" for run in runs if run.rows)
+    _decorate(acc_axes, "accuracy, mAP" if multi_label else "accuracy",
+              "accuracy (solid: train, dashed: val; dotted: phase boundary)" + ("; dash-dot: val mAP" if multi_label else ""))
     figure.tight_layout()
     return figure
 
