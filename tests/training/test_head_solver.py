@@ -255,7 +255,7 @@ def test_a_multi_label_head_minimises_bce_with_its_positive_weights() -> None:
     assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
 
 
-def test_a_multi_label_head_is_cross_validated_on_held_out_loss_and_reaches_one_vs_rest_logistic_regressions() -> None:
+def test_a_multi_label_head_is_cross_validated_on_out_of_fold_map_and_reaches_one_vs_rest_logistic_regressions() -> None:
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import average_precision_score
 
@@ -264,7 +264,7 @@ def test_a_multi_label_head_is_cross_validated_on_held_out_loss_and_reaches_one_
     head = torch.nn.Linear(32, 4)
     solver = HeadSolver(head, features[fit], targets[fit], CPU, seed=0, objective=head_solver.Objective.of(torch.nn.BCEWithLogitsLoss()))
     stats = solver.train_epoch()
-    assert solver.selection is not None and solver.selection.criterion == "loss" and "held-out loss" in solver.selection.describe()
+    assert solver.selection is not None and solver.selection.criterion == "mAP" and "held-out mAP" in solver.selection.describe()
     assert 0 <= stats.accuracy <= 1 and stats.images == 80
     with torch.no_grad():
         ours = torch.sigmoid(head(torch.from_numpy(features[held, 0]))).numpy()
