@@ -236,3 +236,14 @@ def test_init_on_a_multi_label_file_counts_images_per_label_and_writes_a_multi_l
     checked = invoke("check", str(config), "--set", "backbone.weights=none", "--set", "data.image_size=32", "--json")
     assert checked.exit_code == 0, checked.output
     assert discover_data(labels.parent, 0.2, 0, labels=labels).multi_label
+
+
+def test_a_rare_label_of_multi_label_data_is_warned_of_with_the_option_that_applies(tmp_path: Path) -> None:
+    from transferctl.testing.synthetic import write_multi_label_dataset
+
+    labels = write_multi_label_dataset(tmp_path / "data", images=16, size=16)
+    labels.write_text("path,label\n" + "".join(f"images/{n:04d}.png,{'common|rare' if n == 0 else 'common'}\n" for n in range(16)))
+    found = inspect_folder(labels.parent, labels)
+    assert found.multi_label and found.imbalance is not None
+    assert found.imbalance.startswith("data.labels: imbalanced labels, the smallest (rare, 1 image)")
+    assert found.imbalance.endswith("consider loss.class_weights: balanced")  # the sampler and balanced_acc need one label an image

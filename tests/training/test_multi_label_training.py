@@ -126,8 +126,8 @@ def test_check_says_the_run_is_multi_label_and_counts_an_image_for_each_of_its_l
     assert result.exit_code == 0, result.output
     text = " ".join(result.stderr.split())
     assert "2 classes, multi-label (a sigmoid each)" in text
-    assert "imbalanced classes, the smallest (rare, 1 image)" in text and "consider loss.class_weights: balanced" in text
-    assert "data.sampler" not in text.split("imbalanced classes")[1].split("note:")[0]
+    assert "imbalanced labels, the smallest (rare, 1 image)" in text and "consider loss.class_weights: balanced" in text
+    assert "data.sampler" not in text.split("imbalanced labels")[1].split("note:")[0]
 
 
 def test_show_and_runs_give_a_multi_label_runs_val_map(multi_label_run: Path) -> None:

@@ -99,7 +99,7 @@ class DataInspection:
     @property
     def imbalance(self) -> str | None:
         """The warning when the smallest class (train+val) has less than a tenth of the largest's images."""
-        return imbalance_warning(self.labelled_per_class, where="data.labels" if self.labels else "data.root")
+        return imbalance_warning(self.labelled_per_class, where="data.labels" if self.labels else "data.root", multi_label=self.multi_label)
 
     def to_dict(self) -> dict[str, Any]:
         smallest, smallest_count = self.smallest_class

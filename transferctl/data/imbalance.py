@@ -17,6 +17,8 @@ from transferctl.data.targets import class_counts
 IMBALANCE_RATIO = 10  # largest class / smallest class from which init and check warn
 # The settings that help with imbalanced classes, as a user writes them, in the order worth trying.
 IMBALANCE_OPTIONS = {"loss.class_weights": "balanced", "data.sampler": "balanced", "early_stopping.metric": "balanced_acc"}
+# Multi-label: the sampler and balanced accuracy need one class an image, and val_map already weighs labels alike.
+MULTI_LABEL_IMBALANCE_OPTIONS = {"loss.class_weights": "balanced"}
 
 
 def balanced_sample_weights(labels: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -27,9 +29,10 @@ def balanced_sample_weights(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     return compute_sample_weight("balanced", np.asarray(labels))
 
 
-def imbalance_warning(counts: Mapping[str, int], chosen: Mapping[str, str] | None = None, where: str = "data.root") -> str | None:
+def imbalance_warning(counts: Mapping[str, int], chosen: Mapping[str, str] | None = None, where: str = "data.root", multi_label: bool = False) -> str | None:
     """A line when the smallest class has less than 1/IMBALANCE_RATIO of the largest's images, naming the
-    options of IMBALANCE_OPTIONS not already `chosen` (field -> value); None when balanced enough or all are set."""
+    options of IMBALANCE_OPTIONS (multi-label: those that apply to it) not already `chosen` (field -> value);
+    None when balanced enough or all are set."""
     if not counts:
         return None
     largest = max(counts, key=lambda name: (counts[name], name))
@@ -37,11 +40,12 @@ def imbalance_warning(counts: Mapping[str, int], chosen: Mapping[str, str] | Non
     if counts[smallest] * IMBALANCE_RATIO >= counts[largest]:
         return None
     chosen = chosen or {}
-    helping = [f"{field}: {value}" for field, value in IMBALANCE_OPTIONS.items() if chosen.get(field) != value]
+    options = MULTI_LABEL_IMBALANCE_OPTIONS if multi_label else IMBALANCE_OPTIONS
+    helping = [f"{field}: {value}" for field, value in options.items() if chosen.get(field) != value]
     if not helping:
         return None
     plural = "" if counts[smallest] == 1 else "s"
-    return (f"{where}: imbalanced classes, the smallest ({smallest}, {counts[smallest]} image{plural}) has less than a tenth of the largest "
+    return (f"{where}: imbalanced {'labels' if multi_label else 'classes'}, the smallest ({smallest}, {counts[smallest]} image{plural}) has less than a tenth of the largest "
             f"({largest}, {counts[largest]}); consider {', '.join(helping)}")  # fmt: skip
 
 
@@ -54,7 +58,5 @@ def imbalance_notices(config: ExperimentConfig, splits: DatasetSplits) -> list[s
         "data.sampler": config.data.sampler,
         "early_stopping.metric": "balanced_acc" if config.early_stopping.metric in ("balanced_acc", "macro_f1") else config.early_stopping.metric,
     }
-    if splits.multi_label:  # the sampler and balanced accuracy need one class an image; val_map already weighs classes alike
-        chosen.update({"data.sampler": "balanced", "early_stopping.metric": "balanced_acc"})
-    warning = imbalance_warning({name: counts[label] for label, name in enumerate(splits.classes)}, chosen, "data.root (training images)")
+    warning = imbalance_warning({name: counts[label] for label, name in enumerate(splits.classes)}, chosen, "data.root (training images)", splits.multi_label)
     return [warning] if warning else []
