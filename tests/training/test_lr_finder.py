@@ -140,3 +140,37 @@ def test_lr_is_a_number_above_zero_or_auto(tmp_path: Path) -> None:
             load_config(config, [f"schedule.1.lr={bad}"])
         assert len(caught.value.problems) == 1
         assert "schedule[1].lr" in str(caught.value) and "must be a number above 0, or auto" in str(caught.value)
+
+
+class Events(Notices):
+    """Notices and finished epochs, in the order the run gave them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def notice(self, message: str) -> None:
+        super().notice(message)
+        self.events.append(message)
+
+    def epoch_done(self, row: dict) -> None:
+        self.events.append(f"epoch {row['global_epoch']}")
+
+
+def test_a_body_phases_lr_auto_is_found_when_it_starts_on_the_head_the_phase_before_trained(tmp_path: Path, heeded_sigint: None) -> None:
+    from helpers import assert_resume_matches
+    from transferctl.training.train import train
+
+    data = tiny_dataset(tmp_path / "data", n_classes=3, layout="split")
+    schedule = [{"name": "head", "epochs": 2, "train": "head", "lr": 0.01, "solver": "minibatch"},
+                {"name": "body", "epochs": 1, "train": "all", "lr": "auto", "backbone_lr_mult": 0.1}]  # fmt: skip
+    config = load_config(write_experiment(tmp_path / "experiment.yaml", experiment(data, tmp_path / "runs", data={"cache": "off"}, schedule=schedule)))
+    heard = Events()
+    train(config, tmp_path / "run", heard)
+    chose = next(index for index, event in enumerate(heard.events) if event.startswith("schedule[1].lr: auto chose"))
+    assert heard.events[chose - 1] == "epoch 2" and heard.events[chose + 1] == "epoch 3"  # after the head phase, before the body's epoch
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["schedule"]
+    assert recorded[0]["lr"] == 0.01 and isinstance(recorded[1]["lr"], float)
+    # Stopped in the head phase and resumed: the body's lr is found on the same model, so the rows are the same.
+    rows = assert_resume_matches(config, tmp_path / "resumed", stop_after=1)
+    assert rows[2]["lr_head"] == pytest.approx(recorded[1]["lr"])

@@ -205,17 +205,6 @@ def with_lrs(config: ExperimentConfig, lrs: dict[int, float]) -> ExperimentConfi
     return config.model_copy(update={"schedule": schedule})
 
 
-def choose_auto_lrs(
-    config: ExperimentConfig, plans: list[PhasePlan], model: nn.Module, groups: LayerGroups, batches: Iterable[Any], runtime: Runtime, loss_fn: nn.Module | None = None
-) -> tuple[ExperimentConfig, list[PhasePlan], list[LrFinding]]:
-    """Each `lr: auto` phase's range test, on the model as the run starts, and the config and plans with the
-    suggestions in their place."""
-    findings = [lr_range_test(model, groups, plans[index], config.optimizer, batches, runtime, loss_fn=loss_fn) for index in auto_phases(config)]
-    chosen = {finding.phase: finding.suggestion for finding in findings}
-    plans = [replace(plan, lr=chosen[plan.index], lr_auto=False) if plan.index in chosen else plan for plan in plans]
-    return with_lrs(config, chosen), plans, findings
-
-
 def phase_at(plans: list[PhasePlan], index: int, where: str) -> PhasePlan:
     if not 0 <= index < len(plans):
         raise ConfigError(Problem(where, f"there is no phase {index}: the schedule has {len(plans)} (0 to {len(plans) - 1})", f"use a number from 0 to {len(plans) - 1}"))

@@ -58,7 +58,7 @@ from transferctl.training.feature_cache import FrozenBodyShortcut, head_for_feat
 from transferctl.training.head_solver import HeadSolver, Objective, solvable
 from transferctl.data.decoded_cache import DecodeOnce
 from transferctl.training.interrupts import StopRequest, stop_on_signals
-from transferctl.training.lr_finder import END_LR, START_LR, STEPS, LrFinding, auto_phases, choose_auto_lrs, lr_range_test, phase_at
+from transferctl.training.lr_finder import END_LR, START_LR, STEPS, LrFinding, auto_phases, lr_range_test, phase_at, with_lrs
 from transferctl.training.phases import (
     PhasePlan,
     Stage,
@@ -217,45 +217,23 @@ class Session:
     runtime: Runtime
     model: torch.nn.Module
     loaders: dict[str, Any]
-    notices: tuple[str, ...] = ()  # said when training starts
 
     @classmethod
-    def start(cls, experiment: Experiment, choose_lrs: bool = True) -> Session:
-        """choose_lrs=False leaves `lr: auto` phases unresolved (lr-find, which runs the test itself)."""
+    def start(cls, experiment: Experiment) -> Session:
+        """The model on its device, with its loaders; `lr: auto` phases are resolved when each starts (_Trainer)."""
         config = experiment.config
-        runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model, config.compile)
-        model = prepare_model(experiment.backbone.model, runtime)
-        session = cls(experiment, runtime, model, _loaders(config, experiment, runtime))
-        if choose_lrs:
-            session.choose_auto_lrs()
-        return session
-
-    def choose_auto_lrs(self) -> None:
-        """`lr: auto` phases get the range test's suggestion (lr_finder.py), found on the model as it is now
-        (before any phase trains it), so the config.yaml written next records the number the run used."""
-        experiment = self.experiment
-        phases = auto_phases(experiment.config)
-        if not phases:
-            return
-        if shard().world > 1:  # each process would find its own lr on its own share of the images
+        phases = auto_phases(config)
+        if phases and shard().world > 1:  # each process would find its own lr on its own share of the images
             raise ConfigError(Problem(f"schedule[{phases[0]}].lr", "auto is not available with several processes",
                                       f"run `transferctl lr-find EXPERIMENT --phase {phases[0]}` and set the lr it prints"))  # fmt: skip
-        experiment.config, experiment.plans, findings = choose_auto_lrs(
-            experiment.config, experiment.plans, self.model, experiment.backbone.groups, self.loaders["train"], self.runtime,
-            experiment.loss.to(self.runtime.device),
-        )
-        self.notices += tuple(
-            f"schedule[{f.phase}].lr: auto chose {f.suggestion:.3g} (the range test's steepest descent {f.steepest_lr:.3g}, "
-            f"a tenth of its lowest loss's lr {f.min_loss_lr:.3g}: the smaller; `transferctl lr-find` plots it)"
-            for f in findings
-        )
+        runtime = make_runtime(device_spec(config.device), config.precision, experiment.backbone.model, config.compile)
+        model = prepare_model(experiment.backbone.model, runtime)
+        return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
 
     def train(self, run: RunDir, observer: TrainObserver, start: ResumePoint | None = None) -> dict[str, Any]:
         observer = observer if is_main() else SilentObserver()  # one progress display, rank 0's
         observer.run_started(run.path)
         for line in data_notices(self.experiment.splits):
-            observer.notice(line)
-        for line in self.notices:
             observer.notice(line)
         return _Trainer(self, run, observer, start).run()
 
@@ -266,7 +244,7 @@ def find_lr(config: ExperimentConfig, phase: int, start_lr: float = START_LR, en
     seed_everything(config.seed)
     experiment = prepare(config)
     plan = phase_at(experiment.plans, phase, "--phase")
-    session = Session.start(experiment, choose_lrs=False)
+    session = Session.start(experiment)
     finding = lr_range_test(
         session.model, experiment.backbone.groups, plan, config.optimizer, session.loaders["train"], session.runtime, start_lr, end_lr, steps,
         experiment.loss.to(session.runtime.device),
@@ -400,6 +378,8 @@ class _Trainer:
         return summary
 
     def _run_phase(self, plan: PhasePlan, start: ResumePoint | None) -> None:
+        if plan.lr_auto:
+            plan = self._choose_lr(plan)
         backbone = self.experiment.backbone
         stages = stages_of(plan, backbone.group_names)  # one, unless the phase unfreezes gradually
         scaler = make_grad_scaler(self.runtime)
@@ -453,6 +433,24 @@ class _Trainer:
             self.observer.epoch_done(row)
             if done:
                 break
+
+    def _choose_lr(self, plan: PhasePlan) -> PhasePlan:
+        """An `lr: auto` phase's lr: the range test's suggestion (lr_finder.py) on the model as the earlier phases
+        left it (a body phase is tested with the head they trained), on the batches of the epoch it starts with.
+        config.yaml then records the number, so that a resume, `show` and the checkpoints see what the phase used."""
+        set_loader_epoch(self.loaders["train"], len(self.rows) + 1)
+        finding = lr_range_test(self.model, self.experiment.backbone.groups, plan, self.config.optimizer, self.loaders["train"], self.runtime,
+                                loss_fn=self.loss)  # fmt: skip
+        plan = replace(plan, lr=finding.suggestion, lr_auto=False)
+        self.experiment.plans[plan.index] = plan
+        self.config = self.experiment.config = with_lrs(self.config, {plan.index: finding.suggestion})
+        if self.run_dir.writer:
+            self.run_dir.write_text("config.yaml", dump_yaml(config_to_dict(self.config)))
+        self.observer.notice(
+            f"schedule[{plan.index}].lr: auto chose {finding.suggestion:.3g} (the range test's steepest descent {finding.steepest_lr:.3g}, "
+            f"a tenth of its lowest loss's lr {finding.min_loss_lr:.3g}: the smaller; `transferctl lr-find` plots it)"
+        )
+        return plan
 
     def _notice_data_wait(self, plan: PhasePlan, epoch: int, stats: EpochStats) -> None:
         """Once a run: say when training spent much of an epoch waiting for images, and what may help. Not in
