@@ -82,12 +82,20 @@ def test_a_multi_label_run_records_its_task_metrics_and_thresholds(labels: Path,
 
 
 def test_a_feature_extractor_solves_a_multi_label_head(labels: Path, tmp_path: Path) -> None:
+    from helpers import Notices
     from transferctl.training.train import train
 
     path = multi_label_experiment(labels, tmp_path, strategy="feature_extract", schedule=[{"name": "head", "epochs": 2, "train": "head", "lr": 0.01}])
-    summary = train(load_config(path))
+    heard = Notices()
+    summary = train(load_config(path), observer=heard)
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["head_weight_decay"] is not None and rows[0]["val_map"] > 0.9  # the colours' patches are easy to see
+    assert any("held-out mAP" in line for line in heard.lines)  # the run's classifier: chosen for ranking
+    fine_tune = multi_label_experiment(labels, tmp_path / "fine_tune", schedule=[{"name": "head", "epochs": 1, "train": "head", "lr": 0.01},
+                                                                                 {"name": "body", "epochs": 1, "train": "all", "lr": 0.001}])  # fmt: skip
+    heard = Notices()
+    train(load_config(fine_tune), observer=heard)
+    assert any("held-out loss" in line for line in heard.lines)  # the body is fine-tuned through it: small logits
 
 
 @pytest.mark.parametrize(

@@ -146,9 +146,12 @@ class HeadSolver:
 
     def __init__(
         self, head: nn.Linear, features: np.ndarray, labels: np.ndarray, device: torch.device, seed: int, objective: Objective | None = None,
+        fine_tuned_after: bool = False,
     ) -> None:  # fmt: skip
+        """fine_tuned_after: a later stage of the run trains the body through this head (choose_weight_decay)."""
         self.head, self.features, self.labels, self.device, self.seed = head, features, labels, device, seed
         self.objective = objective or Objective()
+        self.fine_tuned_after = fine_tuned_after
         self.optimizer = SolvedHeadState(head.parameters())
         self.scheduler = torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
         self.selection: Selection | None = None
@@ -161,7 +164,8 @@ class HeadSolver:
         start = time.perf_counter()
         group = self.optimizer.param_groups[0]
         if not group["solved"]:
-            self.selection, weight, bias = solve(self.features, self.labels, self.head.out_features, self.device, self.seed, should_stop, self.objective)
+            self.selection, weight, bias = solve(self.features, self.labels, self.head.out_features, self.device, self.seed, should_stop, self.objective,
+                                                 self.fine_tuned_after)  # fmt: skip
             with torch.no_grad():
                 self.head.weight.copy_(weight.to(self.head.weight.dtype))
                 self.head.bias.copy_(bias.to(self.head.bias.dtype))
@@ -172,14 +176,14 @@ class HeadSolver:
 
 def solve(
     features: np.ndarray, labels: np.ndarray, classes: int, device: torch.device, seed: int, should_stop: Callable[[], bool] = lambda: False,
-    objective: Objective | None = None,
+    objective: Objective | None = None, fine_tuned_after: bool = False,
 ) -> tuple[Selection, torch.Tensor, torch.Tensor]:
     """Choose the L2 strength, fit on every training row, return it with the head's (weight, bias) for
     `classes` outputs (a class without training rows among them is only ever pushed down)."""
     objective = objective or Objective()
     design = Design.of(features, device)
     rows = _Rows(features, labels, np.arange(len(labels)), design, objective=objective)
-    selection = choose_weight_decay(features, labels, design, seed, should_stop, objective)
+    selection = choose_weight_decay(features, labels, design, seed, should_stop, objective, fine_tuned_after)
     weight = torch.zeros(classes, design.width, device=device, requires_grad=True)
     bias = torch.zeros(classes, device=device, requires_grad=True)
     _fit(rows, weight, bias, design.penalty(selection.weight_decay), FINAL_ITERATIONS, should_stop)
@@ -204,22 +208,29 @@ def _cpu_threads_for(elements: int, device: torch.device) -> Iterator[None]:
 
 def choose_weight_decay(
     features: np.ndarray, labels: np.ndarray, design: Design, seed: int, should_stop: Callable[[], bool] = lambda: False, objective: Objective | None = None,
+    fine_tuned_after: bool = False,
 ) -> Selection:  # fmt: skip
     """The L2 strength with the best held-out accuracy over stratified folds of the training images, smoothed
     along the path (ties: the stronger). Fitting uses every cached view of a fold's images, scoring the clean view 0;
     the folds fit the run's objective, and score plain accuracy. A multi-label head (multi-hot labels) is
-    scored by the mean average precision of its out-of-fold scores instead (every image's from the fold that
-    held it out), over shuffled folds: an image's set of labels has no one class to stratify by, subset
-    accuracy moves in steps too coarse to rank strengths with, and held-out loss prefers heads so damped that
-    they rank images worse (on the digit composites of docs/quality.md it lost 11 points of mAP to a plain loop)."""
+    scored over shuffled folds instead (an image's set of labels has no one class to stratify by, and subset
+    accuracy moves in steps too coarse to rank strengths with), by what its use needs (docs/quality.md,
+    Multi-label, measured both ways on the digit composites):
+    - the run's classifier (no later stage trains the body): the mean average precision of its out-of-fold
+      scores (every image's from the fold that held it out). Held-out loss chose heads so damped that they
+      ranked images worse: the feature extractor lost 11 points of val mAP to a plain loop.
+    - a head the body is then fine-tuned through (fine_tuned_after): held-out binary cross-entropy, whose
+      strong penalties keep its logits small. Fine-tuning from the mAP-chosen heads, whose logits are large,
+      lost 10 to 15 points of val mAP."""
     multi_label = labels.ndim == 2
+    by_loss = multi_label and fine_tuned_after
     folds = _folds(labels, seed)
     if folds is None:
         return Selection(FALLBACK_WEIGHT_DECAY, 0, len(labels), None)
     images, splits = folds
-    gains = np.zeros(len(WEIGHT_DECAYS))  # held-out correct images (single-label)
+    gains = np.zeros(len(WEIGHT_DECAYS))  # held-out correct images, minus the summed held-out loss, or mAP x images
     classes = labels.shape[1] if multi_label else int(labels.max()) + 1
-    out_of_fold = np.zeros((len(WEIGHT_DECAYS), len(images), classes), dtype=np.float32) if multi_label else None
+    out_of_fold = np.zeros((len(WEIGHT_DECAYS), len(images), classes), dtype=np.float32) if multi_label and not by_loss else None
     for fitted, held_out in splits:
         rows = _Rows(features, labels, images[fitted], design, objective=objective)
         scored = _Rows(features, labels, images[held_out], design, views=1)
@@ -231,11 +242,14 @@ def choose_weight_decay(
                 if out_of_fold is not None:
                     out_of_fold[index, held_out] = scored.logits(weight, bias)
                 else:
-                    gains[index] += scored.score(weight, bias)[1]
+                    loss, correct = scored.score(weight, bias)
+                    gains[index] += -loss * scored.count if by_loss else correct
     if out_of_fold is not None:
         gains = np.array([mean_average_precision(labels[images], scores) for scores in out_of_fold]) * len(images)
     best = int(np.argmax(_smoothed(gains)))  # the first of the best: the strongest, whose small weights fine-tuning starts well from
-    return Selection(WEIGHT_DECAYS[best], len(splits), len(images), float(gains[best] / len(images)), "mAP" if multi_label else "accuracy")
+    criterion = "loss" if by_loss else "mAP" if multi_label else "accuracy"
+    held_out = -gains[best] if by_loss else gains[best]
+    return Selection(WEIGHT_DECAYS[best], len(splits), len(images), float(held_out / len(images)), criterion)
 
 
 def _folds(labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:

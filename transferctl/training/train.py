@@ -480,7 +480,7 @@ class _Trainer:
         if cached is not None and stage.plan.solver == "auto" and solvable(head):
             store = cached[1]["train"].store
             objective = Objective.of(self.loss, balanced_sample_weights(store.labels) if self.config.data.sampler == "balanced" else None)
-            solver = HeadSolver(head, store.features, store.labels, self.runtime.device, self.config.seed, objective)
+            solver = HeadSolver(head, store.features, store.labels, self.runtime.device, self.config.seed, objective, self._fine_tuned_after(stage))
             if not self.solver_told:
                 self.solver_told = True
                 self.observer.notice(f"phase '{stage.plan.name}': the head is solved to convergence in its first epoch (L-BFGS on the cached features; "
@@ -488,6 +488,13 @@ class _Trainer:
             return solver.optimizer, solver.scheduler, solver
         optimizer = build_optimizer(self.config.optimizer, optimizer_param_groups(self.model, backbone.groups, stage.plan, self.config.optimizer.weight_decay))
         return optimizer, build_scheduler(optimizer, self.config.scheduler, stage.epochs, len(self.loaders["train"])), None
+
+    def _fine_tuned_after(self, stage: Stage) -> bool:
+        """Whether a later stage of the run (of this phase, or a later one) trains the body through the head."""
+        names = self.experiment.backbone.group_names
+        stages = [each for plan in self.experiment.plans[stage.plan.index:] for each in stages_of(plan, names)]
+        position = (stage.plan.index, stage.first_epoch)
+        return any(not each.plan.backbone_frozen for each in stages if (each.plan.index, each.first_epoch) > position)
 
     def _solve_epoch(self, plan: PhasePlan, epoch: int, solver: HeadSolver) -> EpochStats:
         """An epoch of a solved head. Every rank holds every cached row and solves the same problem, so the
