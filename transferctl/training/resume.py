@@ -27,7 +27,7 @@ from transferctl.paths import checked
 from transferctl.runs.checkpoint import Checkpoint, LastCheckpoint, load_run_checkpoint
 from transferctl.runs.rundir import RunDir, metric_lines
 from transferctl.models.trust import require_trusted
-from transferctl.training.train import Experiment, ResumePoint, Session, environment, prepare, resume_command, write_run_header
+from transferctl.training.train import Experiment, Session, environment, prepare, resume_command, write_run_header
 from transferctl.training.observers import SilentObserver, TrainObserver
 
 # Fields a resume may change: none of them changes what the next epoch computes on a CPU.
@@ -77,7 +77,7 @@ def _resume(run_dir: Path, overrides: list[str] | tuple[str, ...], observer: Tra
             observer.notice(changed)
         _restore_model(experiment, checkpoint, str(run.checkpoints / "last.pt"))
         session = Session.start(experiment)
-        if overrides:  # the session's config: with the number an `lr: auto` that --set gives was given
+        if overrides:  # the session's config, with the --set overrides (an `lr: auto` among them is found when its phase starts)
             run.write_text("config.yaml", dump_yaml(config_to_dict(session.experiment.config)))
         run.write_json("env.json", {**environment(session.runtime), "resumed_after_global_epoch": len(start.rows)})
         run.write_metrics(start.rows)  # drops a row whose epoch's last.pt was never written
@@ -165,26 +165,13 @@ def _open_run(run_dir: Path) -> RunDir:
     return RunDir(run_dir)
 
 
-def resume_point(checkpoint: Checkpoint, where: str) -> ResumePoint:
+def resume_point(checkpoint: Checkpoint, where: str) -> LastCheckpoint:
+    """last.pt, checked to hold everything a resume continues from (an older transferctl's may not)."""
     missing = [name for name in RESUME_STATE if getattr(checkpoint, name, None) is None]
     if missing:
         raise CheckpointError(Problem(where, f"has no resume state ({', '.join(missing)} missing)", "it was written by an older transferctl; start a new run"))
     assert isinstance(checkpoint, LastCheckpoint)  # it has an optimizer state, which only last.pt holds
-    return ResumePoint(
-        phase_index=int(checkpoint.phase_index),
-        epoch=int(checkpoint.epoch),
-        phase_done=bool(checkpoint.phase_done),
-        phase_best=checkpoint.phase_best,
-        stale=int(checkpoint.stale),
-        rows=list(checkpoint.rows),
-        best=checkpoint.best,
-        elapsed=float(checkpoint.elapsed or 0.0),
-        optimizer=checkpoint.optimizer,
-        scheduler=checkpoint.scheduler,
-        scaler=checkpoint.scaler,
-        rng=checkpoint.rng,
-        ema=checkpoint.ema,
-    )
+    return checkpoint
 
 
 def incompatibilities(trained: dict[str, Any], now: dict[str, Any], phases_started: int, where: str) -> list[Problem]:

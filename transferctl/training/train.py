@@ -96,25 +96,6 @@ class Experiment:
     loss: torch.nn.Module  # the training loss (loss.py), built from the training labels
 
 
-@dataclass
-class ResumePoint:
-    """Where a run stopped (from its last.pt): the end of epoch `epoch` of phase `phase_index`."""
-
-    phase_index: int
-    epoch: int
-    phase_done: bool  # the phase ran all its epochs or stopped early: the next one starts fresh
-    phase_best: dict[str, Any] | None
-    stale: int  # epochs since the phase's metric last improved
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    elapsed: float  # seconds spent in earlier sessions
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    scaler: dict[str, Any] | None
-    rng: dict[str, Any]
-    ema: dict[str, Any] | None = None  # the weight average's state, where the run keeps one (ema:)
-
-
 def prepare(config: ExperimentConfig, load_weights: bool = True) -> Experiment:
     """Data, backbone and phases; load_weights=False when a checkpoint will provide every weight."""
     splits = discover_data(config.data.root, config.data.val_fraction, config.seed, config.data.on_bad_image, labels=config.data.labels, task=config.task)
@@ -230,7 +211,7 @@ class Session:
         model = prepare_model(experiment.backbone.model, runtime)
         return cls(experiment, runtime, model, _loaders(config, experiment, runtime))
 
-    def train(self, run: RunDir, observer: TrainObserver, start: ResumePoint | None = None) -> dict[str, Any]:
+    def train(self, run: RunDir, observer: TrainObserver, start: LastCheckpoint | None = None) -> dict[str, Any]:
         observer = observer if is_main() else SilentObserver()  # one progress display, rank 0's
         observer.run_started(run.path)
         for line in data_notices(self.experiment.splits):
@@ -325,7 +306,7 @@ def resume_command(run_dir: Path) -> str:
 class _Trainer:
     """The loop over phases and epochs; holds the state a checkpoint must capture."""
 
-    def __init__(self, session: Session, run: RunDir, observer: TrainObserver, start: ResumePoint | None) -> None:
+    def __init__(self, session: Session, run: RunDir, observer: TrainObserver, start: LastCheckpoint | None) -> None:
         self.experiment = session.experiment
         self.config = session.experiment.config
         self.runtime = session.runtime
@@ -342,7 +323,7 @@ class _Trainer:
         self.start = start
         self.rows: list[dict[str, Any]] = list(start.rows) if start else []
         self.best: dict[str, Any] | None = start.best if start else None
-        self.earlier_seconds = start.elapsed if start else 0.0
+        self.earlier_seconds = (start.elapsed or 0.0) if start else 0.0
         self.started = time.perf_counter()
         self.stop = StopRequest()
         self.position: tuple[PhasePlan, int] = (self.experiment.plans[0], 1)
@@ -377,7 +358,7 @@ class _Trainer:
             self.run_dir.write_json("summary.json", summary)
         return summary
 
-    def _run_phase(self, plan: PhasePlan, start: ResumePoint | None) -> None:
+    def _run_phase(self, plan: PhasePlan, start: LastCheckpoint | None) -> None:
         if plan.lr_auto:
             plan = self._choose_lr(plan)
         backbone = self.experiment.backbone
