@@ -410,7 +410,7 @@ class _Trainer:
             if averaged is not None:
                 row.update(averaged_columns(averaged))
             done = stopping.update(row) or epoch == plan.epochs
-            self._save_epoch(plan, epoch, row, done, stopping, optimizer, scheduler, scaler, {"raw": tuned_thresholds(val), "ema": tuned_thresholds(averaged)})
+            self._save_epoch(plan, epoch, row, done, stopping, optimizer, scheduler, scaler, {"raw": val, "ema": averaged})
             self.observer.epoch_done(row)
             if done:
                 break
@@ -549,16 +549,16 @@ class _Trainer:
 
     def _save_epoch(
         self, plan: PhasePlan, epoch: int, row: dict[str, Any], done: bool, stopping: EarlyStopping, optimizer: Any, scheduler: Any, scaler: Any,
-        thresholds: dict[str, list[float] | None],
+        validations: dict[str, EpochStats | None],
     ) -> None:  # fmt: skip
         """Record a finished epoch and hand its checkpoints to the saver: best.pt when it is the best so far,
         last.pt with all a resume needs. The saver writes them now or soon (checkpoint_timing.py). A multi-label
-        run's best row carries the per-class thresholds tuned on its validation scores (raw or averaged weights)."""
+        run's best row carries the per-class thresholds tuned on the validation (raw or averaged weights) it kept."""
         self.rows.append(row)
         kept = better_weights(row, self.config.early_stopping.metric) if self.average is not None else row  # ema: the better weights
         improved = self.best is None or is_better(kept, self.best, self.config.early_stopping.metric)
         if improved:
-            tuned = thresholds[kept.get("weights", "raw")]
+            tuned = tuned_thresholds(validations[kept.get("weights", "raw")])
             self.best = kept if tuned is None else {**kept, "thresholds": tuned}
         if not self.run_dir.writer:
             return
