@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transferctl.data.targets import class_counts, stratum, target_array
+from transferctl.data.targets import class_counts, strata, stratum, target_array
 
 
 def test_single_labels_stay_indices_and_label_sets_become_multi_hot_rows() -> None:
@@ -18,3 +18,10 @@ def test_a_multi_label_image_counts_for_each_class_and_is_split_by_its_rarest() 
     counts = class_counts(labels)
     assert counts == {0: 4, 1: 2, 2: 2}
     assert [stratum(label, counts) for label in labels] == [1, 0, 2, 1, 0]
+
+
+def test_strata_of_multi_hot_rows_are_the_stratum_of_each_label_set() -> None:
+    labels = [(0, 1), (0,), (0, 2), (1, 2), (0,), ()]
+    counts = class_counts(labels)
+    assert strata(target_array(labels, 3, True)).tolist() == [stratum(label, counts) for label in labels] == [1, 0, 2, 1, 0, -1]
+    assert strata(np.array([2, 0, 1])).tolist() == [2, 0, 1]  # class indices are their own strata

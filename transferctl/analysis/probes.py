@@ -22,6 +22,7 @@ import numpy as np
 
 from transferctl.analysis.logme import logme
 from transferctl.data.sampling import stratified_sample
+from transferctl.data.targets import strata
 from transferctl.training.multi_label_metrics import mean_average_precision
 
 # Inverse L2 strengths tried, strongest first (each fit warm-starts from the last), on features centred and
@@ -74,17 +75,6 @@ def folds_for(labels: np.ndarray, wanted: int) -> int:
 
 def is_multi_label(labels: np.ndarray) -> bool:
     return np.ndim(labels) == 2
-
-
-def strata(labels: np.ndarray) -> np.ndarray:
-    """What folds and samples are stratified by: the class, or a multi-label image's rarest label (-1: none),
-    so that rare labels reach every fold as rare classes do."""
-    labels = np.asarray(labels)
-    if not is_multi_label(labels):
-        return labels
-    counts = labels.sum(axis=0)
-    rarity = np.where(labels > 0, counts[None, :], np.inf)  # argmin's ties: the lower index, as targets.stratum
-    return np.where(labels.any(axis=1), rarity.argmin(axis=1), -1)
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 0, with_half: bool = False) -> ProbeResult:

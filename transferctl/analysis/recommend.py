@@ -519,7 +519,7 @@ def _training_view(root: Path, options: MeasureOptions) -> _TrainingView:
     """The data split as training will split it (a flat tree: data.val_fraction and the seed, as train draws it)."""
     import numpy as np
 
-    from transferctl.analysis.probes import strata
+    from transferctl.data.targets import strata
     from transferctl.data.label_files import discover_data
     from transferctl.data.sampling import stratified_sample
     from transferctl.data.targets import target_array
@@ -779,7 +779,8 @@ def _measure_backbones(paths: list[Path], labels: Any, fit: int, options: Measur
     images = _ImageCache(paths, say)
     measured = [_measure_one(name, images, labels, fit, options, say) for name in options.backbones]
     ranked = sorted(measured, key=lambda item: _rank_key(item[0]), reverse=True)
-    from transferctl.analysis.probes import is_multi_label, strata
+    from transferctl.analysis.probes import is_multi_label
+    from transferctl.data.targets import strata
 
     # Training images only; at least two a class, or the reference's probe could not be cross-validated.
     classes = labels.shape[1] if is_multi_label(labels) else len(set(labels.tolist()))

@@ -14,16 +14,11 @@ from typing import Union
 import numpy as np
 
 Label = Union[int, tuple[int, ...]]  # one class, or the classes of a multi-label image
-TASKS = ("auto", "single_label", "multi_label")
 MULTI_LABEL_SEPARATOR = "|"  # between the labels of one CSV cell: cat|dog
 
 
 def classes_of(label: Label) -> tuple[int, ...]:
     return label if isinstance(label, tuple) else (label,)
-
-
-def is_multi_label(labels: Sequence[Label]) -> bool:
-    return any(isinstance(label, tuple) for label in labels)
 
 
 def target_array(labels: Sequence[Label], classes: int, multi_label: bool) -> np.ndarray:
@@ -46,3 +41,14 @@ def stratum(label: Label, counts: Counter[int]) -> int:
     splitting per stratum still gives every rare class training and validation images); -1 for an image
     of none of the classes."""
     return min(classes_of(label), key=lambda index: (counts[index], index), default=-1)
+
+
+def strata(targets: np.ndarray) -> np.ndarray:
+    """stratum for an array of targets: class indices stay as they are; multi-hot rows give their rarest
+    label (ties: the lower index), -1 for a row of none."""
+    targets = np.asarray(targets)
+    if targets.ndim != 2:
+        return targets
+    counts = targets.sum(axis=0)
+    rarity = np.where(targets > 0, counts[None, :], np.inf)
+    return np.where(targets.any(axis=1), rarity.argmin(axis=1), -1)
