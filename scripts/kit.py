@@ -36,10 +36,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import scratch_folder  # noqa: E402
 from demo import transferctl  # noqa: E402
 from quality import Settings as QualitySettings  # noqa: E402
-from quality import benchmark_parser, experiment_files, parse_seeds, print_result, write_digits  # noqa: E402
+from quality import benchmark_parser, experiment_files, parse_seeds, run_and_print, write_digits  # noqa: E402
 
 BODY_STEPS = 100
 RARE_DIGITS = ("7", "8", "9")
@@ -184,10 +183,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    with scratch_folder("transferctl-kit-", args.work) as work:
-        result = run_benchmark(work, args.settings, lambda line: print(f"kit: {line}", file=sys.stderr, flush=True))
-    return print_result(result, table, "kit.py", argv, args.json)
+    return run_and_print("kit", parse_args(argv), run_benchmark, table, argv)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import scratch_folder  # noqa: E402
 from demo import transferctl  # noqa: E402
 from quality import BASE_DIGITS, TARGET_DIGITS, Objective, base_network, benchmark_parser, experiment_files  # noqa: E402
 from quality import Settings as QualitySettings  # noqa: E402
 from quality import (  # noqa: E402
-    finetune_loop, fit_quietly, frozen_features, ink_image, linear_loop, logistic_probe, mean_sd, parse_seeds, print_result, table_row, timed, train_base,
+    finetune_loop, fit_quietly, frozen_features, ink_image, linear_loop, logistic_probe, mean_sd, parse_seeds, run_and_print, table_row, timed, train_base,
     write_digits,
 )  # fmt: skip
 
@@ -274,10 +273,7 @@ def run_benchmark(work: Path, settings: Settings, say: Callable[[str], None]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    with scratch_folder("transferctl-multi-label-", args.work) as work:
-        result = run_benchmark(work, args.settings, lambda line: print(f"multi_label: {line}", file=sys.stderr, flush=True))
-    return print_result(result, table, "multi_label.py", argv, args.json)
+    return run_and_print("multi_label", parse_args(argv), run_benchmark, table, argv)
 
 
 if __name__ == "__main__":

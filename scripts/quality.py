@@ -438,10 +438,16 @@ def run_benchmark(work: Path, settings: Settings, say: Callable[[str], None]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    with scratch_folder("transferctl-quality-", args.work) as work:
-        result = run_benchmark(work, args.settings, lambda line: print(f"quality: {line}", file=sys.stderr, flush=True))
-    return print_result(result, table, "quality.py", argv, args.json)
+    return run_and_print("quality", parse_args(argv), run_benchmark, table, argv)
+
+
+def run_and_print(name: str, args: argparse.Namespace, run: Callable[..., dict[str, Any]], table: Callable[[dict[str, Any]], str],
+                  argv: list[str] | None) -> dict[str, Any]:  # fmt: skip
+    """A benchmark script's whole run: `run(work, settings, say)` in its scratch folder (kept with --work), its
+    progress on stderr as `<name>: ...`, then print_result."""
+    with scratch_folder(f"transferctl-{name.replace('_', '-')}-", args.work) as work:
+        result = run(work, args.settings, lambda line: print(f"{name}: {line}", file=sys.stderr, flush=True))
+    return print_result(result, table, f"{name}.py", argv, args.json)
 
 
 def print_result(result: dict[str, Any], table: Callable[[dict[str, Any]], str], script: str, argv: list[str] | None, as_json: bool) -> dict[str, Any]:

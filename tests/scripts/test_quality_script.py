@@ -128,3 +128,15 @@ def test_the_quick_benchmark_runs_end_to_end(quality: ModuleType, tmp_path: Path
     assert printed["rows"] == result["rows"] and len(result["rows"]) >= len(quality.STRATEGIES) + 5
     assert all(len(row["accs"]) == 2 and all(0.0 <= acc <= 1.0 for acc in row["accs"]) for row in result["rows"])
     assert result["recommend"]["row"] in {row["name"] for row in result["rows"]}
+
+
+def test_a_scripts_run_says_its_progress_under_its_name_and_prints_its_table(quality: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(work: Path, settings: Any, say: Any) -> dict[str, Any]:
+        say(f"working in {work.name}")
+        return {"seconds": 60.0, "seeds": list(settings.seeds)}
+
+    args = quality.parse_args(["--work", str(tmp_path / "kept"), "--json"])
+    result = quality.run_and_print("multi_label", args, run, lambda result: "| the table |", ["--json"])
+    out, err = capsys.readouterr()
+    assert err.startswith("multi_label: working in kept\n") and "| the table |\n\ntotal 1.0 min" in err
+    assert json.loads(out) == result and result["command"] == "python scripts/multi_label.py --json"
